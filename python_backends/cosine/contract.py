@@ -1,0 +1,142 @@
+"""The tensor contract between every CoSine Triton model: names, dtypes, shapes.
+
+This is the only place tensor names are spelled. config.pbtxt files are rendered from it, model.py adapters unpack
+requests with it, and the BLS clients pack requests with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_TRITON_DTYPES = {
+    "TYPE_BOOL": np.bool_,
+    "TYPE_INT32": np.int32,
+    "TYPE_UINT64": np.uint64,
+    "TYPE_FP32": np.float32,
+    "TYPE_STRING": np.object_,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # Triton config dtype, e.g. "TYPE_INT32"
+    dims: tuple[int, ...] = (1,)
+    optional: bool = False
+    # Engine calls carry one sequence each with a different token count; Triton may still batch them.
+    ragged: bool = False
+
+    @property
+    def numpy_dtype(self):
+        return _TRITON_DTYPES[self.dtype]
+
+    def to_pbtxt(self, is_input: bool) -> str:
+        parts = [f'name: "{self.name}"', f"data_type: {self.dtype}", f"dims: [ {', '.join(map(str, self.dims))} ]"]
+        if is_input and self.optional:
+            parts.append("optional: true")
+        if is_input and self.ragged:
+            parts.append("allow_ragged_batch: true")
+        return "  { " + " ".join(parts) + " }"
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    input_by_name: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_by_name", {t.name: t for t in self.inputs})
+
+    def pack(self, **values) -> list[tuple[str, np.ndarray]]:
+        """Named values -> [(name, array with a leading batch dim of 1)], in the contract's dtypes.
+
+        None values are skipped (optional inputs)."""
+        packed = []
+        for name, value in values.items():
+            if value is None:
+                continue
+            spec = self.input_by_name[name]
+            array = np.asarray(value, dtype=spec.numpy_dtype).reshape(1, -1)
+            packed.append((name, array))
+        return packed
+
+    def pbtxt_io(self) -> str:
+        ins = ",\n".join(t.to_pbtxt(True) for t in self.inputs)
+        outs = ",\n".join(t.to_pbtxt(False) for t in self.outputs)
+        return f"input [\n{ins}\n]\noutput [\n{outs}\n]\n"
+
+
+def _scalar(name, dtype, optional=True):
+    return TensorSpec(name, dtype, (1,), optional)
+
+
+def _vector(name, dtype, optional=False, ragged=True):
+    return TensorSpec(name, dtype, (-1,), optional, ragged)
+
+
+# Top-level model: tensorrtllm_backend's interface, so its clients (and genai-perf) work unmodified.
+COSINE = ModelContract(
+    inputs=(
+        TensorSpec("text_input", "TYPE_STRING", (1,)),
+        _scalar("max_tokens", "TYPE_INT32"),
+        _scalar("stream", "TYPE_BOOL"),
+        _scalar("exclude_input_in_output", "TYPE_BOOL"),
+        _scalar("temperature", "TYPE_FP32"),
+        _scalar("top_k", "TYPE_INT32"),
+        _scalar("top_p", "TYPE_FP32"),
+        _scalar("random_seed", "TYPE_UINT64"),
+        _scalar("end_id", "TYPE_INT32"),
+        _scalar("pad_id", "TYPE_INT32"),
+        TensorSpec("stop_words", "TYPE_STRING", (-1,), optional=True),
+        _scalar("return_stats", "TYPE_BOOL"),
+    ),
+    outputs=(
+        TensorSpec("text_output", "TYPE_STRING", (-1,)),
+        TensorSpec("output_ids", "TYPE_INT32", (-1,)),
+        TensorSpec("sequence_length", "TYPE_INT32", (1,)),
+        # [rounds, draft tokens, accepted draft tokens] of this response's request so far (return_stats)
+        TensorSpec("speculation_stats", "TYPE_INT32", (3,)),
+    ),
+)
+
+PREPROCESSING = ModelContract(
+    inputs=(TensorSpec("text", "TYPE_STRING", (1,), ragged=True),),
+    outputs=(TensorSpec("input_ids", "TYPE_INT32", (-1,)),),
+)
+
+# Incremental detokenization: the caller sends the ids from its prefix offset on and where reading starts in them.
+POSTPROCESSING = ModelContract(
+    inputs=(
+        _vector("token_ids", "TYPE_INT32"),
+        TensorSpec("read_offset", "TYPE_INT32", (1,)),
+        TensorSpec("final", "TYPE_BOOL", (1,)),
+    ),
+    outputs=(
+        TensorSpec("text_delta", "TYPE_STRING", (1,)),
+        # 1 when text_delta consumed the ids up to the end (the caller advances its offsets)
+        TensorSpec("advanced", "TYPE_BOOL", (1,)),
+    ),
+)
+
+# One step of one sequence on an engine (target or drafter). The first call of a sequence admits it (reserving
+# KV cache for max_new_tokens) with its sampling parameters; later calls append tokens; `release` frees it.
+ENGINE = ModelContract(
+    inputs=(
+        TensorSpec("sequence_id", "TYPE_UINT64", (1,)),
+        _vector("input_ids", "TYPE_INT32", optional=True),
+        _vector("draft_ids", "TYPE_INT32", optional=True),
+        _vector("draft_parents", "TYPE_INT32", optional=True),
+        _scalar("max_new_tokens", "TYPE_INT32"),
+        _scalar("temperature", "TYPE_FP32"),
+        _scalar("top_k", "TYPE_INT32"),
+        _scalar("top_p", "TYPE_FP32"),
+        _scalar("random_seed", "TYPE_UINT64"),
+        _scalar("release", "TYPE_BOOL"),
+    ),
+    outputs=(
+        # accepted draft tokens followed by one token of the engine's own
+        TensorSpec("output_ids", "TYPE_INT32", (-1,)),
+    ),
+)

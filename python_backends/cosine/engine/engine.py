@@ -1,0 +1,223 @@
+"""The portable engine: batched, stateful steps of many sequences over one HF causal LM (Llama/Mistral/Qwen2).
+
+One step takes, per sequence, the tokens to append (a prompt, or the token emitted last time) and optionally a draft
+token tree grown from the last of them. All sequences' new tokens run through the model in ONE forward pass:
+projections and MLPs over the concatenated tokens, attention per sequence against its own KV cache (tree mask,
+positions = depth). The engine then accepts part of each tree, keeps only the accepted path in the cache and returns
+accepted tokens + one token of its own. Logits never leave the engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..speculation.acceptance import accept
+from ..speculation.tree import DraftTree
+from .checkpoint import max_context_tokens
+from .kv_cache import AdmissionError, KVCachePool, SequenceCache
+from .sampling import SamplingParams, probabilities
+
+
+class StepError(ValueError):
+    """A request of the batch is malformed; the message names the input. Other requests go on."""
+
+
+@dataclass
+class Admission:
+    max_new_tokens: int
+    params: SamplingParams
+
+
+@dataclass
+class StepRequest:
+    sequence_id: int
+    input_ids: list[int] = field(default_factory=list)
+    draft: DraftTree = field(default_factory=DraftTree)
+    admission: Admission | None = None  # on a sequence's first step
+
+
+@dataclass
+class _Sequence:
+    cache: SequenceCache
+    params: SamplingParams
+    generator: torch.Generator
+
+
+@dataclass
+class _Work:
+    """One sequence's share of a batched forward."""
+    request: StepRequest
+    sequence: _Sequence
+    offset: int  # first row of this sequence in the flattened batch
+    mask: torch.Tensor | None  # [new, cached + new] bool, None when a single token sees everything
+
+    @property
+    def count(self) -> int:
+        return len(self.request.input_ids) + len(self.request.draft)
+
+
+class CausalLMEngine:
+    def __init__(self, model, kv_cache_tokens: int, max_draft_tokens: int = 64, idle_timeout_s: float = 600.0):
+        self.model = model
+        config = model.config
+        self.vocab_size = config.vocab_size
+        self.max_context = max_context_tokens(config.to_dict())
+        self.max_draft_tokens = max_draft_tokens
+        self.idle_timeout_s = idle_timeout_s
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        param = next(model.parameters())
+        self.kv = KVCachePool(config.num_hidden_layers, config.num_key_value_heads, head_dim, kv_cache_tokens,
+                              param.dtype, param.device)
+        self.sequences: dict[int, _Sequence] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    @property
+    def active_sequences(self) -> int:
+        return len(self.sequences)
+
+    def release(self, sequence_id: int) -> bool:
+        self.sequences.pop(sequence_id, None)
+        return self.kv.release(sequence_id)
+
+    def reclaim_idle(self) -> list[int]:
+        stale = self.kv.reclaim_idle(self.idle_timeout_s)
+        for sequence_id in stale:
+            self.sequences.pop(sequence_id, None)
+        return stale
+
+    def _admit(self, request: StepRequest) -> _Sequence:
+        admission = request.admission
+        if admission.max_new_tokens <= 0:
+            raise StepError(f"max_new_tokens must be > 0, got {admission.max_new_tokens}")
+        needed = len(request.input_ids) + admission.max_new_tokens
+        if needed > self.max_context:
+            raise StepError(f"prompt ({len(request.input_ids)} tokens) + max_new_tokens ({admission.max_new_tokens}) "
+                            f"exceeds the model's context of {self.max_context} tokens")
+        try:
+            admission.params.validate()
+        except ValueError as error:
+            raise StepError(str(error)) from None
+        cache = self.kv.admit(request.sequence_id, needed + self.max_draft_tokens)
+        sequence = _Sequence(cache, admission.params, admission.params.generator())
+        self.sequences[request.sequence_id] = sequence
+        return sequence
+
+    def _check(self, request: StepRequest, sequence: _Sequence) -> None:
+        if not request.input_ids:
+            raise StepError("input_ids is empty: a step appends at least one token (the tree grows from it)")
+        try:
+            request.draft.validate()
+        except ValueError as error:
+            raise StepError(str(error)) from None
+        if len(request.draft) > self.max_draft_tokens:
+            raise StepError(f"draft_ids has {len(request.draft)} tokens; this engine verifies at most "
+                            f"{self.max_draft_tokens}")
+        tokens = list(request.input_ids) + list(request.draft.tokens)
+        if min(tokens) < 0 or max(tokens) >= self.vocab_size:
+            raise StepError(f"input_ids/draft_ids: token ids must be in [0, {self.vocab_size})")
+        cache = sequence.cache
+        if cache.length + len(tokens) > cache.capacity:
+            raise StepError(f"sequence {request.sequence_id} would exceed its reserved KV cache "
+                            f"({cache.capacity} tokens): more tokens than max_new_tokens allowed")
+
+    # ---- one batched step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, requests: list[StepRequest]) -> list[list[int] | Exception]:
+        """Returns, per request in order, its emitted tokens or the exception that failed it (others unaffected)."""
+        self.reclaim_idle()
+        results: list = [None] * len(requests)
+        work: list[tuple[int, _Work]] = []
+        offset = 0
+        in_batch = set()
+        for index, request in enumerate(requests):
+            try:
+                if request.sequence_id in in_batch:
+                    raise StepError(f"sequence {request.sequence_id} appears twice in one batch")
+                if request.admission is not None:
+                    sequence = self._admit(request)
+                elif request.sequence_id in self.sequences:
+                    sequence = self.sequences[request.sequence_id]
+                    self.kv.get(request.sequence_id)  # marks it used
+                else:
+                    raise StepError(f"sequence {request.sequence_id} is not active (finished, released or reclaimed)")
+                self._check(request, sequence)
+            except (StepError, AdmissionError) as error:
+                if request.admission is not None and not isinstance(error, AdmissionError):
+                    self.release(request.sequence_id)
+                results[index] = error
+                continue
+            in_batch.add(request.sequence_id)
+            item = _Work(request, sequence, offset, self._mask(request, sequence.cache.length))
+            work.append((index, item))
+            offset += item.count
+        if work:
+            hidden = self._forward([item for _, item in work])
+            for index, item in work:
+                results[index] = self._finish(item, hidden)
+        return results
+
+    @staticmethod
+    def _mask(request: StepRequest, cached: int) -> torch.Tensor | None:
+        n_in, n_draft = len(request.input_ids), len(request.draft)
+        if n_in + n_draft == 1:
+            return None
+        new = n_in + n_draft
+        mask = torch.ones(new, cached + new, dtype=torch.bool)
+        mask[:, cached:] = torch.ones(new, new, dtype=torch.bool).tril()  # inputs: causal; tree sees all inputs
+        if n_draft:
+            mask[n_in:, cached + n_in:] = request.draft.ancestor_mask()
+        return mask
+
+    def _positions(self, item: _Work) -> list[int]:
+        start = item.sequence.cache.length
+        n_in = len(item.request.input_ids)
+        root = start + n_in - 1
+        return list(range(start, start + n_in)) + [root + depth for depth in item.request.draft.depths()]
+
+    def _forward(self, batch: list[_Work]) -> torch.Tensor:
+        """Final hidden states [total new tokens, hidden] of every sequence's new tokens; writes their K/V."""
+        model = self.model.model
+        ids = torch.tensor([t for w in batch for t in (*w.request.input_ids, *w.request.draft.tokens)])
+        positions = torch.tensor([p for w in batch for p in self._positions(w)])
+        device = self.kv.device
+        x = model.embed_tokens(ids.to(device))[None]
+        cos, sin = model.rotary_emb(x, positions.to(device)[None])
+        total = ids.numel()
+        for layer_index, layer in enumerate(model.layers):
+            attention = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = (proj(h).view(1, total, -1, attention.head_dim).transpose(1, 2)
+                       for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            outputs = []
+            for w in batch:
+                rows = slice(w.offset, w.offset + w.count)
+                cache, start = w.sequence.cache, w.sequence.cache.length
+                end = start + w.count
+                cache.keys[layer_index, :, start:end] = k[0, :, rows]
+                cache.values[layer_index, :, start:end] = v[0, :, rows]
+                mask = None if w.mask is None else w.mask.to(device)
+                outputs.append(F.scaled_dot_product_attention(
+                    q[:, :, rows], cache.keys[None, layer_index, :, :end], cache.values[None, layer_index, :, :end],
+                    attn_mask=mask, scale=attention.scaling, enable_gqa=True))
+            attended = torch.cat(outputs, dim=2).transpose(1, 2).reshape(1, total, -1)
+            x = x + attention.o_proj(attended)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return model.norm(x)[0]
+
+    def _finish(self, item: _Work, hidden: torch.Tensor) -> list[int]:
+        """Accepts part of the draft, keeps the accepted path's K/V, returns the emitted tokens."""
+        request, sequence = item.request, item.sequence
+        n_in = len(request.input_ids)
+        root_row = item.offset + n_in - 1
+        rows = torch.arange(root_row, item.offset + item.count)  # the root, then every draft node
+        logits = self.model.lm_head(hidden[rows])
+        probs = probabilities(logits, sequence.params)
+        tokens, path = accept(probs, request.draft, sequence.generator)
+        cache = sequence.cache
+        cache.keep_path(cache.length + n_in, path)  # draft node j was written at slot start + j
+        return tokens
+
