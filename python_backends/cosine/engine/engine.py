@@ -18,7 +18,7 @@ from ..speculation.acceptance import accept
 from ..speculation.tree import DraftTree
 from .checkpoint import max_context_tokens
 from .kv_cache import AdmissionError, KVCachePool, SequenceCache
-from .sampling import SamplingParams, probabilities
+from .sampling import InvalidParameter, SamplingParams, probabilities
 
 
 class StepError(ValueError):
@@ -98,7 +98,7 @@ class CausalLMEngine:
                             f"exceeds the model's context of {self.max_context} tokens")
         try:
             admission.params.validate()
-        except ValueError as error:
+        except InvalidParameter as error:
             raise StepError(str(error)) from None
         cache = self.kv.admit(request.sequence_id, needed + self.max_draft_tokens)
         sequence = _Sequence(cache, admission.params, admission.params.generator())

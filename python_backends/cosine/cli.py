@@ -1,0 +1,62 @@
+"""`cosine` command line. Each subcommand is a (configure parser, run) pair in COMMANDS."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Callable
+
+from cosine.launcher import LaunchError, TritonServer
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-repository", required=True, help="Triton model repository directory")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-file", default=None, help="server log (default: a file in a new temp dir)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, log_path=args.log_file)
+    try:
+        server.start(timeout=args.timeout)
+        print(f"Triton ready\n  HTTP:    {server.http_url}\n  gRPC:    {server.grpc_url}\n"
+              f"  metrics: {server.metrics_url}\n  log:     {server.log_path}\nCtrl-C to stop.", flush=True)
+        code = server.process.wait()
+        # Only reached if the server died on its own.
+        raise LaunchError(f"tritonserver exited unexpectedly with code {code}; "
+                          f"last lines of {server.log_path}:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        print("Stopping Triton...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "serve": ("start Triton on a model repository and wait for Ctrl-C", _serve_args, _serve),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cosine", description="CoSine speculative inference on Triton")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, configure, run) in COMMANDS.items():
+        configure(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except LaunchError as e:
+        print(f"cosine {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

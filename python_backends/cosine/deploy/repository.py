@@ -1,0 +1,103 @@
+"""Writes a Triton model repository for a deployment spec: config.pbtxt from the contract, adapters copied in."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING
+from ..engine.checkpoint import max_context_tokens, read_config
+from .spec import DeploymentSpec, EngineSpec
+
+# The checked-in repository holds the one model.py of each kind of model.
+ADAPTERS = Path(__file__).resolve().parents[3] / "model_repository"
+TARGET, PREPROCESSING_MODEL, POSTPROCESSING_MODEL, COSINE_MODEL = "target", "preprocessing", "postprocessing", "cosine"
+
+
+def drafter_model_name(name: str) -> str:
+    return f"drafter_{name}"
+
+
+def _parameters(values: dict) -> str:
+    entries = ",\n".join(f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }}' for key, value in values.items())
+    return f"parameters [\n{entries}\n]\n"
+
+
+def _config(name: str, contract, max_batch_size: int, parameters: dict, *, instances: int = 1, kind: str = "KIND_CPU",
+            queue_delay_us: int | None = None, decoupled: bool = False) -> str:
+    lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}"]
+    if queue_delay_us is not None:
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
+    if decoupled:
+        lines.append("model_transaction_policy { decoupled: true }")
+    lines.append(f"instance_group [ {{ kind: {kind} count: {instances} }} ]")
+    return "\n".join(lines) + "\n" + contract.pbtxt_io() + _parameters(parameters)
+
+
+def _engine_config(name: str, engine: EngineSpec, path) -> str:
+    return _config(name, ENGINE, engine.max_batch_size, {
+        "checkpoint_dir": path(engine.checkpoint),
+        "kv_cache_tokens": engine.kv_cache_tokens,
+        "max_draft_tokens": engine.max_draft_tokens,
+        "num_threads": engine.num_threads,
+        "idle_timeout_s": engine.idle_timeout_s,
+    }, instances=engine.instances, kind="KIND_GPU" if engine.device == "gpu" else "KIND_CPU",
+        queue_delay_us=engine.max_queue_delay_us)
+
+
+def _end_id(checkpoint: Path) -> str:
+    """The checkpoint's EOS id (generation_config.json first, as transformers does)."""
+    for name in ("generation_config.json", "config.json"):
+        path = checkpoint / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if isinstance(eos, list):
+                eos = eos[0] if eos else None
+            if eos is not None:
+                return str(eos)
+    return ""
+
+
+def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
+    """{model name: (adapter folder, config.pbtxt text)}; `path` renders checkpoint paths."""
+    tokenizer = {"tokenizer_dir": path(spec.tokenizer_dir)}
+    configs = {
+        PREPROCESSING_MODEL: (PREPROCESSING_MODEL, _config(PREPROCESSING_MODEL, PREPROCESSING, 64, tokenizer,
+                                                           queue_delay_us=500)),
+        POSTPROCESSING_MODEL: (POSTPROCESSING_MODEL, _config(POSTPROCESSING_MODEL, POSTPROCESSING, 64, tokenizer,
+                                                             queue_delay_us=500)),
+        TARGET: (TARGET, _engine_config(TARGET, spec.target, path)),
+        COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
+            "target_model": TARGET,
+            "drafter_models": ",".join(drafter_model_name(name) for name in spec.drafters),
+            "preprocessing_model": PREPROCESSING_MODEL,
+            "postprocessing_model": POSTPROCESSING_MODEL,
+            "max_context_tokens": max_context_tokens(read_config(spec.target.checkpoint)),
+            "end_id": _end_id(spec.target.checkpoint),
+            "default_max_tokens": spec.default_max_tokens,
+        }, decoupled=True)),
+    }
+    for name, drafter in spec.drafters.items():
+        model = drafter_model_name(name)
+        configs[model] = (TARGET, _engine_config(model, drafter, path))
+    return configs
+
+
+def write_repository(spec: DeploymentSpec, out_dir: str | Path, relative_paths: bool = False) -> Path:
+    """(Re)writes out_dir as a Triton model repository for `spec`. With relative_paths, checkpoint paths are
+    written relative to out_dir (so a checked-in repository works from any clone)."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(p: Path) -> str:
+        return os.path.relpath(p, out_dir) if relative_paths else str(p)
+
+    for model, (adapter, config) in model_configs(spec, path).items():
+        model_dir = out_dir / model
+        (model_dir / "1").mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.pbtxt").write_text(config)
+        source = ADAPTERS / adapter / "1" / "model.py"
+        if source.resolve() != (model_dir / "1" / "model.py").resolve():
+            shutil.copyfile(source, model_dir / "1" / "model.py")
+    return out_dir

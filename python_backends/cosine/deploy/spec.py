@@ -1,0 +1,132 @@
+"""The deployment spec (YAML): which checkpoints are served as which Triton models, and how.
+
+Errors name the offending field, e.g. "target.kv_cache_tokens: must be a positive integer, got -1"."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class SpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    checkpoint: Path
+    instances: int = 1
+    device: str = "cpu"  # cpu | gpu
+    kv_cache_tokens: int = 32768
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 2000
+    num_threads: int = 0  # torch threads per engine process; 0 = torch's default
+    max_draft_tokens: int = 64
+    idle_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    target: EngineSpec
+    drafters: dict[str, EngineSpec] = field(default_factory=dict)
+    tokenizer: Path | None = None  # defaults to the target's checkpoint directory
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    default_max_tokens: int = 64
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.tokenizer or self.target.checkpoint
+
+
+def _positive_int(where: str, value, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise SpecError(f"{where}: must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+    return value
+
+
+def _engine(where: str, raw, base: Path) -> EngineSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: must be a mapping with at least 'checkpoint'")
+    known = set(EngineSpec.__dataclass_fields__)
+    unknown = set(raw) - known
+    if unknown:
+        raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown field (known: {', '.join(sorted(known))})")
+    if "checkpoint" not in raw:
+        raise SpecError(f"{where}.checkpoint: required")
+    checkpoint = (base / str(raw["checkpoint"])).resolve()
+    if not (checkpoint / "config.json").is_file():
+        raise SpecError(f"{where}.checkpoint: {checkpoint} is not a checkpoint directory (no config.json)")
+    values = dict(raw, checkpoint=checkpoint)
+    for name in ("instances", "kv_cache_tokens", "max_batch_size", "max_draft_tokens"):
+        if name in values:
+            _positive_int(f"{where}.{name}", values[name])
+    for name in ("max_queue_delay_us", "num_threads"):
+        if name in values:
+            _positive_int(f"{where}.{name}", values[name], allow_zero=True)
+    if values.get("device", "cpu") not in ("cpu", "gpu"):
+        raise SpecError(f"{where}.device: must be 'cpu' or 'gpu', got {values['device']!r}")
+    return EngineSpec(**values)
+
+
+def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
+    """raw: the YAML mapping; relative paths are relative to `base` (the spec file's folder)."""
+    if not isinstance(raw, dict) or "target" not in raw:
+        raise SpecError("target: required (the target model's engine settings)")
+    known = set(DeploymentSpec.__dataclass_fields__)
+    unknown = set(raw) - known
+    if unknown:
+        raise SpecError(f"{sorted(unknown)[0]}: unknown field (known: {', '.join(sorted(known))})")
+    drafters_raw = raw.get("drafters") or {}
+    if not isinstance(drafters_raw, dict):
+        raise SpecError("drafters: must be a mapping of name -> engine settings")
+    drafters = {}
+    for name, drafter in drafters_raw.items():
+        if not str(name).replace("_", "").isalnum():
+            raise SpecError(f"drafters.{name}: names may use letters, digits and '_' only")
+        drafters[str(name)] = _engine(f"drafters.{name}", drafter, base)
+    values = dict(raw, target=_engine("target", raw["target"], base), drafters=drafters)
+    if "tokenizer" in values:
+        values["tokenizer"] = (base / str(values["tokenizer"])).resolve()
+    ports = []
+    for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens"):
+        if name in values:
+            _positive_int(name, values[name])
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        ports.append(values.get(name, DeploymentSpec.__dataclass_fields__[name].default))
+    if len(set(ports)) != 3:
+        raise SpecError(f"http_port/grpc_port/metrics_port: must differ, got {ports}")
+    return DeploymentSpec(**values)
+
+
+def load_spec(path: str | Path) -> DeploymentSpec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    return parse_spec(raw, path.parent)
+
+
+def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
+    """Writes the spec as YAML with paths relative to the file's folder."""
+    path = Path(path)
+
+    def rel(p: Path) -> str:
+        return str(Path(os.path.relpath(p, path.parent.resolve())))
+
+    def engine(e: EngineSpec) -> dict:
+        out = {k: getattr(e, k) for k in EngineSpec.__dataclass_fields__ if getattr(e, k) != EngineSpec.__dataclass_fields__[k].default}
+        out["checkpoint"] = rel(e.checkpoint)
+        return out
+
+    raw = {"target": engine(spec.target), "drafters": {n: engine(d) for n, d in spec.drafters.items()}}
+    if spec.tokenizer:
+        raw["tokenizer"] = rel(spec.tokenizer)
+    for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens"):
+        raw[name] = getattr(spec, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -1,0 +1,245 @@
+"""Find, start and stop a Triton Inference Server process (stdlib only).
+
+Two layouts are supported: an NGC container (``tritonserver`` on PATH or under
+/opt/tritonserver, backends in /opt/tritonserver/backends) and the server bundled
+in the ``nvidia-pytriton`` wheel (the Python backend stub must be copied in).
+"""
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import cosine
+
+OPT_ROOT = Path("/opt/tritonserver")
+LOG_TAIL_LINES = 40
+
+
+class LaunchError(RuntimeError):
+    """Triton could not be found, validated, started or made ready."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_dir: Path
+    stubs_dir: Path | None = None  # set for the nvidia-pytriton wheel layout only
+
+
+def find_tritonserver() -> TritonInstall:
+    """Locate tritonserver: PATH, then /opt/tritonserver/bin, then the nvidia-pytriton wheel."""
+    for candidate in (shutil.which("tritonserver"), OPT_ROOT / "bin" / "tritonserver"):
+        if candidate and os.access(candidate, os.X_OK):
+            binary = Path(candidate).resolve()
+            for backends in (binary.parent.parent / "backends", OPT_ROOT / "backends"):
+                if (backends / "python").is_dir():
+                    return TritonInstall(binary, backends)
+            raise LaunchError(f"found {binary} but no backends directory with a python backend "
+                              f"next to it or in {OPT_ROOT / 'backends'}")
+    # find_spec locates the package without importing it.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is not None and spec.origin:
+        root = Path(spec.origin).parent / "tritonserver"
+        if (root / "bin" / "tritonserver").is_file():
+            return TritonInstall(root / "bin" / "tritonserver", root / "backends",
+                                 root / "python_backend_stubs")
+    raise LaunchError("tritonserver not found: not on PATH, not in /opt/tritonserver/bin, and the "
+                      "nvidia-pytriton wheel is not installed (run `make venv` or `pip install nvidia-pytriton`)")
+
+
+def install_python_stub(install: TritonInstall) -> None:
+    """Copy the Python backend stub matching the running interpreter into the backend dir (wheel layout)."""
+    if install.stubs_dir is None:
+        return  # container layout: the stub ships with the backend
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    src = install.stubs_dir / version / "triton_python_backend_stub"
+    if not src.is_file():
+        raise LaunchError(f"nvidia-pytriton has no Python backend stub for Python {version} ({src})")
+    dst = install.backend_dir / "python" / "triton_python_backend_stub"
+    if not (dst.is_file() and filecmp.cmp(src, dst, shallow=False)):
+        tmp = dst.with_suffix(".tmp")
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)  # atomic, in case another server is starting concurrently
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    # SO_REUSEADDR ignores TIME_WAIT leftovers but still fails against a live listener,
+    # including one bound to 127.0.0.1 only (Triton binds 0.0.0.0).
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def python_backend_path() -> str:
+    """Value for COSINE_PYTHONPATH: the Python backend stub ignores PYTHONPATH, our model.py files read this."""
+    entries = [str(Path(cosine.__file__).resolve().parent.parent), *site.getsitepackages()]
+    entries += filter(None, os.environ.get("COSINE_PYTHONPATH", "").split(os.pathsep))
+    return os.pathsep.join(dict.fromkeys(entries))  # de-duplicated, order kept
+
+
+def validate_repository(path: Path) -> None:
+    if not path.is_dir():
+        raise LaunchError(f"model repository {path} is invalid: not a directory")
+    # Triton only looks at <repository>/<model>/config.pbtxt.
+    if not any(path.glob("*/config.pbtxt")):
+        raise LaunchError(f"model repository {path} is invalid: no <model>/config.pbtxt in it")
+
+
+class TritonServer:
+    """A tritonserver process. Use as a context manager, or call start()/stop()."""
+
+    def __init__(self, model_repository: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001,
+                 metrics_port: int = 8002, log_path: str | os.PathLike | None = None,
+                 extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 model_control_mode: str | None = None, exit_timeout: int = 5):
+        self.model_repository = Path(model_repository).resolve()
+        self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        if log_path is None:
+            log_path = Path(tempfile.mkdtemp(prefix="cosine-triton-")) / "tritonserver.log"
+        self._log_path = Path(log_path).resolve()
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        self.model_control_mode = model_control_mode
+        # Triton's default (30 s) waits that long on any idle keep-alive client connection at shutdown.
+        self.exit_timeout = exit_timeout
+        # A distinct shm prefix per server, so that several can run on one machine.
+        self.shm_prefix = f"cosine_{os.getpid()}_{http_port}_"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        return self._log_path
+
+    def command(self, install: TritonInstall) -> list[str]:
+        cmd = [str(install.binary), f"--model-repository={self.model_repository}",
+               f"--backend-directory={install.backend_dir}",
+               f"--http-port={self.ports['http']}", f"--grpc-port={self.ports['grpc']}",
+               f"--metrics-port={self.ports['metrics']}",
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+               "--log-verbose=0", "--exit-on-error=true", f"--exit-timeout-secs={self.exit_timeout}"]
+        if self.model_control_mode:
+            cmd.append(f"--model-control-mode={self.model_control_mode}")
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 300.0) -> "TritonServer":
+        """Validate, launch, and wait until the server reports ready."""
+        if self.process is not None:
+            raise LaunchError("server already started")
+        validate_repository(self.model_repository)
+        for name, port in self.ports.items():
+            if port_in_use(port):
+                raise LaunchError(f"{name} port {port} is already in use (choose another with --{name}-port)")
+        install = find_tritonserver()
+        install_python_stub(install)
+        env = {**os.environ, **self.env, "COSINE_PYTHONPATH": python_backend_path()}
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._log_path, "wb") as log:
+            # Own process group: Ctrl-C in our terminal must not hit the server or its stubs directly.
+            self.process = subprocess.Popen(self.command(install), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self._log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        # Triton prints its ~20-line options table last on exit; drop it so the model status
+        # table (with the Python traceback of a model that failed to load) stays in the tail.
+        text = re.sub(r"^\+[-+]+\n\| Option .*?\n\n", "", text, flags=re.S | re.M)
+        return "".join(text.splitlines(keepends=True)[-lines:])
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process is None:
+                raise LaunchError("server not started")
+            code = self.process.poll()
+            if code is not None:
+                raise LaunchError(f"tritonserver exited with code {code} before becoming ready; "
+                                  f"last lines of {self._log_path}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            if time.monotonic() > deadline:
+                raise LaunchError(f"tritonserver not ready after {timeout:.0f}s; "
+                                  f"last lines of {self._log_path}:\n{self.log_tail()}")
+            time.sleep(0.25)
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGINT (graceful unload), then SIGKILL the whole group. Returns the exit code."""
+        proc, self.process = self.process, None
+        if proc is None:
+            return None
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(self.exit_timeout + 30 if timeout is None else timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            # Also reaps stub processes left behind by a crashed or killed server.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+            # Python backend regions a killed server could not unlink.
+            for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+                leftover.unlink(missing_ok=True)
+        return proc.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Triton Python-backend adapters: the only code that imports triton_python_backend_utils."""

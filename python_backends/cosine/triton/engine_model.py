@@ -1,0 +1,90 @@
+"""Triton adapter for an engine model (the target, or a drafter): batched stateful steps over the portable engine."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from ..contract import ENGINE
+from ..engine.checkpoint import load_causal_lm
+from ..engine.engine import CausalLMEngine, StepError, StepRequest, Admission
+from ..engine.kv_cache import AdmissionError
+from ..engine.sampling import SamplingParams
+from ..serving.errors import ServingError
+from ..speculation.tree import DraftTree
+from .io import Metrics, error_response, model_parameters, request_inputs, resolve_path, tensors
+
+
+def _step_request(inputs: dict) -> StepRequest:
+    values = {name: array.reshape(-1) for name, array in inputs.items()}
+    admission = None
+    if "max_new_tokens" in values:
+        first = lambda name, default: values[name][0] if name in values else default  # noqa: E731
+        admission = Admission(int(values["max_new_tokens"][0]), SamplingParams(
+            temperature=float(first("temperature", 0.0)),
+            top_k=int(first("top_k", 0)),
+            top_p=float(first("top_p", 1.0)),
+            seed=int(values["random_seed"][0]) if "random_seed" in values else None,
+        ))
+    empty = np.empty(0, np.int32)
+    draft = DraftTree(tuple(values.get("draft_ids", empty).tolist()), tuple(values.get("draft_parents", empty).tolist()))
+    return StepRequest(int(values["sequence_id"][0]), values.get("input_ids", empty).tolist(), draft, admission)
+
+
+class EngineModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        threads = int(params.get("num_threads", "0"))
+        if threads:
+            torch.set_num_threads(threads)
+        device = "cuda" if args["model_instance_kind"] == "GPU" and torch.cuda.is_available() else "cpu"
+        dtype = getattr(torch, params.get("dtype", "float32"))
+        model = load_causal_lm(resolve_path(params["checkpoint_dir"], args), device, dtype)
+        self.engine = CausalLMEngine(
+            model,
+            kv_cache_tokens=int(params["kv_cache_tokens"]),
+            max_draft_tokens=int(params.get("max_draft_tokens", "64")),
+            idle_timeout_s=float(params.get("idle_timeout_s", "600")),
+        )
+        labels = {"model": args["model_name"]}
+        self.reserved_tokens = Metrics.metric(
+            "cosine_kv_cache_reserved_tokens", "KV cache tokens reserved by active sequences", "GAUGE", **labels)
+        self.active_sequences = Metrics.metric(
+            "cosine_active_sequences", "Sequences holding KV cache in the engine", "GAUGE", **labels)
+        self.batch_requests = Metrics.metric(
+            "cosine_engine_batch_requests_total", "Sequence steps executed, summed over batches", **labels)
+        self.batches = Metrics.metric("cosine_engine_batches_total", "Batched forward passes", **labels)
+
+    def execute(self, requests):
+        responses, steps, step_slots = [None] * len(requests), [], []
+        for slot, request in enumerate(requests):
+            inputs = request_inputs(request, ENGINE)
+            try:
+                if "release" in inputs and bool(inputs["release"].reshape(-1)[0]):
+                    self.engine.release(int(inputs["sequence_id"].reshape(-1)[0]))
+                    responses[slot] = pb_utils.InferenceResponse(tensors(output_ids=np.empty(0, np.int32)))
+                    continue
+                steps.append(_step_request(inputs))
+                step_slots.append(slot)
+            except (KeyError, ValueError) as error:
+                responses[slot] = error_response(ServingError(f"malformed engine request: {error}",
+                                                              ServingError.INVALID))
+        if steps:
+            self.batches.increment(1)
+            self.batch_requests.increment(len(steps))
+        for slot, result in zip(step_slots, self.engine.step(steps)):
+            responses[slot] = self._response(result)
+        self.reserved_tokens.set(self.engine.kv.reserved_tokens)
+        self.active_sequences.set(self.engine.active_sequences)
+        return responses
+
+    @staticmethod
+    def _response(result):
+        if isinstance(result, AdmissionError):
+            kind = ServingError.UNAVAILABLE if result.retryable else ServingError.INVALID
+            return error_response(ServingError(str(result), kind))
+        if isinstance(result, StepError):
+            return error_response(ServingError(str(result), ServingError.INVALID))
+        if isinstance(result, Exception):
+            return error_response(result)
+        return pb_utils.InferenceResponse(tensors(output_ids=np.asarray(result, np.int32)))

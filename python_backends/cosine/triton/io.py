@@ -1,0 +1,84 @@
+"""Moving tensors between pb_utils objects and the contract's numpy values."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..serving.errors import ServingError
+
+
+def _code(kind: str):
+    # pb_utils.TritonError only exists once the stub runs the model, not at import time
+    codes = {ServingError.INVALID: "INVALID_ARG", ServingError.UNAVAILABLE: "UNAVAILABLE"}
+    return getattr(pb_utils.TritonError, codes.get(kind, "INTERNAL"))
+
+
+def _kind(code) -> str:
+    for kind in (ServingError.INVALID, ServingError.UNAVAILABLE):
+        if code == _code(kind):
+            return kind
+    return ServingError.INTERNAL
+
+
+def request_inputs(request, contract) -> dict[str, np.ndarray]:
+    """The request's tensors by name (with their batch dimension); absent optional inputs are left out."""
+    inputs = {}
+    for spec in contract.inputs:
+        tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+        if tensor is not None:
+            inputs[spec.name] = tensor.as_numpy()
+    return inputs
+
+
+def tensors(**arrays) -> list:
+    """pb_utils tensors with a leading batch dimension of 1."""
+    return [pb_utils.Tensor(name, np.asarray(array)[None]) for name, array in arrays.items()]
+
+
+def error_response(error: Exception):
+    kind = getattr(error, "kind", ServingError.INTERNAL)
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), _code(kind)))
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+def resolve_path(path: str, args: dict) -> Path:
+    """Relative paths in a model's parameters are relative to its model repository."""
+    return Path(args["model_repository"]).parent.joinpath(path).resolve()
+
+
+async def bls(model_name: str, contract, outputs: tuple[str, ...], **values) -> dict[str, np.ndarray]:
+    """One BLS call; returns the requested outputs without their batch dimension."""
+    request = pb_utils.InferenceRequest(
+        model_name=model_name,
+        requested_output_names=list(outputs),
+        inputs=[pb_utils.Tensor(name, array) for name, array in contract.pack(**values)],
+    )
+    response = await request.async_exec()
+    if response.has_error():
+        error = response.error()
+        raise ServingError(f"{model_name}: {error.message()}", _kind(error.code()))
+    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0] for name in outputs}
+
+
+class Metrics:
+    """Prometheus families (created once per process) with per-model labels."""
+
+    _families: dict = {}
+
+    @classmethod
+    def family(cls, name: str, description: str, kind: str = "COUNTER"):
+        if name not in cls._families:
+            cls._families[name] = pb_utils.MetricFamily(
+                name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
+        return cls._families[name]
+
+    @classmethod
+    def metric(cls, name: str, description: str, kind: str = "COUNTER", **labels):
+        return cls.family(name, description, kind).Metric(labels=labels)
