@@ -1,0 +1,41 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_checkpoint, make_tokenizer  # noqa: E402
+
+from cosine.deploy.repository import write_repository  # noqa: E402
+from cosine.deploy.spec import parse_spec  # noqa: E402
+from cosine.launcher import TritonServer, free_port  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    make_tokenizer(root / "tokenizer")
+    make_checkpoint(root / "llama", root / "tokenizer", "llama", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_dir) -> Path:
+    return tiny_dir / "llama"
+
+
+def start_server(spec_raw: dict, root: Path) -> TritonServer:
+    spec = parse_spec(spec_raw, root)
+    repository = write_repository(spec, root / "repository")
+    server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=root / "tritonserver.log")
+    return server.start(timeout=300)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, llama):
+    root = tmp_path_factory.mktemp("server")
+    spec = {"target": {"checkpoint": str(llama), "kv_cache_tokens": 8192, "num_threads": 1, "idle_timeout_s": 30}}
+    server = start_server(spec, root)
+    yield server
+    server.stop()

@@ -1,0 +1,219 @@
+"""End to end through a real tritonserver: generation, streaming, bad input, cancellation."""
+import json
+import queue
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tiny_models import PROMPTS, reference_generate
+from tritonclient.utils import InferenceServerException
+
+
+def post(server, path, body):
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/cosine/{path}", json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.read().decode()
+
+
+def generate(server, **body):
+    return json.loads(post(server, "generate", body))
+
+
+def as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def stream_events(server, **body):
+    text = post(server, "generate_stream", dict(body, stream=True))
+    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def metric(server, name, **labels):
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for(predicate, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+@pytest.mark.parametrize("prompt,max_tokens", [(PROMPTS[0], 24), (PROMPTS[2], 7), (PROMPTS[3], 40)])
+def test_greedy_matches_transformers_generate(server, llama, prompt, max_tokens):
+    out = generate(server, text_input=prompt, max_tokens=max_tokens)
+    assert as_list(out["output_ids"]) == reference_generate(llama, prompt, max_tokens)
+
+
+def test_concurrent_requests_batch_and_match_alone(server, llama):
+    alone = {p: as_list(generate(server, text_input=p, max_tokens=32)["output_ids"]) for p in PROMPTS}
+    steps_before = metric(server, "cosine_engine_batch_requests_total", model="target")
+    batches_before = metric(server, "cosine_engine_batches_total", model="target")
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: as_list(generate(server, text_input=p, max_tokens=32)["output_ids"]),
+                                 PROMPTS))
+    assert together == [alone[p] for p in PROMPTS]
+    assert alone[PROMPTS[1]] == reference_generate(llama, PROMPTS[1], 32)
+    steps = metric(server, "cosine_engine_batch_requests_total", model="target") - steps_before
+    batches = metric(server, "cosine_engine_batches_total", model="target") - batches_before
+    assert steps / batches > 1.5, f"{steps} steps in {batches} forwards: concurrent requests were not batched"
+
+
+def test_stream_concatenates_to_generate_and_grpc_agrees(server):
+    body = dict(text_input=PROMPTS[3], max_tokens=30, exclude_input_in_output=True)
+    whole = generate(server, **body)
+    events = stream_events(server, **body)
+    assert len(events) > 3
+    assert "".join(e["text_output"] for e in events) == whole["text_output"]
+    assert sum((as_list(e["output_ids"]) for e in events), []) == as_list(whole["output_ids"])
+
+    chunks = queue.Queue()
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        client.start_stream(callback=lambda result, error: chunks.put((result, error)))
+        client.async_stream_infer("cosine", grpc_inputs(text_input=PROMPTS[3], max_tokens=30, stream=True,
+                                                        exclude_input_in_output=True),
+                                  enable_empty_final_response=True)
+        texts = []
+        while True:
+            result, error = chunks.get(timeout=60)
+            assert error is None, error
+            if result.as_numpy("text_output") is not None:
+                texts.append(result.as_numpy("text_output").reshape(-1)[0].decode())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        client.stop_stream()
+    assert "".join(texts) == whole["text_output"]
+
+
+def test_prompt_is_included_unless_excluded(server):
+    with_prompt = generate(server, text_input=PROMPTS[4], max_tokens=5)["text_output"]
+    without = generate(server, text_input=PROMPTS[4], max_tokens=5, exclude_input_in_output=True)["text_output"]
+    assert with_prompt == PROMPTS[4] + without
+
+
+def test_stop_words_end_the_output(server):
+    full = generate(server, text_input=PROMPTS[0], max_tokens=30, exclude_input_in_output=True)["text_output"]
+    stop = full[10:13]
+    out = generate(server, text_input=PROMPTS[0], max_tokens=30, exclude_input_in_output=True, stop_words=[stop])
+    assert out["text_output"] == full[:full.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible(server):
+    body = dict(text_input=PROMPTS[1], max_tokens=20, temperature=1.0, top_k=50, top_p=0.9)
+    a = as_list(generate(server, random_seed=7, **body)["output_ids"])
+    b = as_list(generate(server, random_seed=7, **body)["output_ids"])
+    c = as_list(generate(server, random_seed=8, **body)["output_ids"])
+    assert a == b and a != c
+
+
+def grpc_inputs(**values):
+    from cosine.contract import COSINE
+
+    inputs = []
+    for name, array in COSINE.pack(**values):
+        if array.dtype == object:
+            array = np.array([[v.encode() if isinstance(v, str) else v for v in array.reshape(-1)]], dtype=object)
+        tensor = grpcclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else
+                                       {np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL",
+                                        np.uint64: "UINT64"}[array.dtype.type])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+@pytest.mark.parametrize("body,field", [
+    (dict(text_input=""), "text_input"),
+    (dict(text_input="hi", max_tokens=0), "max_tokens"),
+    (dict(text_input="hi", max_tokens=-5), "max_tokens"),
+    (dict(text_input="hi", max_tokens=100000), "max_tokens"),
+    (dict(text_input="hi", temperature=-0.5), "temperature"),
+    (dict(text_input="hi", top_p=0.0), "top_p"),
+    (dict(text_input="hi", top_p=1.5), "top_p"),
+    (dict(text_input="hi", top_k=-1), "top_k"),
+])
+def test_bad_input_is_a_400_naming_the_field(server, body, field):
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        generate(server, **body)
+    assert caught.value.code == 400
+    assert field in json.loads(caught.value.read())["error"]
+    assert generate(server, text_input="still serving", max_tokens=2)["sequence_length"] == 2
+
+
+def grpc_stream_error(server, inputs) -> str:
+    """The error a gRPC stream reports for one request (a decoupled model answers on streams only)."""
+    received = queue.Queue()
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        client.start_stream(callback=lambda result, error: received.put(error))
+        client.async_stream_infer("cosine", inputs)
+        error = received.get(timeout=60)
+        client.stop_stream()
+    assert isinstance(error, InferenceServerException), "the request was accepted"
+    return error.message()
+
+
+def _raw(name, array, datatype):
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+@pytest.mark.parametrize("case,field", [
+    ("nan_temperature", "temperature"),
+    ("invalid_utf8", "text_input"),
+    ("wrong_dtype", "max_tokens"),
+    ("wrong_shape", "max_tokens"),
+    ("batch_of_two", "text_input"),
+])
+def test_bad_grpc_input_is_reported_naming_the_field(server, case, field):
+    text = _raw("text_input", np.array([[b"hello"]], dtype=object), "BYTES")
+    inputs = {
+        "nan_temperature": [text, _raw("temperature", np.array([[np.nan]], np.float32), "FP32")],
+        "invalid_utf8": [_raw("text_input", np.array([[b"ab\xff\xfe"]], dtype=object), "BYTES")],
+        "wrong_dtype": [text, _raw("max_tokens", np.array([[4.0]], np.float32), "FP32")],
+        "wrong_shape": [text, _raw("max_tokens", np.array([[4, 5]], np.int32), "INT32")],
+        "batch_of_two": [_raw("text_input", np.array([[b"a"], [b"b"]], dtype=object), "BYTES")],
+    }[case]
+    assert field in grpc_stream_error(server, inputs)
+    assert generate(server, text_input="still serving", max_tokens=2)["sequence_length"] == 2
+
+
+def test_grpc_cancel_mid_stream_frees_the_kv_cache(server):
+    cancelled_before = metric(server, "cosine_requests_total", status="cancelled")
+    received = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: received.put((result, error)))
+    client.async_stream_infer("cosine", grpc_inputs(text_input=PROMPTS[5], max_tokens=200, stream=True))
+    received.get(timeout=60)  # generation is under way
+    assert metric(server, "cosine_active_sequences", model="target") >= 1
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert wait_for(lambda: metric(server, "cosine_requests_total", status="cancelled") > cancelled_before)
+    assert wait_for(lambda: metric(server, "cosine_active_sequences", model="target") == 0)
+    assert metric(server, "cosine_kv_cache_reserved_tokens", model="target") == 0
+
+
+def test_http_disconnect_mid_stream_frees_the_kv_cache(server):
+    cancelled_before = metric(server, "cosine_requests_total", status="cancelled")
+    host, port = server.http_url.split(":")
+    body = json.dumps(dict(text_input=PROMPTS[6], max_tokens=200, stream=True)).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v2/models/cosine/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert re.search(rb"data: ", sock.recv(4096) + sock.recv(4096))
+    assert wait_for(lambda: metric(server, "cosine_requests_total", status="cancelled") > cancelled_before)
+    assert wait_for(lambda: metric(server, "cosine_active_sequences", model="target") == 0)
+
