@@ -1,0 +1,137 @@
+"""The portable engine on its own: exactness against transformers, batching, KV budget, tree verification."""
+import time
+
+import pytest
+import torch
+from tiny_models import PROMPTS, make_checkpoint, reference_generate
+from transformers import AutoTokenizer
+
+from cosine.engine.checkpoint import CheckpointError, load_causal_lm, read_config
+from cosine.engine.engine import Admission, CausalLMEngine, StepError, StepRequest
+from cosine.engine.kv_cache import AdmissionError
+from cosine.engine.sampling import SamplingParams
+from cosine.speculation.tree import DraftTree
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def checkpoint(request, tiny_dir):
+    path = tiny_dir / request.param
+    if not path.exists():
+        make_checkpoint(path, tiny_dir / "tokenizer", request.param, seed=1)
+    return path
+
+
+def run(engine, prompts, max_new, params=SamplingParams(), first_id=0):
+    """Decodes all prompts together, one batched step per round; returns their generated tokens."""
+    ids = range(first_id, first_id + len(prompts))
+    results = engine.step([StepRequest(i, p, admission=Admission(max_new, params)) for i, p in zip(ids, prompts)])
+    outputs = [list(r) for r in results]
+    for _ in range(max_new - 1):
+        results = engine.step([StepRequest(i, [out[-1]]) for i, out in zip(ids, outputs)])
+        for out, r in zip(outputs, results):
+            out += r
+    for i in ids:
+        engine.release(i)
+    return outputs
+
+
+def encode(checkpoint, prompts):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return [tokenizer.encode(p) for p in prompts]
+
+
+def test_greedy_equals_transformers_alone_and_batched(checkpoint):
+    engine = CausalLMEngine(load_causal_lm(checkpoint), kv_cache_tokens=8192)
+    prompts = encode(checkpoint, PROMPTS)
+    batched = run(engine, prompts, 20)
+    alone = [run(engine, [p], 20)[0] for p in prompts]
+    assert batched == alone
+    for prompt, out in zip(PROMPTS[:3], batched):
+        assert out == reference_generate(checkpoint, prompt, 20)
+    assert engine.active_sequences == 0 and engine.kv.reserved_tokens == 0
+
+
+def test_tree_sibling_is_accepted_and_cache_equals_fresh_prefill(llama):
+    model = load_causal_lm(llama)
+    prompt = encode(llama, [PROMPTS[0]])[0]
+    truth = run(CausalLMEngine(model, 4096), [prompt], 6)[0]
+    engine = CausalLMEngine(model, 4096)
+    first = engine.step([StepRequest(1, prompt, admission=Admission(10, SamplingParams()))])[0]
+    assert first == truth[:1]
+    wrong = (truth[1] + 1) % model.config.vocab_size
+    # root -> {wrong, truth[1]}; truth[1] -> {truth[2]} -> {wrong}; wrong -> {truth[2]}
+    tree = DraftTree((wrong, truth[1], truth[2], wrong, truth[2]), (-1, -1, 1, 2, 0))
+    emitted = engine.step([StepRequest(1, [truth[0]], tree)])[0]
+    assert emitted == truth[1:4]  # sibling truth[1] and its child accepted, then the target's own token
+    cache = engine.kv.get(1)
+    fresh = CausalLMEngine(model, 4096)
+    fresh.step([StepRequest(2, prompt + truth[:3], admission=Admission(10, SamplingParams()))])
+    reference = fresh.kv.get(2)
+    assert cache.length == reference.length == len(prompt) + 3
+    torch.testing.assert_close(cache.keys[:, :, :cache.length], reference.keys[:, :, :reference.length])
+    torch.testing.assert_close(cache.values[:, :, :cache.length], reference.values[:, :, :reference.length])
+    # decoding goes on exactly from the compacted cache
+    assert engine.step([StepRequest(1, [truth[3]])])[0] == truth[4:5]
+
+
+def test_kv_budget_admission_and_release(llama):
+    engine = CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=200, max_draft_tokens=8)
+    params = SamplingParams()
+    too_big, first, second = engine.step([
+        StepRequest(1, [5, 6], admission=Admission(500, params)),
+        StepRequest(2, [5, 6], admission=Admission(100, params)),
+        StepRequest(3, [5, 6], admission=Admission(100, params)),
+    ])
+    assert isinstance(too_big, StepError) or (isinstance(too_big, AdmissionError) and not too_big.retryable)
+    assert isinstance(first, list) and isinstance(second, AdmissionError) and second.retryable
+    assert engine.kv.reserved_tokens == 2 + 100 + 8
+    engine.release(2)
+    assert engine.kv.reserved_tokens == 0
+    assert isinstance(engine.step([StepRequest(3, [5, 6], admission=Admission(100, params))])[0], list)
+
+
+def test_idle_sequences_are_reclaimed(llama):
+    engine = CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=1000, idle_timeout_s=0.2)
+    engine.step([StepRequest(1, [5, 6], admission=Admission(10, SamplingParams()))])
+    assert engine.active_sequences == 1
+    time.sleep(0.3)
+    engine.step([])
+    assert engine.active_sequences == 0 and engine.kv.reserved_tokens == 0
+
+
+def test_bad_steps_fail_alone(llama):
+    engine = CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=1000, max_draft_tokens=4)
+    vocab = engine.vocab_size
+    params = SamplingParams()
+    results = engine.step([
+        StepRequest(1, [5, 6], admission=Admission(10, params)),
+        StepRequest(2, [vocab + 3], admission=Admission(10, params)),
+        StepRequest(3, [], admission=Admission(10, params)),
+        StepRequest(4, [5], DraftTree((1, 2), (-1, 5)), admission=Admission(10, params)),
+        StepRequest(5, [5], DraftTree.chain(range(9)), admission=Admission(10, params)),
+        StepRequest(6, [5], admission=Admission(10, SamplingParams(temperature=float("nan")))),
+        StepRequest(7, [5]),
+    ])
+    assert isinstance(results[0], list)
+    messages = [str(r) for r in results[1:]]
+    for message, expected in zip(messages, ["input_ids", "input_ids", "draft_parents", "draft_ids", "temperature",
+                                            "not active"]):
+        assert expected in message
+    assert engine.active_sequences == 1
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llama):
+    engine = CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)
+    prompts = encode(llama, PROMPTS[:4])
+    params = SamplingParams(temperature=1.0, top_k=40, top_p=0.95, seed=123)
+    together = run(engine, prompts, 15, params)
+    alone = [run(engine, [p], 15, params)[0] for p in prompts]
+    assert together == alone
+    other_seed = run(engine, prompts[:1], 15, SamplingParams(1.0, 40, 0.95, seed=124))[0]
+    assert other_seed != alone[0]
+
+
+def test_unsupported_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(CheckpointError, match="gpt2"):
+        read_config(tmp_path)

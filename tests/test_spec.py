@@ -1,0 +1,37 @@
+"""Deployment specs: invalid ones are refused naming the field; valid ones render a repository."""
+import pytest
+
+from cosine.deploy.repository import write_repository
+from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec
+
+
+@pytest.mark.parametrize("raw,field", [
+    ({}, "target"),
+    ({"target": {}}, "target.checkpoint"),
+    ({"target": {"checkpoint": "missing"}}, "target.checkpoint"),
+    ({"target": {"checkpoint": "llama", "kv_cache_tokens": -1}}, "target.kv_cache_tokens"),
+    ({"target": {"checkpoint": "llama", "device": "tpu"}}, "target.device"),
+    ({"target": {"checkpoint": "llama", "colour": "red"}}, "target.colour"),
+    ({"target": {"checkpoint": "llama"}, "drafters": {"a-b": {"checkpoint": "llama"}}}, "drafters.a-b"),
+    ({"target": {"checkpoint": "llama"}, "http_port": 8001}, "http_port"),
+    ({"target": {"checkpoint": "llama"}, "speed": 3}, "speed"),
+])
+def test_invalid_specs_name_the_field(tiny_dir, raw, field):
+    with pytest.raises(SpecError) as caught:
+        parse_spec(raw, tiny_dir)
+    assert str(caught.value).startswith(field)
+
+
+def test_spec_round_trips_and_renders_a_repository(tiny_dir, tmp_path):
+    spec = parse_spec({"target": {"checkpoint": "llama", "kv_cache_tokens": 1234},
+                       "drafters": {"code": {"checkpoint": "llama"}}}, tiny_dir)
+    dump_spec(spec, tmp_path / "deployment.yaml")
+    assert load_spec(tmp_path / "deployment.yaml") == spec
+    repo = write_repository(spec, tmp_path / "repo", relative_paths=True)
+    assert sorted(p.name for p in repo.iterdir()) == ["cosine", "drafter_code", "postprocessing", "preprocessing",
+                                                      "target"]
+    target = (repo / "target" / "config.pbtxt").read_text()
+    assert '"kv_cache_tokens" value: { string_value: "1234" }' in target
+    assert "allow_ragged_batch: true" in target
+    assert "decoupled: true" in (repo / "cosine" / "config.pbtxt").read_text()
+    assert (repo / "drafter_code" / "1" / "model.py").read_text() == (repo / "target" / "1" / "model.py").read_text()
