@@ -17,6 +17,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     make_tokenizer(root / "tokenizer")
     make_checkpoint(root / "llama", root / "tokenizer", "llama", seed=0)
+    make_checkpoint(root / "unrelated", root / "tokenizer", "llama", seed=5, hidden_size=32, layers=1)
     return root
 
 
@@ -33,9 +34,14 @@ def start_server(spec_raw: dict, root: Path) -> TritonServer:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, llama):
+def server(tmp_path_factory, tiny_dir, llama):
     root = tmp_path_factory.mktemp("server")
-    spec = {"target": {"checkpoint": str(llama), "kv_cache_tokens": 8192, "num_threads": 1, "idle_timeout_s": 30}}
+    engine = {"kv_cache_tokens": 8192, "num_threads": 1, "idle_timeout_s": 30}
+    spec = {"target": dict(engine, checkpoint=str(llama)),
+            # the target's own checkpoint drafts perfectly; an unrelated random model almost never
+            "drafters": {"itself": dict(engine, checkpoint=str(llama)),
+                         "unrelated": dict(engine, checkpoint=str(tiny_dir / "unrelated"))},
+            "speculation_mode": "autoregressive"}
     server = start_server(spec, root)
     yield server
     server.stop()

@@ -7,7 +7,7 @@ from tiny_models import PROMPTS, make_checkpoint, reference_generate
 from transformers import AutoTokenizer
 
 from cosine.engine.checkpoint import CheckpointError, load_causal_lm, read_config
-from cosine.engine.engine import Admission, CausalLMEngine, StepError, StepRequest
+from cosine.engine.engine import Admission, CausalLMEngine, StepError, StepRequest, StepResult
 from cosine.engine.kv_cache import AdmissionError
 from cosine.engine.sampling import SamplingParams
 from cosine.speculation.tree import DraftTree
@@ -25,11 +25,11 @@ def run(engine, prompts, max_new, params=SamplingParams(), first_id=0):
     """Decodes all prompts together, one batched step per round; returns their generated tokens."""
     ids = range(first_id, first_id + len(prompts))
     results = engine.step([StepRequest(i, p, admission=Admission(max_new, params)) for i, p in zip(ids, prompts)])
-    outputs = [list(r) for r in results]
+    outputs = [r.tokens for r in results]
     for _ in range(max_new - 1):
         results = engine.step([StepRequest(i, [out[-1]]) for i, out in zip(ids, outputs)])
         for out, r in zip(outputs, results):
-            out += r
+            out += r.tokens
     for i in ids:
         engine.release(i)
     return outputs
@@ -57,11 +57,11 @@ def test_tree_sibling_is_accepted_and_cache_equals_fresh_prefill(llama):
     truth = run(CausalLMEngine(model, 4096), [prompt], 6)[0]
     engine = CausalLMEngine(model, 4096)
     first = engine.step([StepRequest(1, prompt, admission=Admission(10, SamplingParams()))])[0]
-    assert first == truth[:1]
+    assert first.tokens == truth[:1]
     wrong = (truth[1] + 1) % model.config.vocab_size
     # root -> {wrong, truth[1]}; truth[1] -> {truth[2]} -> {wrong}; wrong -> {truth[2]}
     tree = DraftTree((wrong, truth[1], truth[2], wrong, truth[2]), (-1, -1, 1, 2, 0))
-    emitted = engine.step([StepRequest(1, [truth[0]], tree)])[0]
+    emitted = engine.step([StepRequest(1, [truth[0]], tree)])[0].tokens
     assert emitted == truth[1:4]  # sibling truth[1] and its child accepted, then the target's own token
     cache = engine.kv.get(1)
     fresh = CausalLMEngine(model, 4096)
@@ -71,7 +71,7 @@ def test_tree_sibling_is_accepted_and_cache_equals_fresh_prefill(llama):
     torch.testing.assert_close(cache.keys[:, :, :cache.length], reference.keys[:, :, :reference.length])
     torch.testing.assert_close(cache.values[:, :, :cache.length], reference.values[:, :, :reference.length])
     # decoding goes on exactly from the compacted cache
-    assert engine.step([StepRequest(1, [truth[3]])])[0] == truth[4:5]
+    assert engine.step([StepRequest(1, [truth[3]])])[0].tokens == truth[4:5]
 
 
 def test_kv_budget_admission_and_release(llama):
@@ -83,11 +83,11 @@ def test_kv_budget_admission_and_release(llama):
         StepRequest(3, [5, 6], admission=Admission(100, params)),
     ])
     assert isinstance(too_big, StepError) or (isinstance(too_big, AdmissionError) and not too_big.retryable)
-    assert isinstance(first, list) and isinstance(second, AdmissionError) and second.retryable
+    assert first.tokens and isinstance(second, AdmissionError) and second.retryable
     assert engine.kv.reserved_tokens == 2 + 100 + 8
     engine.release(2)
     assert engine.kv.reserved_tokens == 0
-    assert isinstance(engine.step([StepRequest(3, [5, 6], admission=Admission(100, params))])[0], list)
+    assert engine.step([StepRequest(3, [5, 6], admission=Admission(100, params))])[0].tokens
 
 
 def test_idle_sequences_are_reclaimed(llama):
@@ -112,7 +112,7 @@ def test_bad_steps_fail_alone(llama):
         StepRequest(6, [5], admission=Admission(10, SamplingParams(temperature=float("nan")))),
         StepRequest(7, [5]),
     ])
-    assert isinstance(results[0], list)
+    assert results[0].tokens
     messages = [str(r) for r in results[1:]]
     for message, expected in zip(messages, ["input_ids", "input_ids", "draft_parents", "draft_ids", "temperature",
                                             "not active"]):
@@ -135,3 +135,24 @@ def test_unsupported_checkpoint_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(CheckpointError, match="gpt2"):
         read_config(tmp_path)
+
+
+def test_drafting_extra_tokens_matches_step_by_step_and_rolls_back(llama):
+    model = load_causal_lm(llama)
+    prompts = encode(llama, PROMPTS[:3])
+    truth = run(CausalLMEngine(model, 8192), prompts, 9)
+    engine = CausalLMEngine(model, 8192)
+    drafted = engine.step([StepRequest(i, p, admission=Admission(20, SamplingParams()), extra_tokens=4, candidates=3)
+                           for i, p in enumerate(prompts)])
+    for result, expected in zip(drafted, truth):
+        assert isinstance(result, StepResult)
+        assert result.tokens == expected[:5]
+        assert [top[0] for top in result.top_ids] == result.tokens  # greedy: the top candidate is the token
+        assert all(p == 1.0 for p in result.probs) and len(result.top_probs[0]) == 3
+    # roll back to the prompt + 2 tokens (as if only 2 of the draft were accepted), then continue exactly
+    again = engine.step([StepRequest(i, expected[2:3], keep_length=len(p) + 2, extra_tokens=3)
+                         for i, (p, expected) in enumerate(zip(prompts, truth))])
+    for result, expected in zip(again, truth):
+        assert result.tokens == expected[3:7]
+    bad = engine.step([StepRequest(0, [1], keep_length=10_000)])[0]
+    assert "keep_length" in str(bad)

@@ -15,6 +15,8 @@ import tritonclient.grpc as grpcclient
 from tiny_models import PROMPTS, reference_generate
 from tritonclient.utils import InferenceServerException
 
+from cosine_client.api import grpc_inputs
+
 
 def post(server, path, body):
     request = urllib.request.Request(f"http://{server.http_url}/v2/models/cosine/{path}", json.dumps(body).encode())
@@ -118,21 +120,6 @@ def test_seeded_sampling_is_reproducible(server):
     b = as_list(generate(server, random_seed=7, **body)["output_ids"])
     c = as_list(generate(server, random_seed=8, **body)["output_ids"])
     assert a == b and a != c
-
-
-def grpc_inputs(**values):
-    from cosine.contract import COSINE
-
-    inputs = []
-    for name, array in COSINE.pack(**values):
-        if array.dtype == object:
-            array = np.array([[v.encode() if isinstance(v, str) else v for v in array.reshape(-1)]], dtype=object)
-        tensor = grpcclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else
-                                       {np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL",
-                                        np.uint64: "UINT64"}[array.dtype.type])
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
 
 
 @pytest.mark.parametrize("body,field", [

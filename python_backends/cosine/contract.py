@@ -91,6 +91,10 @@ COSINE = ModelContract(
         _scalar("pad_id", "TYPE_INT32"),
         TensorSpec("stop_words", "TYPE_STRING", (-1,), optional=True),
         _scalar("return_stats", "TYPE_BOOL"),
+        # CoSine's own: autoregressive | vanilla | specinfer | cosine (default: the deployment's)
+        TensorSpec("speculation_mode", "TYPE_STRING", (1,), optional=True),
+        _scalar("num_draft_tokens", "TYPE_INT32"),
+        TensorSpec("drafters", "TYPE_STRING", (-1,), optional=True),
     ),
     outputs=(
         TensorSpec("text_output", "TYPE_STRING", (-1,)),
@@ -125,9 +129,15 @@ POSTPROCESSING = ModelContract(
 ENGINE = ModelContract(
     inputs=(
         TensorSpec("sequence_id", "TYPE_UINT64", (1,)),
+        # drop cached tokens past this length first (a drafter rolls back to the verified prefix)
+        _scalar("keep_length", "TYPE_INT32"),
         _vector("input_ids", "TYPE_INT32", optional=True),
         _vector("draft_ids", "TYPE_INT32", optional=True),
         _vector("draft_parents", "TYPE_INT32", optional=True),
+        # tokens to generate autoregressively after the step's own token (drafting k tokens: k - 1)
+        _scalar("extra_tokens", "TYPE_INT32"),
+        # top candidates (id, probability) to return for every emitted position (confidence fusion)
+        _scalar("num_candidates", "TYPE_INT32"),
         _scalar("max_new_tokens", "TYPE_INT32"),
         _scalar("temperature", "TYPE_FP32"),
         _scalar("top_k", "TYPE_INT32"),
@@ -136,7 +146,12 @@ ENGINE = ModelContract(
         _scalar("release", "TYPE_BOOL"),
     ),
     outputs=(
-        # accepted draft tokens followed by one token of the engine's own
+        # accepted draft tokens, then one token of the engine's own, then extra_tokens more
         TensorSpec("output_ids", "TYPE_INT32", (-1,)),
+        # probability of each emitted token under the distribution it was drawn from
+        TensorSpec("output_probs", "TYPE_FP32", (-1,)),
+        # [emitted * num_candidates] the most likely tokens at each emitted position, and their probabilities
+        TensorSpec("top_ids", "TYPE_INT32", (-1,)),
+        TensorSpec("top_probs", "TYPE_FP32", (-1,)),
     ),
 )

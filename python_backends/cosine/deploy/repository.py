@@ -70,7 +70,12 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
         TARGET: (TARGET, _engine_config(TARGET, spec.target, path)),
         COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
             "target_model": TARGET,
-            "drafter_models": ",".join(drafter_model_name(name) for name in spec.drafters),
+            "drafters": ",".join(spec.drafters),
+            "general_drafter": spec.vanilla_drafter or "",
+            "speculation_mode": spec.default_mode,
+            "num_draft_tokens": spec.num_draft_tokens,
+            # a draft must fit every engine's verification slack
+            "max_draft_tokens": min(e.max_draft_tokens for e in (spec.target, *spec.drafters.values())),
             "preprocessing_model": PREPROCESSING_MODEL,
             "postprocessing_model": POSTPROCESSING_MODEL,
             "max_context_tokens": max_context_tokens(read_config(spec.target.checkpoint)),

@@ -36,6 +36,19 @@ class DeploymentSpec:
     grpc_port: int = 8001
     metrics_port: int = 8002
     default_max_tokens: int = 64
+    speculation_mode: str | None = None  # default: vanilla when there are drafters, else autoregressive
+    num_draft_tokens: int = 4
+    general_drafter: str | None = None  # vanilla's drafter; default: one named "general", else the first
+
+    @property
+    def default_mode(self) -> str:
+        return self.speculation_mode or ("vanilla" if self.drafters else "autoregressive")
+
+    @property
+    def vanilla_drafter(self) -> str | None:
+        if self.general_drafter or not self.drafters:
+            return self.general_drafter
+        return "general" if "general" in self.drafters else next(iter(self.drafters))
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -91,8 +104,13 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
     values = dict(raw, target=_engine("target", raw["target"], base), drafters=drafters)
     if "tokenizer" in values:
         values["tokenizer"] = (base / str(values["tokenizer"])).resolve()
+    if values.get("speculation_mode", "autoregressive") not in ("autoregressive", "vanilla", "specinfer", "cosine"):
+        raise SpecError(f"speculation_mode: must be autoregressive, vanilla, specinfer or cosine, "
+                        f"got {values['speculation_mode']!r}")
+    if values.get("general_drafter") is not None and values["general_drafter"] not in drafters:
+        raise SpecError(f"general_drafter: {values['general_drafter']!r} is not one of the drafters")
     ports = []
-    for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens"):
+    for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "num_draft_tokens"):
         if name in values:
             _positive_int(name, values[name])
     for name in ("http_port", "grpc_port", "metrics_port"):
@@ -126,7 +144,9 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
     raw = {"target": engine(spec.target), "drafters": {n: engine(d) for n, d in spec.drafters.items()}}
     if spec.tokenizer:
         raw["tokenizer"] = rel(spec.tokenizer)
-    for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens"):
-        raw[name] = getattr(spec, name)
+    for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "speculation_mode",
+                 "num_draft_tokens", "general_drafter"):
+        if getattr(spec, name) is not None:
+            raw[name] = getattr(spec, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

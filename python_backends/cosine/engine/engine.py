@@ -37,6 +37,23 @@ class StepRequest:
     input_ids: list[int] = field(default_factory=list)
     draft: DraftTree = field(default_factory=DraftTree)
     admission: Admission | None = None  # on a sequence's first step
+    keep_length: int | None = None  # roll the cache back to this many tokens before appending
+    extra_tokens: int = 0  # autoregressive tokens after the step's own (drafting)
+    candidates: int = 0  # top candidates to report per emitted position
+
+
+@dataclass
+class StepResult:
+    tokens: list[int]
+    probs: list[float]  # of each token under the distribution it was drawn from
+    top_ids: list[list[int]]  # per emitted position, `candidates` most likely tokens
+    top_probs: list[list[float]]
+
+    def extend(self, other: "StepResult") -> None:
+        self.tokens += other.tokens
+        self.probs += other.probs
+        self.top_ids += other.top_ids
+        self.top_probs += other.top_probs
 
 
 @dataclass
@@ -106,6 +123,15 @@ class CausalLMEngine:
         return sequence
 
     def _check(self, request: StepRequest, sequence: _Sequence) -> None:
+        cache = sequence.cache
+        if request.keep_length is not None and request.admission is None:
+            if not 0 <= request.keep_length <= cache.length:
+                raise StepError(f"keep_length {request.keep_length} is outside the {cache.length} cached tokens")
+            cache.length = request.keep_length
+        if not 0 <= request.extra_tokens <= self.max_draft_tokens:
+            raise StepError(f"extra_tokens must be in [0, {self.max_draft_tokens}], got {request.extra_tokens}")
+        if not 0 <= request.candidates <= self.vocab_size:
+            raise StepError(f"num_candidates must be in [0, {self.vocab_size}], got {request.candidates}")
         if not request.input_ids:
             raise StepError("input_ids is empty: a step appends at least one token (the tree grows from it)")
         try:
@@ -118,15 +144,14 @@ class CausalLMEngine:
         tokens = list(request.input_ids) + list(request.draft.tokens)
         if min(tokens) < 0 or max(tokens) >= self.vocab_size:
             raise StepError(f"input_ids/draft_ids: token ids must be in [0, {self.vocab_size})")
-        cache = sequence.cache
-        if cache.length + len(tokens) > cache.capacity:
+        if cache.length + len(tokens) + request.extra_tokens > cache.capacity:
             raise StepError(f"sequence {request.sequence_id} would exceed its reserved KV cache "
                             f"({cache.capacity} tokens): more tokens than max_new_tokens allowed")
 
     # ---- one batched step ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, requests: list[StepRequest]) -> list[list[int] | Exception]:
-        """Returns, per request in order, its emitted tokens or the exception that failed it (others unaffected)."""
+    def step(self, requests: list[StepRequest]) -> list[StepResult | Exception]:
+        """Returns, per request in order, what it emitted or the exception that failed it (others unaffected)."""
         self.reclaim_idle()
         results: list = [None] * len(requests)
         work: list[tuple[int, _Work]] = []
@@ -157,7 +182,24 @@ class CausalLMEngine:
             hidden = self._forward([item for _, item in work])
             for index, item in work:
                 results[index] = self._finish(item, hidden)
+        self._draft_extra_tokens(work, results)
         return results
+
+    def _draft_extra_tokens(self, work: list[tuple[int, _Work]], results: list) -> None:
+        """Feeds sequences their last emitted token until each has emitted its extra_tokens; one forward per token
+        position for all of them."""
+        remaining = {index: item for index, item in work if item.request.extra_tokens}
+        for position in range(max((item.request.extra_tokens for item in remaining.values()), default=0)):
+            batch, offset = [], 0
+            for index, item in remaining.items():
+                if position < item.request.extra_tokens:
+                    request = StepRequest(item.request.sequence_id, results[index].tokens[-1:],
+                                          candidates=item.request.candidates)
+                    batch.append((index, _Work(request, item.sequence, offset, None)))
+                    offset += 1
+            hidden = self._forward([item for _, item in batch])
+            for index, item in batch:
+                results[index].extend(self._finish(item, hidden))
 
     @staticmethod
     def _mask(request: StepRequest, cached: int) -> torch.Tensor | None:
@@ -208,8 +250,8 @@ class CausalLMEngine:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return model.norm(x)[0]
 
-    def _finish(self, item: _Work, hidden: torch.Tensor) -> list[int]:
-        """Accepts part of the draft, keeps the accepted path's K/V, returns the emitted tokens."""
+    def _finish(self, item: _Work, hidden: torch.Tensor) -> StepResult:
+        """Accepts part of the draft, keeps the accepted path's K/V, returns what was emitted."""
         request, sequence = item.request, item.sequence
         n_in = len(request.input_ids)
         root_row = item.offset + n_in - 1
@@ -219,5 +261,8 @@ class CausalLMEngine:
         tokens, path = accept(probs, request.draft, sequence.generator)
         cache = sequence.cache
         cache.keep_path(cache.length + n_in, path)  # draft node j was written at slot start + j
-        return tokens
+        rows = probs[[0] + [node + 1 for node in path]]  # the distribution each emitted token was drawn from
+        chosen = rows.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        top = rows.topk(request.candidates, dim=-1)
+        return StepResult(tokens, chosen.tolist(), top.indices.tolist(), top.values.tolist())
 

@@ -1,28 +1,22 @@
 """The generation loop of one request, written against small async interfaces (BLS in Triton, direct in tests).
 
-Each round the target engine appends the pending token(s) and returns what it emits; text is detokenized
-incrementally and released in chunks that never split a UTF-8 character or show part of a stop string."""
+Each round a proposer may draft a token tree; the target appends the pending token, verifies the tree and emits
+the accepted tokens plus one of its own. Text is detokenized incrementally and released in chunks that never split
+a UTF-8 character or show part of a stop string."""
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
-from ..speculation.tree import DraftTree
+from ..speculation.proposers import ChainProposer, Draft, DrafterEngine, DrafterSession
 from .errors import InvalidRequest, ServingError
 from .request import GenerationRequest
 from .text import DetokenizerOffsets, StopStrings
 
-
-class EngineClient(Protocol):
-    async def step(self, sequence_id: int, input_ids: list[int], draft: DraftTree | None = None,
-                   request: GenerationRequest | None = None) -> list[int]:
-        """Appends input_ids (admitting the sequence when `request` is given), verifies `draft`, returns the
-        emitted tokens."""
-
-    async def release(self, sequence_id: int) -> None: ...
+MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
 
 
 class TextClient(Protocol):
@@ -32,13 +26,27 @@ class TextClient(Protocol):
 
 
 @dataclass
+class RoundReport:
+    """What one speculation round drafted and what the target kept (for metrics)."""
+    mode: str
+    draft: Draft
+    accepted: list[int]  # accepted node indices, root to leaf
+
+
+@dataclass
 class Deployment:
     """What the loop needs to know about the deployment it runs in."""
-    target: EngineClient
+    target: DrafterEngine  # the same engine interface; the target verifies instead of drafting
     text: TextClient
     max_context: int
     end_id: int | None
+    drafters: dict[str, DrafterEngine] = field(default_factory=dict)
+    general_drafter: str | None = None
+    default_mode: str = "autoregressive"
+    default_draft_tokens: int = 4
+    max_draft_tokens: int = 64
     admission_timeout_s: float = 120.0
+    on_round: Callable[[RoundReport], None] = lambda report: None
 
 
 @dataclass
@@ -60,6 +68,34 @@ def new_sequence_id() -> int:
     return uuid.uuid4().int >> 65  # 63 random bits: unique across the deployment's lifetime in practice
 
 
+def speculation_plan(request: GenerationRequest, deployment: Deployment) -> tuple[str, int, tuple[str, ...]]:
+    """(mode, draft tokens, drafters) for a request; errors name the offending input."""
+    mode = request.speculation_mode or deployment.default_mode
+    if mode not in MODES:
+        raise InvalidRequest("speculation_mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    k = deployment.default_draft_tokens if request.num_draft_tokens is None else request.num_draft_tokens
+    if not 1 <= k <= deployment.max_draft_tokens:
+        raise InvalidRequest("num_draft_tokens", f"must be in [1, {deployment.max_draft_tokens}], got {k}")
+    unknown = [name for name in request.drafters if name not in deployment.drafters]
+    if unknown:
+        raise InvalidRequest("drafters", f"unknown drafter {unknown[0]!r}; this deployment has "
+                                         f"{', '.join(deployment.drafters) or 'none'}")
+    if mode == "autoregressive":
+        return mode, 0, ()
+    if not deployment.drafters:
+        raise InvalidRequest("speculation_mode", f"{mode!r} needs drafters; this deployment has none")
+    if mode == "vanilla":
+        return mode, k, request.drafters[:1] or (deployment.general_drafter or next(iter(deployment.drafters)),)
+    raise InvalidRequest("speculation_mode", f"{mode!r} is not available in this deployment yet")
+
+
+def _proposer(plan, deployment: Deployment, sequence_id: int, request: GenerationRequest):
+    mode, k, drafters = plan
+    if mode == "vanilla":
+        return ChainProposer(DrafterSession(drafters[0], deployment.drafters[drafters[0]], sequence_id, request), k)
+    return None
+
+
 async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int], request: GenerationRequest):
     """First step of a sequence; waits while the engine's KV cache is full (admission control)."""
     deadline = time.monotonic() + deployment.admission_timeout_s
@@ -75,7 +111,9 @@ async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int]
 
 
 async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncIterator[Chunk]:
-    """Yields one Chunk per round (text may be empty); the last has finished=True. Closing it releases the KV cache."""
+    """Yields one Chunk per round (text may be empty); the last has finished=True. Closing it releases the KV
+    caches of the target and of every drafter used."""
+    plan = speculation_plan(request, deployment)
     prompt_ids = await deployment.text.encode(request.prompt)
     if len(prompt_ids) + request.max_tokens > deployment.max_context:
         raise InvalidRequest("max_tokens", f"the prompt is {len(prompt_ids)} tokens; with max_tokens "
@@ -89,8 +127,9 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     prefix = "" if request.exclude_input_in_output else request.prompt
     stats = Stats()
     sequence_id = new_sequence_id()
+    proposer = _proposer(plan, deployment, sequence_id, request)
     try:
-        emitted = await _admit(deployment, sequence_id, prompt_ids, request)
+        emitted = (await _admit(deployment, sequence_id, prompt_ids, request)).tokens
         while True:
             stats.rounds += 1
             new_ids, finished = [], False
@@ -114,6 +153,18 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
             prefix, shown = "", releasable
             if finished:
                 return
-            emitted = await deployment.target.step(sequence_id, [generated[-1]])
+            draft = None
+            if proposer is not None:
+                draft = await proposer.propose(prompt_ids + generated, request.max_tokens - len(generated) - 1)
+            result = await deployment.target.step(sequence_id, [generated[-1]], draft=draft and draft.tree)
+            emitted = result.tokens
+            if draft is not None:
+                accepted = draft.tree.accepted_path(emitted)
+                stats.draft_tokens += len(draft.tree)
+                stats.accepted_tokens += len(accepted)
+                proposer.observe(draft, accepted)
+                deployment.on_round(RoundReport(plan[0], draft, accepted))
     finally:
         await deployment.target.release(sequence_id)
+        if proposer is not None:
+            await proposer.close()

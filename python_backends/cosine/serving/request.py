@@ -19,6 +19,9 @@ class GenerationRequest:
     end_id: int | None = None
     stop_words: tuple[str, ...] = ()
     return_stats: bool = False
+    speculation_mode: str | None = None  # None: the deployment's default
+    num_draft_tokens: int | None = None
+    drafters: tuple[str, ...] = ()
 
 
 def decode_utf8(field_name: str, value) -> str:
@@ -78,4 +81,8 @@ def parse_generation_request(inputs: dict[str, np.ndarray], default_max_tokens: 
         end_id=end_id,
         stop_words=stop_words,
         return_stats=_scalar(inputs, "return_stats", False, bool),
+        speculation_mode=decode_utf8("speculation_mode", inputs["speculation_mode"].reshape(-1)[0])
+        if "speculation_mode" in inputs else None,
+        num_draft_tokens=_scalar(inputs, "num_draft_tokens", None, int),
+        drafters=tuple(decode_utf8("drafters", name) for name in inputs.get("drafters", np.empty(0)).reshape(-1)),
     )

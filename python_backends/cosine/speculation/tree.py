@@ -33,6 +33,17 @@ class DraftTree:
                 raise ValueError(f"draft_ids[{node}] repeats a sibling's token {self.tokens[node]}")
             seen.add((parent, self.tokens[node]))
 
+    def accepted_path(self, emitted: list[int]) -> list[int]:
+        """The nodes a verification accepted, given the tokens it emitted (siblings have distinct tokens)."""
+        path, node = [], -1
+        for token in emitted:
+            match = [child for child in self.children(node) if self.tokens[child] == token]
+            if not match:
+                break
+            node = match[0]
+            path.append(node)
+        return path
+
     def children(self, node: int) -> list[int]:
         return [child for child, parent in enumerate(self.parents) if parent == node]
 

@@ -8,8 +8,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING
+from ..deploy.repository import drafter_model_name
+from ..engine.engine import StepResult
 from ..serving.errors import ServingError
-from ..serving.generation import Deployment, generate
+from ..serving.generation import Deployment, RoundReport, generate
 from ..serving.request import GenerationRequest, parse_generation_request
 from .io import Metrics, bls, error_response, model_parameters, request_inputs, tensors
 
@@ -17,19 +19,27 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class BlsEngine:
+    """An engine model (target or drafter) called through BLS."""
+
+    OUTPUTS = ("output_ids", "output_probs", "top_ids", "top_probs")
+
     def __init__(self, model_name: str):
         self.model_name = model_name
 
-    async def step(self, sequence_id, input_ids, draft=None, request: GenerationRequest | None = None):
-        admission = {}
+    async def step(self, sequence_id, input_ids, draft=None, *, request: GenerationRequest | None = None,
+                   keep_length=None, extra_tokens=0, candidates=0) -> StepResult:
+        values = dict(sequence_id=sequence_id, input_ids=input_ids, keep_length=keep_length,
+                      extra_tokens=extra_tokens or None, num_candidates=candidates or None)
         if request is not None:
             params = request.params
-            admission = dict(max_new_tokens=request.max_tokens, temperature=params.temperature, top_k=params.top_k,
-                             top_p=params.top_p, random_seed=params.seed)
-        tree = {} if not draft else dict(draft_ids=draft.tokens, draft_parents=draft.parents)
-        out = await bls(self.model_name, ENGINE, ("output_ids",), sequence_id=sequence_id, input_ids=input_ids,
-                        **tree, **admission)
-        return out["output_ids"].tolist()
+            values.update(max_new_tokens=request.max_tokens, temperature=params.temperature, top_k=params.top_k,
+                          top_p=params.top_p, random_seed=params.seed)
+        if draft:
+            values.update(draft_ids=draft.tokens, draft_parents=draft.parents)
+        out = await bls(self.model_name, ENGINE, self.OUTPUTS, **values)
+        tokens = out["output_ids"].tolist()
+        return StepResult(tokens, out["output_probs"].tolist(), out["top_ids"].reshape(len(tokens), -1).tolist(),
+                          out["top_probs"].reshape(len(tokens), -1).tolist())
 
     async def release(self, sequence_id):
         await bls(self.model_name, ENGINE, ("output_ids",), sequence_id=sequence_id, release=True)
@@ -52,16 +62,44 @@ class BlsText:
 class CosineModel:
     def initialize(self, args):
         params = model_parameters(args)
+        drafters = [name for name in params["drafters"].split(",") if name]
         self.deployment = Deployment(
             target=BlsEngine(params["target_model"]),
             text=BlsText(params["preprocessing_model"], params["postprocessing_model"]),
             max_context=int(params["max_context_tokens"]),
             end_id=int(params["end_id"]) if params.get("end_id") else None,
+            drafters={name: BlsEngine(drafter_model_name(name)) for name in drafters},
+            general_drafter=params.get("general_drafter") or None,
+            default_mode=params["speculation_mode"],
+            default_draft_tokens=int(params["num_draft_tokens"]),
+            max_draft_tokens=int(params["max_draft_tokens"]),
+            on_round=self._count_round,
         )
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
         self.requests = {status: Metrics.metric("cosine_requests_total", "Finished requests by status", status=status)
                          for status in ("success", "invalid", "cancelled", "error")}
         self.output_tokens = Metrics.metric("cosine_output_tokens_total", "Tokens generated")
+        self.round_metrics = {}
+
+    def _count_round(self, report: RoundReport) -> None:
+        """Per drafter: rounds, drafted and accepted tokens, and acceptance by position in the draft."""
+        depths = report.draft.tree.depths()
+        for drafter in report.draft.sources:
+            self._round_metric("cosine_draft_tokens_total", "Draft tokens proposed", drafter).increment(1)
+        for node in report.accepted:
+            drafter = report.draft.sources[node]
+            self._round_metric("cosine_accepted_tokens_total", "Draft tokens accepted", drafter).increment(1)
+            self._round_metric("cosine_accepted_at_position_total", "Draft tokens accepted by depth in the draft",
+                               drafter, position=str(depths[node])).increment(1)
+        for drafter in set(report.draft.sources):
+            self._round_metric("cosine_speculation_rounds_total", "Verification rounds a drafter took part in",
+                               drafter).increment(1)
+
+    def _round_metric(self, name, description, drafter, **labels):
+        key = (name, drafter, tuple(labels.items()))
+        if key not in self.round_metrics:
+            self.round_metrics[key] = Metrics.metric(name, description, drafter=drafter, **labels)
+        return self.round_metrics[key]
 
     async def execute(self, requests):
         await asyncio.gather(*(self._serve(request) for request in requests))

@@ -28,7 +28,10 @@ def _step_request(inputs: dict) -> StepRequest:
         ))
     empty = np.empty(0, np.int32)
     draft = DraftTree(tuple(values.get("draft_ids", empty).tolist()), tuple(values.get("draft_parents", empty).tolist()))
-    return StepRequest(int(values["sequence_id"][0]), values.get("input_ids", empty).tolist(), draft, admission)
+    scalar = lambda name, default: int(values[name][0]) if name in values else default  # noqa: E731
+    return StepRequest(int(values["sequence_id"][0]), values.get("input_ids", empty).tolist(), draft, admission,
+                       keep_length=scalar("keep_length", None), extra_tokens=scalar("extra_tokens", 0),
+                       candidates=scalar("num_candidates", 0))
 
 
 class EngineModel:
@@ -62,7 +65,9 @@ class EngineModel:
             try:
                 if "release" in inputs and bool(inputs["release"].reshape(-1)[0]):
                     self.engine.release(int(inputs["sequence_id"].reshape(-1)[0]))
-                    responses[slot] = pb_utils.InferenceResponse(tensors(output_ids=np.empty(0, np.int32)))
+                    responses[slot] = pb_utils.InferenceResponse(tensors(
+                        output_ids=np.empty(0, np.int32), output_probs=np.empty(0, np.float32),
+                        top_ids=np.empty(0, np.int32), top_probs=np.empty(0, np.float32)))
                     continue
                 steps.append(_step_request(inputs))
                 step_slots.append(slot)
@@ -87,4 +92,7 @@ class EngineModel:
             return error_response(ServingError(str(result), ServingError.INVALID))
         if isinstance(result, Exception):
             return error_response(result)
-        return pb_utils.InferenceResponse(tensors(output_ids=np.asarray(result, np.int32)))
+        return pb_utils.InferenceResponse(tensors(
+            output_ids=np.asarray(result.tokens, np.int32), output_probs=np.asarray(result.probs, np.float32),
+            top_ids=np.asarray(result.top_ids, np.int32).reshape(-1),
+            top_probs=np.asarray(result.top_probs, np.float32).reshape(-1)))

@@ -1,0 +1,1 @@
+"""Clients for a CoSine deployment: HTTP and gRPC generation, benchmarks."""

@@ -1,0 +1,51 @@
+"""cosine-client: generate text from a CoSine deployment (and, with `bench`, measure it)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .api import grpc_generate, http_generate
+
+
+def _generate(args) -> int:
+    inputs = dict(text_input=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, random_seed=args.seed,
+                  exclude_input_in_output=not args.include_prompt, stop_words=args.stop or None,
+                  speculation_mode=args.mode, num_draft_tokens=args.num_draft_tokens)
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    call = grpc_generate if args.protocol == "grpc" else http_generate
+    url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
+    try:
+        for event in call(url, stream=args.stream, **inputs):
+            print(event.text, end="", flush=True)
+    except Exception as error:  # the server's message is the useful part
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    print()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cosine-client", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text for a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    gen.add_argument("--url", help="host:port (default localhost:8000 for HTTP, localhost:8001 for gRPC)")
+    gen.add_argument("--stream", action="store_true")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--include-prompt", action="store_true", help="echo the prompt before the generated text")
+    gen.add_argument("--mode", help="speculation_mode: autoregressive | vanilla | specinfer | cosine")
+    gen.add_argument("--num-draft-tokens", type=int)
+    gen.set_defaults(run=_generate)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

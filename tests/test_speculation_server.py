@@ -1,0 +1,66 @@
+"""Speculative decoding through the real deployment: exactness, acceptance, errors."""
+import json
+import urllib.error
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from test_server import as_list, generate, metric
+from tiny_models import PROMPTS
+
+
+def run(server, prompt, max_tokens=30, **extra):
+    out = generate(server, text_input=prompt, max_tokens=max_tokens, return_stats=True, **extra)
+    return as_list(out["output_ids"]), as_list(out["speculation_stats"])
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_vanilla_with_the_target_as_drafter_accepts_everything(server, k):
+    target_only, _ = run(server, PROMPTS[0], speculation_mode="autoregressive")
+    ids, (rounds, drafted, accepted) = run(server, PROMPTS[0], speculation_mode="vanilla", drafters=["itself"],
+                                           num_draft_tokens=k)
+    assert ids == target_only
+    assert accepted == drafted > 0
+    assert rounds <= 1 + -(-(len(ids) - 1) // (k + 1))  # k + 1 tokens per round after the prefill's first
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_vanilla_with_an_unrelated_drafter_is_still_exact(server, k):
+    target_only, _ = run(server, PROMPTS[2], speculation_mode="autoregressive")
+    ids, (rounds, drafted, accepted) = run(server, PROMPTS[2], speculation_mode="vanilla", drafters=["unrelated"],
+                                           num_draft_tokens=k)
+    assert ids == target_only
+    assert accepted < drafted / 4
+
+
+def test_speculation_beside_concurrent_requests_is_exact(server):
+    alone = {p: run(server, p, speculation_mode="autoregressive")[0] for p in PROMPTS}
+    modes = [("vanilla", "itself", 3), ("vanilla", "unrelated", 2), ("autoregressive", "itself", 1)] * 3
+    jobs = [(p, modes[i % len(modes)]) for i, p in enumerate(PROMPTS * 2)]
+    with ThreadPoolExecutor(8) as pool:
+        outputs = list(pool.map(lambda job: run(server, job[0], speculation_mode=job[1][0], drafters=[job[1][1]],
+                                                num_draft_tokens=job[1][2])[0], jobs))
+    assert outputs == [alone[p] for p, _ in jobs]
+
+
+def test_acceptance_metrics_per_drafter(server):
+    before = metric(server, "cosine_accepted_tokens_total", drafter="itself")
+    drafted_before = metric(server, "cosine_draft_tokens_total", drafter="itself")
+    _, (_, drafted, accepted) = run(server, PROMPTS[4], speculation_mode="vanilla", drafters=["itself"],
+                                    num_draft_tokens=4)
+    assert metric(server, "cosine_accepted_tokens_total", drafter="itself") - before == accepted
+    assert metric(server, "cosine_draft_tokens_total", drafter="itself") - drafted_before == drafted
+    assert metric(server, "cosine_accepted_at_position_total", drafter="itself", position="4") > 0
+
+
+@pytest.mark.parametrize("extra,field", [
+    (dict(num_draft_tokens=-1), "num_draft_tokens"),
+    (dict(num_draft_tokens=0), "num_draft_tokens"),
+    (dict(num_draft_tokens=100000), "num_draft_tokens"),
+    (dict(drafters=["nope"]), "drafters"),
+    (dict(speculation_mode="warp"), "speculation_mode"),
+])
+def test_bad_speculative_parameters_are_400s(server, extra, field):
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        generate(server, text_input="hi", **{"speculation_mode": "vanilla", **extra})
+    assert caught.value.code == 400
+    assert field in json.loads(caught.value.read())["error"]
