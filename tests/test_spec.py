@@ -29,7 +29,7 @@ def test_spec_round_trips_and_renders_a_repository(tiny_dir, tmp_path):
     assert load_spec(tmp_path / "deployment.yaml") == spec
     repo = write_repository(spec, tmp_path / "repo", relative_paths=True)
     assert sorted(p.name for p in repo.iterdir()) == ["cosine", "drafter_code", "postprocessing", "preprocessing",
-                                                      "target"]
+                                                      "router", "target"]
     target = (repo / "target" / "config.pbtxt").read_text()
     assert '"kv_cache_tokens" value: { string_value: "1234" }' in target
     assert "allow_ragged_batch: true" in target

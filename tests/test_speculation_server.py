@@ -32,14 +32,26 @@ def test_vanilla_with_an_unrelated_drafter_is_still_exact(server, k):
     assert accepted < drafted / 4
 
 
-def test_speculation_beside_concurrent_requests_is_exact(server):
+MODES = [("vanilla", ["itself"], 3), ("vanilla", ["unrelated"], 2), ("autoregressive", [], 1),
+         ("specinfer", [], 3), ("cosine", [], 4), ("specinfer", ["unrelated", "itself"], 2)]
+
+
+def test_every_mode_beside_concurrent_requests_is_exact(server):
     alone = {p: run(server, p, speculation_mode="autoregressive")[0] for p in PROMPTS}
-    modes = [("vanilla", "itself", 3), ("vanilla", "unrelated", 2), ("autoregressive", "itself", 1)] * 3
-    jobs = [(p, modes[i % len(modes)]) for i, p in enumerate(PROMPTS * 2)]
+    jobs = [(p, MODES[i % len(MODES)]) for i, p in enumerate(PROMPTS * 3)]
+
+    def one(job):
+        prompt, (mode, drafters, k) = job
+        return run(server, prompt, speculation_mode=mode, num_draft_tokens=k, **({"drafters": drafters} if drafters
+                                                                                   else {}))[0]
     with ThreadPoolExecutor(8) as pool:
-        outputs = list(pool.map(lambda job: run(server, job[0], speculation_mode=job[1][0], drafters=[job[1][1]],
-                                                num_draft_tokens=job[1][2])[0], jobs))
+        outputs = list(pool.map(one, jobs))
     assert outputs == [alone[p] for p, _ in jobs]
+
+
+def test_cosine_routes_to_the_drafter_that_knows_the_prompt(server):
+    out = generate(server, text_input=PROMPTS[1], max_tokens=30, return_stats=True, speculation_mode="cosine")
+    assert as_list(out["routed_drafters"])[0] == "itself"
 
 
 def test_acceptance_metrics_per_drafter(server):

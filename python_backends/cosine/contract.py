@@ -102,6 +102,7 @@ COSINE = ModelContract(
         TensorSpec("sequence_length", "TYPE_INT32", (1,)),
         # [rounds, draft tokens, accepted draft tokens] of this response's request so far (return_stats)
         TensorSpec("speculation_stats", "TYPE_INT32", (3,)),
+        TensorSpec("routed_drafters", "TYPE_STRING", (-1,)),  # (return_stats) the drafters used, best first
     ),
 )
 
@@ -138,6 +139,8 @@ ENGINE = ModelContract(
         _scalar("extra_tokens", "TYPE_INT32"),
         # top candidates (id, probability) to return for every emitted position (confidence fusion)
         _scalar("num_candidates", "TYPE_INT32"),
+        # also return the mean log-probability of input_ids[1:] (a drafter scoring a prompt for the router)
+        _scalar("score_input", "TYPE_BOOL"),
         _scalar("max_new_tokens", "TYPE_INT32"),
         _scalar("temperature", "TYPE_FP32"),
         _scalar("top_k", "TYPE_INT32"),
@@ -153,5 +156,22 @@ ENGINE = ModelContract(
         # [emitted * num_candidates] the most likely tokens at each emitted position, and their probabilities
         TensorSpec("top_ids", "TYPE_INT32", (-1,)),
         TensorSpec("top_probs", "TYPE_FP32", (-1,)),
+        TensorSpec("input_logprob", "TYPE_FP32", (1,)),
+    ),
+)
+
+# The router: scores drafters for a prompt (from their prompt log-probabilities), or learns from feedback.
+ROUTER = ModelContract(
+    inputs=(
+        _vector("prompt_logprobs", "TYPE_FP32", optional=True),  # one per drafter, in the deployment's order
+        _scalar("max_drafters", "TYPE_INT32"),
+        _scalar("feedback_context", "TYPE_INT32"),
+        _vector("feedback_matches", "TYPE_FP32", optional=True),  # per drafter
+        _vector("feedback_trials", "TYPE_FP32", optional=True),
+    ),
+    outputs=(
+        TensorSpec("ranking", "TYPE_INT32", (-1,)),
+        TensorSpec("cooperate", "TYPE_INT32", (1,)),
+        TensorSpec("context", "TYPE_INT32", (1,)),
     ),
 )

@@ -6,13 +6,14 @@ import os
 import shutil
 from pathlib import Path
 
-from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING
+from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER
 from ..engine.checkpoint import max_context_tokens, read_config
 from .spec import DeploymentSpec, EngineSpec
 
 # The checked-in repository holds the one model.py of each kind of model.
 ADAPTERS = Path(__file__).resolve().parents[3] / "model_repository"
 TARGET, PREPROCESSING_MODEL, POSTPROCESSING_MODEL, COSINE_MODEL = "target", "preprocessing", "postprocessing", "cosine"
+ROUTER_MODEL = "router"
 
 
 def drafter_model_name(name: str) -> str:
@@ -70,6 +71,7 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
         TARGET: (TARGET, _engine_config(TARGET, spec.target, path)),
         COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
             "target_model": TARGET,
+            "router_model": ROUTER_MODEL if spec.drafters else "",
             "drafters": ",".join(spec.drafters),
             "general_drafter": spec.vanilla_drafter or "",
             "speculation_mode": spec.default_mode,
@@ -86,6 +88,9 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
     for name, drafter in spec.drafters.items():
         model = drafter_model_name(name)
         configs[model] = (TARGET, _engine_config(model, drafter, path))
+    if spec.drafters:
+        # learned routing state lives in one process: one instance, requests in order
+        configs[ROUTER_MODEL] = (ROUTER_MODEL, _config(ROUTER_MODEL, ROUTER, 64, {"drafters": ",".join(spec.drafters)}))
     return configs
 
 

@@ -40,6 +40,7 @@ class StepRequest:
     keep_length: int | None = None  # roll the cache back to this many tokens before appending
     extra_tokens: int = 0  # autoregressive tokens after the step's own (drafting)
     candidates: int = 0  # top candidates to report per emitted position
+    score_input: bool = False  # report the mean log-probability of input_ids[1:]
 
 
 @dataclass
@@ -48,6 +49,7 @@ class StepResult:
     probs: list[float]  # of each token under the distribution it was drawn from
     top_ids: list[list[int]]  # per emitted position, `candidates` most likely tokens
     top_probs: list[list[float]]
+    input_logprob: float = 0.0
 
     def extend(self, other: "StepResult") -> None:
         self.tokens += other.tokens
@@ -255,6 +257,7 @@ class CausalLMEngine:
         request, sequence = item.request, item.sequence
         n_in = len(request.input_ids)
         root_row = item.offset + n_in - 1
+        input_logprob = self._input_logprob(request, hidden[item.offset:root_row]) if request.score_input else 0.0
         rows = torch.arange(root_row, item.offset + item.count)  # the root, then every draft node
         logits = self.model.lm_head(hidden[rows])
         probs = probabilities(logits, sequence.params)
@@ -264,5 +267,12 @@ class CausalLMEngine:
         rows = probs[[0] + [node + 1 for node in path]]  # the distribution each emitted token was drawn from
         chosen = rows.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         top = rows.topk(request.candidates, dim=-1)
-        return StepResult(tokens, chosen.tolist(), top.indices.tolist(), top.values.tolist())
+        return StepResult(tokens, chosen.tolist(), top.indices.tolist(), top.values.tolist(), input_logprob)
+
+    def _input_logprob(self, request: StepRequest, hidden: torch.Tensor) -> float:
+        if len(request.input_ids) < 2:
+            return 0.0
+        logprobs = torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
+        targets = torch.tensor(request.input_ids[1:], device=logprobs.device)
+        return logprobs.gather(1, targets[:, None]).mean().item()
 

@@ -11,7 +11,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Protocol
 
-from ..speculation.proposers import ChainProposer, Draft, DrafterEngine, DrafterSession
+from ..speculation.control import LoadMonitor
+from ..speculation.proposers import (ChainProposer, Draft, DrafterEngine, DrafterSession, FusionProposer,
+                                     MergedChainsProposer, RouterClient)
+from ..speculation.scheduler import VerificationScheduler
 from .errors import InvalidRequest, ServingError
 from .request import GenerationRequest
 from .text import DetokenizerOffsets, StopStrings
@@ -42,10 +45,14 @@ class Deployment:
     end_id: int | None
     drafters: dict[str, DrafterEngine] = field(default_factory=dict)
     general_drafter: str | None = None
+    router: RouterClient | None = None
     default_mode: str = "autoregressive"
     default_draft_tokens: int = 4
     max_draft_tokens: int = 64
+    max_cooperating_drafters: int = 2
     admission_timeout_s: float = 120.0
+    monitor: LoadMonitor = field(default_factory=LoadMonitor)
+    scheduler: VerificationScheduler = field(default_factory=VerificationScheduler)
     on_round: Callable[[RoundReport], None] = lambda report: None
 
 
@@ -54,6 +61,7 @@ class Stats:
     rounds: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    drafters: list[str] = field(default_factory=list)  # the drafters used, best first
 
 
 @dataclass
@@ -86,13 +94,21 @@ def speculation_plan(request: GenerationRequest, deployment: Deployment) -> tupl
         raise InvalidRequest("speculation_mode", f"{mode!r} needs drafters; this deployment has none")
     if mode == "vanilla":
         return mode, k, request.drafters[:1] or (deployment.general_drafter or next(iter(deployment.drafters)),)
-    raise InvalidRequest("speculation_mode", f"{mode!r} is not available in this deployment yet")
+    if mode == "cosine" and deployment.router is None:
+        raise InvalidRequest("speculation_mode", "'cosine' needs the router model, which this deployment lacks")
+    return mode, k, request.drafters or tuple(deployment.drafters)
 
 
 def _proposer(plan, deployment: Deployment, sequence_id: int, request: GenerationRequest):
     mode, k, drafters = plan
+    sessions = [DrafterSession(name, deployment.drafters[name], sequence_id, request) for name in drafters]
     if mode == "vanilla":
-        return ChainProposer(DrafterSession(drafters[0], deployment.drafters[drafters[0]], sequence_id, request), k)
+        return ChainProposer(sessions[0], k)
+    if mode == "specinfer":
+        return MergedChainsProposer(sessions, k)
+    if mode == "cosine":
+        return FusionProposer(sessions, deployment.router, deployment.monitor, k_max=k,
+                              max_drafters=deployment.max_cooperating_drafters)
     return None
 
 
@@ -128,8 +144,13 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     stats = Stats()
     sequence_id = new_sequence_id()
     proposer = _proposer(plan, deployment, sequence_id, request)
+    monitor = deployment.monitor
+    monitor.active_requests += 1
     try:
-        emitted = (await _admit(deployment, sequence_id, prompt_ids, request)).tokens
+        admitted, _ = await asyncio.gather(_admit(deployment, sequence_id, prompt_ids, request),
+                                           proposer.start(prompt_ids) if proposer else asyncio.sleep(0))
+        emitted = admitted.tokens
+        stats.drafters = proposer.drafter_names if proposer else []
         while True:
             stats.rounds += 1
             new_ids, finished = [], False
@@ -156,15 +177,21 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
             draft = None
             if proposer is not None:
                 draft = await proposer.propose(prompt_ids + generated, request.max_tokens - len(generated) - 1)
-            result = await deployment.target.step(sequence_id, [generated[-1]], draft=draft and draft.tree)
-            emitted = result.tokens
+            tree = draft.tree if draft else None
+            size = 1 + (len(tree) if tree else 0)
+            expected_tokens = 1 + stats.accepted_tokens / max(1, stats.rounds - 1)  # this request's running mean
+            async with deployment.scheduler.slot(size, value=expected_tokens / size):
+                started = time.monotonic()
+                emitted = (await deployment.target.step(sequence_id, [generated[-1]], draft=tree)).tokens
+                monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
             if draft is not None:
                 accepted = draft.tree.accepted_path(emitted)
                 stats.draft_tokens += len(draft.tree)
                 stats.accepted_tokens += len(accepted)
-                proposer.observe(draft, accepted)
+                proposer.observe(draft, accepted, emitted)
                 deployment.on_round(RoundReport(plan[0], draft, accepted))
     finally:
+        monitor.active_requests -= 1
         await deployment.target.release(sequence_id)
         if proposer is not None:
             await proposer.close()

@@ -4,10 +4,15 @@ A proposer works against drafter engines through a small async interface (BLS in
 sees target logits; it learns only which of its nodes were accepted."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from .control import LoadMonitor, SpeculationController
+from .fusion import Candidate, TreeBuilder, merge_chains
+from .router import Route
 from .tree import DraftTree
 
 log = logging.getLogger(__name__)
@@ -15,10 +20,16 @@ log = logging.getLogger(__name__)
 
 class DrafterEngine(Protocol):
     async def step(self, sequence_id: int, input_ids: list[int], *, request=None, keep_length: int | None = None,
-                   extra_tokens: int = 0, candidates: int = 0):
-        """Returns an engine StepResult (tokens, probs, top_ids, top_probs)."""
+                   extra_tokens: int = 0, candidates: int = 0, score_input: bool = False):
+        """Returns an engine StepResult (tokens, probs, top_ids, top_probs, input_logprob)."""
 
     async def release(self, sequence_id: int) -> None: ...
+
+
+class RouterClient(Protocol):
+    async def route(self, prompt_logprobs: list[float], max_drafters: int) -> Route: ...
+
+    async def feedback(self, context: int, matches: list[float], trials: list[float]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,7 @@ class DrafterSession:
         self.cached: list[int] | None = None  # tokens whose K/V the drafter holds; None before admission
         self.failed = False
 
-    async def draft(self, context: list[int], count: int, candidates: int = 0):
+    async def draft(self, context: list[int], count: int, candidates: int = 0, score_input: bool = False):
         """The drafter's next `count` tokens after `context` (a StepResult)."""
         if self.cached is None:
             keep, request = None, self.request
@@ -52,36 +63,168 @@ class DrafterSession:
             keep, request = common_prefix_length(self.cached, context), None
             new = context[keep:]
         result = await self.engine.step(self.sequence_id, new, request=request, keep_length=keep,
-                                        extra_tokens=count - 1, candidates=candidates)
+                                        extra_tokens=count - 1, candidates=candidates, score_input=score_input)
         # the engine computed K/V for everything it was fed: the context and all drafted tokens but the last
         self.cached = list(context) + result.tokens[:-1]
         return result
 
-    async def close(self) -> None:
-        if self.cached is not None:
-            await self.engine.release(self.sequence_id)
-
-
-class ChainProposer:
-    """Vanilla speculative decoding: one drafter, a chain of fixed length k."""
-
-    def __init__(self, session: DrafterSession, k: int):
-        self.session, self.k = session, k
-
-    async def propose(self, context: list[int], budget: int) -> Draft | None:
-        k = min(self.k, budget)
-        if k <= 0 or self.session.failed:
+    async def try_draft(self, *args, **kwargs):
+        """draft(), or None once this drafter has failed: a failing drafter costs speed, never the request."""
+        if self.failed:
             return None
         try:
-            result = await self.session.draft(context, k)
-        except Exception as error:  # a failing drafter costs speed, never the request
-            log.warning("drafter %s failed, decoding without it: %s", self.session.name, error)
-            self.session.failed = True
+            return await self.draft(*args, **kwargs)
+        except Exception as error:
+            log.warning("drafter %s failed; going on without it: %s", self.name, error)
+            self.failed = True
             return None
-        return Draft(DraftTree.chain(result.tokens), (self.session.name,) * k)
 
-    def observe(self, draft: Draft, accepted: list[int]) -> None:
+    async def close(self) -> None:
+        if self.cached is not None:
+            self.cached = None
+            try:
+                await self.engine.release(self.sequence_id)
+            except Exception as error:  # the engine reclaims idle sequences anyway
+                log.warning("drafter %s: release failed: %s", self.name, error)
+
+
+class Proposer:
+    """Base: no start-up work, no learning, releases its drafters at the end."""
+
+    sessions: list[DrafterSession] = []
+
+    @property
+    def drafter_names(self) -> list[str]:
+        return [session.name for session in self.sessions if not session.failed]
+
+    async def start(self, prompt_ids: list[int]) -> None:
+        pass
+
+    def observe(self, draft: Draft, accepted: list[int], emitted: list[int]) -> None:
         pass
 
     async def close(self) -> None:
-        await self.session.close()
+        await asyncio.gather(*(session.close() for session in self.sessions))
+
+
+class ChainProposer(Proposer):
+    """vanilla: one drafter, a chain of fixed length k."""
+
+    def __init__(self, session: DrafterSession, k: int):
+        self.sessions, self.k = [session], k
+
+    async def propose(self, context: list[int], budget: int) -> Draft | None:
+        k = min(self.k, budget)
+        result = await self.sessions[0].try_draft(context, k) if k > 0 else None
+        return result and Draft(DraftTree.chain(result.tokens), (self.sessions[0].name,) * k)
+
+
+class MergedChainsProposer(Proposer):
+    """specinfer: every drafter drafts a chain of fixed length k on its own; the chains merge into one tree."""
+
+    def __init__(self, sessions: list[DrafterSession], k: int):
+        self.sessions, self.k = sessions, k
+
+    async def propose(self, context: list[int], budget: int) -> Draft | None:
+        k = min(self.k, budget)
+        if k <= 0:
+            return None
+        results = await asyncio.gather(*(session.try_draft(context, k) for session in self.sessions))
+        chains = {s.name: r.tokens for s, r in zip(self.sessions, results) if r is not None}
+        if not chains:
+            return None
+        tree, sources = merge_chains(chains)
+        return Draft(tree, sources)
+
+
+class FusionProposer(Proposer):
+    """cosine: routed drafters fused step by step by confidence, draft length set by the controller."""
+
+    def __init__(self, sessions: list[DrafterSession], router: RouterClient, monitor: LoadMonitor, k_max: int,
+                 max_drafters: int = 2, max_siblings: int = 2, candidates: int = 2):
+        self.all_sessions, self.sessions = sessions, []
+        self.router, self.monitor = router, monitor
+        self.controller = SpeculationController(k_max)
+        self.max_drafters, self.max_siblings, self.candidates = max_drafters, max_siblings, candidates
+        self.draft_seconds_per_position: float | None = None
+        self.route: Route | None = None
+        self.top_tokens: list[dict[int, int]] = []  # per depth of the last draft: drafter index -> its top token
+        self.matches = [0.0] * len(sessions)
+        self.trials = [0.0] * len(sessions)
+
+    async def start(self, prompt_ids: list[int]) -> None:
+        """Every drafter prefills the prompt and scores it; the router picks who cooperates; the rest are freed."""
+        results = await asyncio.gather(*(s.try_draft(prompt_ids, 1, score_input=True) for s in self.all_sessions))
+        logprobs = [r.input_logprob if r is not None else -1e9 for r in results]
+        try:
+            self.route = await self.router.route(logprobs, self.max_drafters)
+            chosen = [d for d in self.route.ranking[:self.route.cooperate] if results[d] is not None]
+        except Exception as error:
+            log.warning("router failed; using the most likely drafter: %s", error)
+            chosen = [max(range(len(logprobs)), key=lambda d: logprobs[d])]
+        self.sessions = [self.all_sessions[d] for d in chosen]
+        await asyncio.gather(*(s.close() for i, s in enumerate(self.all_sessions) if i not in chosen))
+
+    async def propose(self, context: list[int], budget: int) -> Draft | None:
+        active = [s for s in self.sessions if not s.failed]
+        tree_factor = 1 + self.max_siblings
+        costs = self.monitor.costs(self.draft_seconds_per_position)
+        k = min(self.controller.draft_length(costs, self.monitor.active_requests, tree_factor), budget)
+        self.top_tokens = []
+        if k <= 0 or not active:
+            return None
+        started = time.monotonic()
+        builder = TreeBuilder(self.max_siblings)
+        if len(active) == 1:
+            await self._draft_alone(active[0], context, k, builder)
+        else:
+            await self._draft_fused(active, context, k, builder)
+        if not builder.tokens:
+            return None
+        per_position = (time.monotonic() - started) / max(1, len(self.top_tokens))
+        self.draft_seconds_per_position = per_position if self.draft_seconds_per_position is None else \
+            0.7 * self.draft_seconds_per_position + 0.3 * per_position
+        return Draft(builder.tree(), tuple(builder.sources))
+
+    async def _draft_alone(self, session: DrafterSession, context, k, builder: TreeBuilder) -> None:
+        """One drafter: its k tokens in one call; its runner-up candidates become siblings."""
+        result = await session.try_draft(context, k, candidates=self.candidates)
+        if result is None:
+            return
+        drafter = self.all_sessions.index(session)
+        for token, prob, top_ids, top_probs in zip(result.tokens, result.probs, result.top_ids, result.top_probs):
+            builder.add_step([Candidate(t, p, session.name) for t, p in zip(top_ids, top_probs)],
+                             winner=Candidate(token, prob, session.name))
+            self.top_tokens.append({drafter: top_ids[0]})
+
+    async def _draft_fused(self, active: list[DrafterSession], context, k, builder: TreeBuilder) -> None:
+        """Several drafters, step by step: all propose in parallel, the most confident token is fed to all."""
+        path = list(context)
+        for _ in range(k):
+            results = await asyncio.gather(*(s.try_draft(path, 1, candidates=self.candidates) for s in active))
+            candidates, tops = [], {}
+            for session, result in zip(active, results):
+                if result is None:
+                    continue
+                tops[self.all_sessions.index(session)] = result.top_ids[0][0]
+                candidates += [Candidate(t, p, session.name) for t, p in zip(result.top_ids[0], result.top_probs[0])]
+            if not candidates:
+                return
+            self.top_tokens.append(tops)
+            path.append(builder.add_step(candidates).token)
+
+    def observe(self, draft: Draft, accepted: list[int], emitted: list[int]) -> None:
+        self.controller.observe(len(self.top_tokens), len(accepted))
+        # each drafter's top token at every position the target settled, for the router
+        for depth, tops in enumerate(self.top_tokens[:len(emitted)]):
+            for drafter, token in tops.items():
+                self.trials[drafter] += 1
+                self.matches[drafter] += token == emitted[depth]
+
+    async def close(self) -> None:
+        if self.route is not None and any(self.trials):
+            try:
+                await self.router.feedback(self.route.context, self.matches, self.trials)
+            except Exception as error:
+                log.warning("router feedback failed: %s", error)
+        await asyncio.gather(*(session.close() for session in self.all_sessions))

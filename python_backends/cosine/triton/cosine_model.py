@@ -7,12 +7,13 @@ from contextlib import aclosing
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING
+from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER
 from ..deploy.repository import drafter_model_name
 from ..engine.engine import StepResult
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
 from ..serving.request import GenerationRequest, parse_generation_request
+from ..speculation.router import Route
 from .io import Metrics, bls, error_response, model_parameters, request_inputs, tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -21,15 +22,16 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class BlsEngine:
     """An engine model (target or drafter) called through BLS."""
 
-    OUTPUTS = ("output_ids", "output_probs", "top_ids", "top_probs")
+    OUTPUTS = ("output_ids", "output_probs", "top_ids", "top_probs", "input_logprob")
 
     def __init__(self, model_name: str):
         self.model_name = model_name
 
     async def step(self, sequence_id, input_ids, draft=None, *, request: GenerationRequest | None = None,
-                   keep_length=None, extra_tokens=0, candidates=0) -> StepResult:
+                   keep_length=None, extra_tokens=0, candidates=0, score_input=False) -> StepResult:
         values = dict(sequence_id=sequence_id, input_ids=input_ids, keep_length=keep_length,
-                      extra_tokens=extra_tokens or None, num_candidates=candidates or None)
+                      extra_tokens=extra_tokens or None, num_candidates=candidates or None,
+                      score_input=score_input or None)
         if request is not None:
             params = request.params
             values.update(max_new_tokens=request.max_tokens, temperature=params.temperature, top_k=params.top_k,
@@ -39,10 +41,24 @@ class BlsEngine:
         out = await bls(self.model_name, ENGINE, self.OUTPUTS, **values)
         tokens = out["output_ids"].tolist()
         return StepResult(tokens, out["output_probs"].tolist(), out["top_ids"].reshape(len(tokens), -1).tolist(),
-                          out["top_probs"].reshape(len(tokens), -1).tolist())
+                          out["top_probs"].reshape(len(tokens), -1).tolist(), float(out["input_logprob"][0]))
 
     async def release(self, sequence_id):
         await bls(self.model_name, ENGINE, ("output_ids",), sequence_id=sequence_id, release=True)
+
+
+class BlsRouter:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+
+    async def route(self, prompt_logprobs, max_drafters) -> Route:
+        out = await bls(self.model_name, ROUTER, ("ranking", "cooperate", "context"),
+                        prompt_logprobs=prompt_logprobs, max_drafters=max_drafters)
+        return Route(int(out["context"][0]), out["ranking"].tolist(), int(out["cooperate"][0]))
+
+    async def feedback(self, context, matches, trials) -> None:
+        await bls(self.model_name, ROUTER, ("context",), feedback_context=context, feedback_matches=matches,
+                  feedback_trials=trials)
 
 
 class BlsText:
@@ -70,6 +86,8 @@ class CosineModel:
             end_id=int(params["end_id"]) if params.get("end_id") else None,
             drafters={name: BlsEngine(drafter_model_name(name)) for name in drafters},
             general_drafter=params.get("general_drafter") or None,
+            router=BlsRouter(params["router_model"]) if params.get("router_model") else None,
+            max_cooperating_drafters=int(params.get("max_cooperating_drafters", "2")),
             default_mode=params["speculation_mode"],
             default_draft_tokens=int(params["num_draft_tokens"]),
             max_draft_tokens=int(params["max_draft_tokens"]),
@@ -144,4 +162,5 @@ class CosineModel:
         if generation.return_stats:
             outputs["speculation_stats"] = np.array([stats.rounds, stats.draft_tokens, stats.accepted_tokens],
                                                     np.int32)
+            outputs["routed_drafters"] = np.array([name.encode() for name in stats.drafters] or [b""], np.object_)
         return pb_utils.InferenceResponse(tensors(**outputs))

@@ -31,7 +31,7 @@ def _step_request(inputs: dict) -> StepRequest:
     scalar = lambda name, default: int(values[name][0]) if name in values else default  # noqa: E731
     return StepRequest(int(values["sequence_id"][0]), values.get("input_ids", empty).tolist(), draft, admission,
                        keep_length=scalar("keep_length", None), extra_tokens=scalar("extra_tokens", 0),
-                       candidates=scalar("num_candidates", 0))
+                       candidates=scalar("num_candidates", 0), score_input=bool(scalar("score_input", 0)))
 
 
 class EngineModel:
@@ -67,7 +67,8 @@ class EngineModel:
                     self.engine.release(int(inputs["sequence_id"].reshape(-1)[0]))
                     responses[slot] = pb_utils.InferenceResponse(tensors(
                         output_ids=np.empty(0, np.int32), output_probs=np.empty(0, np.float32),
-                        top_ids=np.empty(0, np.int32), top_probs=np.empty(0, np.float32)))
+                        top_ids=np.empty(0, np.int32), top_probs=np.empty(0, np.float32),
+                        input_logprob=np.zeros(1, np.float32)))
                     continue
                 steps.append(_step_request(inputs))
                 step_slots.append(slot)
@@ -95,4 +96,5 @@ class EngineModel:
         return pb_utils.InferenceResponse(tensors(
             output_ids=np.asarray(result.tokens, np.int32), output_probs=np.asarray(result.probs, np.float32),
             top_ids=np.asarray(result.top_ids, np.int32).reshape(-1),
-            top_probs=np.asarray(result.top_probs, np.float32).reshape(-1)))
+            top_probs=np.asarray(result.top_probs, np.float32).reshape(-1),
+            input_logprob=np.array([result.input_logprob], np.float32)))

@@ -1,0 +1,83 @@
+"""Verification batch scheduling: which requests' trees go into the next target pass.
+
+A gate of our own rather than Triton's batcher alone, because Triton's batcher counts requests while verification
+cost follows tokens (a tree may be 1 or 30 of them). One batch is in flight at a time; when it returns, the next is
+formed from the waiting requests by a weighted latency/throughput score under a cap on tokens, and a request that
+waited longer than `max_wait_s` goes first whatever its score, so nobody starves. Triton's dynamic batcher then
+merges the released calls into one forward."""
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass(order=True)
+class _Waiting:
+    arrival: float
+    tokens: int = field(compare=False)
+    value: float = field(compare=False)  # expected tokens gained per verified token (throughput)
+    ticket: asyncio.Future = field(compare=False)
+
+
+class VerificationScheduler:
+    def __init__(self, token_cap: int = 256, latency_weight: float = 1.0, max_wait_s: float = 0.5,
+                 clock=time.monotonic):
+        self.token_cap, self.latency_weight, self.max_wait_s = token_cap, latency_weight, max_wait_s
+        self.clock = clock
+        self.waiting: list[_Waiting] = []
+        self.in_flight = 0
+        self.batch_sizes: list[int] = []  # recent released batch sizes (for metrics)
+
+    def priority(self, entry: _Waiting, now: float) -> tuple:
+        waited = now - entry.arrival
+        starving = waited >= self.max_wait_s
+        return (not starving, -(entry.value + self.latency_weight * waited))
+
+    def next_batch(self) -> list[_Waiting]:
+        """Picks the next batch from the waiting requests (and removes it from them)."""
+        now = self.clock()
+        ranked = sorted(self.waiting, key=lambda e: self.priority(e, now))
+        batch, tokens = [], 0
+        for entry in ranked:
+            if batch and tokens + entry.tokens > self.token_cap:
+                continue
+            batch.append(entry)
+            tokens += entry.tokens
+        for entry in batch:
+            self.waiting.remove(entry)
+        return batch
+
+    def _release(self) -> None:
+        if self.in_flight or not self.waiting:
+            return
+        batch = self.next_batch()
+        self.in_flight = len(batch)
+        self.batch_sizes.append(len(batch))
+        del self.batch_sizes[:-100]
+        for entry in batch:
+            entry.ticket.set_result(None)
+
+    @asynccontextmanager
+    async def slot(self, tokens: int, value: float = 0.0):
+        """Holds the caller until its verification may go out; the body is the verification call."""
+        entry = _Waiting(self.clock(), tokens, value, asyncio.get_running_loop().create_future())
+        self.waiting.append(entry)
+        self._release()
+        try:
+            await entry.ticket
+        except asyncio.CancelledError:
+            if entry in self.waiting:
+                self.waiting.remove(entry)
+            else:
+                self._finish()
+            raise
+        try:
+            yield
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.in_flight -= 1
+        self._release()
