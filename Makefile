@@ -6,7 +6,7 @@ MODEL_REPOSITORY ?= model_repository
 TORCH_VERSION ?= 2.13.0
 STAMP = $(VENV)/.installed
 
-.PHONY: venv test serve clean
+.PHONY: venv test demo serve bench clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml Makefile
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# Builds the demo zoo on first run (about 10 minutes on 2 cores, progress shown; reused afterwards), writes
+# model_repository/ for it, serves it and answers one held-out prompt per domain.
+demo: venv
+	$(PY) build_engines.py --demo
+	$(PY) -m cosine.cli demo --model-repository $(MODEL_REPOSITORY) --prompts artifacts/zoo-demo/prompts/mixed.jsonl $(DEMO_ARGS)
 
 serve: venv
 	$(PY) -m cosine.cli serve --model-repository $(MODEL_REPOSITORY)

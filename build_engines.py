@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Builds what a CoSine deployment serves and writes its Triton model repository.
+
+  python build_engines.py --demo                  train the demo zoo (general target, specialist + general
+                                                  drafters) on this machine, then write the repository
+  python build_engines.py --target DIR --drafter NAME=DIR [--drafter ...]
+                                                  serve your own HF checkpoints (same tokenizer required)
+  python build_engines.py --spec deployment.yaml  (re)write the repository from an existing spec
+
+Every mode writes a deployment spec (YAML: models, paths, instances, batching, KV budget, ports) and generates the
+model repository from it. Re-running with unchanged inputs does no training.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "python_backends"))
+
+from cosine.deploy.repository import write_repository  # noqa: E402
+from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec  # noqa: E402
+
+# Engine settings for a 2-core CPU: the target may use both cores; drafters (tiny) one each.
+TARGET_ENGINE = {"kv_cache_tokens": 65536, "num_threads": 2, "max_batch_size": 32}
+DRAFTER_ENGINE = {"kv_cache_tokens": 65536, "num_threads": 1, "max_batch_size": 32}
+
+
+def demo_spec(zoo_dir: Path, profile: str, spec_path: Path) -> None:
+    from cosine.zoo import build_zoo
+
+    manifest = build_zoo(zoo_dir, profile=profile, progress=True)
+    raw = {
+        "target": dict(TARGET_ENGINE, checkpoint=str(zoo_dir / manifest["target"]["path"])),
+        "drafters": {name: dict(DRAFTER_ENGINE, checkpoint=str(zoo_dir / drafter["path"]))
+                     for name, drafter in manifest["drafters"].items()},
+        "speculation_mode": "cosine",
+        "general_drafter": "general",
+    }
+    dump_spec(parse_spec(raw, Path(".")), spec_path)
+
+
+def user_spec(target: Path, drafters: list[str], spec_path: Path) -> None:
+    from cosine.zoo.checkpoints import check_compatible
+
+    named = {}
+    for item in drafters:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SpecError(f"--drafter {item!r}: expected NAME=DIR")
+        named[name] = Path(path).resolve()
+    check_compatible(target, named)
+    raw = {"target": dict(TARGET_ENGINE, checkpoint=str(Path(target).resolve())),
+           "drafters": {name: dict(DRAFTER_ENGINE, checkpoint=str(path)) for name, path in named.items()},
+           "speculation_mode": "cosine" if named else "autoregressive"}
+    dump_spec(parse_spec(raw, Path(".")), spec_path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--demo", action="store_true", help="build the demo zoo on this machine")
+    source.add_argument("--target", type=Path, help="your target's HF checkpoint directory")
+    source.add_argument("--spec", type=Path, help="an existing deployment spec")
+    parser.add_argument("--drafter", action="append", default=[], metavar="NAME=DIR", help="a drafter checkpoint")
+    parser.add_argument("--profile", default="demo", choices=("demo", "tiny"), help="demo zoo size")
+    parser.add_argument("--zoo-dir", type=Path, help="where the demo zoo goes (default artifacts/zoo-<profile>)")
+    parser.add_argument("--out-spec", type=Path, help="spec to write (default artifacts/deployment-<name>.yaml)")
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
+                        help="model repository to write (default: the checked-in model_repository/)")
+    args = parser.parse_args(argv)
+    try:
+        if args.spec:
+            spec_path = args.spec
+        elif args.demo:
+            spec_path = args.out_spec or ROOT / "artifacts" / f"deployment-{args.profile}.yaml"
+            demo_spec((args.zoo_dir or ROOT / "artifacts" / f"zoo-{args.profile}").resolve(), args.profile, spec_path)
+        else:
+            spec_path = args.out_spec or ROOT / "artifacts" / "deployment-user.yaml"
+            user_spec(args.target, args.drafter, spec_path)
+        spec = load_spec(spec_path)
+        repository = write_repository(spec, args.repository, relative_paths=True)
+    except (SpecError, ValueError) as error:
+        print(f"build_engines: error: {error}", file=sys.stderr)
+        return 2
+    print(f"deployment spec: {spec_path}\nmodel repository: {repository}\n"
+          f"models: target, {', '.join('drafter_' + n for n in spec.drafters) or 'no drafters'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
