@@ -40,7 +40,9 @@ def server(tmp_path_factory, tiny_dir, llama):
     spec = {"target": dict(engine, checkpoint=str(llama)),
             # the target's own checkpoint drafts perfectly; an unrelated random model almost never
             "drafters": {"itself": dict(engine, checkpoint=str(llama)),
-                         "unrelated": dict(engine, checkpoint=str(tiny_dir / "unrelated"))},
+                         "unrelated": dict(engine, checkpoint=str(tiny_dir / "unrelated")),
+                         # a KV budget too small for any request: every call to it fails
+                         "broken": dict(engine, checkpoint=str(tiny_dir / "unrelated"), kv_cache_tokens=32)},
             "speculation_mode": "autoregressive"}
     server = start_server(spec, root)
     yield server

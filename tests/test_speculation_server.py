@@ -64,6 +64,14 @@ def test_acceptance_metrics_per_drafter(server):
     assert metric(server, "cosine_accepted_at_position_total", drafter="itself", position="4") > 0
 
 
+def test_a_failing_drafter_is_routed_around(server):
+    target_only, _ = run(server, PROMPTS[3], speculation_mode="autoregressive")
+    for mode, drafters in [("vanilla", ["broken"]), ("specinfer", ["broken", "itself"]), ("cosine", [])]:
+        ids, (_, drafted, accepted) = run(server, PROMPTS[3], speculation_mode=mode, drafters=drafters)
+        assert ids == target_only, mode
+    assert metric(server, "cosine_requests_total", status="error") == 0
+
+
 @pytest.mark.parametrize("extra,field", [
     (dict(num_draft_tokens=-1), "num_draft_tokens"),
     (dict(num_draft_tokens=0), "num_draft_tokens"),

@@ -30,9 +30,9 @@ class TextClient(Protocol):
 
 @dataclass
 class RoundReport:
-    """What one speculation round drafted and what the target kept (for metrics)."""
+    """What one round of a speculative mode drafted (None: it decoded plainly) and what the target kept."""
     mode: str
-    draft: Draft
+    draft: Draft | None
     accepted: list[int]  # accepted node indices, root to leaf
 
 
@@ -184,11 +184,12 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
                 started = time.monotonic()
                 emitted = (await deployment.target.step(sequence_id, [generated[-1]], draft=tree)).tokens
                 monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
+            accepted = draft.tree.accepted_path(emitted) if draft else []
             if draft is not None:
-                accepted = draft.tree.accepted_path(emitted)
                 stats.draft_tokens += len(draft.tree)
                 stats.accepted_tokens += len(accepted)
                 proposer.observe(draft, accepted, emitted)
+            if proposer is not None:
                 deployment.on_round(RoundReport(plan[0], draft, accepted))
     finally:
         monitor.active_requests -= 1

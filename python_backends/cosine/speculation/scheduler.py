@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
-@dataclass(order=True)
+@dataclass(eq=False)  # entries are distinct even when their numbers are equal
 class _Waiting:
     arrival: float
-    tokens: int = field(compare=False)
-    value: float = field(compare=False)  # expected tokens gained per verified token (throughput)
-    ticket: asyncio.Future = field(compare=False)
+    tokens: int
+    value: float  # expected tokens gained per verified token (throughput)
+    ticket: asyncio.Future
 
 
 class VerificationScheduler:

@@ -100,8 +100,12 @@ class CosineModel:
         self.round_metrics = {}
 
     def _count_round(self, report: RoundReport) -> None:
-        """Per drafter: rounds, drafted and accepted tokens, and acceptance by position in the draft."""
-        depths = report.draft.tree.depths()
+        """Draft length per mode; per drafter: rounds, drafted and accepted tokens, acceptance by position."""
+        depths = report.draft.tree.depths() if report.draft else []
+        self._round_metric("cosine_draft_length", "Draft depth per round (0: plain decoding)", None,
+                           mode=report.mode).observe(max(depths, default=0))
+        if report.draft is None:
+            return
         for drafter in report.draft.sources:
             self._round_metric("cosine_draft_tokens_total", "Draft tokens proposed", drafter).increment(1)
         for node in report.accepted:
@@ -114,9 +118,14 @@ class CosineModel:
                                drafter).increment(1)
 
     def _round_metric(self, name, description, drafter, **labels):
-        key = (name, drafter, tuple(labels.items()))
+        if drafter is not None:
+            labels["drafter"] = drafter
+        key = (name, tuple(labels.items()))
         if key not in self.round_metrics:
-            self.round_metrics[key] = Metrics.metric(name, description, drafter=drafter, **labels)
+            histogram = name == "cosine_draft_length"
+            self.round_metrics[key] = Metrics.metric(name, description, "HISTOGRAM" if histogram else "COUNTER",
+                                                     buckets=[0, 1, 2, 3, 4, 6, 8, 12, 16] if histogram else None,
+                                                     **labels)
         return self.round_metrics[key]
 
     async def execute(self, requests):

@@ -1,6 +1,8 @@
 """Triton adapter for an engine model (the target, or a drafter): batched stateful steps over the portable engine."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
@@ -57,8 +59,14 @@ class EngineModel:
         self.batch_requests = Metrics.metric(
             "cosine_engine_batch_requests_total", "Sequence steps executed, summed over batches", **labels)
         self.batches = Metrics.metric("cosine_engine_batches_total", "Batched forward passes", **labels)
+        self.batch_size = Metrics.metric("cosine_engine_batch_size", "Sequences per batched step", "HISTOGRAM",
+                                         buckets=[1, 2, 4, 8, 16, 32, 64], **labels)
+        # busy fraction = rate(cosine_engine_busy_seconds_total[1m]); target and drafters overlapping shows pipelining
+        self.busy_seconds = Metrics.metric("cosine_engine_busy_seconds_total", "Seconds spent executing steps",
+                                           **labels)
 
     def execute(self, requests):
+        started = time.perf_counter()
         responses, steps, step_slots = [None] * len(requests), [], []
         for slot, request in enumerate(requests):
             inputs = request_inputs(request, ENGINE)
@@ -78,10 +86,12 @@ class EngineModel:
         if steps:
             self.batches.increment(1)
             self.batch_requests.increment(len(steps))
+            self.batch_size.observe(len(steps))
         for slot, result in zip(step_slots, self.engine.step(steps)):
             responses[slot] = self._response(result)
         self.reserved_tokens.set(self.engine.kv.reserved_tokens)
         self.active_sequences.set(self.engine.active_sequences)
+        self.busy_seconds.increment(time.perf_counter() - started)
         return responses
 
     @staticmethod

@@ -80,5 +80,6 @@ class Metrics:
         return cls._families[name]
 
     @classmethod
-    def metric(cls, name: str, description: str, kind: str = "COUNTER", **labels):
-        return cls.family(name, description, kind).Metric(labels=labels)
+    def metric(cls, name: str, description: str, kind: str = "COUNTER", buckets=None, **labels):
+        family = cls.family(name, description, kind)
+        return family.Metric(labels=labels, buckets=buckets) if buckets else family.Metric(labels=labels)

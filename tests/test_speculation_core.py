@@ -1,0 +1,186 @@
+"""The speculation core on its own: fusion, tree merging, routing, control, scheduling (no Triton)."""
+import asyncio
+import random
+
+import pytest
+
+from cosine.speculation.control import (CostModel, LoadMonitor, SpeculationController, AcceptanceTracker,
+                                        expected_tokens)
+from cosine.speculation.fusion import Candidate, TreeBuilder, merge_chains
+from cosine.speculation.router import Router
+from cosine.speculation.scheduler import VerificationScheduler
+from cosine.speculation.tree import DraftTree
+
+
+# ---- fusion -----------------------------------------------------------------------------------------------------
+def test_fusion_picks_the_most_confident_token_and_hangs_runner_ups_as_siblings():
+    builder = TreeBuilder(max_siblings=2)
+    first = builder.add_step([Candidate(5, 0.5, "code"), Candidate(7, 0.3, "code"),
+                              Candidate(9, 0.8, "math"), Candidate(5, 0.1, "math")])
+    assert first == Candidate(9, 0.8, "math")
+    second = builder.add_step([Candidate(1, 0.6, "code"), Candidate(2, 0.4, "math")])
+    assert second.token == 1
+    tree = builder.tree()
+    # depth 1: winner 9, siblings 5 (0.5, code's confidence kept) and 7; depth 2 grows from the winner 9
+    assert tree == DraftTree((9, 5, 7, 1, 2), (-1, -1, -1, 0, 0))
+    assert builder.sources == ["math", "code", "code", "code", "math"]
+    tree.validate()
+
+
+def test_fusion_keeps_a_fixed_winner_and_bounds_siblings():
+    builder = TreeBuilder(max_siblings=1)
+    winner = builder.add_step([Candidate(t, p, "a") for t, p in [(3, 0.5), (4, 0.3), (6, 0.2)]],
+                              winner=Candidate(4, 0.3, "a"))
+    assert winner.token == 4 and builder.tree() == DraftTree((4, 3), (-1, -1))
+
+
+def test_specinfer_merges_chains_into_a_trie():
+    tree, sources = merge_chains({"a": [1, 2, 3], "b": [1, 2, 4], "c": [5, 2]})
+    assert tree == DraftTree((1, 2, 3, 4, 5, 2), (-1, 0, 1, 1, -1, 4))
+    assert sources == ("a", "a", "a", "b", "c", "c")
+    assert tree.accepted_path([1, 2, 4, 9]) == [0, 1, 3]
+
+
+# ---- control ----------------------------------------------------------------------------------------------------
+COSTS = CostModel(verify_base=0.010, verify_per_token=0.001, draft_per_token=0.002)
+
+
+def test_expected_tokens_per_round():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_controller_speculates_when_idle_and_decodes_plainly_under_saturation():
+    controller = SpeculationController(k_max=8)
+    for _ in range(5):
+        controller.observe(depth=4, accepted=3)  # good acceptance
+    assert controller.draft_length(COSTS, load=1) >= 3
+    assert controller.draft_length(COSTS, load=64) == 0  # verifier saturated: extra tokens cost too much
+    assert controller.draft_length(COSTS, load=1) >= 3  # back to speculation when the load goes away
+
+
+def test_controller_stops_speculating_when_drafts_are_rejected():
+    controller = SpeculationController(k_max=8, probe_every=1000)
+    for _ in range(10):
+        controller.observe(depth=4, accepted=0)
+    assert controller.draft_length(COSTS, load=1) == 0
+
+
+def test_controller_probes_now_and_then_while_plain():
+    controller = SpeculationController(k_max=8, probe_every=4)
+    for _ in range(10):
+        controller.observe(depth=4, accepted=0)
+    lengths = [controller.draft_length(COSTS, load=1) for _ in range(8)]
+    assert lengths.count(1) == 2 and lengths.count(0) == 6
+
+
+def test_acceptance_tracker_estimates_the_per_token_rate():
+    tracker = AcceptanceTracker(decay=1.0)
+    rng = random.Random(0)
+    for _ in range(2000):
+        accepted = 0
+        while accepted < 4 and rng.random() < 0.7:
+            accepted += 1
+        tracker.observe(4, accepted)
+    assert tracker.rate == pytest.approx(0.7, abs=0.03)
+
+
+def test_load_monitor_recovers_the_verification_cost_model():
+    monitor = LoadMonitor(forgetting=1.0)
+    assert monitor.costs(0.001) is None
+    for tokens in [1, 4, 8, 16, 32, 5, 12]:
+        monitor.observe_verify(tokens, 0.010 + 0.002 * tokens)
+    costs = monitor.costs(0.001)
+    assert costs.verify_base == pytest.approx(0.010) and costs.verify_per_token == pytest.approx(0.002)
+
+
+# ---- routing ----------------------------------------------------------------------------------------------------
+def test_router_prefers_the_drafter_that_finds_the_prompt_likely():
+    router = Router(3, seed=1)
+    picks = [router.route([-3.0, -1.0, -2.5], max_drafters=1).ranking[0] for _ in range(200)]
+    assert picks.count(1) > 150
+
+
+def test_router_learns_from_feedback_that_a_likely_drafter_drafts_badly():
+    router = Router(2, seed=2, cooperation_margin=0.0)
+    logprobs = [-1.0, -1.3]  # drafter 0 looks best for this kind of prompt...
+    for _ in range(50):  # ...but the target rarely agrees with it, and often with drafter 1
+        router.feedback(context=0, drafter=0, matches=1, trials=10)
+        router.feedback(context=0, drafter=1, matches=8, trials=10)
+    picks = [router.route(logprobs, max_drafters=1).ranking[0] for _ in range(100)]
+    assert picks.count(1) > 90
+
+
+def test_router_lets_close_runners_up_cooperate():
+    router = Router(3, seed=3, cooperation_margin=1.0)
+    assert router.route([-1.0, -1.0, -1.0], max_drafters=2).cooperate == 2
+    assert Router(3, cooperation_margin=0.0).route([-1.0, -5.0, -5.0], max_drafters=3).cooperate == 1
+
+
+def test_router_rejects_malformed_input():
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        Router(3).route([-1.0], max_drafters=1)
+    with pytest.raises(ValueError, match="feedback"):
+        Router(3).feedback(context=5, drafter=0, matches=1, trials=1)
+
+
+# ---- scheduling -------------------------------------------------------------------------------------------------
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _waiting(scheduler, clock, entries):
+    from cosine.speculation.scheduler import _Waiting
+
+    loop = asyncio.new_event_loop()
+    for arrival, tokens, value in entries:
+        scheduler.waiting.append(_Waiting(arrival, tokens, value, loop.create_future()))
+    loop.close()
+
+
+def test_scheduler_caps_tokens_and_prefers_value_and_waiting():
+    clock = FakeClock()
+    scheduler = VerificationScheduler(token_cap=20, latency_weight=1.0, max_wait_s=10, clock=clock)
+    _waiting(scheduler, clock, [(0.0, 10, 0.1), (0.0, 10, 0.9), (0.0, 8, 0.5), (0.0, 5, 0.2)])
+    clock.now = 0.05
+    batch = scheduler.next_batch()
+    assert [e.value for e in batch] == [0.9, 0.5]  # 18 tokens; the 10-token 0.1 one does not fit, 5 more would
+    assert sum(e.tokens for e in batch) <= 20
+    assert [e.value for e in scheduler.next_batch()] == [0.2, 0.1]
+
+
+def test_scheduler_never_starves_a_low_value_request():
+    clock = FakeClock()
+    scheduler = VerificationScheduler(token_cap=10, latency_weight=0.0, max_wait_s=1.0, clock=clock)
+    _waiting(scheduler, clock, [(0.0, 10, 0.01)])
+    for step in range(5):
+        clock.now = step * 0.3
+        _waiting(scheduler, clock, [(clock.now, 10, 0.9)])
+        batch = scheduler.next_batch()
+        if batch[0].value == 0.01:
+            break
+    assert batch[0].value == 0.01 and clock.now >= 1.0
+
+
+def test_scheduler_releases_one_batch_at_a_time():
+    scheduler = VerificationScheduler(token_cap=100)
+    order = []
+
+    async def verify(name, tokens):
+        async with scheduler.slot(tokens):
+            order.append(("start", name, scheduler.in_flight))
+            await asyncio.sleep(0.01)
+            order.append(("end", name))
+
+    async def main():
+        await asyncio.gather(*(verify(n, 10) for n in "abc"))
+
+    asyncio.run(main())
+    assert order[0] == ("start", "a", 1)  # the first arrival went alone
+    assert max(in_flight for kind, *rest in order if kind == "start" for in_flight in rest[1:]) == 2
+    assert scheduler.in_flight == 0 and not scheduler.waiting
