@@ -126,9 +126,34 @@ async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int]
         delay = min(delay * 2, 0.5)
 
 
+async def _round(deployment: Deployment, mode: str, proposer, sequence_id: int, context: list[int],
+                 budget: int, stats: Stats) -> list[int]:
+    """One round: draft (if speculating), wait for a verification slot, verify; returns the emitted tokens."""
+    draft = await proposer.propose(context, budget) if proposer is not None else None
+    tree = draft.tree if draft else None
+    size = 1 + (len(tree) if tree else 0)
+    expected_tokens = 1 + stats.accepted_tokens / max(1, stats.rounds - 1)  # this request's running mean
+    monitor = deployment.monitor
+    async with deployment.scheduler.slot(size, value=expected_tokens / size):
+        started = time.monotonic()
+        emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree)).tokens
+        monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
+    if proposer is not None:
+        accepted = tree.accepted_path(emitted) if tree else []
+        if draft is not None:
+            stats.draft_tokens += len(tree)
+            stats.accepted_tokens += len(accepted)
+            proposer.observe(draft, accepted, emitted)
+        deployment.on_round(RoundReport(mode, draft, accepted))
+    return emitted
+
+
 async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncIterator[Chunk]:
     """Yields one Chunk per round (text may be empty); the last has finished=True. Closing it releases the KV
-    caches of the target and of every drafter used."""
+    caches of the target and of every drafter used.
+
+    The next round (drafting + verification) runs while this round's tokens are detokenized; when a stop string
+    ends the output, that round's tokens are dropped."""
     plan = speculation_plan(request, deployment)
     prompt_ids = await deployment.text.encode(request.prompt)
     if len(prompt_ids) + request.max_tokens > deployment.max_context:
@@ -144,8 +169,8 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     stats = Stats()
     sequence_id = new_sequence_id()
     proposer = _proposer(plan, deployment, sequence_id, request)
-    monitor = deployment.monitor
-    monitor.active_requests += 1
+    deployment.monitor.active_requests += 1
+    next_round = None
     try:
         admitted, _ = await asyncio.gather(_admit(deployment, sequence_id, prompt_ids, request),
                                            proposer.start(prompt_ids) if proposer else asyncio.sleep(0))
@@ -163,6 +188,10 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
                     finished = True
                     break
             generated += new_ids
+            if not finished:
+                next_round = asyncio.ensure_future(_round(deployment, plan[0], proposer, sequence_id,
+                                                          prompt_ids + generated,
+                                                          request.max_tokens - len(generated) - 1, stats))
             window, read_offset = offsets.window(generated)
             delta, advanced = await deployment.text.decode(window, read_offset, finished)
             if advanced:
@@ -174,25 +203,11 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
             prefix, shown = "", releasable
             if finished:
                 return
-            draft = None
-            if proposer is not None:
-                draft = await proposer.propose(prompt_ids + generated, request.max_tokens - len(generated) - 1)
-            tree = draft.tree if draft else None
-            size = 1 + (len(tree) if tree else 0)
-            expected_tokens = 1 + stats.accepted_tokens / max(1, stats.rounds - 1)  # this request's running mean
-            async with deployment.scheduler.slot(size, value=expected_tokens / size):
-                started = time.monotonic()
-                emitted = (await deployment.target.step(sequence_id, [generated[-1]], draft=tree)).tokens
-                monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
-            accepted = draft.tree.accepted_path(emitted) if draft else []
-            if draft is not None:
-                stats.draft_tokens += len(draft.tree)
-                stats.accepted_tokens += len(accepted)
-                proposer.observe(draft, accepted, emitted)
-            if proposer is not None:
-                deployment.on_round(RoundReport(plan[0], draft, accepted))
+            emitted, next_round = await next_round, None
     finally:
-        monitor.active_requests -= 1
+        if next_round is not None:  # a stop string or a failure ended the request mid-round
+            await asyncio.gather(next_round, return_exceptions=True)
+        deployment.monitor.active_requests -= 1
         await deployment.target.release(sequence_id)
         if proposer is not None:
             await proposer.close()
