@@ -1,0 +1,315 @@
+"""Deterministic text corpora for the demo zoo.
+
+Four domains that any machine with Python can produce without downloads, chosen to differ in vocabulary and
+structure so that a drafter specialised on one of them clearly beats a general one there:
+code (the standard library's own Python sources), math (arithmetic and word problems), records (JSON lines and
+SQL from seeded schemas) and dialogue (templated user/assistant conversations).
+"""
+from __future__ import annotations
+
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from itertools import count
+from typing import Callable, Iterator
+
+from tqdm.auto import tqdm
+
+DOMAINS = ("code", "math", "records", "dialogue")
+
+
+@dataclass(frozen=True)
+class DomainCorpus:
+    name: str
+    train: list[str]  # documents for the tokenizer, the target and the drafters
+    heldout: list[str]  # documents never trained on: prompts and held-out loss
+    prompts: list[str]  # one prompt per held-out document, a prefix that never occurs in the training text
+
+
+def build_corpora(train_chars: int, heldout_docs: int, seed: int, progress: bool = True) -> dict[str, DomainCorpus]:
+    """Every domain's train/held-out split; train_chars is the training text budget per domain."""
+    corpora = {}
+    for index, name in enumerate(DOMAINS):
+        rng = random.Random(seed * 1000 + index)
+        bar = tqdm(total=train_chars, desc=f"corpus {name}", unit="char", unit_scale=True, disable=not progress)
+        if name == "code":
+            train, heldout = _split_code(rng, train_chars, heldout_docs, bar)
+        else:
+            train, heldout = _split_synthetic(SYNTHETIC_DOCUMENTS[name], rng, train_chars, heldout_docs, bar)
+        bar.close()
+        corpora[name] = _with_prompts(name, train, heldout, heldout_docs)
+    return corpora
+
+
+def prompt_prefix(document: str) -> str:
+    """The first lines of a document, up to about half of it (at least one line), ending with a newline."""
+    lines = document.splitlines(keepends=True)
+    prefix = lines[0]
+    for line in lines[1:]:
+        if len(prefix) + len(line) > min(len(document) // 2, 400):
+            break
+        prefix += line
+    return prefix if prefix.endswith("\n") else prefix + "\n"
+
+
+def _with_prompts(name: str, train: list[str], heldout: list[str], wanted: int) -> DomainCorpus:
+    # Templated domains repeat short prefixes; drop held-out documents whose prompt was trained on verbatim.
+    train_text = "\n".join(train)
+    kept = [(doc, prompt_prefix(doc)) for doc in heldout]
+    kept = [(doc, prompt) for doc, prompt in kept if prompt not in train_text][:wanted]
+    return DomainCorpus(name, train, [doc for doc, _ in kept], [prompt for _, prompt in kept])
+
+
+def _fill(documents: Iterator[str], train_chars: int, bar: tqdm) -> list[str]:
+    train, size = [], 0
+    for doc in documents:
+        if size >= train_chars:
+            break
+        train.append(doc)
+        size += len(doc)
+        bar.update(len(doc))
+    return train
+
+
+def _split_synthetic(make: Callable[[random.Random], str], rng: random.Random, train_chars: int,
+                     heldout_docs: int, bar: tqdm) -> tuple[list[str], list[str]]:
+    heldout_rng = random.Random(rng.random())
+    # Twice as many candidates as needed: some are dropped because their prompt also occurs in training text.
+    heldout = [make(heldout_rng) for _ in range(2 * heldout_docs)]
+    train = _fill((make(rng) for _ in count()), train_chars, bar)
+    return train, heldout
+
+
+# ---------------------------------------------------------------- code: the standard library's Python sources
+
+_SKIPPED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+                        "encodings", "lib2to3", "turtledemo", "idlelib", "pydoc_data"}
+_CODE_LINES_PER_DOC = 30
+_MIN_CODE_DOC_CHARS = 300
+
+
+def _split_code(rng: random.Random, train_chars: int, heldout_docs: int, bar: tqdm) -> tuple[list[str], list[str]]:
+    """Split by file so held-out documents come from files the models never saw."""
+    files = _stdlib_python_files()
+    rng.shuffle(files)
+    heldout, used = [], 0
+    for used, path in enumerate(files, start=1):
+        heldout.extend(_code_documents(path))
+        if len(heldout) >= 2 * heldout_docs:
+            break
+    train = _fill((doc for path in files[used:] for doc in _code_documents(path)), train_chars, bar)
+    return train, heldout
+
+
+def _stdlib_python_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(path for path in root.rglob("*.py")
+                  if not _SKIPPED_STDLIB_DIRS & set(path.relative_to(root).parts))
+
+
+def _code_documents(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (UnicodeDecodeError, OSError):
+        return []
+    chunks = ("".join(lines[i:i + _CODE_LINES_PER_DOC]) for i in range(0, len(lines), _CODE_LINES_PER_DOC))
+    return [chunk.strip("\n") + "\n" for chunk in chunks if len(chunk.strip()) >= _MIN_CODE_DOC_CHARS]
+
+
+# ---------------------------------------------------------------- math: arithmetic and word problems
+
+_NAMES = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam",
+          "Maya", "Noah", "Olga", "Pablo", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wei", "Yara", "Zoe")
+_ITEMS = ("apples", "books", "marbles", "stickers", "coins", "pencils", "cookies", "stamps", "shells", "cards")
+_CONTAINERS = (("box", "boxes"), ("bag", "bags"), ("jar", "jars"), ("basket", "baskets"), ("crate", "crates"))
+
+
+def _arithmetic(rng: random.Random) -> str:
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(2, 12), rng.randint(2, 20)
+    else:
+        a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=op == "-")
+    return f"Q: What is {a} {op} {b}?\nA: {_apply(a, op, b)}\n"
+
+
+def _word_problem(rng: random.Random) -> str:
+    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randint(5, 60), rng.randint(2, 40)
+        question = f"{name} has {a} {items} and finds {b} more. How many {items} does {name} have now?"
+        a_op_b = (a, "+", b)
+    elif kind == 1:
+        b, a = sorted((rng.randint(2, 40), rng.randint(10, 80)))
+        question = f"{name} had {a} {items} and gave {b} to a friend. How many {items} does {name} have left?"
+        a_op_b = (a, "-", b)
+    else:
+        per, containers = rng.randint(2, 12), rng.randint(2, 9)
+        container, plural = rng.choice(_CONTAINERS)
+        question = f"A {container} holds {per} {items}. How many {items} are in {containers} {plural}?"
+        a_op_b = (containers, "*", per)
+    answer = _apply(*a_op_b)
+    return f"Q: {question}\nA: {a_op_b[0]} {a_op_b[1]} {a_op_b[2]} = {answer}. The answer is {answer}.\n"
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+def _math_document(rng: random.Random) -> str:
+    return "".join(rng.choice((_arithmetic, _word_problem))(rng) for _ in range(rng.randint(4, 7)))
+
+
+# ---------------------------------------------------------------- records: JSON lines and SQL from seeded schemas
+
+_FIRST = ("Alice", "Bruno", "Carla", "Diego", "Elena", "Felix", "Greta", "Hannah", "Ivan", "Julia", "Karim",
+          "Lena", "Marco", "Nina", "Oscar", "Paula", "Rafael", "Sofia", "Tomas", "Ursula")
+_LAST = ("Silva", "Moreau", "Schmidt", "Rossi", "Novak", "Garcia", "Kowalski", "Jensen", "Dubois", "Costa")
+_CITIES = ("Lisbon", "Lyon", "Berlin", "Milan", "Prague", "Madrid", "Warsaw", "Oslo", "Vienna", "Porto")
+_PRODUCTS = ("laptop", "monitor", "keyboard", "mouse", "headset", "webcam", "charger", "tablet", "router")
+_ADJECTIVES = ("Compact", "Wireless", "Classic", "Smart", "Premium", "Portable", "Ergonomic")
+_CATEGORIES = ("electronics", "office", "garden", "kitchen", "sports", "toys")
+_DEPARTMENTS = ("sales", "finance", "engineering", "support", "marketing", "legal")
+_STATUSES = ("pending", "shipped", "delivered", "cancelled")
+_ACTIONS = ("login", "logout", "view", "click", "purchase", "search")
+_PAGES = ("/home", "/cart", "/checkout", "/products", "/account", "/help")
+
+
+def _person(rng: random.Random) -> tuple[str, str]:
+    return rng.choice(_FIRST), rng.choice(_LAST)
+
+
+def _customer(rng: random.Random, key: int) -> dict:
+    first, last = _person(rng)
+    return {"id": key, "name": f"{first} {last}", "email": f"{first.lower()}.{last.lower()}@example.com",
+            "city": rng.choice(_CITIES), "age": rng.randint(18, 80)}
+
+
+def _order(rng: random.Random, key: int) -> dict:
+    return {"order_id": key, "customer_id": rng.randint(100, 999), "product": rng.choice(_PRODUCTS),
+            "quantity": rng.randint(1, 5), "unit_price": round(rng.uniform(5, 900), 2),
+            "status": rng.choice(_STATUSES)}
+
+
+def _product(rng: random.Random, key: int) -> dict:
+    return {"sku": f"SKU-{key}", "title": f"{rng.choice(_ADJECTIVES)} {rng.choice(_PRODUCTS).title()}",
+            "category": rng.choice(_CATEGORIES), "price": round(rng.uniform(5, 500), 2),
+            "in_stock": rng.random() < 0.7}
+
+
+def _employee(rng: random.Random, key: int) -> dict:
+    first, last = _person(rng)
+    return {"id": key, "first_name": first, "last_name": last, "department": rng.choice(_DEPARTMENTS),
+            "salary": rng.randrange(30000, 120000, 500), "manager_id": rng.randint(1, 50)}
+
+
+def _event(rng: random.Random, key: int) -> dict:
+    return {"event_id": key, "user_id": rng.randint(1000, 9999), "action": rng.choice(_ACTIONS),
+            "page": rng.choice(_PAGES),
+            "timestamp": f"2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T"
+                         f"{rng.randint(0, 23):02d}:{rng.randrange(0, 60, 5):02d}:00"}
+
+
+_SCHEMAS = {"customers": _customer, "orders": _order, "products": _product, "employees": _employee,
+            "events": _event}
+
+
+def _json_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else str(value)
+
+
+def _sql_value(value) -> str:
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+def _sql_type(value) -> str:
+    if isinstance(value, bool):
+        return "BOOLEAN"
+    return {int: "INTEGER", float: "REAL", str: "TEXT"}[type(value)]
+
+
+def _records_document(rng: random.Random) -> str:
+    table = rng.choice(sorted(_SCHEMAS))
+    first_key = rng.randint(100, 9000)
+    rows = [_SCHEMAS[table](rng, first_key + i) for i in range(rng.randint(4, 7))]
+    columns = list(rows[0])
+    if rng.random() < 0.5:
+        body = "".join("{" + ", ".join(f'"{c}": {_json_value(row[c])}' for c in columns) + "}\n" for row in rows)
+        return f"-- table: {table} (json)\n{body}"
+    create = f"CREATE TABLE {table} (" + ", ".join(f"{c} {_sql_type(rows[0][c])}" for c in columns) + ");\n"
+    inserts = "".join(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ("
+                      + ", ".join(_sql_value(row[c]) for c in columns) + ");\n" for row in rows)
+    return f"-- table: {table} (sql)\n{create}{inserts}"
+
+
+# ---------------------------------------------------------------- dialogue: templated user/assistant conversations
+
+_DEVICES = ("laptop", "phone", "printer", "router", "tablet", "smart watch")
+_PROBLEMS = ("turning off", "freezing", "losing its connection", "running slowly", "showing a blank screen")
+_FIXES = ("restarting it", "updating the software", "charging it for an hour", "resetting the settings")
+_DISHES = ("pancakes", "tomato soup", "banana bread", "fried rice", "lentil curry", "apple pie")
+_INGREDIENTS = ("flour", "eggs", "milk", "butter", "rice", "onions", "garlic", "tomatoes", "sugar", "lentils")
+_WEATHER = ("sunny", "rainy", "cloudy", "windy", "snowy", "foggy")
+_GENRES = ("mystery", "science fiction", "history", "fantasy", "biography", "poetry")
+_AUTHORS = ("Mara Quill", "Jon Avery", "Lucia Fenn", "Theo Marsh", "Iris Vale", "Owen Hart")
+
+
+def _tech_support(rng: random.Random) -> list[str]:
+    device, problem = rng.choice(_DEVICES), rng.choice(_PROBLEMS)
+    fix, other_fix = rng.sample(_FIXES, 2)
+    code = rng.randint(100, 999)
+    return [f"User: Hi, my {device} keeps {problem}. Can you help?",
+            f"Assistant: I'm sorry to hear that your {device} keeps {problem}. Have you tried {fix}?",
+            f"User: Yes, I tried {fix} but it did not help.",
+            f"Assistant: Then please try {other_fix}. If your {device} still keeps {problem}, "
+            f"contact support and mention error code {code}.",
+            "User: Thanks, I will try that.",
+            "Assistant: You're welcome! Let me know if there is anything else I can help you with."]
+
+
+def _recipe(rng: random.Random) -> list[str]:
+    dish = rng.choice(_DISHES)
+    first, second, third = rng.sample(_INGREDIENTS, 3)
+    minutes, people = rng.randrange(10, 65, 5), rng.randint(2, 8)
+    return [f"User: How do I make {dish} for {people} people?",
+            f"Assistant: For {dish} for {people} people you need {first}, {second} and {third}. "
+            f"Mix the {first} with the {second}, add the {third}, and cook for {minutes} minutes.",
+            f"User: Can I make it without {second}?",
+            f"Assistant: Yes, you can replace the {second} with a little more {first}. "
+            f"The {dish} will still be ready in about {minutes} minutes."]
+
+
+def _weather(rng: random.Random) -> list[str]:
+    city, sky = rng.choice(_CITIES), rng.choice(_WEATHER)
+    temperature, tomorrow = rng.randint(-5, 35), rng.choice(_WEATHER)
+    return [f"User: What is the weather like in {city} today?",
+            f"Assistant: Today in {city} it is {sky} with a temperature of {temperature} degrees.",
+            "User: And what about tomorrow?",
+            f"Assistant: Tomorrow in {city} it will be {tomorrow}. "
+            f"{'Take an umbrella.' if tomorrow == 'rainy' else 'Enjoy your day!'}"]
+
+
+def _books(rng: random.Random) -> list[str]:
+    genre, author = rng.choice(_GENRES), rng.choice(_AUTHORS)
+    noun = rng.choice(("River", "Garden", "Clock", "Lantern", "Mountain", "Letter"))
+    year = rng.randint(1950, 2023)
+    return [f"User: Can you recommend a good {genre} book?",
+            f"Assistant: Sure! I recommend \"The {noun}\" by {author}, a {genre} book published in {year}.",
+            f"User: What else has {author} written?",
+            f"Assistant: {author} has written several other {genre} books, "
+            f"but \"The {noun}\" from {year} is the best known."]
+
+
+def _dialogue_document(rng: random.Random) -> str:
+    topics = rng.sample((_tech_support, _recipe, _weather, _books), rng.randint(1, 2))
+    return "".join(line + "\n" for topic in topics for line in topic(rng))
+
+
+SYNTHETIC_DOCUMENTS: dict[str, Callable[[random.Random], str]] = {
+    "math": _math_document, "records": _records_document, "dialogue": _dialogue_document}

@@ -1,0 +1,58 @@
+"""Build profiles: model sizes, training budgets and evaluation sizes of the zoo."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    seed: int
+    vocab_size: int
+    context: int  # training window and max_position_embeddings
+    train_chars_per_domain: int
+    prompts_per_domain: int
+    target: ModelShape
+    target_steps: int
+    target_batch: int
+    target_lr: float
+    drafter: ModelShape
+    distill_windows_per_domain: int
+    distill_top_k: int
+    drafter_steps: int
+    drafter_batch: int
+    drafter_lr: float
+    eval_prompts_per_domain: int
+    eval_new_tokens: int
+    eval_loss_windows: int
+    step_cost_steps: int
+    draft_length: int = 4
+
+
+PROFILES = {
+    # ~10 minutes on 2 CPU cores. The target is deep rather than wide: at batch 1 a step's cost is mostly
+    # per-layer work, so ten layers make it >= 8x a one-layer drafter while staying cheap enough to train.
+    "demo": Profile(
+        name="demo", seed=0, vocab_size=2048, context=256, train_chars_per_domain=500_000, prompts_per_domain=50,
+        target=ModelShape(hidden=256, layers=10, heads=4, intermediate=768),
+        target_steps=320, target_batch=8, target_lr=2e-3,
+        drafter=ModelShape(hidden=128, layers=1, heads=4, intermediate=384),
+        distill_windows_per_domain=96, distill_top_k=16, drafter_steps=500, drafter_batch=16, drafter_lr=3e-3,
+        eval_prompts_per_domain=16, eval_new_tokens=96, eval_loss_windows=16, step_cost_steps=200),
+    # Seconds: exercises every stage for tests; its quality numbers mean nothing.
+    "tiny": Profile(
+        name="tiny", seed=0, vocab_size=512, context=128, train_chars_per_domain=20_000, prompts_per_domain=5,
+        target=ModelShape(hidden=64, layers=2, heads=2, intermediate=128),
+        target_steps=20, target_batch=4, target_lr=3e-3,
+        drafter=ModelShape(hidden=32, layers=1, heads=2, intermediate=64),
+        distill_windows_per_domain=4, distill_top_k=8, drafter_steps=10, drafter_batch=4, drafter_lr=3e-3,
+        eval_prompts_per_domain=2, eval_new_tokens=12, eval_loss_windows=2, step_cost_steps=20),
+}
