@@ -34,6 +34,16 @@ def start_server(spec_raw: dict, root: Path) -> TritonServer:
 
 
 @pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    """The demo zoo's `tiny` profile (built once per session, under a minute)."""
+    from cosine.zoo import build_zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    build_zoo(root, profile="tiny", progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_dir, llama):
     root = tmp_path_factory.mktemp("server")
     engine = {"kv_cache_tokens": 8192, "num_threads": 1, "idle_timeout_s": 30}

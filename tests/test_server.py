@@ -136,8 +136,9 @@ def test_bad_input_is_a_400_naming_the_field(server, body, field):
     with pytest.raises(urllib.error.HTTPError) as caught:
         generate(server, **body)
     assert caught.value.code == 400
-    assert field in json.loads(caught.value.read())["error"]
+    assert json.loads(caught.value.read())["error"].startswith(field)
     assert generate(server, text_input="still serving", max_tokens=2)["sequence_length"] == 2
+    assert wait_for(lambda: metric(server, "cosine_active_sequences", model="target") == 0)  # nothing leaked
 
 
 def grpc_stream_error(server, inputs) -> str:

@@ -1,0 +1,76 @@
+"""build_engines.py as a user runs it: the tiny zoo becomes a repository a real tritonserver serves; routing works
+after warm-up; drafters with another tokenizer are refused."""
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from test_server import as_list, generate
+
+from cosine.launcher import TritonServer, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_engines(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "build_engines.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def zoo_server(tiny_zoo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo-deployment")
+    done = build_engines("--demo", "--profile", "tiny", "--zoo-dir", tiny_zoo, "--out-spec", root / "spec.yaml",
+                         "--repository", root / "repository")
+    assert done.returncode == 0, done.stderr
+    server = TritonServer(root / "repository", free_port(), free_port(), free_port(), log_path=root / "server.log")
+    server.start(timeout=300)
+    yield server
+    server.stop()
+
+
+def held_out(tiny_zoo):
+    rows = [json.loads(line) for line in (tiny_zoo / "prompts" / "mixed.jsonl").read_text().splitlines()]
+    return [(row["prompt"], row["domain"]) for row in rows]
+
+
+def test_the_generated_repository_serves_every_mode_exactly(zoo_server, tiny_zoo):
+    prompt = held_out(tiny_zoo)[0][0]
+    outputs = {mode: as_list(generate(zoo_server, text_input=prompt, max_tokens=12, speculation_mode=mode)["output_ids"])
+               for mode in ("autoregressive", "vanilla", "specinfer", "cosine")}
+    assert len(set(map(tuple, outputs.values()))) == 1 and len(outputs["cosine"]) > 0
+
+
+def test_router_picks_the_right_specialist_after_warm_up(zoo_server, tiny_zoo):
+    prompts = held_out(tiny_zoo)
+    for prompt, _ in prompts * 2:  # warm-up: verification feedback reaches the router
+        generate(zoo_server, text_input=prompt, max_tokens=8, speculation_mode="cosine")
+    picks = Counter()
+    for prompt, domain in prompts:
+        out = generate(zoo_server, text_input=prompt, max_tokens=4, speculation_mode="cosine", return_stats=True)
+        picks[as_list(out["routed_drafters"])[0] == domain] += 1
+    assert picks[True] / len(prompts) >= 0.9, picks
+
+
+def test_a_drafter_with_another_tokenizer_is_refused(tiny_zoo, tmp_path):
+    drafter = tmp_path / "odd-drafter"
+    shutil.copytree(tiny_zoo / "drafters" / "code", drafter)
+    tokenizer = json.loads((drafter / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["zzz-extra"] = len(tokenizer["model"]["vocab"])
+    (drafter / "tokenizer.json").write_text(json.dumps(tokenizer))
+    done = build_engines("--target", tiny_zoo / "target", "--drafter", f"odd={drafter}",
+                         "--out-spec", tmp_path / "spec.yaml", "--repository", tmp_path / "repository")
+    assert done.returncode == 2
+    assert "odd" in done.stderr and "tokenizer.json" in done.stderr
+    assert not (tmp_path / "repository").exists()
+
+
+def test_user_checkpoints_make_a_deployment(tiny_zoo, tmp_path):
+    done = build_engines("--target", tiny_zoo / "target", "--drafter", f"code={tiny_zoo / 'drafters' / 'code'}",
+                         "--out-spec", tmp_path / "spec.yaml", "--repository", tmp_path / "repository")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "repository").iterdir()) == [
+        "cosine", "drafter_code", "postprocessing", "preprocessing", "router", "target"]
