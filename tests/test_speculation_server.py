@@ -84,3 +84,11 @@ def test_bad_speculative_parameters_are_400s(server, extra, field):
         generate(server, text_input="hi", **{"speculation_mode": "vanilla", **extra})
     assert caught.value.code == 400
     assert field in json.loads(caught.value.read())["error"]
+
+
+def test_seeded_speculative_sampling_is_reproducible(server):
+    body = dict(speculation_mode="vanilla", drafters=["itself"], temperature=1.0, top_p=0.9, num_draft_tokens=3)
+    a, _ = run(server, PROMPTS[5], random_seed=11, **body)
+    b, _ = run(server, PROMPTS[5], random_seed=11, **body)
+    c, _ = run(server, PROMPTS[5], random_seed=12, **body)
+    assert a == b and a != c

@@ -5,8 +5,10 @@ sees target logits; it learns only which of its nodes were accepted."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,11 +48,22 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+def drafter_request(request, drafter_name: str):
+    """The request as a drafter sees it: same sampling shape, but its own random stream. Sharing the target's
+    seed would correlate the draft with the target's acceptance draws and bias the output."""
+    seed = request.params.seed
+    if seed is None:
+        return request
+    own_seed = (seed * 1_000_003 + zlib.crc32(drafter_name.encode())) % 2**63
+    return dataclasses.replace(request, params=dataclasses.replace(request.params, seed=own_seed))
+
+
 class DrafterSession:
     """One drafter's side of one request: admission on first use, then rollback to what the target verified."""
 
     def __init__(self, name: str, engine: DrafterEngine, sequence_id: int, request):
-        self.name, self.engine, self.sequence_id, self.request = name, engine, sequence_id, request
+        self.name, self.engine, self.sequence_id = name, engine, sequence_id
+        self.request = drafter_request(request, name)
         self.cached: list[int] | None = None  # tokens whose K/V the drafter holds; None before admission
         self.failed = False
 
