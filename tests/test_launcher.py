@@ -156,3 +156,13 @@ def test_cli_serve_runs_until_sigterm(tmp_path):
             proc.kill()
             proc.wait()
     assert not port_in_use(p["http_port"])
+
+
+def test_an_activated_virtualenv_is_hidden_from_the_stub(tmp_path):
+    from cosine.launcher import stub_environment
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /somewhere/else\n")
+    env = stub_environment({"PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin", "VIRTUAL_ENV": str(venv), "X": "1"})
+    assert env["PATH"] == "/usr/bin:/usr/local/bin" and "VIRTUAL_ENV" not in env and env["X"] == "1"

@@ -102,6 +102,18 @@ def python_backend_path() -> str:
     return os.pathsep.join(dict.fromkeys(entries))  # de-duplicated, order kept
 
 
+def stub_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment, minus any activated virtualenv.
+
+    The Python backend stub embeds the system libpython and finds its standard library through the first
+    `python3` on PATH: an activated venv of another CPython build would hand it a mismatched one."""
+    env = {key: value for key, value in environ.items() if key not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    path = [entry for entry in env.get("PATH", "").split(os.pathsep)
+            if entry and not (Path(entry).parent / "pyvenv.cfg").is_file()]
+    env["PATH"] = os.pathsep.join(["/usr/bin", *(entry for entry in path if entry != "/usr/bin")])
+    return env
+
+
 def validate_repository(path: Path) -> None:
     if not path.is_dir():
         raise LaunchError(f"model repository {path} is invalid: not a directory")
@@ -168,7 +180,7 @@ class TritonServer:
                 raise LaunchError(f"{name} port {port} is already in use (choose another with --{name}-port)")
         install = find_tritonserver()
         install_python_stub(install)
-        env = {**os.environ, **self.env, "COSINE_PYTHONPATH": python_backend_path()}
+        env = {**stub_environment(os.environ), **self.env, "COSINE_PYTHONPATH": python_backend_path()}
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._log_path, "wb") as log:
             # Own process group: Ctrl-C in our terminal must not hit the server or its stubs directly.

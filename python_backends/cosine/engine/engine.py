@@ -180,12 +180,23 @@ class CausalLMEngine:
             item = _Work(request, sequence, offset, self._mask(request, sequence.cache.length))
             work.append((index, item))
             offset += item.count
-        if work:
-            hidden = self._forward([item for _, item in work])
-            for index, item in work:
-                results[index] = self._finish(item, hidden)
+        for index, result in self._run(work):
+            results[index] = result
         self._draft_extra_tokens(work, results)
         return results
+
+    def _run(self, work: list[tuple[int, _Work]]):
+        """One forward for the whole batch, one lm_head over the rows that need logits; yields (index, result)."""
+        if not work:
+            return
+        hidden = self._forward([item for _, item in work])
+        # per sequence: the root (its last input) and every draft node
+        spans = [(item.offset + len(item.request.input_ids) - 1, item.offset + item.count) for _, item in work]
+        logits = self.model.lm_head(hidden[torch.cat([torch.arange(a, b) for a, b in spans])])
+        start = 0
+        for (index, item), (a, b) in zip(work, spans):
+            yield index, self._finish(item, hidden, logits[start:start + b - a])
+            start += b - a
 
     def _draft_extra_tokens(self, work: list[tuple[int, _Work]], results: list) -> None:
         """Feeds sequences their last emitted token until each has emitted its extra_tokens; one forward per token
@@ -199,9 +210,8 @@ class CausalLMEngine:
                                           candidates=item.request.candidates)
                     batch.append((index, _Work(request, item.sequence, offset, None)))
                     offset += 1
-            hidden = self._forward([item for _, item in batch])
-            for index, item in batch:
-                results[index].extend(self._finish(item, hidden))
+            for index, result in self._run(batch):
+                results[index].extend(result)
 
     @staticmethod
     def _mask(request: StepRequest, cached: int) -> torch.Tensor | None:
@@ -252,14 +262,14 @@ class CausalLMEngine:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return model.norm(x)[0]
 
-    def _finish(self, item: _Work, hidden: torch.Tensor) -> StepResult:
-        """Accepts part of the draft, keeps the accepted path's K/V, returns what was emitted."""
+    def _finish(self, item: _Work, hidden: torch.Tensor, logits: torch.Tensor) -> StepResult:
+        """Accepts part of the draft, keeps the accepted path's K/V, returns what was emitted.
+
+        logits: the sequence's rows for its root and then every draft node."""
         request, sequence = item.request, item.sequence
         n_in = len(request.input_ids)
         root_row = item.offset + n_in - 1
         input_logprob = self._input_logprob(request, hidden[item.offset:root_row]) if request.score_input else 0.0
-        rows = torch.arange(root_row, item.offset + item.count)  # the root, then every draft node
-        logits = self.model.lm_head(hidden[rows])
         probs = probabilities(logits, sequence.params)
         tokens, path = accept(probs, request.draft, sequence.generator)
         cache = sequence.cache
