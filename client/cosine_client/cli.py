@@ -25,6 +25,22 @@ def _generate(args) -> int:
     return 0
 
 
+def _numbers(kind):
+    return lambda text: tuple(kind(part) for part in text.split(",") if part)
+
+
+def _bench(args) -> int:
+    from .bench import markdown_table, run_bench
+
+    url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
+    results = run_bench(url, args.prompts, modes=args.modes.split(","), concurrencies=args.concurrency,
+                        requests_per_point=args.requests, max_tokens=args.max_tokens, protocol=args.protocol,
+                        quick=args.quick, poisson_rates=args.poisson_rates, rounds=args.rounds, out_dir=args.out)
+    print(markdown_table(results["summaries"]))
+    print(f"\nwrote {args.out}/results.json, results.md and {len(results['plots'])} plots")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cosine-client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +59,21 @@ def main(argv=None) -> int:
     gen.add_argument("--mode", help="speculation_mode: autoregressive | vanilla | specinfer | cosine")
     gen.add_argument("--num-draft-tokens", type=int)
     gen.set_defaults(run=_generate)
+    bench = commands.add_parser("bench", help="compare speculation modes under closed- and open-loop load",
+                                description="Settings not given take the defaults shown, or with --quick those "
+                                            "of a short sweep.")
+    bench.add_argument("--url", help="host:port (default localhost:8000 for HTTP, localhost:8001 for gRPC)")
+    bench.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    bench.add_argument("--prompts", required=True, help="held-out prompts, JSON lines with 'prompt' and 'domain'")
+    bench.add_argument("--modes", default="autoregressive,vanilla,specinfer,cosine")
+    bench.add_argument("--concurrency", type=_numbers(int), help="closed-loop workers (default 1,2,4,8,16,32)")
+    bench.add_argument("--requests", type=int, help="requests per mode, load point and round (default 32)")
+    bench.add_argument("--max-tokens", type=int, help="output tokens per request (default 64)")
+    bench.add_argument("--rounds", type=int, help="repetitions of every load point (default 2)")
+    bench.add_argument("--poisson-rates", type=_numbers(float), help="open-loop arrival rates, requests/s")
+    bench.add_argument("--quick", action="store_true", help="short sweep: concurrency 1,4,8, 8 requests, 32 tokens, 1 round")
+    bench.add_argument("--out", default="results/bench", help="output directory")
+    bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)
 

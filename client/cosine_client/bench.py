@@ -1,0 +1,174 @@
+"""Benchmark the speculation modes of one CoSine deployment against each other, in one run on one server.
+
+Closed loop: N workers, each sending its next request when its previous one has finished. Open loop: requests
+arrive at Poisson times at a given rate, whatever the server's backlog. Every request streams greedy output of
+exactly max_tokens tokens (end_id=-1) for a held-out prompt. Modes are interleaved: at every load point they run
+one after another, in an order that rotates from one run to the next, so slow drift of the machine hits all alike.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .api import grpc_generate, http_generate
+from .plots import write_plots
+from .stats import BASELINES, Record, acceptance_by_domain, summarize
+
+MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
+PRESETS = {  # settings not given explicitly come from here
+    "full": dict(concurrencies=(1, 2, 4, 8, 16, 32), requests_per_point=32, max_tokens=64, rounds=2,
+                 poisson_rates=()),
+    "quick": dict(concurrencies=(1, 4, 8), requests_per_point=8, max_tokens=32, rounds=1, poisson_rates=()),
+}
+
+
+def load_prompts(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def fitting_prompts(url: str, protocol: str, prompts: list[dict], max_tokens: int) -> list[dict]:
+    """The prompts that leave room for max_tokens in the target's context (the server rejects the others), counted
+    by the deployment's own tokenizer model."""
+    triton = importlib.import_module(f"tritonclient.{protocol}")
+    with triton.InferenceServerClient(url) as client:
+        config = client.get_model_config("cosine", **({"as_json": True} if protocol == "grpc" else {}))
+        params = {k: v["string_value"] for k, v in config.get("config", config)["parameters"].items()}
+
+        def length(prompt: str) -> int:
+            text = triton.InferInput("text", [1, 1], "BYTES")
+            text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
+            return client.infer(params["preprocessing_model"], [text]).as_numpy("input_ids").shape[-1]
+
+        return [p for p in prompts if length(p["prompt"]) + max_tokens <= int(params["max_context_tokens"])]
+
+
+def machine_info() -> dict:
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "client_torch_threads": torch.get_num_threads()}
+
+
+def _request(call, url: str, prompt: dict, mode: str, max_tokens: int, **record) -> Record:
+    start = time.perf_counter()
+    arrivals, tokens, stats = [], [], []
+    for event in call(url, stream=True, text_input=prompt["prompt"], max_tokens=max_tokens,
+                      exclude_input_in_output=True, temperature=0.0, end_id=-1, return_stats=True,
+                      speculation_mode=mode):
+        if event.output_ids:
+            arrivals.append(event.arrived)
+            tokens.append(len(event.output_ids))
+        stats = event.stats or stats
+    if not tokens:
+        raise RuntimeError(f"{mode}: a request returned no tokens")
+    return Record(mode, prompt.get("domain", "unknown"), start=start, arrivals=arrivals, tokens=tokens,
+                  stats=stats, **record)
+
+
+def _closed_loop(send, prompts: list[dict], concurrency: int) -> list[Record]:
+    # a pool of N threads fed from one queue: each worker takes the next prompt when its request is done
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(send, prompts))
+
+
+def _open_loop(send, prompts: list[dict], offsets: list[float]) -> list[Record]:
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        begin, futures = time.perf_counter(), []
+        for prompt, offset in zip(prompts, offsets):
+            time.sleep(max(0.0, begin + offset - time.perf_counter()))
+            futures.append(pool.submit(send, prompt))
+        return [future.result() for future in futures]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    baselines = [b for b in BASELINES if any(f"throughput_vs_{b}" in row for row in rows)]
+    header = ["load", "mode", "requests", "tokens/s", "requests/s", "TTFT mean / p50 (ms)",
+              "token latency p50 / p90 / p99 (ms)", "accepted / round", "tokens / round"]
+    header += [f"{what} vs {b}" for b in baselines for what in ("tokens/s", "p50 latency")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        load = f"c={row['level']:g}" if row["load"] == "concurrency" else f"poisson {row['level']:g}/s"
+        cells = [load, row["mode"], str(row["requests"]), f"{row['tokens_per_s']:.1f}", f"{row['requests_per_s']:.2f}",
+                 f"{row['ttft_mean'] * 1e3:.0f} / {row['ttft_p50'] * 1e3:.0f}",
+                 " / ".join(f"{row[f'token_latency_p{q}'] * 1e3:.1f}" for q in (50, 90, 99)),
+                 f"{row['accepted_per_round']:.2f}", f"{row['tokens_per_round']:.2f}"]
+        for b in baselines:
+            cells += [f"{row[key]:.2f}x" if key in row else "" for key in
+                      (f"throughput_vs_{b}", f"token_latency_p50_vs_{b}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_per_point=None, max_tokens=None,
+              protocol: str = "http", quick: bool = False, poisson_rates=None, rounds=None,
+              out_dir="results/bench", seed: int = 0) -> dict:
+    """Runs the sweep, writes results.json, results.md and PNG plots to out_dir, and returns the results.
+    Each run (one mode at one load point in one round) sends requests_per_point requests, and at least one per
+    closed-loop worker."""
+    given = dict(concurrencies=concurrencies, requests_per_point=requests_per_point, max_tokens=max_tokens,
+                 rounds=rounds, poisson_rates=poisson_rates)
+    settings = {k: v if v is not None else PRESETS["quick" if quick else "full"][k] for k, v in given.items()}
+    modes = list(modes)
+    rng = random.Random(seed)
+    prompts = load_prompts(prompts_file)
+    fitting = fitting_prompts(url, protocol, prompts, settings["max_tokens"])
+    if len(fitting) < len(prompts):
+        print(f"{len(prompts) - len(fitting)} of {len(prompts)} prompts leave no room for {settings['max_tokens']} "
+              f"tokens in the model's context; skipping them")
+    if not fitting:
+        raise ValueError("no prompt fits; lower --max-tokens")
+    prompts = fitting
+    rng.shuffle(prompts)
+    call = grpc_generate if protocol == "grpc" else http_generate
+    points = [("concurrency", c) for c in settings["concurrencies"]] + \
+             [("poisson", rate) for rate in settings["poisson_rates"]]
+    sizes = {(load, level): max(settings["requests_per_point"], level) if load == "concurrency"
+             else settings["requests_per_point"] for load, level in points}
+
+    for mode in modes:  # warm-up: first calls of a mode can pay one-off costs
+        _request(call, url, prompts[0], mode, 4, load="warmup", level=0, run=-1)
+    records: list[Record] = []
+    cursor, run = 0, 0
+    with tqdm(total=sum(sizes.values()) * len(modes) * settings["rounds"], unit="req") as bar:
+        for turn, (load, level) in enumerate(point for point in points for _ in range(settings["rounds"])):
+            batch = [prompts[(cursor + i) % len(prompts)] for i in range(sizes[load, level])]
+            cursor += len(batch)
+            offsets, at = [], 0.0
+            for _ in batch:  # one arrival schedule per round, shared by every mode
+                at += rng.expovariate(level) if load == "poisson" else 0.0
+                offsets.append(at)
+            for mode in modes[turn % len(modes):] + modes[:turn % len(modes)]:
+                bar.set_description(f"{mode} {load}={level:g}")
+
+                def send(prompt, mode=mode, load=load, level=level, run=run):
+                    record = _request(call, url, prompt, mode, settings["max_tokens"], load=load, level=level,
+                                      run=run)
+                    bar.update()
+                    return record
+
+                records += _closed_loop(send, batch, level) if load == "concurrency" else \
+                    _open_loop(send, batch, offsets)
+                run += 1
+
+    rows = summarize(records)
+    acceptance = acceptance_by_domain(records)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"url": url, "protocol": protocol, "prompts": str(prompts_file), "prompts_used": len(prompts),
+               "modes": modes, **settings, "machine": machine_info(), "summaries": rows,
+               "acceptance_by_domain": acceptance, "records": [asdict(record) for record in records]}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "results.md").write_text(markdown_table(rows) + "\n")
+    results["plots"] = [str(path) for path in write_plots(rows, acceptance, out_dir)]
+    return results

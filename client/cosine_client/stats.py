@@ -1,0 +1,106 @@
+"""Benchmark statistics from per-request timings (pure functions, no I/O). Times are in seconds."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+BASELINES = ("autoregressive", "vanilla")
+
+
+@dataclass
+class Record:
+    """One request as the client saw it."""
+    mode: str
+    domain: str
+    load: str  # "concurrency" (closed loop) or "poisson" (open loop)
+    level: float  # number of workers, or arrivals per second
+    run: int  # requests sent together (one mode, one load point, one round) share a run id
+    start: float
+    arrivals: list[float]  # arrival time of each streamed response that carried tokens
+    tokens: list[int]  # number of tokens each of those responses carried
+    stats: list[int]  # [rounds, draft tokens, accepted draft tokens] of the whole request
+
+
+def token_latencies(record: Record) -> list[float]:
+    """Inter-token latencies: the gap before a response is shared equally by the tokens it carries. Tokens of the
+    first response count toward time to first token instead."""
+    latencies = []
+    for previous, arrived, count in zip(record.arrivals, record.arrivals[1:], record.tokens[1:]):
+        latencies += [(arrived - previous) / count] * count
+    return latencies
+
+
+def _percentile(values, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def acceptance(records: list[Record]) -> tuple[float, float]:
+    """(accepted draft tokens per verification round, output tokens per verification round). The server counts the
+    prefill as a round of its own that emits one token, so both leave it out."""
+    verify_rounds = sum(max(0, r.stats[0] - 1) for r in records if r.stats)
+    accepted = sum(r.stats[2] for r in records if r.stats)
+    tokens = sum(sum(r.tokens) - 1 for r in records if r.stats and r.tokens)
+    return _ratio(accepted, verify_rounds), _ratio(tokens, verify_rounds)
+
+
+def summarize_point(records: list[Record]) -> dict:
+    """Statistics of one mode at one load point. Throughput divides by the summed wall span of its runs, so time
+    spent on other modes between interleaved runs does not count."""
+    runs = defaultdict(list)
+    for record in records:
+        runs[record.run].append(record)
+    span = sum(max(r.arrivals[-1] for r in run) - min(r.start for r in run) for run in runs.values())
+    ttft = [r.arrivals[0] - r.start for r in records]
+    latencies = [latency for r in records for latency in token_latencies(r)]
+    accepted_per_round, tokens_per_round = acceptance(records)
+    return {
+        "requests": len(records),
+        "output_tokens": sum(sum(r.tokens) for r in records),
+        "tokens_per_s": _ratio(sum(sum(r.tokens) for r in records), span),
+        "requests_per_s": _ratio(len(records), span),
+        "ttft_mean": float(np.mean(ttft)),
+        "ttft_p50": _percentile(ttft, 50),
+        "token_latency_p50": _percentile(latencies, 50),
+        "token_latency_p90": _percentile(latencies, 90),
+        "token_latency_p99": _percentile(latencies, 99),
+        "accepted_per_round": accepted_per_round,
+        "tokens_per_round": tokens_per_round,
+    }
+
+
+def summarize(records: list[Record]) -> list[dict]:
+    """One row per (load, level, mode), with throughput and p50 per-token latency relative to each baseline mode
+    measured at the same load point (throughput ratio > 1 and latency ratio < 1 are better)."""
+    groups = defaultdict(list)
+    for record in records:
+        groups[record.load, record.level, record.mode].append(record)
+    rows = {key: {"load": key[0], "level": key[1], "mode": key[2], **summarize_point(group)}
+            for key, group in groups.items()}
+    for (load, level, _), row in rows.items():
+        for baseline in BASELINES:
+            base = rows.get((load, level, baseline))
+            if base:
+                row[f"throughput_vs_{baseline}"] = _ratio(row["tokens_per_s"], base["tokens_per_s"])
+                row[f"token_latency_p50_vs_{baseline}"] = _ratio(row["token_latency_p50"], base["token_latency_p50"])
+    first_seen = {mode: i for i, mode in enumerate(dict.fromkeys(r.mode for r in records))}
+    return sorted(rows.values(), key=lambda row: (row["load"], row["level"], first_seen[row["mode"]]))
+
+
+def acceptance_by_domain(records: list[Record]) -> dict[str, dict[str, float]]:
+    """mode -> domain -> accepted draft tokens per verification round, over all load points, for modes that
+    drafted anything."""
+    groups = defaultdict(list)
+    for record in records:
+        groups[record.mode, record.domain].append(record)
+    drafted = {r.mode for r in records if r.stats and r.stats[1]}
+    result: dict[str, dict[str, float]] = defaultdict(dict)
+    for (mode, domain), group in sorted(groups.items()):
+        if mode in drafted:
+            result[mode][domain] = acceptance(group)[0]
+    return dict(result)

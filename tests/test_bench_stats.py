@@ -1,0 +1,79 @@
+"""Benchmark statistics on synthetic timings with known answers (no server, no timing assertions)."""
+import pytest
+
+from cosine_client.plots import write_plots
+from cosine_client.stats import Record, acceptance_by_domain, summarize, summarize_point, token_latencies
+
+
+def record(arrivals, tokens=None, start=0.0, mode="cosine", domain="code", run=0, level=1, stats=(1, 0, 0)):
+    return Record(mode, domain, "concurrency", level, run, start, list(arrivals),
+                  list(tokens or [1] * len(arrivals)), list(stats))
+
+
+def test_fixed_gaps_give_exact_percentiles():
+    gaps = [k / 1000 for k in range(1, 101)]  # 1 ms .. 100 ms, one token per response
+    arrivals = [0.5]
+    for gap in gaps:
+        arrivals.append(arrivals[-1] + gap)
+    row = summarize_point([record(arrivals)])
+    assert row["token_latency_p50"] == pytest.approx(0.0505)
+    assert row["token_latency_p90"] == pytest.approx(0.0901)
+    assert row["token_latency_p99"] == pytest.approx(0.09901)
+    assert row["ttft_mean"] == row["ttft_p50"] == pytest.approx(0.5)
+
+
+def test_gap_before_multi_token_response_is_split_over_its_tokens():
+    # the first response's tokens count toward time to first token, not per-token latency
+    assert token_latencies(record([1.0, 1.3, 1.5], tokens=[2, 3, 1])) == pytest.approx([0.1, 0.1, 0.1, 0.2])
+
+
+def test_throughput_spans_only_the_runs_of_the_mode():
+    first_run = [record([0.5, 1.0], start=0.0, run=0), record([1.5, 2.0], tokens=[4, 4], start=0.5, run=0)]
+    second_run = [record([101.0, 102.0], tokens=[5, 5], start=100.0, run=7)]  # other modes ran in between
+    row = summarize_point(first_run + second_run)
+    assert row["output_tokens"] == 20
+    assert row["tokens_per_s"] == pytest.approx(20 / 4)
+    assert row["requests_per_s"] == pytest.approx(3 / 4)
+    assert row["ttft_mean"] == pytest.approx((0.5 + 1.0 + 1.0) / 3)
+
+
+def test_ratios_against_baselines_at_the_same_load_point():
+    rows = summarize([
+        record([0.1 * k for k in range(1, 11)], mode="autoregressive"),  # 10 tokens/s, 0.1 s per token
+        record([0.04 * k for k in range(1, 11)], mode="cosine"),  # 25 tokens/s, 0.04 s per token
+        record([0.05 * k for k in range(1, 11)], mode="cosine", level=4),  # no baseline measured at 4
+    ])
+    by_point = {(row["mode"], row["level"]): row for row in rows}
+    cosine = by_point["cosine", 1]
+    assert cosine["throughput_vs_autoregressive"] == pytest.approx(2.5)
+    assert cosine["token_latency_p50_vs_autoregressive"] == pytest.approx(0.4)
+    assert by_point["autoregressive", 1]["throughput_vs_autoregressive"] == pytest.approx(1.0)
+    assert "throughput_vs_vanilla" not in cosine
+    assert "throughput_vs_autoregressive" not in by_point["cosine", 4]
+
+
+def test_accepted_length_leaves_out_the_prefill_round():
+    # 5 rounds = prefill + 4 verifications; 8 of 16 drafted tokens accepted; 13 tokens in all
+    row = summarize_point([record([0.1, 0.2, 0.3], tokens=[1, 6, 6], stats=(5, 16, 8))])
+    assert row["accepted_per_round"] == pytest.approx(2.0)
+    assert row["tokens_per_round"] == pytest.approx(3.0)
+
+
+def test_acceptance_by_domain_skips_modes_that_never_drafted():
+    records = [record([0.1, 0.2], tokens=[1, 4], domain="code", stats=(3, 8, 6)),
+               record([0.1, 0.2], tokens=[1, 2], domain="math", stats=(3, 8, 1)),
+               record([0.1, 0.2], mode="autoregressive", stats=(2, 0, 0))]
+    assert acceptance_by_domain(records) == {"cosine": {"code": pytest.approx(3.0), "math": pytest.approx(0.5)}}
+
+
+def test_plots_write_png_files(tmp_path):
+    records = [record([0.1 * k * (1 + level / 8) for k in range(1, 6)], mode=mode, domain=domain, level=level,
+                      stats=(5, 8, 4 if mode == "cosine" else 2) if mode != "autoregressive" else (5, 0, 0))
+               for mode in ("autoregressive", "vanilla", "cosine") for level in (1, 4)
+               for domain in ("code", "math")]
+    paths = write_plots(summarize(records), acceptance_by_domain(records), tmp_path)
+    assert {path.name for path in paths} == {"throughput_vs_latency.png", "speedup_vs_concurrency.png",
+                                             "acceptance_by_domain.png"}
+    for path in paths:
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000
