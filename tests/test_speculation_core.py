@@ -75,6 +75,22 @@ def test_controller_probes_now_and_then_while_plain():
     assert lengths.count(1) == 2 and lengths.count(0) == 6
 
 
+def test_measured_slow_speculation_falls_back_to_plain_decoding():
+    monitor = LoadMonitor()
+    assert monitor.speculation_pays()  # nothing measured yet
+    monitor.observe_round(False, tokens=1, seconds=0.010)  # plain: 100 tokens/s
+    monitor.observe_round(True, tokens=3, seconds=0.050)  # speculative: 60 tokens/s
+    assert not monitor.speculation_pays()
+    controller = SpeculationController(k_max=8, probe_every=4)
+    for _ in range(5):
+        controller.observe(depth=4, accepted=4)  # the model alone would draft long
+    lengths = [controller.draft_length(COSTS, 1, speculation_pays=monitor.speculation_pays()) for _ in range(8)]
+    assert lengths.count(0) == 6 and all(k >= 1 for k in lengths if k)  # plain, with occasional probes
+    for _ in range(100):
+        monitor.observe_round(True, tokens=5, seconds=0.025)  # speculation got faster: 200 tokens/s
+    assert monitor.speculation_pays()
+
+
 def test_acceptance_tracker_estimates_the_per_token_rate():
     tracker = AcceptanceTracker(decay=1.0)
     rng = random.Random(0)

@@ -129,6 +129,7 @@ async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int]
 async def _round(deployment: Deployment, mode: str, proposer, sequence_id: int, context: list[int],
                  budget: int, stats: Stats) -> list[int]:
     """One round: draft (if speculating), wait for a verification slot, verify; returns the emitted tokens."""
+    round_started = time.monotonic()
     draft = await proposer.propose(context, budget) if proposer is not None else None
     tree = draft.tree if draft else None
     size = 1 + (len(tree) if tree else 0)
@@ -138,6 +139,8 @@ async def _round(deployment: Deployment, mode: str, proposer, sequence_id: int, 
         started = time.monotonic()
         emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree)).tokens
         monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
+    if mode in ("cosine", "autoregressive"):  # the controller's evidence: cosine's rounds against plain ones
+        monitor.observe_round(tree is not None, len(emitted), time.monotonic() - round_started)
     if proposer is not None:
         accepted = tree.accepted_path(emitted) if tree else []
         if draft is not None:

@@ -58,10 +58,24 @@ class LoadMonitor:
     """The deployment-wide verification cost, fitted online: latency against the verifier's load in tokens (least
     squares with exponential forgetting); and how many requests are active."""
 
-    def __init__(self, forgetting: float = 0.98):
-        self.forgetting = forgetting
+    def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05):
+        self.forgetting, self.smoothing = forgetting, smoothing
         self.sums = [0.0] * 5  # n, sum x, sum y, sum x*x, sum x*y  (x = tokens in flight, y = seconds)
         self.active_requests = 0
+        self.round_rates: dict[bool, float] = {}  # speculative? -> measured tokens per second of a request's round
+
+    def observe_round(self, speculative: bool, tokens: int, seconds: float) -> None:
+        """What a round really delivered, drafting, queueing and verification included."""
+        rate = tokens / max(seconds, 1e-6)
+        old = self.round_rates.get(speculative)
+        self.round_rates[speculative] = rate if old is None else old + self.smoothing * (rate - old)
+
+    def speculation_pays(self) -> bool:
+        """False once measurements show speculative rounds delivering tokens slower than plain ones: whatever the
+        cost model says, the deployment then decodes plainly (and keeps probing)."""
+        if len(self.round_rates) < 2:
+            return True
+        return self.round_rates[True] >= self.round_rates[False]
 
     def observe_verify(self, tokens_in_flight: float, seconds: float) -> None:
         f = self.forgetting
@@ -89,15 +103,17 @@ class SpeculationController:
         self.probe_every = probe_every
         self.plain_rounds = 0
 
-    def draft_length(self, costs: CostModel | None, load: float, tree_factor: float = 1.0) -> int:
+    def draft_length(self, costs: CostModel | None, load: float, tree_factor: float = 1.0,
+                     speculation_pays: bool = True) -> int:
         if costs is None:  # nothing measured yet: speculate at full length
             return self.k_max
         k = costs.best_draft_length(self.acceptance.rate, load, self.k_max, tree_factor)
-        if k == 0:
-            # plain decoding learns nothing about acceptance: probe with a one-token draft now and then
+        if k == 0 or not speculation_pays:
+            # plain decoding learns nothing about acceptance or speed: probe now and then
             self.plain_rounds += 1
-            if self.plain_rounds % self.probe_every == 0:
-                return 1
+            if self.plain_rounds % self.probe_every:
+                return 0
+            return max(k, 1)
         return k
 
     def observe(self, depth: int, accepted: int) -> None:

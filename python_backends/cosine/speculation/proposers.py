@@ -182,7 +182,8 @@ class FusionProposer(Proposer):
         active = [s for s in self.sessions if not s.failed]
         tree_factor = 1 + self.max_siblings
         costs = self.monitor.costs(self.draft_seconds_per_position)
-        k = min(self.controller.draft_length(costs, self.monitor.active_requests, tree_factor), budget)
+        k = min(self.controller.draft_length(costs, self.monitor.active_requests, tree_factor,
+                                             self.monitor.speculation_pays()), budget)
         self.top_tokens = []
         if k <= 0 or not active:
             return None
