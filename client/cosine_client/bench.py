@@ -60,6 +60,21 @@ def machine_info() -> dict:
             "client_torch_threads": torch.get_num_threads()}
 
 
+def busy_seconds(metrics_url: str | None) -> dict[str, float]:
+    """cosine_engine_busy_seconds_total per engine model, from the deployment's Prometheus endpoint."""
+    if not metrics_url:
+        return {}
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    busy = {}
+    for line in text.splitlines():
+        if line.startswith("cosine_engine_busy_seconds_total{"):
+            model = line.split('model="', 1)[1].split('"', 1)[0]
+            busy[model] = float(line.rsplit(" ", 1)[1])
+    return busy
+
+
 def _request(call, url: str, prompt: dict, mode: str, max_tokens: int, **record) -> Record:
     start = time.perf_counter()
     arrivals, tokens, stats = [], [], []
@@ -112,7 +127,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_per_point=None, max_tokens=None,
               protocol: str = "http", quick: bool = False, poisson_rates=None, rounds=None,
-              out_dir="results/bench", seed: int = 0) -> dict:
+              out_dir="results/bench", seed: int = 0, metrics_url: str | None = None) -> dict:
     """Runs the sweep, writes results.json, results.md and PNG plots to out_dir, and returns the results.
     Each run (one mode at one load point in one round) sends requests_per_point requests, and at least one per
     closed-loop worker."""
@@ -139,6 +154,7 @@ def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_
     for mode in modes:  # warm-up: first calls of a mode can pay one-off costs
         _request(call, url, prompts[0], mode, 4, load="warmup", level=0, run=-1)
     records: list[Record] = []
+    utilization: dict[str, dict[str, list[float]]] = {}  # "mode load=level" -> model -> busy fractions per run
     cursor, run = 0, 0
     with tqdm(total=sum(sizes.values()) * len(modes) * settings["rounds"], unit="req") as bar:
         for turn, (load, level) in enumerate(point for point in points for _ in range(settings["rounds"])):
@@ -157,8 +173,13 @@ def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_
                     bar.update()
                     return record
 
+                busy_before, started = busy_seconds(metrics_url), time.perf_counter()
                 records += _closed_loop(send, batch, level) if load == "concurrency" else \
                     _open_loop(send, batch, offsets)
+                wall = time.perf_counter() - started
+                per_model = utilization.setdefault(f"{mode} {load}={level:g}", {})
+                for model, seconds in busy_seconds(metrics_url).items():
+                    per_model.setdefault(model, []).append((seconds - busy_before.get(model, 0.0)) / wall)
                 run += 1
 
     rows = summarize(records)
@@ -167,7 +188,11 @@ def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"url": url, "protocol": protocol, "prompts": str(prompts_file), "prompts_used": len(prompts),
                "modes": modes, **settings, "machine": machine_info(), "summaries": rows,
-               "acceptance_by_domain": acceptance, "records": [asdict(record) for record in records]}
+               "acceptance_by_domain": acceptance,
+               # busy fraction of each engine model during each run: drafters and target both busy = pipelining
+               "engine_busy_fraction": {key: {model: float(np.mean(values)) for model, values in models.items()}
+                                        for key, models in utilization.items()},
+               "records": [asdict(record) for record in records]}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     (out_dir / "results.md").write_text(markdown_table(rows) + "\n")
     results["plots"] = [str(path) for path in write_plots(rows, acceptance, out_dir)]

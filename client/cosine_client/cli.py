@@ -33,10 +33,15 @@ def _bench(args) -> int:
     from .bench import markdown_table, run_bench
 
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
+    metrics_url = args.metrics_url or f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
     results = run_bench(url, args.prompts, modes=args.modes.split(","), concurrencies=args.concurrency,
                         requests_per_point=args.requests, max_tokens=args.max_tokens, protocol=args.protocol,
-                        quick=args.quick, poisson_rates=args.poisson_rates, rounds=args.rounds, out_dir=args.out)
+                        quick=args.quick, poisson_rates=args.poisson_rates, rounds=args.rounds, out_dir=args.out,
+                        metrics_url=None if metrics_url == "none" else metrics_url)
     print(markdown_table(results["summaries"]))
+    print("\nengine busy fraction per run (drafters and target busy at once = pipelining):")
+    for run, models in results["engine_busy_fraction"].items():
+        print(f"  {run:<28}" + "  ".join(f"{model} {fraction:.2f}" for model, fraction in sorted(models.items())))
     print(f"\nwrote {args.out}/results.json, results.md and {len(results['plots'])} plots")
     return 0
 
@@ -73,6 +78,8 @@ def main(argv=None) -> int:
     bench.add_argument("--poisson-rates", type=_numbers(float), help="open-loop arrival rates, requests/s")
     bench.add_argument("--quick", action="store_true", help="short sweep: concurrency 1,4,8, 8 requests, 32 tokens, 1 round")
     bench.add_argument("--out", default="results/bench", help="output directory")
+    bench.add_argument("--metrics-url", help="Prometheus endpoint for engine busy fractions "
+                                             "(default http://<host>:8002/metrics; 'none' to skip)")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)
