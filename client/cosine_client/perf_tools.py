@@ -24,17 +24,15 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from cosine.contract import COSINE
+
 TOOLS_BIN_ENV = "COSINE_TOOLS_BIN"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOOLS_BIN = REPO_ROOT / "artifacts" / "tools" / "bin"
 SPECULATION_MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
 
-# Inputs of the `cosine` model that the input-data file may set, with their Triton datatypes (python_backends/
-# cosine/contract.py). Every one has dims [1] besides the batch dimension.
-INPUT_DATATYPES = {"text_input": "BYTES", "max_tokens": "INT32", "exclude_input_in_output": "BOOL",
-                   "stream": "BOOL", "speculation_mode": "BYTES", "num_draft_tokens": "INT32",
-                   "return_stats": "BOOL", "temperature": "FP32", "top_k": "INT32", "top_p": "FP32",
-                   "random_seed": "UINT64", "end_id": "INT32"}
+# perf_analyzer's input-data JSON holds each value as the JSON type of its Triton datatype.
+JSON_TYPES = {"TYPE_STRING": str, "TYPE_BOOL": bool, "TYPE_INT32": int, "TYPE_UINT64": int, "TYPE_FP32": float}
 
 
 class PerfToolError(RuntimeError):
@@ -126,19 +124,16 @@ def filter_prompts_by_length(prompts: Iterable[str], tokenizer_dir: str | os.Pat
 
 
 def _tensor(name: str, value) -> dict:
-    datatype = INPUT_DATATYPES.get(name)
-    if datatype is None:
-        raise ValueError(f"unknown input {name!r} (known: {', '.join(INPUT_DATATYPES)})")
-    if datatype == "BYTES":
-        value = str(value)
-    elif datatype == "BOOL":
-        value = bool(value)
-    elif datatype == "FP32":
-        value = float(value)
-    else:
-        value = int(value)
+    spec = COSINE.input_by_name.get(name)
+    if spec is None or spec.dims != (1,):
+        single = [t.name for t in COSINE.inputs if t.dims == (1,)]
+        raise ValueError(f"{name!r} is not a single-value input of the cosine model (those are: {', '.join(single)})")
+    if spec.dtype == "TYPE_BOOL" and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{name}: expected true or false, not {value!r}")
+        value = value.lower() in ("true", "1")
     # "shape" leaves out the batch dimension (the model has max_batch_size > 0); perf_analyzer sends batch 1.
-    return {"content": [value], "shape": [1]}
+    return {"content": [JSON_TYPES[spec.dtype](value)], "shape": list(spec.dims)}
 
 
 def perf_input_data(prompts: Iterable[str], max_tokens: int = 32, exclude_input_in_output: bool = True,
@@ -440,7 +435,8 @@ def run_genai_perf(grpc_url: str, tokenizer: str | os.PathLike, out_dir: str | o
     JSON-lines file or a list of strings) is given; genai-perf asks for output_tokens_mean tokens through
     max_tokens. speculation_mode / return_stats / extra_inputs are sent with every request (--extra-inputs).
     genai-perf's artifacts land in out_dir/artifacts/<model>-triton-tensorrtllm-concurrency<N>/; the exports are
-    copied to out_dir as genai_perf_c<N>.json / .csv / profile_export_c<N>.json. Returns the parsed summaries."""
+    copied to out_dir as genai_perf_c<N>.json / .csv / profile_export_c<N>.json. Returns the parsed summaries
+    (genai-perf counts tokens by re-tokenizing the text; "from_profile_export" has the model's own counts)."""
     binary = find_tool("genai-perf", tools_bin)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -485,6 +481,11 @@ def run_genai_perf(grpc_url: str, tokenizer: str | os.PathLike, out_dir: str | o
                 copies[source] = str(out / target)
         parsed = parse_genai_perf_json(run_dir / "profile_export_genai_perf.json")
         parsed.pop("input_config", None)
+        if (run_dir / "profile_export.json").is_file():
+            # exact token counts (sequence_length) and, with return_stats, speculation statistics
+            exported = summarize_profile_export(run_dir / "profile_export.json")
+            if exported:
+                parsed["from_profile_export"] = exported[0]
         results.append({"concurrency": level, **parsed, "files": copies})
     summary = {"tool": "genai-perf", "version": _version(binary), "model": model, "url": grpc_url,
                "tokenizer": str(tokenizer), "speculation_mode": speculation_mode, "extra_inputs": inputs,
