@@ -156,3 +156,19 @@ def test_drafting_extra_tokens_matches_step_by_step_and_rolls_back(llama):
         assert result.tokens == expected[3:7]
     bad = engine.step([StepRequest(0, [1], keep_length=10_000)])[0]
     assert "keep_length" in str(bad)
+
+
+def test_min_length_bans_the_end_token_like_transformers(llama):
+    model = load_causal_lm(llama)
+    prompt = encode(llama, [PROMPTS[2]])[0]
+    free = run(CausalLMEngine(model, 4096), [prompt], 8)[0]
+    end_id = free[2]  # a token greedy decoding emits early
+    engine = CausalLMEngine(model, 4096)
+    first = engine.step([StepRequest(1, prompt, admission=Admission(8, SamplingParams(), end_id, min_length=6))])
+    out = first[0].tokens
+    while len(out) < 8:
+        out += engine.step([StepRequest(1, out[-1:])])[0].tokens
+    assert end_id not in out[:6] and out[:2] == free[:2]
+    reference = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=6, do_sample=False,
+                               eos_token_id=end_id, pad_token_id=0)[0, len(prompt):].tolist()
+    assert out[:len(reference)] == reference

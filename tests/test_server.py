@@ -205,3 +205,11 @@ def test_http_disconnect_mid_stream_frees_the_kv_cache(server):
     assert wait_for(lambda: metric(server, "cosine_requests_total", status="cancelled") > cancelled_before)
     assert wait_for(lambda: metric(server, "cosine_active_sequences", model="target") == 0)
 
+
+
+def test_min_length_holds_back_the_end_token(server):
+    free = as_list(generate(server, text_input=PROMPTS[2], max_tokens=10)["output_ids"])
+    stopped = generate(server, text_input=PROMPTS[2], max_tokens=10, end_id=free[2])
+    assert stopped["sequence_length"] == 2
+    held = generate(server, text_input=PROMPTS[2], max_tokens=10, end_id=free[2], min_length=10)
+    assert held["sequence_length"] == 10 and free[2] not in as_list(held["output_ids"])

@@ -89,6 +89,7 @@ COSINE = ModelContract(
         _scalar("random_seed", "TYPE_UINT64"),
         _scalar("end_id", "TYPE_INT32"),
         _scalar("pad_id", "TYPE_INT32"),
+        _scalar("min_length", "TYPE_INT32"),  # end_id is not generated before this many tokens
         TensorSpec("stop_words", "TYPE_STRING", (-1,), optional=True),
         _scalar("return_stats", "TYPE_BOOL"),
         # CoSine's own: autoregressive | vanilla | specinfer | cosine (default: the deployment's)
@@ -146,6 +147,9 @@ ENGINE = ModelContract(
         _scalar("top_k", "TYPE_INT32"),
         _scalar("top_p", "TYPE_FP32"),
         _scalar("random_seed", "TYPE_UINT64"),
+        # end_id may not be emitted before min_length tokens follow the first step's input_ids
+        _scalar("end_id", "TYPE_INT32"),
+        _scalar("min_length", "TYPE_INT32"),
         _scalar("release", "TYPE_BOOL"),
     ),
     outputs=(

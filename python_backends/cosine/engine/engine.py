@@ -29,6 +29,8 @@ class StepError(ValueError):
 class Admission:
     max_new_tokens: int
     params: SamplingParams
+    end_id: int | None = None
+    min_length: int = 0  # end_id is banned until this many tokens follow the admitted input
 
 
 @dataclass
@@ -63,6 +65,8 @@ class _Sequence:
     cache: SequenceCache
     params: SamplingParams
     generator: torch.Generator
+    end_id: int | None = None
+    min_end_position: int = 0  # end_id may not be emitted at positions before this
 
 
 @dataclass
@@ -120,7 +124,8 @@ class CausalLMEngine:
         except InvalidParameter as error:
             raise StepError(str(error)) from None
         cache = self.kv.admit(request.sequence_id, needed + self.max_draft_tokens)
-        sequence = _Sequence(cache, admission.params, admission.params.generator())
+        sequence = _Sequence(cache, admission.params, admission.params.generator(), admission.end_id,
+                             len(request.input_ids) + admission.min_length)
         self.sequences[request.sequence_id] = sequence
         return sequence
 
@@ -270,6 +275,11 @@ class CausalLMEngine:
         n_in = len(request.input_ids)
         root_row = item.offset + n_in - 1
         input_logprob = self._input_logprob(request, hidden[item.offset:root_row]) if request.score_input else 0.0
+        if sequence.end_id is not None and 0 <= sequence.end_id < logits.shape[-1]:
+            # row i predicts the token at position predicted[i]; min_length bans end_id there (as HF does)
+            root_position = sequence.cache.length + n_in - 1
+            predicted = torch.tensor([root_position + 1] + [root_position + 1 + d for d in request.draft.depths()])
+            logits[predicted < sequence.min_end_position, sequence.end_id] = float("-inf")
         probs = probabilities(logits, sequence.params)
         tokens, path = accept(probs, request.draft, sequence.generator)
         cache = sequence.cache

@@ -6,6 +6,7 @@ a UTF-8 character or show part of a stop string."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -164,6 +165,7 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
                                            f"{request.max_tokens} it exceeds the model's context of "
                                            f"{deployment.max_context} tokens")
     end_id = deployment.end_id if request.end_id is None else request.end_id
+    request = dataclasses.replace(request, end_id=end_id)  # engines enforce min_length against it
     stops = StopStrings(request.stop_words)
     offsets = DetokenizerOffsets()
     generated: list[int] = []

@@ -19,6 +19,7 @@ class GenerationRequest:
     end_id: int | None = None
     stop_words: tuple[str, ...] = ()
     return_stats: bool = False
+    min_length: int = 0  # end_id is not generated before this many tokens
     speculation_mode: str | None = None  # None: the deployment's default
     num_draft_tokens: int | None = None
     drafters: tuple[str, ...] = ()
@@ -71,6 +72,9 @@ def parse_generation_request(inputs: dict[str, np.ndarray], default_max_tokens: 
     except InvalidParameter as error:
         raise InvalidRequest(error.field, error.reason) from None
     end_id = _scalar(inputs, "end_id", None, int)
+    min_length = _scalar(inputs, "min_length", 0, int)
+    if not 0 <= min_length <= max_tokens:
+        raise InvalidRequest("min_length", f"must be in [0, max_tokens={max_tokens}], got {min_length}")
     stop_words = tuple(decode_utf8("stop_words", word) for word in inputs.get("stop_words", np.empty(0)).reshape(-1))
     return GenerationRequest(
         prompt=prompt,
@@ -79,6 +83,7 @@ def parse_generation_request(inputs: dict[str, np.ndarray], default_max_tokens: 
         exclude_input_in_output=_scalar(inputs, "exclude_input_in_output", False, bool),
         params=params,
         end_id=end_id,
+        min_length=min_length,
         stop_words=stop_words,
         return_stats=_scalar(inputs, "return_stats", False, bool),
         speculation_mode=decode_utf8("speculation_mode", inputs["speculation_mode"].reshape(-1)[0])

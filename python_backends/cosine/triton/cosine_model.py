@@ -35,7 +35,8 @@ class BlsEngine:
         if request is not None:
             params = request.params
             values.update(max_new_tokens=request.max_tokens, temperature=params.temperature, top_k=params.top_k,
-                          top_p=params.top_p, random_seed=params.seed)
+                          top_p=params.top_p, random_seed=params.seed, min_length=request.min_length or None,
+                          end_id=request.end_id if request.min_length else None)
         if draft:
             values.update(draft_ids=draft.tokens, draft_parents=draft.parents)
         out = await bls(self.model_name, ENGINE, self.OUTPUTS, **values)

@@ -19,21 +19,21 @@ from .io import Metrics, error_response, model_parameters, request_inputs, resol
 
 def _step_request(inputs: dict) -> StepRequest:
     values = {name: array.reshape(-1) for name, array in inputs.items()}
+
+    def scalar(name, default=None, kind=int):
+        return kind(values[name][0]) if name in values else default
+
     admission = None
     if "max_new_tokens" in values:
-        first = lambda name, default: values[name][0] if name in values else default  # noqa: E731
-        admission = Admission(int(values["max_new_tokens"][0]), SamplingParams(
-            temperature=float(first("temperature", 0.0)),
-            top_k=int(first("top_k", 0)),
-            top_p=float(first("top_p", 1.0)),
-            seed=int(values["random_seed"][0]) if "random_seed" in values else None,
-        ))
+        params = SamplingParams(scalar("temperature", 0.0, float), scalar("top_k", 0), scalar("top_p", 1.0, float),
+                                scalar("random_seed"))
+        admission = Admission(scalar("max_new_tokens"), params, scalar("end_id"), scalar("min_length", 0))
     empty = np.empty(0, np.int32)
-    draft = DraftTree(tuple(values.get("draft_ids", empty).tolist()), tuple(values.get("draft_parents", empty).tolist()))
-    scalar = lambda name, default: int(values[name][0]) if name in values else default  # noqa: E731
-    return StepRequest(int(values["sequence_id"][0]), values.get("input_ids", empty).tolist(), draft, admission,
-                       keep_length=scalar("keep_length", None), extra_tokens=scalar("extra_tokens", 0),
-                       candidates=scalar("num_candidates", 0), score_input=bool(scalar("score_input", 0)))
+    draft = DraftTree(tuple(values.get("draft_ids", empty).tolist()),
+                      tuple(values.get("draft_parents", empty).tolist()))
+    return StepRequest(scalar("sequence_id"), values.get("input_ids", empty).tolist(), draft, admission,
+                       keep_length=scalar("keep_length"), extra_tokens=scalar("extra_tokens", 0),
+                       candidates=scalar("num_candidates", 0), score_input=scalar("score_input", False, bool))
 
 
 class EngineModel:
