@@ -183,6 +183,34 @@ def test_scheduler_never_starves_a_low_value_request():
     assert batch[0].value == 0.01 and clock.now >= 1.0
 
 
+def test_scheduler_gathers_the_active_requests_before_releasing():
+    active = 3
+    scheduler = VerificationScheduler(gather_window_s=5.0, active_requests=lambda: active)
+    started = []
+
+    async def verify(name, delay):
+        await asyncio.sleep(delay)
+        async with scheduler.slot(1):
+            started.append((name, scheduler.in_flight))
+
+    async def main():
+        await asyncio.wait_for(asyncio.gather(verify("a", 0), verify("b", 0.01), verify("c", 0.02)), timeout=2)
+
+    asyncio.run(main())  # well inside the 5 s window: released as soon as all three waited
+    assert sorted(name for name, _ in started) == ["a", "b", "c"]
+    assert max(in_flight for _, in_flight in started) == 3  # one batch of three
+
+
+def test_scheduler_window_releases_a_partial_batch():
+    scheduler = VerificationScheduler(gather_window_s=0.01, active_requests=lambda: 5)
+
+    async def main():
+        async with scheduler.slot(1):
+            return scheduler.in_flight
+
+    assert asyncio.run(asyncio.wait_for(main(), timeout=2)) == 1
+
+
 def test_scheduler_releases_one_batch_at_a_time():
     scheduler = VerificationScheduler(token_cap=100)
     order = []

@@ -53,8 +53,12 @@ class Deployment:
     max_cooperating_drafters: int = 2
     admission_timeout_s: float = 120.0
     monitor: LoadMonitor = field(default_factory=LoadMonitor)
-    scheduler: VerificationScheduler = field(default_factory=VerificationScheduler)
+    scheduler: VerificationScheduler | None = None  # default: one that gathers the monitor's active requests
     on_round: Callable[[RoundReport], None] = lambda report: None
+
+    def __post_init__(self):
+        if self.scheduler is None:
+            self.scheduler = VerificationScheduler(active_requests=lambda: self.monitor.active_requests)
 
 
 @dataclass

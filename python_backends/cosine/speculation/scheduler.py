@@ -3,8 +3,9 @@
 A gate of our own rather than Triton's batcher alone, because Triton's batcher counts requests while verification
 cost follows tokens (a tree may be 1 or 30 of them). One batch is in flight at a time; when it returns, the next is
 formed from the waiting requests by a weighted latency/throughput score under a cap on tokens, and a request that
-waited longer than `max_wait_s` goes first whatever its score, so nobody starves. Triton's dynamic batcher then
-merges the released calls into one forward."""
+waited longer than `max_wait_s` goes first whatever its score, so nobody starves. A batch is formed once every
+active request waits, or `gather_window_s` after the first arrival, so requests returning from the previous batch
+travel together. Triton's dynamic batcher then merges the released calls into one forward."""
 from __future__ import annotations
 
 import asyncio
@@ -23,12 +24,13 @@ class _Waiting:
 
 class VerificationScheduler:
     def __init__(self, token_cap: int = 256, latency_weight: float = 1.0, max_wait_s: float = 0.5,
-                 clock=time.monotonic):
+                 gather_window_s: float = 0.002, active_requests=lambda: 1, clock=time.monotonic):
         self.token_cap, self.latency_weight, self.max_wait_s = token_cap, latency_weight, max_wait_s
+        self.gather_window_s, self.active_requests = gather_window_s, active_requests
         self.clock = clock
         self.waiting: list[_Waiting] = []
         self.in_flight = 0
-        self.batch_sizes: list[int] = []  # recent released batch sizes (for metrics)
+        self._gathering = None  # the timer that ends the current gather window
 
     def priority(self, entry: _Waiting, now: float) -> tuple:
         waited = now - entry.arrival
@@ -49,13 +51,18 @@ class VerificationScheduler:
             self.waiting.remove(entry)
         return batch
 
-    def _release(self) -> None:
+    def _release(self, window_over: bool = False) -> None:
         if self.in_flight or not self.waiting:
             return
+        if not window_over and len(self.waiting) < self.active_requests():
+            if self._gathering is None:
+                self._gathering = asyncio.get_running_loop().call_later(self.gather_window_s, self._release, True)
+            return
+        if self._gathering is not None:
+            self._gathering.cancel()
+            self._gathering = None
         batch = self.next_batch()
         self.in_flight = len(batch)
-        self.batch_sizes.append(len(batch))
-        del self.batch_sizes[:-100]
         for entry in batch:
             entry.ticket.set_result(None)
 

@@ -7,11 +7,12 @@ SQL from seeded schemas) and dialogue (templated user/assistant conversations).
 """
 from __future__ import annotations
 
+import ast
+import itertools
 import random
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from itertools import count
 from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
@@ -77,7 +78,7 @@ def _split_synthetic(make: Callable[[random.Random], str], rng: random.Random, t
     heldout_rng = random.Random(rng.random())
     # Twice as many candidates as needed: some are dropped because their prompt also occurs in training text.
     heldout = [make(heldout_rng) for _ in range(2 * heldout_docs)]
-    train = _fill((make(rng) for _ in count()), train_chars, bar)
+    train = _fill((make(rng) for _ in itertools.count()), train_chars, bar)
     return train, heldout
 
 
@@ -85,8 +86,7 @@ def _split_synthetic(make: Callable[[random.Random], str], rng: random.Random, t
 
 _SKIPPED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
                         "encodings", "lib2to3", "turtledemo", "idlelib", "pydoc_data"}
-_CODE_LINES_PER_DOC = 30
-_MIN_CODE_DOC_CHARS = 300
+_CODE_LINES = range(4, 41)  # functions shorter or longer than this are left out
 
 
 def _split_code(rng: random.Random, train_chars: int, heldout_docs: int, bar: tqdm) -> tuple[list[str], list[str]]:
@@ -109,12 +109,28 @@ def _stdlib_python_files() -> list[Path]:
 
 
 def _code_documents(path: Path) -> list[str]:
+    """The file's functions and methods, one per document, without comments and docstrings.
+
+    Printing the syntax tree back normalises layout and quoting: the small models learn code, not formatting.
+    """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    except (UnicodeDecodeError, OSError):
+        module = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, ValueError, OSError):  # UnicodeDecodeError is a ValueError
         return []
-    chunks = ("".join(lines[i:i + _CODE_LINES_PER_DOC]) for i in range(0, len(lines), _CODE_LINES_PER_DOC))
-    return [chunk.strip("\n") + "\n" for chunk in chunks if len(chunk.strip()) >= _MIN_CODE_DOC_CHARS]
+    scopes = [module, *(node for node in module.body if isinstance(node, ast.ClassDef))]
+    functions = [node for scope in scopes for node in scope.body
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    documents = [ast.unparse(_without_docstrings(function)) + "\n" for function in functions]
+    return [document for document in documents if document.count("\n") in _CODE_LINES]
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
 
 
 # ---------------------------------------------------------------- math: arithmetic and word problems
@@ -125,12 +141,13 @@ _ITEMS = ("apples", "books", "marbles", "stickers", "coins", "pencils", "cookies
 _CONTAINERS = (("box", "boxes"), ("bag", "bags"), ("jar", "jars"), ("basket", "baskets"), ("crate", "crates"))
 
 
+# Operands stay small: the answers are a few hundred table facts a small target can learn within the budget.
 def _arithmetic(rng: random.Random) -> str:
     op = rng.choice("+-*")
     if op == "*":
-        a, b = rng.randint(2, 12), rng.randint(2, 20)
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
     else:
-        a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=op == "-")
+        a, b = sorted((rng.randint(1, 20), rng.randint(1, 20)), reverse=op == "-")
     return f"Q: What is {a} {op} {b}?\nA: {_apply(a, op, b)}\n"
 
 
@@ -138,15 +155,15 @@ def _word_problem(rng: random.Random) -> str:
     name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
     kind = rng.randrange(3)
     if kind == 0:
-        a, b = rng.randint(5, 60), rng.randint(2, 40)
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
         question = f"{name} has {a} {items} and finds {b} more. How many {items} does {name} have now?"
         a_op_b = (a, "+", b)
     elif kind == 1:
-        b, a = sorted((rng.randint(2, 40), rng.randint(10, 80)))
+        b, a = sorted((rng.randint(1, 20), rng.randint(1, 20)))
         question = f"{name} had {a} {items} and gave {b} to a friend. How many {items} does {name} have left?"
         a_op_b = (a, "-", b)
     else:
-        per, containers = rng.randint(2, 12), rng.randint(2, 9)
+        per, containers = rng.randint(2, 12), rng.randint(2, 12)
         container, plural = rng.choice(_CONTAINERS)
         question = f"A {container} holds {per} {items}. How many {items} are in {containers} {plural}?"
         a_op_b = (containers, "*", per)
@@ -187,16 +204,25 @@ def _customer(rng: random.Random, key: int) -> dict:
             "city": rng.choice(_CITIES), "age": rng.randint(18, 80)}
 
 
+def _catalogue() -> list[dict]:
+    # Fixed facts (a product's SKU, category and price) reward a drafter that spends its capacity on this domain.
+    rng = random.Random("catalogue")
+    return [{"sku": f"SKU-{1000 + index}", "title": f"{adjective} {product.title()}",
+             "category": rng.choice(_CATEGORIES), "price": round(rng.uniform(5, 500), 2)}
+            for index, (adjective, product) in enumerate(itertools.product(_ADJECTIVES, _PRODUCTS))]
+
+
+_CATALOGUE = _catalogue()
+
+
 def _order(rng: random.Random, key: int) -> dict:
-    return {"order_id": key, "customer_id": rng.randint(100, 999), "product": rng.choice(_PRODUCTS),
-            "quantity": rng.randint(1, 5), "unit_price": round(rng.uniform(5, 900), 2),
-            "status": rng.choice(_STATUSES)}
+    item = rng.choice(_CATALOGUE)
+    return {"order_id": key, "customer_id": rng.randint(100, 999), "product": item["title"],
+            "quantity": rng.randint(1, 5), "unit_price": item["price"], "status": rng.choice(_STATUSES)}
 
 
 def _product(rng: random.Random, key: int) -> dict:
-    return {"sku": f"SKU-{key}", "title": f"{rng.choice(_ADJECTIVES)} {rng.choice(_PRODUCTS).title()}",
-            "category": rng.choice(_CATEGORIES), "price": round(rng.uniform(5, 500), 2),
-            "in_stock": rng.random() < 0.7}
+    return {**rng.choice(_CATALOGUE), "in_stock": rng.random() < 0.7}
 
 
 def _employee(rng: random.Random, key: int) -> dict:
@@ -275,8 +301,8 @@ def _tech_support(rng: random.Random) -> list[str]:
 
 def _recipe(rng: random.Random) -> list[str]:
     dish = rng.choice(_DISHES)
-    first, second, third = rng.sample(_INGREDIENTS, 3)
-    minutes, people = rng.randrange(10, 65, 5), rng.randint(2, 8)
+    (first, second, third), minutes = _COOKBOOK[dish]
+    people = rng.randint(2, 8)
     return [f"User: How do I make {dish} for {people} people?",
             f"Assistant: For {dish} for {people} people you need {first}, {second} and {third}. "
             f"Mix the {first} with the {second}, add the {third}, and cook for {minutes} minutes.",
@@ -295,15 +321,32 @@ def _weather(rng: random.Random) -> list[str]:
             f"{'Take an umbrella.' if tomorrow == 'rainy' else 'Enjoy your day!'}"]
 
 
+def _library() -> dict[str, list[tuple[str, str, int]]]:
+    # Each book's author and year are fixed facts, as are each dish's ingredients and cooking time below.
+    rng = random.Random("library")
+    titles = [f"The {adjective} {noun}" for adjective in ("Silent", "Last", "Hidden", "Golden", "Broken", "Distant")
+              for noun in ("River", "Garden", "Clock", "Lantern", "Mountain", "Letter")]
+    books = {genre: [] for genre in _GENRES}
+    for title in titles:
+        books[rng.choice(_GENRES)].append((title, rng.choice(_AUTHORS), rng.randint(1950, 2023)))
+    return books
+
+
+def _cookbook() -> dict[str, tuple[list[str], int]]:
+    rng = random.Random("cookbook")
+    return {dish: (rng.sample(_INGREDIENTS, 3), rng.randrange(10, 65, 5)) for dish in _DISHES}
+
+
+_LIBRARY, _COOKBOOK = _library(), _cookbook()
+
+
 def _books(rng: random.Random) -> list[str]:
-    genre, author = rng.choice(_GENRES), rng.choice(_AUTHORS)
-    noun = rng.choice(("River", "Garden", "Clock", "Lantern", "Mountain", "Letter"))
-    year = rng.randint(1950, 2023)
+    genre = rng.choice([genre for genre, books in _LIBRARY.items() if books])
+    title, author, year = rng.choice(_LIBRARY[genre])
     return [f"User: Can you recommend a good {genre} book?",
-            f"Assistant: Sure! I recommend \"The {noun}\" by {author}, a {genre} book published in {year}.",
+            f"Assistant: Sure! I recommend \"{title}\" by {author}, a {genre} book published in {year}.",
             f"User: What else has {author} written?",
-            f"Assistant: {author} has written several other {genre} books, "
-            f"but \"The {noun}\" from {year} is the best known."]
+            f"Assistant: {author} has written several other books, but \"{title}\" from {year} is the best known."]
 
 
 def _dialogue_document(rng: random.Random) -> str:

@@ -41,12 +41,12 @@ PROFILES = {
     # ~10 minutes on 2 CPU cores. The target is deep rather than wide: at batch 1 a step's cost is mostly
     # per-layer work, so ten layers make it >= 8x a one-layer drafter while staying cheap enough to train.
     "demo": Profile(
-        name="demo", seed=0, vocab_size=2048, context=256, train_chars_per_domain=500_000, prompts_per_domain=50,
-        target=ModelShape(hidden=256, layers=10, heads=4, intermediate=768),
-        target_steps=320, target_batch=8, target_lr=2e-3,
-        drafter=ModelShape(hidden=128, layers=1, heads=4, intermediate=384),
-        distill_windows_per_domain=96, distill_top_k=16, drafter_steps=500, drafter_batch=16, drafter_lr=3e-3,
-        eval_prompts_per_domain=16, eval_new_tokens=96, eval_loss_windows=16, step_cost_steps=200),
+        name="demo", seed=0, vocab_size=2048, context=256, train_chars_per_domain=1_000_000, prompts_per_domain=50,
+        target=ModelShape(hidden=192, layers=10, heads=3, intermediate=512),
+        target_steps=560, target_batch=8, target_lr=2e-3,
+        drafter=ModelShape(hidden=64, layers=1, heads=2, intermediate=256),
+        distill_windows_per_domain=96, distill_top_k=16, drafter_steps=300, drafter_batch=8, drafter_lr=3e-3,
+        eval_prompts_per_domain=16, eval_new_tokens=64, eval_loss_windows=16, step_cost_steps=200),
     # Seconds: exercises every stage for tests; its quality numbers mean nothing.
     "tiny": Profile(
         name="tiny", seed=0, vocab_size=512, context=128, train_chars_per_domain=20_000, prompts_per_domain=5,
