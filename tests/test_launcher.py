@@ -166,3 +166,4 @@ def test_an_activated_virtualenv_is_hidden_from_the_stub(tmp_path):
     (venv / "pyvenv.cfg").write_text("home = /somewhere/else\n")
     env = stub_environment({"PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin", "VIRTUAL_ENV": str(venv), "X": "1"})
     assert env["PATH"] == "/usr/bin:/usr/local/bin" and "VIRTUAL_ENV" not in env and env["X"] == "1"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -77,6 +77,7 @@ def test_controller_probes_now_and_then_while_plain():
 
 def test_measured_slow_speculation_falls_back_to_plain_decoding():
     monitor = LoadMonitor()
+    monitor.active_requests = 1
     assert monitor.speculation_pays()  # nothing measured yet
     monitor.observe_round(False, tokens=1, seconds=0.010)  # plain: 100 tokens/s
     monitor.observe_round(True, tokens=3, seconds=0.050)  # speculative: 60 tokens/s
@@ -86,6 +87,9 @@ def test_measured_slow_speculation_falls_back_to_plain_decoding():
         controller.observe(depth=4, accepted=4)  # the model alone would draft long
     lengths = [controller.draft_length(COSTS, 1, speculation_pays=monitor.speculation_pays()) for _ in range(8)]
     assert lengths.count(0) == 6 and all(k >= 1 for k in lengths if k)  # plain, with occasional probes
+    monitor.active_requests = 8
+    assert monitor.speculation_pays()  # another load: measured separately
+    monitor.active_requests = 1
     for _ in range(100):
         monitor.observe_round(True, tokens=5, seconds=0.025)  # speculation got faster: 200 tokens/s
     assert monitor.speculation_pays()

@@ -108,6 +108,8 @@ def stub_environment(environ: Mapping[str, str]) -> dict[str, str]:
     The Python backend stub embeds the system libpython and finds its standard library through the first
     `python3` on PATH: an activated venv of another CPython build would hand it a mismatched one."""
     env = {key: value for key, value in environ.items() if key not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    # engine processes share the cores: OpenMP threads that spin while waiting would starve each other
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     path = [entry for entry in env.get("PATH", "").split(os.pathsep)
             if entry and not (Path(entry).parent / "pyvenv.cfg").is_file()]
     env["PATH"] = os.pathsep.join(["/usr/bin", *(entry for entry in path if entry != "/usr/bin")])

@@ -62,20 +62,25 @@ class LoadMonitor:
         self.forgetting, self.smoothing = forgetting, smoothing
         self.sums = [0.0] * 5  # n, sum x, sum y, sum x*x, sum x*y  (x = tokens in flight, y = seconds)
         self.active_requests = 0
-        self.round_rates: dict[bool, float] = {}  # speculative? -> measured tokens per second of a request's round
+        # (speculative?, load bucket) -> measured tokens per second of a request's round
+        self.round_rates: dict[tuple[bool, int], float] = {}
+
+    def load_bucket(self) -> int:
+        return min(self.active_requests, 32).bit_length()  # 0, 1, 2-3, 4-7, ...: rounds under similar load
 
     def observe_round(self, speculative: bool, tokens: int, seconds: float) -> None:
         """What a round really delivered, drafting, queueing and verification included."""
+        key = (speculative, self.load_bucket())
         rate = tokens / max(seconds, 1e-6)
-        old = self.round_rates.get(speculative)
-        self.round_rates[speculative] = rate if old is None else old + self.smoothing * (rate - old)
+        old = self.round_rates.get(key)
+        self.round_rates[key] = rate if old is None else old + self.smoothing * (rate - old)
 
     def speculation_pays(self) -> bool:
-        """False once measurements show speculative rounds delivering tokens slower than plain ones: whatever the
-        cost model says, the deployment then decodes plainly (and keeps probing)."""
-        if len(self.round_rates) < 2:
-            return True
-        return self.round_rates[True] >= self.round_rates[False]
+        """False once measurements at the current load show speculative rounds delivering tokens slower than plain
+        ones: whatever the cost model says, requests then decode plainly (and keep probing)."""
+        bucket = self.load_bucket()
+        speculative, plain = self.round_rates.get((True, bucket)), self.round_rates.get((False, bucket))
+        return speculative is None or plain is None or speculative >= plain
 
     def observe_verify(self, tokens_in_flight: float, seconds: float) -> None:
         f = self.forgetting
@@ -109,7 +114,8 @@ class SpeculationController:
             return self.k_max
         k = costs.best_draft_length(self.acceptance.rate, load, self.k_max, tree_factor)
         if k == 0 or not speculation_pays:
-            # plain decoding learns nothing about acceptance or speed: probe now and then
+            # plain decoding learns nothing about acceptance or speed: probe now and then, at the length the
+            # model would choose (so the measured speed is that of real speculation)
             self.plain_rounds += 1
             if self.plain_rounds % self.probe_every:
                 return 0

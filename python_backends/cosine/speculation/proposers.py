@@ -154,7 +154,7 @@ class FusionProposer(Proposer):
     """cosine: routed drafters fused step by step by confidence, draft length set by the controller."""
 
     def __init__(self, sessions: list[DrafterSession], router: RouterClient, monitor: LoadMonitor, k_max: int,
-                 max_drafters: int = 2, max_siblings: int = 2, candidates: int = 2):
+                 max_drafters: int = 2, max_siblings: int = 1, candidates: int = 2):
         self.all_sessions, self.sessions = sessions, []
         self.router, self.monitor = router, monitor
         self.controller = SpeculationController(k_max)

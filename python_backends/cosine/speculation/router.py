@@ -20,7 +20,7 @@ class Route:
 
 class Router:
     def __init__(self, num_drafters: int, prior_strength: float = 4.0, temperature: float = 0.25,
-                 cooperation_margin: float = 0.1, seed: int = 0):
+                 cooperation_margin: float = 0.03, seed: int = 0):
         self.num_drafters = num_drafters
         self.prior_strength = prior_strength  # pseudo-trials the likelihood prior is worth
         self.temperature = temperature  # nats: softness of the likelihood prior

@@ -10,10 +10,11 @@ from __future__ import annotations
 import ast
 import itertools
 import random
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -25,7 +26,7 @@ class DomainCorpus:
     name: str
     train: list[str]  # documents for the tokenizer, the target and the drafters
     heldout: list[str]  # documents never trained on: prompts and held-out loss
-    prompts: list[str]  # one prompt per held-out document, a prefix that never occurs in the training text
+    prompts: list[str]  # one per held-out document: a prefix of it that never occurs in the training text
 
 
 def build_corpora(train_chars: int, heldout_docs: int, seed: int, progress: bool = True) -> dict[str, DomainCorpus]:
@@ -37,28 +38,32 @@ def build_corpora(train_chars: int, heldout_docs: int, seed: int, progress: bool
         if name == "code":
             train, heldout = _split_code(rng, train_chars, heldout_docs, bar)
         else:
-            train, heldout = _split_synthetic(SYNTHETIC_DOCUMENTS[name], rng, train_chars, heldout_docs, bar)
+            train, heldout = _split_synthetic(SYNTHETIC_DOCUMENTS[name], rng, train_chars, bar)
         bar.close()
         corpora[name] = _with_prompts(name, train, heldout, heldout_docs)
     return corpora
 
 
 def prompt_prefix(document: str) -> str:
-    """The first lines of a document, up to about half of it (at least one line), ending with a newline."""
-    lines = document.splitlines(keepends=True)
-    prefix = lines[0]
-    for line in lines[1:]:
-        if len(prefix) + len(line) > min(len(document) // 2, 400):
-            break
-        prefix += line
-    return prefix if prefix.endswith("\n") else prefix + "\n"
+    """About the first half of a document (at most 400 characters), cut just before a space and a letter.
+
+    The byte-level pre-tokenizer always starts a token at " word", so a prompt cut there is tokenized exactly as the
+    models saw this text in training; a prompt ending in a newline, say, would end in a token that in code only
+    ever came before EOS.
+    """
+    cuts = [match.start() for match in _CLEAN_CUT.finditer(document)]
+    limit = min(len(document) // 2, 400)
+    return document[:max((cut for cut in cuts if cut <= limit), default=cuts[0])]
 
 
-def _with_prompts(name: str, train: list[str], heldout: list[str], wanted: int) -> DomainCorpus:
-    # Templated domains repeat short prefixes; drop held-out documents whose prompt was trained on verbatim.
+_CLEAN_CUT = re.compile(r"(?<=\S)(?= [^\W\d_])")
+
+
+def _with_prompts(name: str, train: list[str], candidates: Iterable[str], wanted: int) -> DomainCorpus:
+    # Templated domains repeat prefixes; held-out documents whose prompt was trained on verbatim are passed over.
     train_text = "\n".join(train)
-    kept = [(doc, prompt_prefix(doc)) for doc in heldout]
-    kept = [(doc, prompt) for doc, prompt in kept if prompt not in train_text][:wanted]
+    pairs = ((doc, prompt_prefix(doc)) for doc in candidates)
+    kept = list(itertools.islice(((doc, prompt) for doc, prompt in pairs if prompt not in train_text), wanted))
     return DomainCorpus(name, train, [doc for doc, _ in kept], [prompt for _, prompt in kept])
 
 
@@ -73,13 +78,11 @@ def _fill(documents: Iterator[str], train_chars: int, bar: tqdm) -> list[str]:
     return train
 
 
-def _split_synthetic(make: Callable[[random.Random], str], rng: random.Random, train_chars: int,
-                     heldout_docs: int, bar: tqdm) -> tuple[list[str], list[str]]:
+def _split_synthetic(make: Callable[[random.Random], str], rng: random.Random,
+                     train_chars: int, bar: tqdm) -> tuple[list[str], Iterator[str]]:
     heldout_rng = random.Random(rng.random())
-    # Twice as many candidates as needed: some are dropped because their prompt also occurs in training text.
-    heldout = [make(heldout_rng) for _ in range(2 * heldout_docs)]
     train = _fill((make(rng) for _ in itertools.count()), train_chars, bar)
-    return train, heldout
+    return train, (make(heldout_rng) for _ in itertools.count())
 
 
 # ---------------------------------------------------------------- code: the standard library's Python sources
@@ -96,7 +99,7 @@ def _split_code(rng: random.Random, train_chars: int, heldout_docs: int, bar: tq
     heldout, used = [], 0
     for used, path in enumerate(files, start=1):
         heldout.extend(_code_documents(path))
-        if len(heldout) >= 2 * heldout_docs:
+        if len(heldout) >= 3 * heldout_docs:  # a few are passed over, see _with_prompts
             break
     train = _fill((doc for path in files[used:] for doc in _code_documents(path)), train_chars, bar)
     return train, heldout
