@@ -19,9 +19,9 @@ PROFILE = PROFILES["tiny"]
 
 
 @pytest.fixture(scope="session")
-def zoo(tmp_path_factory) -> tuple[Path, dict]:
-    out_dir = tmp_path_factory.mktemp("zoo") / "tiny"
-    return out_dir, build_zoo(out_dir, "tiny", progress=False)
+def zoo(tiny_zoo) -> tuple[Path, dict]:
+    """The session's tiny zoo (conftest) and its manifest."""
+    return tiny_zoo, read_manifest(tiny_zoo)
 
 
 def checkpoint_dirs(out_dir: Path, manifest: dict) -> dict[str, Path]:
@@ -82,10 +82,8 @@ def test_training_documents_end_with_eos(zoo):
 def test_second_build_is_a_cache_hit(zoo):
     out_dir, manifest = zoo
     before = file_mtimes(out_dir)
-    started = time.perf_counter()
     assert build_zoo(out_dir, "tiny", progress=False) == manifest
-    assert time.perf_counter() - started < 5
-    assert file_mtimes(out_dir) == before
+    assert file_mtimes(out_dir) == before  # nothing was rebuilt
 
 
 def test_changed_input_hash_rebuilds_deterministically(zoo, tmp_path):

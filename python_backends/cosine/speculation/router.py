@@ -19,20 +19,23 @@ class Route:
 
 
 class Router:
-    def __init__(self, num_drafters: int, prior_strength: float = 4.0, temperature: float = 0.25,
+    def __init__(self, num_drafters: int, prior_strength: float = 16.0, temperature: float = 0.5,
                  cooperation_margin: float = 0.03, seed: int = 0):
         self.num_drafters = num_drafters
         self.prior_strength = prior_strength  # pseudo-trials the likelihood prior is worth
-        self.temperature = temperature  # nats: softness of the likelihood prior
+        self.temperature = temperature  # in standard deviations: softness of the likelihood prior
         self.cooperation_margin = cooperation_margin
         self.rng = random.Random(seed)
         # (context, drafter) -> [matches, trials] observed
         self.evidence = [[[0.0, 0.0] for _ in range(num_drafters)] for _ in range(num_drafters)]
 
     def prior(self, logprobs: list[float]) -> list[float]:
-        """Prior acceptance rate per drafter: 0.2..0.8 by the softmax of prompt log-likelihoods."""
+        """Prior acceptance rate per drafter: 0.2..0.8 by the softmax of standardised prompt log-likelihoods
+        (standardised, so the likeliest drafter stands out whatever the models' scale)."""
         top = max(logprobs)
-        weights = [math.exp((lp - top) / self.temperature) for lp in logprobs]
+        mean = sum(logprobs) / len(logprobs)
+        spread = max(math.sqrt(sum((lp - mean) ** 2 for lp in logprobs) / len(logprobs)), 1e-6)
+        weights = [math.exp((lp - top) / spread / self.temperature) for lp in logprobs]
         total = sum(weights)
         return [0.2 + 0.6 * w / total for w in weights]
 

@@ -136,50 +136,47 @@ def _without_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-# ---------------------------------------------------------------- math: arithmetic and word problems
+# ---------------------------------------------------------------- math: word problems
 
 _NAMES = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam",
           "Maya", "Noah", "Olga", "Pablo", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wei", "Yara", "Zoe")
 _ITEMS = ("apples", "books", "marbles", "stickers", "coins", "pencils", "cookies", "stamps", "shells", "cards")
 _CONTAINERS = (("box", "boxes"), ("bag", "bags"), ("jar", "jars"), ("basket", "baskets"), ("crate", "crates"))
 
+# Many phrasings rather than one "What is a + b?": most of a problem's tokens are wording a drafter can learn, and
+# there is enough of it that a drafter trained on this domain alone learns it clearly better than a general one.
+_WORD_PROBLEMS = {
+    "+": ("{name} has {a} {items} and finds {b} more. How many {items} does {name} have now?",
+          "{name} reads {a} pages on Monday and {b} pages on Tuesday. How many pages does {name} read in total?",
+          "{name} has {a} {items}. {other} has {b} more {items} than {name}. How many {items} does {other} have?",
+          "There are {a} birds in a tree and {b} more birds land on it. How many birds are in the tree now?"),
+    "-": ("{name} had {a} {items} and gave {b} to {other}. How many {items} does {name} have left?",
+          "There are {a} {items} on the table. {name} takes {b} of them. How many {items} are still on the table?",
+          "A bus carries {a} people. At the next stop {b} people get off. How many people are still on the bus?"),
+    "*": ("A {container} holds {b} {items}. How many {items} are in {a} {containers}?",
+          "{name} buys {a} packs of {items}. Each pack has {b} {items}. How many {items} does {name} buy in total?",
+          "{name} saves {b} coins every week for {a} weeks. How many coins does {name} save?",
+          "A train has {a} cars with {b} seats in each car. How many seats does the train have?"),
+}
 
-# Operands stay small: the answers are a few hundred table facts a small target can learn within the budget.
-def _arithmetic(rng: random.Random) -> str:
-    op = rng.choice("+-*")
+
+def _word_problem(rng: random.Random) -> str:
+    op = rng.choice(sorted(_WORD_PROBLEMS))
+    # Operands stay small: the answers are a few hundred facts a small target can learn within the budget.
     if op == "*":
         a, b = rng.randint(2, 12), rng.randint(2, 12)
     else:
         a, b = sorted((rng.randint(1, 20), rng.randint(1, 20)), reverse=op == "-")
-    return f"Q: What is {a} {op} {b}?\nA: {_apply(a, op, b)}\n"
-
-
-def _word_problem(rng: random.Random) -> str:
-    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
-    kind = rng.randrange(3)
-    if kind == 0:
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
-        question = f"{name} has {a} {items} and finds {b} more. How many {items} does {name} have now?"
-        a_op_b = (a, "+", b)
-    elif kind == 1:
-        b, a = sorted((rng.randint(1, 20), rng.randint(1, 20)))
-        question = f"{name} had {a} {items} and gave {b} to a friend. How many {items} does {name} have left?"
-        a_op_b = (a, "-", b)
-    else:
-        per, containers = rng.randint(2, 12), rng.randint(2, 12)
-        container, plural = rng.choice(_CONTAINERS)
-        question = f"A {container} holds {per} {items}. How many {items} are in {containers} {plural}?"
-        a_op_b = (containers, "*", per)
-    answer = _apply(*a_op_b)
-    return f"Q: {question}\nA: {a_op_b[0]} {a_op_b[1]} {a_op_b[2]} = {answer}. The answer is {answer}.\n"
-
-
-def _apply(a: int, op: str, b: int) -> int:
-    return {"+": a + b, "-": a - b, "*": a * b}[op]
+    name, other = rng.sample(_NAMES, 2)
+    container, containers = rng.choice(_CONTAINERS)
+    question = rng.choice(_WORD_PROBLEMS[op]).format(name=name, other=other, items=rng.choice(_ITEMS), a=a, b=b,
+                                                     container=container, containers=containers)
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"Q: {question}\nA: {a} {op} {b} = {answer}. The answer is {answer}.\n"
 
 
 def _math_document(rng: random.Random) -> str:
-    return "".join(rng.choice((_arithmetic, _word_problem))(rng) for _ in range(rng.randint(4, 7)))
+    return "".join(_word_problem(rng) for _ in range(rng.randint(3, 6)))
 
 
 # ---------------------------------------------------------------- records: JSON lines and SQL from seeded schemas

@@ -44,15 +44,16 @@ PROFILES = {
         name="demo", seed=0, vocab_size=2048, context=256, train_chars_per_domain=1_000_000, prompts_per_domain=50,
         target=ModelShape(hidden=192, layers=10, heads=3, intermediate=512),
         target_steps=560, target_batch=8, target_lr=2e-3,
-        drafter=ModelShape(hidden=64, layers=1, heads=2, intermediate=256),
-        distill_windows_per_domain=96, distill_top_k=16, drafter_steps=300, drafter_batch=8, drafter_lr=3e-3,
+        drafter=ModelShape(hidden=48, layers=1, heads=2, intermediate=192),
+        distill_windows_per_domain=256, distill_top_k=16, drafter_steps=300, drafter_batch=8, drafter_lr=3e-3,
         eval_prompts_per_domain=16, eval_new_tokens=64, eval_loss_windows=16, step_cost_steps=200),
     # Seconds: exercises every stage for tests; its quality numbers mean nothing.
+    # (trained just enough that each specialist finds its own domain's prompts likeliest: the router test needs it)
     "tiny": Profile(
-        name="tiny", seed=0, vocab_size=512, context=128, train_chars_per_domain=20_000, prompts_per_domain=5,
+        name="tiny", seed=0, vocab_size=512, context=256, train_chars_per_domain=40_000, prompts_per_domain=5,
         target=ModelShape(hidden=64, layers=2, heads=2, intermediate=128),
-        target_steps=20, target_batch=4, target_lr=3e-3,
+        target_steps=80, target_batch=4, target_lr=3e-3,
         drafter=ModelShape(hidden=32, layers=1, heads=2, intermediate=64),
-        distill_windows_per_domain=4, distill_top_k=8, drafter_steps=10, drafter_batch=4, drafter_lr=3e-3,
+        distill_windows_per_domain=4, distill_top_k=8, drafter_steps=40, drafter_batch=4, drafter_lr=3e-3,
         eval_prompts_per_domain=2, eval_new_tokens=12, eval_loss_windows=2, step_cost_steps=20),
 }
