@@ -70,7 +70,7 @@ def test_input_data_rejects_what_the_model_would_reject():
     with pytest.raises(ValueError, match="single-value input"):
         perf_input_data(["hi"], extra_inputs={"stop_words": "x"})  # dims [-1]: not a scalar
     with pytest.raises(ValueError, match="single-value input"):
-        perf_input_data(["hi"], extra_inputs={"min_length": 4})  # not an input of the model
+        perf_input_data(["hi"], extra_inputs={"beam_width": 4})  # not an input of the model
     with pytest.raises(ValueError, match="no prompts"):
         perf_input_data([])
     assert perf_input_data(["hi"], extra_inputs={"return_stats": "false"})["data"][0]["return_stats"] == \
