@@ -78,10 +78,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts/batching-bench"))
     parser.add_argument("--out", type=Path, default=Path("results/batching.json"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     checkpoint = llama_100m(args.work_dir / "llama-100m")
-    spec = parse_spec({"target": {"checkpoint": str(checkpoint), "kv_cache_tokens": 16384, "num_threads": 2,
+    spec = parse_spec({"target": {"checkpoint": str(checkpoint), "kv_cache_tokens": 16384, "num_threads": args.threads,
                                   "max_batch_size": 16}}, Path("."))
     repository = write_repository(spec, args.work_dir / "repository")
     results = {"transformers sequential": [], "triton concurrency 1": [], "triton concurrency 8": []}
