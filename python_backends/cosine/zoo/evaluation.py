@@ -5,6 +5,7 @@ import inspect
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -30,12 +31,12 @@ def quality_report(target: LlamaForCausalLM, drafters: dict[str, LlamaForCausalL
     accepted = {name: {domain: _mean_accepted(drafter, data.prompts, continuations[domain], draft_length)
                        for domain, data in eval_sets.items()}
                 for name, drafter in tqdm(drafters.items(), desc="eval acceptance", disable=not progress)}
-    costs = {name: step_cost_ms(model, step_cost_steps)
-             for name, model in tqdm({"target": target, **drafters}.items(), desc="eval step cost",
-                                     disable=not progress)}
+    costs = step_costs_ms({"target": target, **drafters}, step_cost_steps, progress)
     return {"acceptance_metric": ACCEPTANCE_METRIC, "draft_length": draft_length,
             "target_heldout_loss": losses, "mean_accepted": accepted, "step_cost_ms": costs,
-            "step_cost_ratio": {name: costs["target"] / costs[name] for name in drafters}}
+            "step_cost_ratio": {name: costs["target"] / costs[name] for name in drafters},
+            "step_cost_method": f"median of {step_cost_steps} greedy decoding steps at batch 1 with a KV cache, "
+                                f"models taking turns, {torch.get_num_threads()} torch threads"}
 
 
 def heldout_loss(model: LlamaForCausalLM, windows: torch.Tensor, batch: int = 8) -> float:
@@ -91,18 +92,31 @@ def accepted_per_round(drafter: LlamaForCausalLM, prompt: list[int], continuatio
     return rounds
 
 
-def step_cost_ms(model: LlamaForCausalLM, steps: int, prefix_length: int = 32) -> float:
-    """Median wall time of one decoding step at batch 1 with a KV cache."""
-    cache = DynamicCache()
-    cache_argument = {_cache_keyword(model): cache}
+def step_costs_ms(models: dict[str, LlamaForCausalLM], steps: int, progress: bool,
+                  prefix_length: int = 32) -> dict[str, float]:
+    """Median wall time of one decoding step at batch 1 with a KV cache, for each model.
+
+    The models take turns step by step, so that a busy machine slows them all alike and their ratios stay fair.
+    """
+    decoders = {name: _timed_decoding_steps(model, prefix_length) for name, model in models.items()}
+    for decoder in decoders.values():
+        next(decoder)  # the prefill is not a decoding step
+    timings = {name: [] for name in models}
+    for _ in tqdm(range(steps), desc="eval step cost", disable=not progress):
+        for name, decoder in decoders.items():
+            timings[name].append(next(decoder))
+    return {name: 1000 * statistics.median(seconds) for name, seconds in timings.items()}
+
+
+def _timed_decoding_steps(model: LlamaForCausalLM, prefix_length: int) -> Iterator[float]:
+    """Greedy decoding, one step per next(); yields each step's wall time in seconds."""
+    cache_argument = {_cache_keyword(model): DynamicCache()}
     token = torch.arange(prefix_length).view(1, -1) % model.config.vocab_size
-    timings = []
-    with torch.inference_mode():
-        for _ in range(steps):
-            start = time.perf_counter()
+    while True:
+        start = time.perf_counter()
+        with torch.inference_mode():
             token = model(input_ids=token, use_cache=True, **cache_argument).logits[:, -1:].argmax(-1)
-            timings.append(time.perf_counter() - start)
-    return 1000 * statistics.median(timings[1:])
+        yield time.perf_counter() - start
 
 
 def _cache_keyword(model: LlamaForCausalLM) -> str:
