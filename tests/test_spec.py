@@ -35,3 +35,6 @@ def test_spec_round_trips_and_renders_a_repository(tiny_dir, tmp_path):
     assert "allow_ragged_batch: true" in target
     assert "decoupled: true" in (repo / "cosine" / "config.pbtxt").read_text()
     assert (repo / "drafter_code" / "1" / "model.py").read_text() == (repo / "target" / "1" / "model.py").read_text()
+    without_drafters = parse_spec({"target": {"checkpoint": "llama"}}, tiny_dir)
+    write_repository(without_drafters, repo)
+    assert not (repo / "drafter_code").exists()

@@ -103,7 +103,11 @@ def write_repository(spec: DeploymentSpec, out_dir: str | Path, relative_paths: 
     def path(p: Path) -> str:
         return os.path.relpath(p, out_dir) if relative_paths else str(p)
 
-    for model, (adapter, config) in model_configs(spec, path).items():
+    configs = model_configs(spec, path)
+    for stale in out_dir.glob(drafter_model_name("*")):  # drafters the spec no longer has
+        if stale.name not in configs:
+            shutil.rmtree(stale)
+    for model, (adapter, config) in configs.items():
         model_dir = out_dir / model
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
         (model_dir / "config.pbtxt").write_text(config)
