@@ -21,7 +21,7 @@ def emitted_first_token_frequencies(rule, target_probs, tree, seed=0):
 
 def wrong_rule(target_probs, tree, generator):
     """Accepts any drafted child the target gives non-zero probability: biased toward the draft."""
-    node, tokens = -1, []
+    node = -1
     for child in tree.children(node):
         if target_probs[0, tree.tokens[child]] > 0:
             return [tree.tokens[child]], [child]

@@ -3,7 +3,6 @@ import json
 import queue
 import re
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request

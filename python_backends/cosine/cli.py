@@ -68,7 +68,7 @@ def _demo(args: argparse.Namespace) -> int:
     def answer(server: TritonServer) -> None:
         for domain, prompt in first_per_domain.items():
             print(f"\n--- {domain} ---\n\033[2m{prompt}\033[0m", end="", flush=True)
-            stats, drafters = [], []
+            stats = []
             for event in http_generate(server.http_url, stream=True, text_input=prompt, max_tokens=args.max_tokens,
                                        exclude_input_in_output=True, return_stats=True, speculation_mode="cosine"):
                 print(event.text, end="", flush=True)
