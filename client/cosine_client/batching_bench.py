@@ -34,9 +34,7 @@ def llama_100m(out_dir: Path) -> Path:
 
     if (out_dir / "model.safetensors").is_file():
         return out_dir
-    import json as json_module
-
-    documents = [inspect.getsource(module) for module in (json_module, inspect, argparse, statistics)]
+    documents = [inspect.getsource(module) for module in (json, inspect, argparse, statistics)]
     tokenizer = train_tokenizer(documents, vocab_size=8000, context=1024, out_dir=out_dir, progress=False)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                          num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
