@@ -51,8 +51,8 @@ def test_the_generated_repository_serves_every_mode_exactly(zoo_server, tiny_zoo
 
 
 def test_router_mostly_picks_the_domain_specialist_after_warm_up(zoo_server, tiny_zoo):
-    """Chance is 1 in 5 drafters. The tiny zoo's drafters are barely trained, so acceptance feedback is noisy and
-    the router (rightly) explores; on it we measured 65-75% right, short of the 90% a trained zoo should give."""
+    """Chance is 1 in 5 drafters. The tiny zoo's drafters are barely trained: their acceptance feedback is noise
+    the router must not let override what the prompt's likelihood says."""
     prompts = held_out(tiny_zoo)
     assert len(prompts) >= 12
     for prompt, _ in prompts * 2:  # warm-up: verification feedback reaches the router
@@ -62,7 +62,7 @@ def test_router_mostly_picks_the_domain_specialist_after_warm_up(zoo_server, tin
         out = generate(zoo_server, text_input=prompt, max_tokens=4, speculation_mode="cosine", return_stats=True)
         picks[domain, as_list(out["routed_drafters"])[0]] += 1
     right = sum(count for (domain, drafter), count in picks.items() if domain == drafter)
-    assert right / len(prompts) >= 0.5, picks
+    assert right / len(prompts) >= 0.9, picks
 
 
 def test_a_drafter_with_another_tokenizer_is_refused(tiny_zoo, tmp_path):

@@ -118,24 +118,52 @@ def test_load_monitor_recovers_the_verification_cost_model():
 # ---- routing ----------------------------------------------------------------------------------------------------
 def test_router_prefers_the_drafter_that_finds_the_prompt_likely():
     router = Router(3, seed=1)
-    picks = [router.route([-3.0, -1.0, -2.5], max_drafters=1).ranking[0] for _ in range(200)]
-    assert picks.count(1) > 150
+    assert all(router.route([-3.0, -1.0, -2.5], max_drafters=2).ranking[0] == 1 for _ in range(200))
+
+
+def _route_noisy_traffic(router, rng, rates, requests=300):
+    """Prompts of 3 domains; each drafter's top token matches the target at rates[domain][drafter] per position.
+    Returns how often the first choice was the domain's specialist."""
+    right = 0
+    for i in range(requests):
+        domain = i % 3
+        logprobs = [-2.0 - rng.random() * 0.3 + (1.0 if d == domain else 0.0) for d in range(3)]
+        route = router.route(logprobs, max_drafters=2)
+        right += route.ranking[0] == domain
+        for drafter in route.ranking[:route.cooperate]:
+            matches = sum(rng.random() < rates[domain][drafter] for _ in range(40))
+            router.feedback(route.context, drafter, matches, 40)
+    return right / requests
+
+
+def test_router_keeps_the_likely_specialist_when_acceptance_does_not_tell_drafters_apart():
+    """Equal, noisy acceptance (an untrained zoo): feedback must not wash out what the prompt says."""
+    rates = [[0.3] * 3] * 3
+    assert _route_noisy_traffic(Router(3, seed=4), random.Random(4), rates) >= 0.95
+    # a router that ignores the prompt picks by noise: the check above can fail
+    assert _route_noisy_traffic(Router(3, seed=4, likelihood_weight=0.0), random.Random(4), rates) < 0.8
 
 
 def test_router_learns_from_feedback_that_a_likely_drafter_drafts_badly():
-    router = Router(2, seed=2, cooperation_margin=0.0)
+    router = Router(2, seed=2)
     logprobs = [-1.0, -1.3]  # drafter 0 looks best for this kind of prompt...
     for _ in range(50):  # ...but the target rarely agrees with it, and often with drafter 1
         router.feedback(context=0, drafter=0, matches=1, trials=10)
         router.feedback(context=0, drafter=1, matches=8, trials=10)
-    picks = [router.route(logprobs, max_drafters=1).ranking[0] for _ in range(100)]
-    assert picks.count(1) > 90
+    assert all(router.route(logprobs, max_drafters=2).ranking[0] == 1 for _ in range(100))
 
 
-def test_router_lets_close_runners_up_cooperate():
-    router = Router(3, seed=3, cooperation_margin=1.0)
-    assert router.route([-1.0, -1.0, -1.0], max_drafters=2).cooperate == 2
-    assert Router(3, cooperation_margin=0.0).route([-1.0, -5.0, -5.0], max_drafters=3).cooperate == 1
+def test_router_explores_by_cooperation_until_the_evidence_is_clear():
+    router = Router(3, seed=3)
+    logprobs = [-1.0, -1.2, -1.2]
+    early = sum(router.route(logprobs, max_drafters=2).cooperate == 2 for _ in range(200))
+    for _ in range(100):  # the first choice is right: the others rarely match the target
+        router.feedback(context=0, drafter=0, matches=12, trials=16)
+        for drafter in (1, 2):
+            router.feedback(context=0, drafter=drafter, matches=2, trials=16)
+    late = sum(router.route(logprobs, max_drafters=2).cooperate == 2 for _ in range(200))
+    assert early > 60 and late < 10
+    assert all(router.route(logprobs, max_drafters=1).cooperate == 1 for _ in range(50))
 
 
 def test_router_rejects_malformed_input():

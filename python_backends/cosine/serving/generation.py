@@ -51,6 +51,7 @@ class Deployment:
     default_draft_tokens: int = 4
     max_draft_tokens: int = 64
     max_cooperating_drafters: int = 2
+    cooperation_max_load: int = 2  # active requests above which drafters no longer cooperate (see FusionProposer)
     admission_timeout_s: float = 120.0
     monitor: LoadMonitor = field(default_factory=LoadMonitor)
     scheduler: VerificationScheduler | None = None  # default: one that gathers the monitor's active requests
@@ -113,7 +114,8 @@ def _proposer(plan, deployment: Deployment, sequence_id: int, request: Generatio
         return MergedChainsProposer(sessions, k)
     if mode == "cosine":
         return FusionProposer(sessions, deployment.router, deployment.monitor, k_max=k,
-                              max_drafters=deployment.max_cooperating_drafters)
+                              max_drafters=deployment.max_cooperating_drafters,
+                              cooperation_max_load=deployment.cooperation_max_load)
     return None
 
 

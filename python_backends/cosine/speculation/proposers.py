@@ -154,11 +154,14 @@ class FusionProposer(Proposer):
     """cosine: routed drafters fused step by step by confidence, draft length set by the controller."""
 
     def __init__(self, sessions: list[DrafterSession], router: RouterClient, monitor: LoadMonitor, k_max: int,
-                 max_drafters: int = 2, max_siblings: int = 1, candidates: int = 2):
+                 max_drafters: int = 2, cooperation_max_load: int = 2, max_siblings: int = 1, candidates: int = 2):
         self.all_sessions, self.sessions = sessions, []
         self.router, self.monitor = router, monitor
         self.controller = SpeculationController(k_max)
         self.max_drafters, self.max_siblings, self.candidates = max_drafters, max_siblings, candidates
+        # Cooperating drafters fuse step by step: a drafter call per position instead of per round. Above this many
+        # active requests those calls queue behind other requests' and cost more than exploring brings.
+        self.cooperation_max_load = cooperation_max_load
         self.draft_seconds_per_position: float | None = None
         self.route: Route | None = None
         self.top_tokens: list[dict[int, int]] = []  # per depth of the last draft: drafter index -> its top token
@@ -170,7 +173,8 @@ class FusionProposer(Proposer):
         results = await asyncio.gather(*(s.try_draft(prompt_ids, 1, score_input=True) for s in self.all_sessions))
         logprobs = [r.input_logprob if r is not None else -1e9 for r in results]
         try:
-            self.route = await self.router.route(logprobs, self.max_drafters)
+            busy = self.monitor.active_requests > self.cooperation_max_load
+            self.route = await self.router.route(logprobs, 1 if busy else self.max_drafters)
             chosen = [d for d in self.route.ranking[:self.route.cooperate] if results[d] is not None]
         except Exception as error:
             log.warning("router failed; using the most likely drafter: %s", error)

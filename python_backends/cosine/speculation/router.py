@@ -1,9 +1,15 @@
 """Routing a request to the drafters that know its domain.
 
-Prior: how likely each drafter finds the prompt (mean token log-probability, computed by the drafters while they
-prefill it anyway). Evidence: how often each drafter's top token matched what the target verified, kept per apparent
-domain (the drafter that found the prompt most likely). Thompson sampling over Beta posteriors balances exploring
-drafters against exploiting the best one; runners-up whose sampled rate is close to the best's cooperate."""
+Two signals. The prompt's likelihood under each drafter (mean token log-probability, computed while the drafters
+prefill it anyway) says which domain the prompt looks like; it is a per-request preference worth up to
+`likelihood_weight` of acceptance rate. Verification feedback says how often each drafter's top token is the
+target's in each apparent domain (the drafter that found the prompt likeliest); it is a Beta posterior per
+(domain, drafter), centred before any evidence on the domain's pooled rate so that scales stay comparable.
+
+The first choice exploits: the best posterior mean plus preference. Exploration never risks it: a drafter whose
+posterior sample (Thompson sampling) beats the first choice cooperates with it, drafting the same positions, so the
+router learns how it compares at no more than a fused drafting step's cost. When the evidence is clear, samples stop
+beating the first choice and drafting goes back to one drafter."""
 from __future__ import annotations
 
 import math
@@ -14,51 +20,62 @@ from dataclasses import dataclass
 @dataclass
 class Route:
     context: int  # apparent domain: index of the drafter that found the prompt most likely
-    ranking: list[int]  # drafter indices, best first
+    ranking: list[int]  # drafter indices, first choice first, then cooperating explorers
     cooperate: int  # how many of the ranking's head draft together
 
 
 class Router:
-    def __init__(self, num_drafters: int, prior_strength: float = 16.0, temperature: float = 0.5,
-                 cooperation_margin: float = 0.03, seed: int = 0):
+    def __init__(self, num_drafters: int, likelihood_weight: float = 0.15, temperature: float = 0.5,
+                 prior_trials: float = 4.0, trials_per_request: float = 16.0, seed: int = 0):
         self.num_drafters = num_drafters
-        self.prior_strength = prior_strength  # pseudo-trials the likelihood prior is worth
-        self.temperature = temperature  # in standard deviations: softness of the likelihood prior
-        self.cooperation_margin = cooperation_margin
+        self.likelihood_weight = likelihood_weight
+        self.temperature = temperature  # in standard deviations: softness of the likelihood preference
+        self.prior_trials = prior_trials  # pseudo-trials of the pooled rate before a drafter's own evidence
+        # A request's positions are correlated (same prompt, same drafter state): it counts for at most this many
+        self.trials_per_request = trials_per_request
         self.rng = random.Random(seed)
         # (context, drafter) -> [matches, trials] observed
         self.evidence = [[[0.0, 0.0] for _ in range(num_drafters)] for _ in range(num_drafters)]
 
-    def prior(self, logprobs: list[float]) -> list[float]:
-        """Prior acceptance rate per drafter: 0.2..0.8 by the softmax of standardised prompt log-likelihoods
-        (standardised, so the likeliest drafter stands out whatever the models' scale)."""
+    def preference(self, logprobs: list[float]) -> list[float]:
+        """Softmax of standardised prompt log-likelihoods (standardised: the likeliest drafter stands out whatever
+        the models' scale)."""
         top = max(logprobs)
         mean = sum(logprobs) / len(logprobs)
         spread = max(math.sqrt(sum((lp - mean) ** 2 for lp in logprobs) / len(logprobs)), 1e-6)
         weights = [math.exp((lp - top) / spread / self.temperature) for lp in logprobs]
         total = sum(weights)
-        return [0.2 + 0.6 * w / total for w in weights]
+        return [w / total for w in weights]
+
+    def posterior(self, context: int, drafter: int) -> tuple[float, float]:
+        cells = self.evidence[context]
+        pooled = (1 + sum(m for m, _ in cells)) / (2 + sum(t for _, t in cells))
+        matches, trials = cells[drafter]
+        return 1 + self.prior_trials * pooled + matches, 1 + self.prior_trials * (1 - pooled) + trials - matches
 
     def route(self, logprobs: list[float], max_drafters: int, explore: bool = True) -> Route:
         if len(logprobs) != self.num_drafters:
             raise ValueError(f"prompt_logprobs: expected {self.num_drafters} values, got {len(logprobs)}")
         context = max(range(self.num_drafters), key=lambda d: logprobs[d])
-        scores = []
-        for drafter, prior in enumerate(self.prior(logprobs)):
-            matches, trials = self.evidence[context][drafter]
-            alpha = 1 + self.prior_strength * prior + matches
-            beta = 1 + self.prior_strength * (1 - prior) + trials - matches
-            scores.append(self.rng.betavariate(alpha, beta) if explore else alpha / (alpha + beta))
-        ranking = sorted(range(self.num_drafters), key=lambda d: -scores[d])
-        best = scores[ranking[0]]
-        cooperate = sum(1 for d in ranking[:max(1, max_drafters)] if scores[d] >= best - self.cooperation_margin)
-        return Route(context, ranking, max(1, cooperate))
+        bonus = [self.likelihood_weight * p for p in self.preference(logprobs)]
+        posteriors = [self.posterior(context, d) for d in range(self.num_drafters)]
+        exploit = [a / (a + b) + bonus[d] for d, (a, b) in enumerate(posteriors)]
+        first = max(range(self.num_drafters), key=lambda d: exploit[d])
+        explorers = []
+        if explore and max_drafters > 1:
+            sampled = {d: self.rng.betavariate(a, b) + bonus[d] for d, (a, b) in enumerate(posteriors) if d != first}
+            explorers = sorted((d for d in sampled if sampled[d] > exploit[first]), key=lambda d: -sampled[d])
+            explorers = explorers[:max_drafters - 1]
+        rest = sorted((d for d in range(self.num_drafters) if d != first and d not in explorers),
+                      key=lambda d: -exploit[d])
+        return Route(context, [first, *explorers, *rest], 1 + len(explorers))
 
     def feedback(self, context: int, drafter: int, matches: float, trials: float) -> None:
         """Verification outcome of a request: at `trials` verified positions, the drafter's top token was the
         target's `matches` times."""
         if not (0 <= context < self.num_drafters and 0 <= drafter < self.num_drafters) or trials <= 0:
             raise ValueError(f"feedback: context {context} / drafter {drafter} / trials {trials} out of range")
+        weight = min(1.0, self.trials_per_request / trials)
         cell = self.evidence[context][drafter]
-        cell[0] += min(matches, trials)
-        cell[1] += trials
+        cell[0] += weight * min(matches, trials)
+        cell[1] += weight * trials
