@@ -15,6 +15,7 @@ from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec
     ({"target": {"checkpoint": "llama"}, "drafters": {"a-b": {"checkpoint": "llama"}}}, "drafters.a-b"),
     ({"target": {"checkpoint": "llama"}, "http_port": 8001}, "http_port"),
     ({"target": {"checkpoint": "llama"}, "speed": 3}, "speed"),
+    ({"target": {"checkpoint": "llama"}, "adaptive_draft_tokens": 0}, "adaptive_draft_tokens"),
 ])
 def test_invalid_specs_name_the_field(tiny_dir, raw, field):
     with pytest.raises(SpecError) as caught:

@@ -37,7 +37,8 @@ class DeploymentSpec:
     metrics_port: int = 8002
     default_max_tokens: int = 64
     speculation_mode: str | None = None  # default: vanilla when there are drafters, else autoregressive
-    num_draft_tokens: int = 4
+    num_draft_tokens: int = 4  # vanilla's and specinfer's fixed draft length
+    adaptive_draft_tokens: int = 8  # cosine's ceiling; its controller picks each round's length below it
     general_drafter: str | None = None  # vanilla's drafter; default: one named "general", else the first
 
     @property
@@ -110,7 +111,8 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
     if values.get("general_drafter") is not None and values["general_drafter"] not in drafters:
         raise SpecError(f"general_drafter: {values['general_drafter']!r} is not one of the drafters")
     ports = []
-    for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "num_draft_tokens"):
+    for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "num_draft_tokens",
+                 "adaptive_draft_tokens"):
         if name in values:
             _positive_int(name, values[name])
     for name in ("http_port", "grpc_port", "metrics_port"):
@@ -145,7 +147,7 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
     if spec.tokenizer:
         raw["tokenizer"] = rel(spec.tokenizer)
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "speculation_mode",
-                 "num_draft_tokens", "general_drafter"):
+                 "num_draft_tokens", "adaptive_draft_tokens", "general_drafter"):
         if getattr(spec, name) is not None:
             raw[name] = getattr(spec, name)
     path.parent.mkdir(parents=True, exist_ok=True)

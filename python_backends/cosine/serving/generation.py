@@ -49,9 +49,10 @@ class Deployment:
     router: RouterClient | None = None
     default_mode: str = "autoregressive"
     default_draft_tokens: int = 4
+    adaptive_draft_tokens: int = 8  # cosine's default ceiling: its controller picks each round's length below it
     max_draft_tokens: int = 64
     max_cooperating_drafters: int = 2
-    cooperation_max_load: int = 2  # active requests above which drafters no longer cooperate (see FusionProposer)
+    busy_load: int = 2  # active requests above which cosine drafts with one drafter, in chains (FusionProposer)
     admission_timeout_s: float = 120.0
     monitor: LoadMonitor = field(default_factory=LoadMonitor)
     scheduler: VerificationScheduler | None = None  # default: one that gathers the monitor's active requests
@@ -87,7 +88,8 @@ def speculation_plan(request: GenerationRequest, deployment: Deployment) -> tupl
     mode = request.speculation_mode or deployment.default_mode
     if mode not in MODES:
         raise InvalidRequest("speculation_mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    k = deployment.default_draft_tokens if request.num_draft_tokens is None else request.num_draft_tokens
+    default_k = deployment.adaptive_draft_tokens if mode == "cosine" else deployment.default_draft_tokens
+    k = min(default_k, deployment.max_draft_tokens) if request.num_draft_tokens is None else request.num_draft_tokens
     if not 1 <= k <= deployment.max_draft_tokens:
         raise InvalidRequest("num_draft_tokens", f"must be in [1, {deployment.max_draft_tokens}], got {k}")
     unknown = [name for name in request.drafters if name not in deployment.drafters]
@@ -115,7 +117,7 @@ def _proposer(plan, deployment: Deployment, sequence_id: int, request: Generatio
     if mode == "cosine":
         return FusionProposer(sessions, deployment.router, deployment.monitor, k_max=k,
                               max_drafters=deployment.max_cooperating_drafters,
-                              cooperation_max_load=deployment.cooperation_max_load)
+                              busy_load=deployment.busy_load)
     return None
 
 

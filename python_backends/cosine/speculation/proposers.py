@@ -154,14 +154,16 @@ class FusionProposer(Proposer):
     """cosine: routed drafters fused step by step by confidence, draft length set by the controller."""
 
     def __init__(self, sessions: list[DrafterSession], router: RouterClient, monitor: LoadMonitor, k_max: int,
-                 max_drafters: int = 2, cooperation_max_load: int = 2, max_siblings: int = 1, candidates: int = 2):
+                 max_drafters: int = 2, busy_load: int = 2, max_siblings: int = 1):
         self.all_sessions, self.sessions = sessions, []
         self.router, self.monitor = router, monitor
         self.controller = SpeculationController(k_max)
-        self.max_drafters, self.max_siblings, self.candidates = max_drafters, max_siblings, candidates
-        # Cooperating drafters fuse step by step: a drafter call per position instead of per round. Above this many
-        # active requests those calls queue behind other requests' and cost more than exploring brings.
-        self.cooperation_max_load = cooperation_max_load
+        self.max_drafters, self.max_siblings = max_drafters, max_siblings
+        # Above this many active requests the deployment is busy. Cooperating drafters fuse step by step, a drafter
+        # call per position instead of per round, and those calls would queue behind other requests'; sibling
+        # branches add verifier tokens, nearly free while a verification pass is latency-bound, not once it is
+        # compute-bound. So when busy: one drafter, chains.
+        self.busy_load = busy_load
         self.draft_seconds_per_position: float | None = None
         self.route: Route | None = None
         self.top_tokens: list[dict[int, int]] = []  # per depth of the last draft: drafter index -> its top token
@@ -173,8 +175,7 @@ class FusionProposer(Proposer):
         results = await asyncio.gather(*(s.try_draft(prompt_ids, 1, score_input=True) for s in self.all_sessions))
         logprobs = [r.input_logprob if r is not None else -1e9 for r in results]
         try:
-            busy = self.monitor.active_requests > self.cooperation_max_load
-            self.route = await self.router.route(logprobs, 1 if busy else self.max_drafters)
+            self.route = await self.router.route(logprobs, 1 if self._busy() else self.max_drafters)
             chosen = [d for d in self.route.ranking[:self.route.cooperate] if results[d] is not None]
         except Exception as error:
             log.warning("router failed; using the most likely drafter: %s", error)
@@ -182,9 +183,13 @@ class FusionProposer(Proposer):
         self.sessions = [self.all_sessions[d] for d in chosen]
         await asyncio.gather(*(s.close() for i, s in enumerate(self.all_sessions) if i not in chosen))
 
+    def _busy(self) -> bool:
+        return self.monitor.active_requests > self.busy_load
+
     async def propose(self, context: list[int], budget: int) -> Draft | None:
         active = [s for s in self.sessions if not s.failed]
-        tree_factor = 1 + self.max_siblings
+        siblings = 0 if self._busy() else self.max_siblings
+        tree_factor = 1 + siblings
         costs = self.monitor.costs(self.draft_seconds_per_position)
         k = min(self.controller.draft_length(costs, self.monitor.active_requests, tree_factor,
                                              self.monitor.speculation_pays()), budget)
@@ -192,7 +197,7 @@ class FusionProposer(Proposer):
         if k <= 0 or not active:
             return None
         started = time.monotonic()
-        builder = TreeBuilder(self.max_siblings)
+        builder = TreeBuilder(siblings)
         if len(active) == 1:
             await self._draft_alone(active[0], context, k, builder)
         else:
@@ -206,7 +211,7 @@ class FusionProposer(Proposer):
 
     async def _draft_alone(self, session: DrafterSession, context, k, builder: TreeBuilder) -> None:
         """One drafter: its k tokens in one call; its runner-up candidates become siblings."""
-        result = await session.try_draft(context, k, candidates=self.candidates)
+        result = await session.try_draft(context, k, candidates=1 + builder.max_siblings)
         if result is None:
             return
         drafter = self.all_sessions.index(session)
@@ -219,7 +224,8 @@ class FusionProposer(Proposer):
         """Several drafters, step by step: all propose in parallel, the most confident token is fed to all."""
         path = list(context)
         for _ in range(k):
-            results = await asyncio.gather(*(s.try_draft(path, 1, candidates=self.candidates) for s in active))
+            results = await asyncio.gather(*(s.try_draft(path, 1, candidates=1 + builder.max_siblings)
+                                             for s in active))
             candidates, tops = [], {}
             for session, result in zip(active, results):
                 if result is None:
