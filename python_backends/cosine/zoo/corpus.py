@@ -149,14 +149,33 @@ _WORD_PROBLEMS = {
     "+": ("{name} has {a} {items} and finds {b} more. How many {items} does {name} have now?",
           "{name} reads {a} pages on Monday and {b} pages on Tuesday. How many pages does {name} read in total?",
           "{name} has {a} {items}. {other} has {b} more {items} than {name}. How many {items} does {other} have?",
-          "There are {a} birds in a tree and {b} more birds land on it. How many birds are in the tree now?"),
+          "There are {a} birds in a tree and {b} more birds land on it. How many birds are in the tree now?",
+          "A shop sells {a} {items} in the morning and {b} in the afternoon. How many {items} does it sell that day?",
+          "{name} walks {a} kilometres on Saturday and {b} kilometres on Sunday. How far does {name} walk?",
+          "A class has {a} girls and {b} boys. How many children are in the class?",
+          "{name} is {a} years old. How old will {name} be in {b} years?",
+          "A farmer plants {a} trees in spring and {b} trees in autumn. How many trees does the farmer plant?",
+          "{name} scores {a} points in the first game and {b} points in the second. What is the total score?"),
     "-": ("{name} had {a} {items} and gave {b} to {other}. How many {items} does {name} have left?",
           "There are {a} {items} on the table. {name} takes {b} of them. How many {items} are still on the table?",
-          "A bus carries {a} people. At the next stop {b} people get off. How many people are still on the bus?"),
+          "A bus carries {a} people. At the next stop {b} people get off. How many people are still on the bus?",
+          "{name} has {a} euros and spends {b} euros on lunch. How many euros does {name} have left?",
+          "A book has {a} pages. {name} has read {b} pages. How many pages are left to read?",
+          "A tank holds {a} litres of water. {b} litres leak out. How many litres are left in the tank?",
+          "{name} is {a} years old and {other} is {b} years old. How much older is {name}?",
+          "A baker makes {a} loaves of bread and sells {b}. How many loaves are not sold?",
+          "There were {a} cars in the car park. {b} cars drove away. How many cars are in the car park now?",
+          "{name} needs {a} {items} for a project and already has {b}. How many more {items} does {name} need?"),
     "*": ("A {container} holds {b} {items}. How many {items} are in {a} {containers}?",
           "{name} buys {a} packs of {items}. Each pack has {b} {items}. How many {items} does {name} buy in total?",
           "{name} saves {b} coins every week for {a} weeks. How many coins does {name} save?",
-          "A train has {a} cars with {b} seats in each car. How many seats does the train have?"),
+          "A train has {a} cars with {b} seats in each car. How many seats does the train have?",
+          "A garden has {a} rows of flowers with {b} flowers in each row. How many flowers are in the garden?",
+          "{name} runs {b} laps every day for {a} days. How many laps does {name} run?",
+          "One ticket costs {b} euros. How much do {a} tickets cost?",
+          "Each table has {b} chairs around it. How many chairs are around {a} tables?",
+          "{name} gives {b} {items} to each of {a} friends. How many {items} does {name} give away?",
+          "A building has {a} floors with {b} windows on each floor. How many windows does the building have?"),
 }
 
 
@@ -349,8 +368,66 @@ def _books(rng: random.Random) -> list[str]:
             f"Assistant: {author} has written several other books, but \"{title}\" from {year} is the best known."]
 
 
+_LANGUAGES = ("Spanish", "French", "German", "Italian")
+_DICTIONARY = {
+    "hello": ("hola", "bonjour", "hallo", "ciao"), "thank you": ("gracias", "merci", "danke", "grazie"),
+    "good night": ("buenas noches", "bonne nuit", "gute Nacht", "buona notte"),
+    "water": ("agua", "eau", "Wasser", "acqua"), "bread": ("pan", "pain", "Brot", "pane"),
+    "cat": ("gato", "chat", "Katze", "gatto"), "dog": ("perro", "chien", "Hund", "cane"),
+    "house": ("casa", "maison", "Haus", "casa"), "book": ("libro", "livre", "Buch", "libro"),
+    "friend": ("amigo", "ami", "Freund", "amico"), "apple": ("manzana", "pomme", "Apfel", "mela"),
+    "sun": ("sol", "soleil", "Sonne", "sole"),
+}
+
+
+def _translation(rng: random.Random) -> list[str]:
+    word = rng.choice(sorted(_DICTIONARY))
+    first, second = rng.sample(range(len(_LANGUAGES)), 2)
+    return [f"User: How do you say \"{word}\" in {_LANGUAGES[first]}?",
+            f"Assistant: In {_LANGUAGES[first]}, \"{word}\" is \"{_DICTIONARY[word][first]}\".",
+            f"User: And in {_LANGUAGES[second]}?",
+            f"Assistant: In {_LANGUAGES[second]}, \"{word}\" is \"{_DICTIONARY[word][second]}\"."]
+
+
+def _timetable() -> dict[tuple[str, str], tuple[int, int]]:
+    rng = random.Random("timetable")
+    return {(origin, destination): (rng.randint(2, 9), rng.randrange(20, 150, 5))
+            for origin in _CITIES[:6] for destination in _CITIES[:6] if origin != destination}
+
+
+_TIMETABLE = _timetable()
+
+
+def _train_trip(rng: random.Random) -> list[str]:
+    origin, destination = rng.choice(sorted(_TIMETABLE))
+    hours, price = _TIMETABLE[origin, destination]
+    return [f"User: How long does the train from {origin} to {destination} take?",
+            f"Assistant: The train from {origin} to {destination} takes about {hours} hours.",
+            "User: How much is a ticket?",
+            f"Assistant: A ticket from {origin} to {destination} costs {price} euros. "
+            "You can buy it at the station or online."]
+
+
+_OPENING_HOURS = {"museum": ("10:00", "18:00"), "library": ("09:00", "20:00"), "pharmacy": ("08:00", "19:00"),
+                  "bakery": ("07:00", "13:00"), "post office": ("09:00", "17:00"),
+                  "swimming pool": ("06:00", "22:00")}
+
+
+def _opening_hours(rng: random.Random) -> list[str]:
+    place = rng.choice(sorted(_OPENING_HOURS))
+    opens, closes = _OPENING_HOURS[place]
+    day = rng.choice(("Monday", "Tuesday", "Wednesday", "Thursday", "Friday"))
+    return [f"User: When is the {place} open on {day}?",
+            f"Assistant: On {day} the {place} opens at {opens} and closes at {closes}.",
+            "User: Do I need to book in advance?",
+            f"Assistant: No, you can just come to the {place} any time between {opens} and {closes}."]
+
+
+_TOPICS = (_tech_support, _recipe, _weather, _books, _translation, _train_trip, _opening_hours)
+
+
 def _dialogue_document(rng: random.Random) -> str:
-    topics = rng.sample((_tech_support, _recipe, _weather, _books), rng.randint(1, 2))
+    topics = rng.sample(_TOPICS, rng.randint(1, 2))
     return "".join(line + "\n" for topic in topics for line in topic(rng))
 
 

@@ -39,14 +39,15 @@ class Profile:
 
 PROFILES = {
     # ~10 minutes on 2 CPU cores. The target is deep rather than wide: at batch 1 a step's cost is mostly
-    # per-layer work, so ten layers make it >= 8x a one-layer drafter while staying cheap enough to train.
+    # per-layer work, so twelve layers make it >= 8x a one-layer drafter while staying cheap enough to train.
+    # Drafters are narrow so that one drafter cannot hold every domain as well as a specialist holds its own.
     "demo": Profile(
         name="demo", seed=0, vocab_size=2048, context=256, train_chars_per_domain=1_000_000, prompts_per_domain=50,
-        target=ModelShape(hidden=192, layers=10, heads=3, intermediate=512),
+        target=ModelShape(hidden=192, layers=12, heads=3, intermediate=512),
         target_steps=560, target_batch=8, target_lr=2e-3,
-        drafter=ModelShape(hidden=48, layers=1, heads=2, intermediate=192),
-        distill_windows_per_domain=256, distill_top_k=16, drafter_steps=300, drafter_batch=8, drafter_lr=3e-3,
-        eval_prompts_per_domain=16, eval_new_tokens=64, eval_loss_windows=16, step_cost_steps=200),
+        drafter=ModelShape(hidden=16, layers=1, heads=1, intermediate=256),
+        distill_windows_per_domain=1024, distill_top_k=16, drafter_steps=800, drafter_batch=8, drafter_lr=3e-3,
+        eval_prompts_per_domain=48, eval_new_tokens=64, eval_loss_windows=16, step_cost_steps=200),
     # Seconds: exercises every stage for tests; its quality numbers mean nothing.
     # (trained just enough that each specialist finds its own domain's prompts likeliest: the router test needs it)
     "tiny": Profile(
