@@ -106,13 +106,28 @@ def test_acceptance_tracker_estimates_the_per_token_rate():
     assert tracker.rate == pytest.approx(0.7, abs=0.03)
 
 
-def test_load_monitor_recovers_the_verification_cost_model():
+def test_load_monitor_recovers_the_verification_and_drafting_cost_models():
     monitor = LoadMonitor(forgetting=1.0)
-    assert monitor.costs(0.001) is None
+    assert monitor.costs() is None
     for tokens in [1, 4, 8, 16, 32, 5, 12]:
         monitor.observe_verify(tokens, 0.010 + 0.002 * tokens)
-    costs = monitor.costs(0.001)
+    assert monitor.costs() is None  # drafting not measured yet
+    for positions in [2, 4, 8, 3]:
+        monitor.observe_draft(positions, 0.003 + 0.0005 * positions)
+    costs = monitor.costs()
     assert costs.verify_base == pytest.approx(0.010) and costs.verify_per_token == pytest.approx(0.002)
+    assert costs.draft_base == pytest.approx(0.003) and costs.draft_per_token == pytest.approx(0.0005)
+    fused = monitor.costs(seconds_per_position=0.004)  # cooperating drafters: a call per position
+    assert fused.draft_base == 0 and fused.draft_per_token == 0.004
+
+
+def test_a_fixed_drafting_call_cost_favours_longer_drafts():
+    per_position_only = CostModel(verify_base=0.008, verify_per_token=0.0003, draft_per_token=0.0008)
+    with_call_cost = CostModel(verify_base=0.008, verify_per_token=0.0003, draft_per_token=0.0003, draft_base=0.004)
+    # both cost the same at k=8; the second's is mostly per call, so shorter drafts save it less
+    assert per_position_only.round_time(8, 1) == pytest.approx(with_call_cost.round_time(8, 1))
+    assert with_call_cost.best_draft_length(0.8, 1, 8) > per_position_only.best_draft_length(0.8, 1, 8)
+    assert with_call_cost.round_time(0, 1) == pytest.approx(0.008 + 0.0003)  # plain decoding drafts nothing
 
 
 # ---- routing ----------------------------------------------------------------------------------------------------
@@ -151,6 +166,7 @@ def test_router_learns_from_feedback_that_a_likely_drafter_drafts_badly():
         router.feedback(context=0, drafter=0, matches=1, trials=10)
         router.feedback(context=0, drafter=1, matches=8, trials=10)
     assert all(router.route(logprobs, max_drafters=2).ranking[0] == 1 for _ in range(100))
+    assert router.route(logprobs, max_drafters=1).acceptance == pytest.approx(0.8, abs=0.05)  # the controller's prior
 
 
 def test_router_explores_by_cooperation_until_the_evidence_is_clear():

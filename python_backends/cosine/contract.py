@@ -177,5 +177,6 @@ ROUTER = ModelContract(
         TensorSpec("ranking", "TYPE_INT32", (-1,)),
         TensorSpec("cooperate", "TYPE_INT32", (1,)),
         TensorSpec("context", "TYPE_INT32", (1,)),
+        TensorSpec("acceptance", "TYPE_FP32", (1,)),  # the first choice's expected per-token acceptance
     ),
 )

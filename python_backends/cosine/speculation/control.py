@@ -1,8 +1,9 @@
 """Adaptive speculation control: how many tokens to draft, per request and per moment.
 
 Cost model. With per-token acceptance rate a, a draft of k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens per
-round (accepted + the target's own). A round costs drafting, k * t_draft, plus verification; the verifier's batch
-holds every active request's tokens, so its time grows with load: t_verify = base + per_token * load * (k + 1).
+round (accepted + the target's own). A round costs drafting, one call plus k drafter steps: t_draft = base + k * step,
+plus verification; the verifier's batch holds every active request's tokens, so its time grows with load:
+t_verify = base + per_token * load * (k + 1).
 The controller drafts the k in [0, k_max] that maximises E(k) / round time; k = 0 is plain decoding, which it falls
 back to when the verifier is saturated or acceptance is poor, so speculation never costs more than it brings."""
 from __future__ import annotations
@@ -24,10 +25,12 @@ class CostModel:
     verify_base: float  # a verification pass, whatever its size
     verify_per_token: float  # each token in the verifier's batch
     draft_per_token: float  # one drafting step (drafters of a request run in parallel)
+    draft_base: float = 0.0  # a drafting call, whatever its length
 
     def round_time(self, k: int, load: float, tree_factor: float = 1.0) -> float:
         tokens_per_request = 1 + k * tree_factor
-        return k * self.draft_per_token + self.verify_base + self.verify_per_token * load * tokens_per_request
+        drafting = self.draft_base + k * self.draft_per_token if k else 0.0
+        return drafting + self.verify_base + self.verify_per_token * load * tokens_per_request
 
     def best_draft_length(self, acceptance: float, load: float, k_max: int, tree_factor: float = 1.0) -> int:
         rates = [expected_tokens(acceptance, k) / self.round_time(k, load, tree_factor) for k in range(k_max + 1)]
@@ -40,6 +43,12 @@ class AcceptanceTracker:
     successes: float = 1.2  # prior: rate 0.6, worth two observations; speculate until evidence says otherwise
     trials: float = 2.0
     decay: float = 0.8
+
+    @classmethod
+    def starting_at(cls, rate: float) -> "AcceptanceTracker":
+        """A prior worth two observations at a rate known beforehand (the router's estimate for the drafter)."""
+        rate = min(max(rate, 0.05), 0.95)
+        return cls(successes=2 * rate, trials=2.0)
 
     @property
     def rate(self) -> float:
@@ -54,13 +63,34 @@ class AcceptanceTracker:
         self.trials = self.decay * self.trials + accepted + (accepted < depth)
 
 
+class LinearFit:
+    """y = base + slope * x by least squares with exponential forgetting; base and slope kept non-negative."""
+
+    def __init__(self, forgetting: float):
+        self.forgetting = forgetting
+        self.sums = [0.0] * 5  # n, sum x, sum y, sum x*x, sum x*y
+
+    def observe(self, x: float, y: float) -> None:
+        for i, value in enumerate((1.0, x, y, x * x, x * y)):
+            self.sums[i] = self.forgetting * self.sums[i] + value
+
+    def fitted(self) -> tuple[float, float] | None:
+        """(base, slope), or None before three observations."""
+        n, sx, sy, sxx, sxy = self.sums
+        if n < 3:
+            return None
+        variance = n * sxx - sx * sx
+        slope = max((n * sxy - sx * sy) / variance if variance > 1e-9 else 0.0, 0.0)
+        return max((sy - slope * sx) / n, 0.0), slope
+
+
 class LoadMonitor:
-    """The deployment-wide verification cost, fitted online: latency against the verifier's load in tokens (least
-    squares with exponential forgetting); and how many requests are active."""
+    """Deployment-wide costs, fitted online: verification latency against the verifier's load in tokens, and a lone
+    drafter's call against its length; and how many requests are active."""
 
     def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05):
-        self.forgetting, self.smoothing = forgetting, smoothing
-        self.sums = [0.0] * 5  # n, sum x, sum y, sum x*x, sum x*y  (x = tokens in flight, y = seconds)
+        self.smoothing = smoothing
+        self.verify_fit, self.draft_fit = LinearFit(forgetting), LinearFit(forgetting)
         self.active_requests = 0
         # (speculative?, load bucket) -> measured tokens per second of a request's round
         self.round_rates: dict[tuple[bool, int], float] = {}
@@ -83,20 +113,24 @@ class LoadMonitor:
         return speculative is None or plain is None or speculative >= plain
 
     def observe_verify(self, tokens_in_flight: float, seconds: float) -> None:
-        f = self.forgetting
-        for i, value in enumerate((1.0, tokens_in_flight, seconds, tokens_in_flight ** 2, tokens_in_flight * seconds)):
-            self.sums[i] = f * self.sums[i] + value
+        self.verify_fit.observe(tokens_in_flight, seconds)
 
-    def costs(self, draft_per_token: float | None) -> CostModel | None:
-        """The cost model, given what drafting one position costs the caller; None until both are measured."""
-        n, sx, sy, sxx, sxy = self.sums
-        if n < 3 or draft_per_token is None:
+    def observe_draft(self, positions: int, seconds: float) -> None:
+        """One drafter call that drafted `positions` tokens."""
+        self.draft_fit.observe(positions, seconds)
+
+    def costs(self, seconds_per_position: float | None = None) -> CostModel | None:
+        """The cost model; drafting as fitted for lone drafters, or, when given, a caller's own cost per position
+        (cooperating drafters make one call per position). None until both are measured."""
+        verify, draft = self.verify_fit.fitted(), self.draft_fit.fitted()
+        if verify is None:
             return None
-        variance = n * sxx - sx * sx
-        slope = (n * sxy - sx * sy) / variance if variance > 1e-9 else 0.0
-        slope = max(slope, 0.0)
-        base = max((sy - slope * sx) / n, 0.0)
-        return CostModel(verify_base=base, verify_per_token=slope, draft_per_token=draft_per_token)
+        if seconds_per_position is not None:
+            draft = (0.0, seconds_per_position)
+        if draft is None:
+            return None
+        return CostModel(verify_base=verify[0], verify_per_token=verify[1], draft_per_token=draft[1],
+                         draft_base=draft[0])
 
 
 class SpeculationController:

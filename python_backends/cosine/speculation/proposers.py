@@ -12,7 +12,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from .control import LoadMonitor, SpeculationController
+from .control import AcceptanceTracker, LoadMonitor, SpeculationController
 from .fusion import Candidate, TreeBuilder, merge_chains
 from .router import Route
 from .tree import DraftTree
@@ -164,7 +164,7 @@ class FusionProposer(Proposer):
         # branches add verifier tokens, nearly free while a verification pass is latency-bound, not once it is
         # compute-bound. So when busy: one drafter, chains.
         self.busy_load = busy_load
-        self.draft_seconds_per_position: float | None = None
+        self.fused_seconds_per_position: float | None = None  # cooperating drafters: one call per position
         self.route: Route | None = None
         self.top_tokens: list[dict[int, int]] = []  # per depth of the last draft: drafter index -> its top token
         self.matches = [0.0] * len(sessions)
@@ -177,6 +177,7 @@ class FusionProposer(Proposer):
         try:
             self.route = await self.router.route(logprobs, 1 if self._busy() else self.max_drafters)
             chosen = [d for d in self.route.ranking[:self.route.cooperate] if results[d] is not None]
+            self.controller.acceptance = AcceptanceTracker.starting_at(self.route.acceptance)
         except Exception as error:
             log.warning("router failed; using the most likely drafter: %s", error)
             chosen = [max(range(len(logprobs)), key=lambda d: logprobs[d])]
@@ -190,7 +191,7 @@ class FusionProposer(Proposer):
         active = [s for s in self.sessions if not s.failed]
         siblings = 0 if self._busy() else self.max_siblings
         tree_factor = 1 + siblings
-        costs = self.monitor.costs(self.draft_seconds_per_position)
+        costs = self.monitor.costs(self.fused_seconds_per_position if len(active) > 1 else None)
         k = min(self.controller.draft_length(costs, self.monitor.active_requests, tree_factor,
                                              self.monitor.speculation_pays()), budget)
         self.top_tokens = []
@@ -204,9 +205,13 @@ class FusionProposer(Proposer):
             await self._draft_fused(active, context, k, builder)
         if not builder.tokens:
             return None
-        per_position = (time.monotonic() - started) / max(1, len(self.top_tokens))
-        self.draft_seconds_per_position = per_position if self.draft_seconds_per_position is None else \
-            0.7 * self.draft_seconds_per_position + 0.3 * per_position
+        seconds = time.monotonic() - started
+        if len(active) == 1:
+            self.monitor.observe_draft(len(self.top_tokens), seconds)
+        else:
+            per_position = seconds / len(self.top_tokens)
+            old = self.fused_seconds_per_position
+            self.fused_seconds_per_position = per_position if old is None else 0.7 * old + 0.3 * per_position
         return Draft(builder.tree(), tuple(builder.sources))
 
     async def _draft_alone(self, session: DrafterSession, context, k, builder: TreeBuilder) -> None:

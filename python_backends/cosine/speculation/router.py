@@ -22,6 +22,7 @@ class Route:
     context: int  # apparent domain: index of the drafter that found the prompt most likely
     ranking: list[int]  # drafter indices, first choice first, then cooperating explorers
     cooperate: int  # how many of the ranking's head draft together
+    acceptance: float = 0.6  # the first choice's expected rate of drafting the target's token, per position
 
 
 class Router:
@@ -68,7 +69,8 @@ class Router:
             explorers = explorers[:max_drafters - 1]
         rest = sorted((d for d in range(self.num_drafters) if d != first and d not in explorers),
                       key=lambda d: -exploit[d])
-        return Route(context, [first, *explorers, *rest], 1 + len(explorers))
+        alpha, beta = posteriors[first]
+        return Route(context, [first, *explorers, *rest], 1 + len(explorers), alpha / (alpha + beta))
 
     def feedback(self, context: int, drafter: int, matches: float, trials: float) -> None:
         """Verification outcome of a request: at `trials` verified positions, the drafter's top token was the

@@ -53,9 +53,10 @@ class BlsRouter:
         self.model_name = model_name
 
     async def route(self, prompt_logprobs, max_drafters) -> Route:
-        out = await bls(self.model_name, ROUTER, ("ranking", "cooperate", "context"),
+        out = await bls(self.model_name, ROUTER, ("ranking", "cooperate", "context", "acceptance"),
                         prompt_logprobs=prompt_logprobs, max_drafters=max_drafters)
-        return Route(int(out["context"][0]), out["ranking"].tolist(), int(out["cooperate"][0]))
+        return Route(int(out["context"][0]), out["ranking"].tolist(), int(out["cooperate"][0]),
+                     float(out["acceptance"][0]))
 
     async def feedback(self, context, matches, trials) -> None:
         await bls(self.model_name, ROUTER, ("context",), feedback_context=context, feedback_matches=matches,

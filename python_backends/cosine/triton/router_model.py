@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..contract import ROUTER
 from ..serving.errors import ServingError
-from ..speculation.router import Router
+from ..speculation.router import Route, Router
 from .io import Metrics, error_response, model_parameters, request_inputs, tensors
 
 
@@ -32,12 +32,12 @@ class RouterModel:
             for drafter, (matches, trials) in enumerate(zip(inputs["feedback_matches"], inputs["feedback_trials"])):
                 if trials > 0:
                     self.router.feedback(int(inputs["feedback_context"][0]), drafter, float(matches), float(trials))
-            route_ranking, cooperate, context = [], 0, int(inputs["feedback_context"][0])
+            route = Route(int(inputs["feedback_context"][0]), [], 0, 0.0)
         else:
             max_drafters = int(inputs["max_drafters"][0]) if "max_drafters" in inputs else 1
             route = self.router.route(inputs["prompt_logprobs"].astype(float).tolist(), max_drafters)
             self.routed[self.drafters[route.ranking[0]]].increment(1)
-            route_ranking, cooperate, context = route.ranking, route.cooperate, route.context
-        return pb_utils.InferenceResponse(tensors(ranking=np.asarray(route_ranking, np.int32),
-                                                  cooperate=np.array([cooperate], np.int32),
-                                                  context=np.array([context], np.int32)))
+        return pb_utils.InferenceResponse(tensors(ranking=np.asarray(route.ranking, np.int32),
+                                                  cooperate=np.array([route.cooperate], np.int32),
+                                                  context=np.array([route.context], np.int32),
+                                                  acceptance=np.array([route.acceptance], np.float32)))
