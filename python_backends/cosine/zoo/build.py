@@ -30,8 +30,8 @@ from .evaluation import DomainEvalSet, quality_report
 from .profiles import PROFILES, Profile
 from .report import GENERAL, check_bars, write_report
 from .tokenizer import encode_documents, train_tokenizer
-from .training import (SoftLabels, consecutive_windows, distill_drafter, label_with_target, new_model, pack,
-                       parameter_count, train_target)
+from .training import (SoftLabels, consecutive_windows, continue_greedily, distill_drafter, label_with_target,
+                       new_model, pack, parameter_count, train_target)
 
 MANIFEST = "manifest.json"
 _OWNED_OUTPUTS = ("tokenizer", "target", "drafters", "prompts", "quality_report.json", "quality_report.png")
@@ -106,11 +106,15 @@ def _build(out_dir: Path, profile: Profile, progress: bool) -> dict:
 
 def _distill_drafters(target, tokenizer, streams: dict[str, torch.Tensor], profile: Profile,
                       progress: bool) -> dict:
-    """One specialist per domain and a general drafter of the same size and training budget on the mixture."""
-    labels = {domain: label_with_target(target, consecutive_windows(stream, profile.context,
-                                                                    profile.distill_windows_per_domain),
-                                        profile.distill_top_k, f"label {domain}", progress)
-              for domain, stream in streams.items()}
+    """One specialist per domain and a general drafter of the same size and training budget on the mixture.
+    Distillation data: corpus windows, and corpus prefixes continued by the target (on-policy)."""
+    labels = {}
+    for domain, stream in streams.items():
+        corpus = consecutive_windows(stream, profile.context, profile.distill_windows_per_domain)
+        generated = continue_greedily(target, corpus[:profile.distill_generated_per_domain], profile.distill_prefix,
+                                      f"continue {domain}", progress)
+        labels[domain] = label_with_target(target, torch.cat([corpus, generated]), profile.distill_top_k,
+                                           f"label {domain}", progress)
     labels[GENERAL] = SoftLabels.concatenate(list(labels.values()))
     drafters = {}
     for name, data in labels.items():

@@ -27,6 +27,9 @@ class Profile:
     drafter: ModelShape
     distill_windows_per_domain: int
     distill_top_k: int
+    # on-policy windows: a corpus prefix continued by the target's own greedy output (what drafters must predict)
+    distill_generated_per_domain: int
+    distill_prefix: int
     drafter_steps: int
     drafter_batch: int
     drafter_lr: float
@@ -46,7 +49,8 @@ PROFILES = {
         target=ModelShape(hidden=192, layers=12, heads=3, intermediate=512),
         target_steps=560, target_batch=8, target_lr=2e-3,
         drafter=ModelShape(hidden=16, layers=1, heads=1, intermediate=256),
-        distill_windows_per_domain=1024, distill_top_k=16, drafter_steps=800, drafter_batch=8, drafter_lr=3e-3,
+        distill_windows_per_domain=1024, distill_top_k=16, distill_generated_per_domain=128, distill_prefix=64,
+        drafter_steps=800, drafter_batch=8, drafter_lr=3e-3,
         eval_prompts_per_domain=48, eval_new_tokens=64, eval_loss_windows=16, step_cost_steps=200),
     # Seconds: exercises every stage for tests; its quality numbers mean nothing.
     # (trained just enough that each specialist finds its own domain's prompts likeliest: the router test needs it)
@@ -55,6 +59,7 @@ PROFILES = {
         target=ModelShape(hidden=64, layers=2, heads=2, intermediate=128),
         target_steps=80, target_batch=4, target_lr=3e-3,
         drafter=ModelShape(hidden=32, layers=1, heads=2, intermediate=64),
-        distill_windows_per_domain=4, distill_top_k=8, drafter_steps=40, drafter_batch=4, drafter_lr=3e-3,
+        distill_windows_per_domain=4, distill_top_k=8, distill_generated_per_domain=2, distill_prefix=16,
+        drafter_steps=40, drafter_batch=4, drafter_lr=3e-3,
         eval_prompts_per_domain=2, eval_new_tokens=12, eval_loss_windows=2, step_cost_steps=20),
 }

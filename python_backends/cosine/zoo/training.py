@@ -61,6 +61,19 @@ class SoftLabels:
                           torch.cat([part.top_probs for part in parts]))
 
 
+def continue_greedily(target: LlamaForCausalLM, windows: torch.Tensor, prefix: int, desc: str, progress: bool,
+                      batch: int = 64) -> torch.Tensor:
+    """Each window's first `prefix` tokens followed by the target's greedy continuation to the window's length
+    (new windows: the corpus windows stay as they are).
+    Speculative decoding asks drafters for exactly this: the target's own next tokens, not the corpus's."""
+    new_tokens = windows.shape[1] - prefix
+    out = []
+    for start in tqdm(range(0, len(windows), batch), desc=desc, disable=not progress):
+        out.append(target.generate(windows[start:start + batch, :prefix], do_sample=False, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, attention_mask=None))
+    return torch.cat(out)
+
+
 def label_with_target(target: LlamaForCausalLM, windows: torch.Tensor, top_k: int, desc: str,
                       progress: bool, batch: int = 8) -> SoftLabels:
     top_ids, top_probs = [], []
