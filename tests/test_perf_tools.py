@@ -119,6 +119,19 @@ def test_summarize_profile_export_token_metrics():
     assert one["output_tokens"] == 2 and one["inter_token_latency_ms"]["avg"] == pytest.approx(100.0)
 
 
+def test_summarize_profile_export_ignores_the_flags_only_final_response(tmp_path):
+    """perf_analyzer exports the stream's closing (empty) response with uninitialised values."""
+    outputs = [{"sequence_length": 1, "output_ids": 7, "text_output": "a"},
+               {"sequence_length": 2, "output_ids": [8, 9], "text_output": "bc"},
+               {"sequence_length": 1677721744, "output_ids": -7978986, "text_output": ""}]
+    export = {"experiments": [{"experiment": {"mode": "concurrency", "value": 1}, "requests": [
+        {"timestamp": 0, "response_timestamps": [10_000_000, 20_000_000, 21_000_000], "response_outputs": outputs}]}]}
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    summary = summarize_profile_export(tmp_path / "export.json")[0]
+    assert summary["output_tokens"] == 3
+    assert summary["output_token_throughput_per_s"] == pytest.approx(3 / 0.021)
+
+
 def test_percentile_matches_linear_interpolation():
     assert percentile([1, 2, 3, 4], 50) == 2.5
     assert percentile([10], 99) == 10

@@ -218,11 +218,15 @@ def _stats(values: Sequence[float]) -> dict:
             **{f"p{q}": percentile(values, q) for q in (50, 90, 95, 99)}}
 
 
-def _tokens(output: Mapping) -> int:
+def _tokens(output: Mapping, max_tokens: int) -> int:
+    """Tokens in one exported response. The cosine model may end a stream with a flags-only final response, which
+    perf_analyzer exports with uninitialised values: a length no request could produce counts as none."""
+    if isinstance(output.get("output_ids"), list):
+        return len(output["output_ids"])
     length = output.get("sequence_length")
     if isinstance(length, list):
         length = length[0] if length else 0
-    return int(length) if isinstance(length, (int, float)) else 0
+    return int(length) if isinstance(length, (int, float)) and 0 <= length <= max_tokens else 0
 
 
 def summarize_profile_export(path: str | os.PathLike) -> list[dict]:
@@ -242,7 +246,8 @@ def summarize_profile_export(path: str | os.PathLike) -> list[dict]:
             if not times:
                 continue
             outputs = request.get("response_outputs", [])
-            count = sum(_tokens(output) for output in outputs) if outputs else len(times)
+            max_tokens = request.get("request_inputs", {}).get("max_tokens", 2 ** 16)
+            count = sum(_tokens(output, max_tokens) for output in outputs) if outputs else len(times)
             starts.append(sent)
             ends.append(times[-1])
             ttft.append((times[0] - sent) / 1e6)
