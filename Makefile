@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 test: venv
 	$(PY) -m pytest -q tests
 
-# Builds the demo zoo on first run (about 10 minutes on 2 cores, progress shown; reused afterwards), writes
+# Builds the demo zoo on first run (about 11 minutes on 2 cores, progress shown; reused afterwards), writes
 # model_repository/ for it, serves it and answers one held-out prompt per domain.
 demo: venv
 	$(PY) build_engines.py --demo
