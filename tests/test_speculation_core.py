@@ -7,7 +7,9 @@ import pytest
 from cosine.speculation.control import (CostModel, LoadMonitor, SpeculationController, AcceptanceTracker,
                                         expected_tokens)
 from cosine.speculation.fusion import Candidate, TreeBuilder, merge_chains
-from cosine.speculation.router import Router
+from cosine.engine.engine import StepResult
+from cosine.speculation.proposers import DrafterSession, FusionProposer
+from cosine.speculation.router import Route, Router
 from cosine.speculation.scheduler import VerificationScheduler
 from cosine.speculation.tree import DraftTree
 
@@ -92,6 +94,18 @@ def test_measured_slow_speculation_falls_back_to_plain_decoding():
     monitor.active_requests = 1
     for _ in range(100):
         monitor.observe_round(True, tokens=5, seconds=0.025)  # speculation got faster: 200 tokens/s
+    assert monitor.speculation_pays()
+
+
+def test_one_cold_speculative_round_does_not_keep_speculation_off():
+    monitor = LoadMonitor()
+    monitor.active_requests = 1
+    for _ in range(10):
+        monitor.observe_round(False, tokens=1, seconds=0.010)  # plain: 100 tokens/s
+    monitor.observe_round(True, tokens=4, seconds=0.400)  # the first draft hits a cold drafter process
+    assert not monitor.speculation_pays()
+    for _ in range(3):
+        monitor.observe_round(True, tokens=4, seconds=0.020)  # then 200 tokens/s
     assert monitor.speculation_pays()
 
 
@@ -187,6 +201,52 @@ def test_router_rejects_malformed_input():
         Router(3).route([-1.0], max_drafters=1)
     with pytest.raises(ValueError, match="feedback"):
         Router(3).feedback(context=5, drafter=0, matches=1, trials=1)
+
+
+class CountingDrafter:
+    """A drafter engine that always proposes one token; counts its calls."""
+
+    def __init__(self, token: int, prob: float):
+        self.token, self.prob, self.calls = token, prob, 0
+
+    async def step(self, sequence_id, input_ids, *, request=None, keep_length=None, extra_tokens=0, candidates=0,
+                   score_input=False):
+        self.calls += 1
+        n = extra_tokens + 1
+        return StepResult([self.token] * n, [self.prob] * n, [[self.token]] * n, [[self.prob]] * n, -1.0)
+
+    async def release(self, sequence_id):
+        pass
+
+
+class CooperatingRouter:
+    async def route(self, prompt_logprobs, max_drafters):
+        return Route(context=0, ranking=[0, 1], cooperate=2, acceptance=0.7)
+
+    async def feedback(self, context, matches, trials):
+        pass
+
+
+def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():
+    class Request:
+        params = type("Params", (), {"seed": None})()
+
+    first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
+    sessions = [DrafterSession(name, engine, 1, Request()) for name, engine in (("a", first), ("b", explorer))]
+    proposer = FusionProposer(sessions, CooperatingRouter(), LoadMonitor(), k_max=3, exploring_rounds=2)
+
+    async def rounds():
+        await proposer.start([1, 2, 3])
+        drafts = []
+        for _ in range(3):
+            drafts.append((await proposer.propose([1, 2, 3], budget=10), proposer.exploring))
+        return drafts
+    drafts = asyncio.run(rounds())
+    # fused: per position both propose, the confident token leads, the other is its sibling
+    assert [exploring for _, exploring in drafts] == [True, True, False]
+    assert drafts[0][0].tree.tokens == (5, 6, 5, 6, 5, 6) and drafts[0][0].sources == ("a", "b") * 3
+    assert drafts[2][0].tree.tokens == (5, 5, 5)  # the first choice alone, in one call (this fake offers no runner-ups)
+    assert explorer.calls == 1 + 2 * 3  # its prompt scoring, then one call per fused position
 
 
 # ---- scheduling -------------------------------------------------------------------------------------------------

@@ -148,7 +148,8 @@ async def _round(deployment: Deployment, mode: str, proposer, sequence_id: int, 
         started = time.monotonic()
         emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree)).tokens
         monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
-    if mode in ("cosine", "autoregressive"):  # the controller's evidence: cosine's rounds against plain ones
+    # the controller's evidence: cosine's rounds against plain ones (exploring rounds buy knowledge, not speed)
+    if mode in ("cosine", "autoregressive") and not (proposer and proposer.exploring):
         monitor.observe_round(tree is not None, len(emitted), time.monotonic() - round_started)
     if proposer is not None:
         accepted = tree.accepted_path(emitted) if tree else []

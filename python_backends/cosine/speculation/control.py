@@ -92,8 +92,8 @@ class LoadMonitor:
         self.smoothing = smoothing
         self.verify_fit, self.draft_fit = LinearFit(forgetting), LinearFit(forgetting)
         self.active_requests = 0
-        # (speculative?, load bucket) -> measured tokens per second of a request's round
-        self.round_rates: dict[tuple[bool, int], float] = {}
+        # (speculative?, load bucket) -> [measured tokens per second of a request's round, rounds measured]
+        self.round_rates: dict[tuple[bool, int], list[float]] = {}
 
     def load_bucket(self) -> int:
         return min(self.active_requests, 32).bit_length()  # 0, 1, 2-3, 4-7, ...: rounds under similar load
@@ -102,15 +102,18 @@ class LoadMonitor:
         """What a round really delivered, drafting, queueing and verification included."""
         key = (speculative, self.load_bucket())
         rate = tokens / max(seconds, 1e-6)
-        old = self.round_rates.get(key)
-        self.round_rates[key] = rate if old is None else old + self.smoothing * (rate - old)
+        # a plain mean over the first 1/smoothing rounds, then exponential: one slow first round (a cold process)
+        # must not keep speculation off for long
+        entry = self.round_rates.setdefault(key, [0.0, 0])
+        entry[1] += 1
+        entry[0] += (rate - entry[0]) * max(self.smoothing, 1 / entry[1])
 
     def speculation_pays(self) -> bool:
         """False once measurements at the current load show speculative rounds delivering tokens slower than plain
         ones: whatever the cost model says, requests then decode plainly (and keep probing)."""
         bucket = self.load_bucket()
         speculative, plain = self.round_rates.get((True, bucket)), self.round_rates.get((False, bucket))
-        return speculative is None or plain is None or speculative >= plain
+        return speculative is None or plain is None or speculative[0] >= plain[0]
 
     def observe_verify(self, tokens_in_flight: float, seconds: float) -> None:
         self.verify_fit.observe(tokens_in_flight, seconds)

@@ -105,6 +105,7 @@ class Proposer:
     """Base: no start-up work, no learning, releases its drafters at the end."""
 
     sessions: list[DrafterSession] = []
+    exploring = False  # the last draft was (also) an investment in learning, not only in speed
 
     @property
     def drafter_names(self) -> list[str]:
@@ -154,7 +155,7 @@ class FusionProposer(Proposer):
     """cosine: routed drafters fused step by step by confidence, draft length set by the controller."""
 
     def __init__(self, sessions: list[DrafterSession], router: RouterClient, monitor: LoadMonitor, k_max: int,
-                 max_drafters: int = 2, busy_load: int = 2, max_siblings: int = 1):
+                 max_drafters: int = 2, busy_load: int = 2, max_siblings: int = 1, exploring_rounds: int = 2):
         self.all_sessions, self.sessions = sessions, []
         self.router, self.monitor = router, monitor
         self.controller = SpeculationController(k_max)
@@ -164,6 +165,10 @@ class FusionProposer(Proposer):
         # branches add verifier tokens, nearly free while a verification pass is latency-bound, not once it is
         # compute-bound. So when busy: one drafter, chains.
         self.busy_load = busy_load
+        # A cooperating explorer drafts the request's first rounds beside the first choice: enough for the router
+        # to compare them on the same positions; fused drafting costs a call per position, so not for longer.
+        self.exploring_rounds = exploring_rounds
+        self.fused_rounds = 0
         self.fused_seconds_per_position: float | None = None  # cooperating drafters: one call per position
         self.route: Route | None = None
         self.top_tokens: list[dict[int, int]] = []  # per depth of the last draft: drafter index -> its top token
@@ -188,7 +193,11 @@ class FusionProposer(Proposer):
         return self.monitor.active_requests > self.busy_load
 
     async def propose(self, context: list[int], budget: int) -> Draft | None:
+        if len(self.sessions) > 1 and self.fused_rounds >= self.exploring_rounds:
+            explorers, self.sessions = self.sessions[1:], self.sessions[:1]
+            await asyncio.gather(*(session.close() for session in explorers))
         active = [s for s in self.sessions if not s.failed]
+        self.exploring = len(active) > 1
         siblings = 0 if self._busy() else self.max_siblings
         tree_factor = 1 + siblings
         costs = self.monitor.costs(self.fused_seconds_per_position if len(active) > 1 else None)
@@ -202,6 +211,7 @@ class FusionProposer(Proposer):
         if len(active) == 1:
             await self._draft_alone(active[0], context, k, builder)
         else:
+            self.fused_rounds += 1
             await self._draft_fused(active, context, k, builder)
         if not builder.tokens:
             return None
