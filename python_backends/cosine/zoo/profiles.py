@@ -59,7 +59,7 @@ PROFILES = {
         target=ModelShape(hidden=64, layers=2, heads=2, intermediate=128),
         target_steps=80, target_batch=4, target_lr=3e-3,
         drafter=ModelShape(hidden=32, layers=1, heads=2, intermediate=64),
-        distill_windows_per_domain=4, distill_top_k=8, distill_generated_per_domain=2, distill_prefix=16,
-        drafter_steps=40, drafter_batch=4, drafter_lr=3e-3,
+        distill_windows_per_domain=16, distill_top_k=8, distill_generated_per_domain=2, distill_prefix=16,
+        drafter_steps=60, drafter_batch=4, drafter_lr=3e-3,
         eval_prompts_per_domain=2, eval_new_tokens=12, eval_loss_windows=2, step_cost_steps=20),
 }
