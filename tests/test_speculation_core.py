@@ -131,8 +131,11 @@ def test_load_monitor_recovers_the_verification_and_drafting_cost_models():
     costs = monitor.costs()
     assert costs.verify_base == pytest.approx(0.010) and costs.verify_per_token == pytest.approx(0.002)
     assert costs.draft_base == pytest.approx(0.003) and costs.draft_per_token == pytest.approx(0.0005)
-    fused = monitor.costs(seconds_per_position=0.004)  # cooperating drafters: a call per position
-    assert fused.draft_base == 0 and fused.draft_per_token == 0.004
+    assert monitor.costs(fused=True) is None  # fused drafting is measured apart
+    for positions in [2, 4, 8]:  # cooperating drafters: a call per position
+        monitor.observe_draft(positions, 0.004 * positions, fused=True)
+    fused = monitor.costs(fused=True)
+    assert fused.draft_base == pytest.approx(0, abs=1e-9) and fused.draft_per_token == pytest.approx(0.004)
 
 
 def test_a_fixed_drafting_call_cost_favours_longer_drafts():

@@ -1,6 +1,7 @@
 """The demo model zoo builder, exercised on its tiny profile (built once per session)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -205,3 +206,12 @@ def test_check_compatible_rejects_other_vocab_size(zoo, tmp_path):
     (drafter / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"drafter 'records': config\.json differs .*vocab_size"):
         check_compatible(out_dir / "target", {"records": drafter})
+
+
+def test_a_profile_change_invalidates_only_that_profile(monkeypatch):
+    from cosine.zoo import build
+
+    before = {name: build.build_input_hash(name) for name in ("demo", "tiny")}
+    monkeypatch.setitem(build.PROFILES, "tiny", dataclasses.replace(build.PROFILES["tiny"], drafter_steps=41))
+    assert build.build_input_hash("demo") == before["demo"]
+    assert build.build_input_hash("tiny") != before["tiny"]

@@ -85,12 +85,14 @@ class LinearFit:
 
 
 class LoadMonitor:
-    """Deployment-wide costs, fitted online: verification latency against the verifier's load in tokens, and a lone
-    drafter's call against its length; and how many requests are active."""
+    """Deployment-wide costs, fitted online: verification latency against the verifier's load in tokens, and drafting
+    time against draft length (apart for cooperating drafters, which make a call per position); and how many
+    requests are active."""
 
     def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05):
         self.smoothing = smoothing
-        self.verify_fit, self.draft_fit = LinearFit(forgetting), LinearFit(forgetting)
+        self.verify_fit = LinearFit(forgetting)
+        self.draft_fits = {fused: LinearFit(forgetting) for fused in (False, True)}
         self.active_requests = 0
         # (speculative?, load bucket) -> [measured tokens per second of a request's round, rounds measured]
         self.round_rates: dict[tuple[bool, int], list[float]] = {}
@@ -118,19 +120,14 @@ class LoadMonitor:
     def observe_verify(self, tokens_in_flight: float, seconds: float) -> None:
         self.verify_fit.observe(tokens_in_flight, seconds)
 
-    def observe_draft(self, positions: int, seconds: float) -> None:
-        """One drafter call that drafted `positions` tokens."""
-        self.draft_fit.observe(positions, seconds)
+    def observe_draft(self, positions: int, seconds: float, fused: bool = False) -> None:
+        """One round's drafting of `positions` tokens: by a lone drafter, or fused across cooperating drafters."""
+        self.draft_fits[fused].observe(positions, seconds)
 
-    def costs(self, seconds_per_position: float | None = None) -> CostModel | None:
-        """The cost model; drafting as fitted for lone drafters, or, when given, a caller's own cost per position
-        (cooperating drafters make one call per position). None until both are measured."""
-        verify, draft = self.verify_fit.fitted(), self.draft_fit.fitted()
-        if verify is None:
-            return None
-        if seconds_per_position is not None:
-            draft = (0.0, seconds_per_position)
-        if draft is None:
+    def costs(self, fused: bool = False) -> CostModel | None:
+        """The cost model for lone or fused drafting; None until verification and that drafting are measured."""
+        verify, draft = self.verify_fit.fitted(), self.draft_fits[fused].fitted()
+        if verify is None or draft is None:
             return None
         return CostModel(verify_base=verify[0], verify_per_token=verify[1], draft_per_token=draft[1],
                          draft_base=draft[0])

@@ -169,7 +169,6 @@ class FusionProposer(Proposer):
         # to compare them on the same positions; fused drafting costs a call per position, so not for longer.
         self.exploring_rounds = exploring_rounds
         self.fused_rounds = 0
-        self.fused_seconds_per_position: float | None = None  # cooperating drafters: one call per position
         self.route: Route | None = None
         self.top_tokens: list[dict[int, int]] = []  # per depth of the last draft: drafter index -> its top token
         self.matches = [0.0] * len(sessions)
@@ -200,7 +199,7 @@ class FusionProposer(Proposer):
         self.exploring = len(active) > 1
         siblings = 0 if self._busy() else self.max_siblings
         tree_factor = 1 + siblings
-        costs = self.monitor.costs(self.fused_seconds_per_position if len(active) > 1 else None)
+        costs = self.monitor.costs(fused=len(active) > 1)
         k = min(self.controller.draft_length(costs, self.monitor.active_requests, tree_factor,
                                              self.monitor.speculation_pays()), budget)
         self.top_tokens = []
@@ -215,13 +214,7 @@ class FusionProposer(Proposer):
             await self._draft_fused(active, context, k, builder)
         if not builder.tokens:
             return None
-        seconds = time.monotonic() - started
-        if len(active) == 1:
-            self.monitor.observe_draft(len(self.top_tokens), seconds)
-        else:
-            per_position = seconds / len(self.top_tokens)
-            old = self.fused_seconds_per_position
-            self.fused_seconds_per_position = per_position if old is None else 0.7 * old + 0.3 * per_position
+        self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started, fused=len(active) > 1)
         return Draft(builder.tree(), tuple(builder.sources))
 
     async def _draft_alone(self, session: DrafterSession, context, k, builder: TreeBuilder) -> None:

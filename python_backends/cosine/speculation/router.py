@@ -22,7 +22,7 @@ class Route:
     context: int  # apparent domain: index of the drafter that found the prompt most likely
     ranking: list[int]  # drafter indices, first choice first, then cooperating explorers
     cooperate: int  # how many of the ranking's head draft together
-    acceptance: float = 0.6  # the first choice's expected rate of drafting the target's token, per position
+    acceptance: float  # the first choice's expected rate of drafting the target's token, per position
 
 
 class Router:
@@ -54,7 +54,7 @@ class Router:
         matches, trials = cells[drafter]
         return 1 + self.prior_trials * pooled + matches, 1 + self.prior_trials * (1 - pooled) + trials - matches
 
-    def route(self, logprobs: list[float], max_drafters: int, explore: bool = True) -> Route:
+    def route(self, logprobs: list[float], max_drafters: int) -> Route:
         if len(logprobs) != self.num_drafters:
             raise ValueError(f"prompt_logprobs: expected {self.num_drafters} values, got {len(logprobs)}")
         context = max(range(self.num_drafters), key=lambda d: logprobs[d])
@@ -63,7 +63,7 @@ class Router:
         exploit = [a / (a + b) + bonus[d] for d, (a, b) in enumerate(posteriors)]
         first = max(range(self.num_drafters), key=lambda d: exploit[d])
         explorers = []
-        if explore and max_drafters > 1:
+        if max_drafters > 1:
             sampled = {d: self.rng.betavariate(a, b) + bonus[d] for d, (a, b) in enumerate(posteriors) if d != first}
             explorers = sorted((d for d in sampled if sampled[d] > exploit[first]), key=lambda d: -sampled[d])
             explorers = explorers[:max_drafters - 1]

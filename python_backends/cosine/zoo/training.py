@@ -70,7 +70,7 @@ def continue_greedily(target: LlamaForCausalLM, windows: torch.Tensor, prefix: i
     out = []
     for start in tqdm(range(0, len(windows), batch), desc=desc, disable=not progress):
         out.append(target.generate(windows[start:start + batch, :prefix], do_sample=False, max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, attention_mask=None))
+                                   min_new_tokens=new_tokens))
     return torch.cat(out)
 
 
