@@ -1,9 +1,12 @@
 """The demo model zoo builder, exercised on its tiny profile (built once per session)."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import re
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cosine.zoo import DOMAINS, PROFILES, build_zoo, check_compatible, read_manifest
-from cosine.zoo.corpus import build_corpora
+from cosine.zoo.corpus import _with_canonical_locals, build_corpora
 from cosine.zoo.evaluation import accepted_per_round, greedy_continuations
 from cosine.zoo.tokenizer import encode_documents, train_tokenizer
 
@@ -124,6 +127,29 @@ def test_prompts_never_occur_in_training_text(zoo):
         assert not set(corpora[domain].heldout) & set(corpora[domain].train)
         for row in read_prompts(out_dir / manifest["prompts"][domain]):
             assert row["prompt"] not in train_text
+
+
+def test_code_corpus_renames_locals_without_changing_behaviour():
+    source = textwrap.dedent("""
+        def tally(self, words, scale=2):
+            global counter
+            counter += 1
+            totals = {word: len(word) * scale for word in words}
+            self.append(sorted(totals.items()))
+            return max(totals.values()) + counter
+    """)
+    (function,) = ast.parse(source).body
+    renamed = ast.unparse(_with_canonical_locals(function))
+    assert renamed.startswith("def tally(self, a, b=2):")
+    assert "global counter" in renamed and "self.append(sorted(" in renamed
+    assert not {"words", "scale", "totals", "word"} & set(re.findall(r"\w+", renamed))
+    results = []
+    for code in (source, renamed):
+        scope = {"counter": 10}
+        exec(code, scope)
+        log = []
+        results.append((scope["tally"](log, ["ab", "abcd"]), log, scope["counter"]))
+    assert results[0] == results[1] == (19, [[("ab", 4), ("abcd", 8)]], 11)
 
 
 def test_quality_report_covers_every_drafter_and_domain(zoo):

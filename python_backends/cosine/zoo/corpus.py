@@ -112,7 +112,7 @@ def _stdlib_python_files() -> list[Path]:
 
 
 def _code_documents(path: Path) -> list[str]:
-    """The file's functions and methods, one per document, without comments and docstrings.
+    """The file's functions and methods, one per document, without comments and docstrings, locals renamed.
 
     Printing the syntax tree back normalises layout and quoting: the small models learn code, not formatting.
     """
@@ -123,7 +123,7 @@ def _code_documents(path: Path) -> list[str]:
     scopes = [module, *(node for node in module.body if isinstance(node, ast.ClassDef))]
     functions = [node for scope in scopes for node in scope.body
                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    documents = [ast.unparse(_without_docstrings(function)) + "\n" for function in functions]
+    documents = [ast.unparse(_with_canonical_locals(_without_docstrings(function))) + "\n" for function in functions]
     return [document for document in documents if document.count("\n") in _CODE_LINES]
 
 
@@ -134,6 +134,39 @@ def _without_docstrings(tree: ast.AST) -> ast.AST:
                 and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
     return tree
+
+
+def _with_canonical_locals(function: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
+    """Renames parameters and local variables to a, b, c, ... in order of first appearance.
+
+    Local names are most of what makes stdlib code unpredictable to a small model; renamed, code keeps its
+    structure (calls, attributes, control flow) and the code specialist has something learnable to specialise on.
+    """
+    declared_outside = {name for node in ast.walk(function) if isinstance(node, (ast.Global, ast.Nonlocal))
+                        for name in node.names}
+    uses = sorted((node for node in ast.walk(function) if isinstance(node, (ast.Name, ast.arg))),
+                  key=lambda node: (node.lineno, node.col_offset))
+    stored = {node.arg for node in uses if isinstance(node, ast.arg)} | {
+        node.id for node in uses if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load)}
+    local = [name for name in dict.fromkeys(_identifier(node) for node in uses)
+             if name in stored and name not in declared_outside and name not in _KEPT_NAMES]
+    taken = {_identifier(node) for node in uses} - set(local)
+    fresh = (name for name in _CANONICAL_NAMES if name not in taken)
+    renamed = dict(zip(local, fresh))
+    for node in uses:
+        if isinstance(node, ast.arg):
+            node.arg = renamed.get(node.arg, node.arg)
+        else:
+            node.id = renamed.get(node.id, node.id)
+    return function
+
+
+_KEPT_NAMES = {"self", "cls"}
+_CANONICAL_NAMES = [*"abcdefghijklmnopqrstuvwxyz", *(f"v{index}" for index in range(1000))]
+
+
+def _identifier(node: ast.Name | ast.arg) -> str:
+    return node.arg if isinstance(node, ast.arg) else node.id
 
 
 # ---------------------------------------------------------------- math: word problems
