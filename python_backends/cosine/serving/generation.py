@@ -135,9 +135,16 @@ async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int]
         delay = min(delay * 2, 0.5)
 
 
-async def _round(deployment: Deployment, mode: str, proposer, sequence_id: int, context: list[int],
-                 budget: int, stats: Stats) -> list[int]:
+async def _start_drafting(proposer, prompt_ids: list[int], stats: Stats) -> None:
+    await proposer.start(prompt_ids)
+    stats.drafters = proposer.drafter_names
+
+
+async def _round(deployment: Deployment, mode: str, proposer, drafting_started: asyncio.Future | None,
+                 sequence_id: int, context: list[int], budget: int, stats: Stats) -> list[int]:
     """One round: draft (if speculating), wait for a verification slot, verify; returns the emitted tokens."""
+    if drafting_started is not None:
+        await drafting_started
     round_started = time.monotonic()
     draft = await proposer.propose(context, budget) if proposer is not None else None
     tree = draft.tree if draft else None
@@ -185,11 +192,10 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     proposer = _proposer(plan, deployment, sequence_id, request)
     deployment.monitor.active_requests += 1
     next_round = None
+    # the drafters prefill and the router chooses while the target prefills; the first token does not wait for them
+    drafting_started = asyncio.ensure_future(_start_drafting(proposer, prompt_ids, stats)) if proposer else None
     try:
-        admitted, _ = await asyncio.gather(_admit(deployment, sequence_id, prompt_ids, request),
-                                           proposer.start(prompt_ids) if proposer else asyncio.sleep(0))
-        emitted = admitted.tokens
-        stats.drafters = proposer.drafter_names if proposer else []
+        emitted = (await _admit(deployment, sequence_id, prompt_ids, request)).tokens
         while True:
             stats.rounds += 1
             new_ids, finished = [], False
@@ -203,8 +209,8 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
                     break
             generated += new_ids
             if not finished:
-                next_round = asyncio.ensure_future(_round(deployment, plan[0], proposer, sequence_id,
-                                                          prompt_ids + generated,
+                next_round = asyncio.ensure_future(_round(deployment, plan[0], proposer, drafting_started,
+                                                          sequence_id, prompt_ids + generated,
                                                           request.max_tokens - len(generated) - 1, stats))
             window, read_offset = offsets.window(generated)
             delta, advanced = await deployment.text.decode(window, read_offset, finished)
@@ -221,6 +227,8 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     finally:
         if next_round is not None:  # a stop string or a failure ended the request mid-round
             await asyncio.gather(next_round, return_exceptions=True)
+        if drafting_started is not None:  # the drafters' caches are released once their prefill is done
+            await asyncio.gather(drafting_started, return_exceptions=True)
         deployment.monitor.active_requests -= 1
         await deployment.target.release(sequence_id)
         if proposer is not None:
