@@ -52,7 +52,6 @@ class Deployment:
     adaptive_draft_tokens: int = 8  # cosine's default ceiling: its controller picks each round's length below it
     max_draft_tokens: int = 64
     max_cooperating_drafters: int = 2
-    busy_load: int = 2  # active requests above which cosine drafts with one drafter, in chains (FusionProposer)
     admission_timeout_s: float = 120.0
     monitor: LoadMonitor = field(default_factory=LoadMonitor)
     scheduler: VerificationScheduler | None = None  # default: one that gathers the monitor's active requests
@@ -116,8 +115,7 @@ def _proposer(plan, deployment: Deployment, sequence_id: int, request: Generatio
         return MergedChainsProposer(sessions, k)
     if mode == "cosine":
         return FusionProposer(sessions, deployment.router, deployment.monitor, k_max=k,
-                              max_drafters=deployment.max_cooperating_drafters,
-                              busy_load=deployment.busy_load)
+                              max_drafters=deployment.max_cooperating_drafters)
     return None
 
 

@@ -92,7 +92,7 @@ class CosineModel:
             max_cooperating_drafters=int(params.get("max_cooperating_drafters", "2")),
             default_mode=params["speculation_mode"],
             default_draft_tokens=int(params["num_draft_tokens"]),
-            adaptive_draft_tokens=int(params.get("adaptive_draft_tokens", params["num_draft_tokens"])),
+            adaptive_draft_tokens=int(params["adaptive_draft_tokens"]),
             max_draft_tokens=int(params["max_draft_tokens"]),
             on_round=self._count_round,
         )
