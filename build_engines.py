@@ -25,8 +25,8 @@ from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec  # no
 # Engine settings for a small CPU: one torch thread per engine process. Several processes share the cores, and a
 # multi-threaded torch whose threads get descheduled waits at every barrier (measured on 2 cores: a target step took
 # 80 ms with 2 threads beside one busy core, 6 ms with 1).
-TARGET_ENGINE = {"kv_cache_tokens": 65536, "num_threads": 1, "max_batch_size": 32}
-DRAFTER_ENGINE = {"kv_cache_tokens": 65536, "num_threads": 1, "max_batch_size": 32}
+TARGET_ENGINE = {"kv_cache_tokens": 65536, "max_batch_size": 32}
+DRAFTER_ENGINE = {"kv_cache_tokens": 65536, "max_batch_size": 32}
 
 
 def demo_spec(zoo_dir: Path, profile: str, spec_path: Path) -> None:

@@ -126,41 +126,48 @@ POSTPROCESSING = ModelContract(
     ),
 )
 
-# One step of one sequence on an engine (target or drafter). The first call of a sequence admits it (reserving
-# KV cache for max_new_tokens) with its sampling parameters; later calls append tokens; `release` frees it.
+# One batched step of n sequences on an engine (target or drafter). Ragged per-sequence data travels flattened with
+# per-sequence lengths. A sequence's first step admits it (max_new_tokens > 0: reserving KV cache for it, with its
+# sampling parameters); later steps append tokens; `release` frees it. Each sequence succeeds or fails alone.
 ENGINE = ModelContract(
     inputs=(
-        TensorSpec("sequence_id", "TYPE_UINT64", (1,)),
-        # drop cached tokens past this length first (a drafter rolls back to the verified prefix)
-        _scalar("keep_length", "TYPE_INT32"),
-        _vector("input_ids", "TYPE_INT32", optional=True),
-        _vector("draft_ids", "TYPE_INT32", optional=True),
-        _vector("draft_parents", "TYPE_INT32", optional=True),
-        # tokens to generate autoregressively after the step's own token (drafting k tokens: k - 1)
-        _scalar("extra_tokens", "TYPE_INT32"),
-        # top candidates (id, probability) to return for every emitted position (confidence fusion)
-        _scalar("num_candidates", "TYPE_INT32"),
-        # also return the mean log-probability of input_ids[1:] (a drafter scoring a prompt for the router)
-        _scalar("score_input", "TYPE_BOOL"),
-        _scalar("max_new_tokens", "TYPE_INT32"),
-        _scalar("temperature", "TYPE_FP32"),
-        _scalar("top_k", "TYPE_INT32"),
-        _scalar("top_p", "TYPE_FP32"),
-        _scalar("random_seed", "TYPE_UINT64"),
-        # end_id may not be emitted before min_length tokens follow the first step's input_ids
-        _scalar("end_id", "TYPE_INT32"),
-        _scalar("min_length", "TYPE_INT32"),
-        _scalar("release", "TYPE_BOOL"),
+        _vector("sequence_id", "TYPE_UINT64"),  # [n]
+        _vector("input_ids", "TYPE_INT32"),  # [sum of input_lengths]
+        _vector("input_lengths", "TYPE_INT32"),  # [n]
+        _vector("draft_ids", "TYPE_INT32"),  # [sum of draft_lengths] each sequence's tree, topological order
+        _vector("draft_parents", "TYPE_INT32"),  # parent within its own tree, -1: the last input token
+        _vector("draft_lengths", "TYPE_INT32"),  # [n]
+        # [n] drop cached tokens past this length first (a drafter rolls back to the verified prefix); -1: keep all
+        _vector("keep_length", "TYPE_INT32"),
+        # [n] tokens to generate autoregressively after the step's own token (drafting k tokens: k - 1)
+        _vector("extra_tokens", "TYPE_INT32"),
+        # [n] top candidates (id, untempered probability) to return for every emitted position (confidence fusion)
+        _vector("num_candidates", "TYPE_INT32"),
+        # [n] also return the mean log-probability of input_ids[1:] (a drafter scoring a prompt for the router)
+        _vector("score_input", "TYPE_BOOL"),
+        # [n] admission (read only where max_new_tokens > 0): the sequence's budget and sampling parameters
+        _vector("max_new_tokens", "TYPE_INT32"),
+        _vector("temperature", "TYPE_FP32"),
+        _vector("top_k", "TYPE_INT32"),
+        _vector("top_p", "TYPE_FP32"),
+        _vector("random_seed", "TYPE_UINT64"),
+        # end_id (-1: none) may not be emitted before min_length tokens follow the first step's input_ids
+        _vector("end_id", "TYPE_INT32"),
+        _vector("min_length", "TYPE_INT32"),
+        _vector("release", "TYPE_BOOL"),  # [n]
     ),
     outputs=(
-        # accepted draft tokens, then one token of the engine's own, then extra_tokens more
+        # per sequence: accepted draft tokens, then one token of the engine's own, then extra_tokens more
         TensorSpec("output_ids", "TYPE_INT32", (-1,)),
+        TensorSpec("output_lengths", "TYPE_INT32", (-1,)),  # [n]
         # probability of each emitted token under the distribution it was drawn from
         TensorSpec("output_probs", "TYPE_FP32", (-1,)),
         # [emitted * num_candidates] the most likely tokens at each emitted position, and their probabilities
         TensorSpec("top_ids", "TYPE_INT32", (-1,)),
         TensorSpec("top_probs", "TYPE_FP32", (-1,)),
-        TensorSpec("input_logprob", "TYPE_FP32", (1,)),
+        TensorSpec("input_logprob", "TYPE_FP32", (-1,)),  # [n]
+        TensorSpec("error_kind", "TYPE_STRING", (-1,)),  # [n] "" (ok), or the ServingError kind failing it
+        TensorSpec("error_message", "TYPE_STRING", (-1,)),  # [n]
     ),
 )
 

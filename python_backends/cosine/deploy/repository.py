@@ -36,12 +36,14 @@ def _config(name: str, contract, max_batch_size: int, parameters: dict, *, insta
     return "\n".join(lines) + "\n" + contract.pbtxt_io() + _parameters(parameters)
 
 
-def _engine_config(name: str, engine: EngineSpec, path) -> str:
+def _engine_config(name: str, engine: EngineSpec, path, is_target: bool) -> str:
     return _config(name, ENGINE, engine.max_batch_size, {
         "checkpoint_dir": path(engine.checkpoint),
         "kv_cache_tokens": engine.kv_cache_tokens,
         "max_draft_tokens": engine.max_draft_tokens,
-        "num_threads": engine.num_threads,
+        # 0: every core usable by the engine process, counted where it runs (see EngineSpec.num_threads)
+        "num_threads": engine.num_threads or (0 if is_target else 1),
+        "dtype": engine.dtype,
         "idle_timeout_s": engine.idle_timeout_s,
     }, instances=engine.instances, kind="KIND_GPU" if engine.device == "gpu" else "KIND_CPU",
         queue_delay_us=engine.max_queue_delay_us)
@@ -68,9 +70,10 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
                                                            queue_delay_us=500)),
         POSTPROCESSING_MODEL: (POSTPROCESSING_MODEL, _config(POSTPROCESSING_MODEL, POSTPROCESSING, 64, tokenizer,
                                                              queue_delay_us=500)),
-        TARGET: (TARGET, _engine_config(TARGET, spec.target, path)),
+        TARGET: (TARGET, _engine_config(TARGET, spec.target, path, is_target=True)),
         COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
             "target_model": TARGET,
+            "tokenizer_dir": path(spec.tokenizer_dir),
             "router_model": ROUTER_MODEL if spec.drafters else "",
             "drafters": ",".join(spec.drafters),
             "general_drafter": spec.vanilla_drafter or "",
@@ -88,7 +91,7 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
     }
     for name, drafter in spec.drafters.items():
         model = drafter_model_name(name)
-        configs[model] = (TARGET, _engine_config(model, drafter, path))
+        configs[model] = (TARGET, _engine_config(model, drafter, path, is_target=False))
     if spec.drafters:
         # learned routing state lives in one process: one instance, requests in order
         configs[ROUTER_MODEL] = (ROUTER_MODEL, _config(ROUTER_MODEL, ROUTER, 64, {"drafters": ",".join(spec.drafters)}))

@@ -14,6 +14,9 @@ class SpecError(ValueError):
     pass
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     checkpoint: Path
@@ -21,8 +24,14 @@ class EngineSpec:
     device: str = "cpu"  # cpu | gpu
     kv_cache_tokens: int = 32768
     max_batch_size: int = 32
-    max_queue_delay_us: int = 2000
-    num_threads: int = 0  # torch threads per engine process; 0 = torch's default
+    # The cosine process already sends one call per engine per tick; waiting for more would only add latency.
+    # Calls from several cosine instances still merge while the engine is busy.
+    max_queue_delay_us: int = 0
+    # torch threads of the engine process; None: the target takes every usable core (it is the bottleneck and
+    # its batched matmuls scale), a drafter one (its tiny matmuls do not, and extra threads would contend with
+    # the target's)
+    num_threads: int | None = None
+    dtype: str = "float32"  # float32 | float16 | bfloat16 (GPU)
     max_draft_tokens: int = 64
     idle_timeout_s: float = 600.0
 
@@ -78,11 +87,14 @@ def _engine(where: str, raw, base: Path) -> EngineSpec:
     for name in ("instances", "kv_cache_tokens", "max_batch_size", "max_draft_tokens"):
         if name in values:
             _positive_int(f"{where}.{name}", values[name])
-    for name in ("max_queue_delay_us", "num_threads"):
-        if name in values:
-            _positive_int(f"{where}.{name}", values[name], allow_zero=True)
+    if "max_queue_delay_us" in values:
+        _positive_int(f"{where}.max_queue_delay_us", values["max_queue_delay_us"], allow_zero=True)
+    if values.get("num_threads") is not None:
+        _positive_int(f"{where}.num_threads", values["num_threads"])
     if values.get("device", "cpu") not in ("cpu", "gpu"):
         raise SpecError(f"{where}.device: must be 'cpu' or 'gpu', got {values['device']!r}")
+    if values.get("dtype", "float32") not in DTYPES:
+        raise SpecError(f"{where}.dtype: must be one of {', '.join(DTYPES)}, got {values['dtype']!r}")
     return EngineSpec(**values)
 
 

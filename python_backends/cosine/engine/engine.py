@@ -1,10 +1,10 @@
 """The portable engine: batched, stateful steps of many sequences over one HF causal LM (Llama/Mistral/Qwen2).
 
 One step takes, per sequence, the tokens to append (a prompt, or the token emitted last time) and optionally a draft
-token tree grown from the last of them. All sequences' new tokens run through the model in ONE forward pass:
-projections and MLPs over the concatenated tokens, attention per sequence against its own KV cache (tree mask,
-positions = depth). The engine then accepts part of each tree, keeps only the accepted path in the cache and returns
-accepted tokens + one token of its own. Logits never leave the engine.
+token tree grown from the last of them. The whole batch is tensor operations on the model's device: projections
+and MLPs over the concatenated new tokens; attention over each sequence's paged K/V gathered into a padded batch with
+a causal + tree mask (positions = depth); acceptance, sampling and drafting's extra tokens over all rows at once; one
+host synchronisation at the end of the step. Only the accepted path stays in the cache. Logits never leave it.
 """
 from __future__ import annotations
 
@@ -14,11 +14,15 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..speculation.acceptance import accept
+from ..speculation.acceptance import FlatDrafts, accept
 from ..speculation.tree import DraftTree
 from .checkpoint import max_context_tokens
 from .kv_cache import AdmissionError, KVCachePool, SequenceCache
-from .sampling import InvalidParameter, SamplingParams, probabilities
+from .sampling import InvalidParameter, SamplingParams, probabilities, sample
+
+# Sequences appending more tokens than this (prefills) attend in a group of their own, so that a prompt does not
+# pad every decoding sequence's queries to its length.
+LONG_QUERY = 16
 
 
 class StepError(ValueError):
@@ -43,43 +47,62 @@ class StepRequest:
     extra_tokens: int = 0  # autoregressive tokens after the step's own (drafting)
     candidates: int = 0  # top candidates to report per emitted position
     score_input: bool = False  # report the mean log-probability of input_ids[1:]
+    release: bool = False  # free the sequence instead (everything else is ignored)
 
 
 @dataclass
 class StepResult:
     tokens: list[int]
     probs: list[float]  # of each token under the distribution it was drawn from
-    top_ids: list[list[int]]  # per emitted position, `candidates` most likely tokens
+    top_ids: list[list[int]]  # per emitted position, `candidates` most likely tokens (untempered softmax)
     top_probs: list[list[float]]
     input_logprob: float = 0.0
-
-    def extend(self, other: "StepResult") -> None:
-        self.tokens += other.tokens
-        self.probs += other.probs
-        self.top_ids += other.top_ids
-        self.top_probs += other.top_probs
 
 
 @dataclass
 class _Sequence:
     cache: SequenceCache
     params: SamplingParams
-    generator: torch.Generator
+    generator: torch.Generator  # host generator: draws the request's uniforms, whatever else is in the batch
     end_id: int | None = None
     min_end_position: int = 0  # end_id may not be emitted at positions before this
 
 
 @dataclass
-class _Work:
-    """One sequence's share of a batched forward."""
-    request: StepRequest
-    sequence: _Sequence
-    offset: int  # first row of this sequence in the flattened batch
-    mask: torch.Tensor | None  # [new, cached + new] bool, None when a single token sees everything
+class _Layer:
+    """A decoder layer with q/k/v and gate/up each one matmul (the model's own weights become views of them)."""
+    layer: torch.nn.Module
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    split: tuple[int, int, int]
 
-    @property
-    def count(self) -> int:
-        return len(self.request.input_ids) + len(self.request.draft)
+    @classmethod
+    def fuse(cls, layer) -> "_Layer":
+        attention, mlp = layer.self_attn, layer.mlp
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        qkv = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections]) if attention.q_proj.bias is not None else None
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        split = tuple(p.weight.shape[0] for p in projections)
+        for module, view in zip(projections, qkv.split(split)):
+            module.weight.data = view
+        if bias is not None:
+            for module, view in zip(projections, bias.split(split)):
+                module.bias.data = view
+        mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gate_up.split(mlp.gate_proj.weight.shape[0])
+        return cls(layer, qkv, bias, gate_up, split)
+
+
+@dataclass
+class _AttentionGroup:
+    """Sequences whose queries are padded to one [B, Q] batch against their keys gathered to [B, L]."""
+    token_rows: torch.Tensor  # [Tg] the group's new tokens, as rows of the step's flat token batch
+    query_index: torch.Tensor  # [Tg] where each of them sits in the flattened [B * Q] padded queries
+    key_slots: torch.Tensor  # [B, L] pool slot of every key position (padding: masked out)
+    mask: torch.Tensor  # [B, 1, Q, L] bool: query may attend key
+    batch: int
+    queries: int
 
 
 class CausalLMEngine:
@@ -92,8 +115,10 @@ class CausalLMEngine:
         self.idle_timeout_s = idle_timeout_s
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         param = next(model.parameters())
+        self.device = param.device
         self.kv = KVCachePool(config.num_hidden_layers, config.num_key_value_heads, head_dim, kv_cache_tokens,
                               param.dtype, param.device)
+        self.layers = [_Layer.fuse(layer) for layer in model.model.layers]
         self.sequences: dict[int, _Sequence] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -124,7 +149,9 @@ class CausalLMEngine:
         except InvalidParameter as error:
             raise StepError(str(error)) from None
         cache = self.kv.admit(request.sequence_id, needed + self.max_draft_tokens)
-        sequence = _Sequence(cache, admission.params, admission.params.generator(), admission.end_id,
+        generator = torch.Generator()
+        generator.manual_seed(admission.params.seed) if admission.params.seed is not None else generator.seed()
+        sequence = _Sequence(cache, admission.params, generator, admission.end_id,
                              len(request.input_ids) + admission.min_length)
         self.sequences[request.sequence_id] = sequence
         return sequence
@@ -161,10 +188,13 @@ class CausalLMEngine:
         """Returns, per request in order, what it emitted or the exception that failed it (others unaffected)."""
         self.reclaim_idle()
         results: list = [None] * len(requests)
-        work: list[tuple[int, _Work]] = []
-        offset = 0
+        work: list[tuple[int, StepRequest, _Sequence]] = []
         in_batch = set()
         for index, request in enumerate(requests):
+            if request.release:
+                self.release(request.sequence_id)
+                results[index] = StepResult([], [], [], [])
+                continue
             try:
                 if request.sequence_id in in_batch:
                     raise StepError(f"sequence {request.sequence_id} appears twice in one batch")
@@ -182,117 +212,287 @@ class CausalLMEngine:
                 results[index] = error
                 continue
             in_batch.add(request.sequence_id)
-            item = _Work(request, sequence, offset, self._mask(request, sequence.cache.length))
-            work.append((index, item))
-            offset += item.count
-        for index, result in self._run(work):
-            results[index] = result
-        self._draft_extra_tokens(work, results)
+            work.append((index, request, sequence))
+        if work:
+            for (index, _, _), result in zip(work, self._run([(r, s) for _, r, s in work])):
+                results[index] = result
         return results
 
-    def _run(self, work: list[tuple[int, _Work]]):
-        """One forward for the whole batch, one lm_head over the rows that need logits; yields (index, result)."""
-        if not work:
-            return
-        hidden = self._forward([item for _, item in work])
-        # per sequence: the root (its last input) and every draft node
-        spans = [(item.offset + len(item.request.input_ids) - 1, item.offset + item.count) for _, item in work]
-        logits = self.model.lm_head(hidden[torch.cat([torch.arange(a, b) for a, b in spans])])
-        start = 0
-        for (index, item), (a, b) in zip(work, spans):
-            yield index, self._finish(item, hidden, logits[start:start + b - a])
-            start += b - a
+    def _run(self, batch: list[tuple[StepRequest, _Sequence]]) -> list[StepResult]:
+        device, kv = self.device, self.kv
+        caches = [sequence.cache for _, sequence in batch]
+        table = kv.block_table(caches)
+        starts = [cache.length for cache in caches]
+        # ---- host-side layout: flat new tokens; logits rows (each root, then its draft nodes); flat draft nodes
+        ids, positions, store = [], [], []  # per new token: id, rotary position, position in the cache
+        token_sequence, row_tokens, root_rows = [], [], []
+        node_tokens, parent_node, parent_row, node_row, node_sequence, node_depth, node_rank = ([] for _ in range(7))
+        for b, ((request, _), start) in enumerate(zip(batch, starts)):
+            n_in, tree = len(request.input_ids), request.draft
+            depths = tree.depths()
+            root = start + n_in - 1
+            base_token, base_node = len(ids), len(node_tokens)
+            ids += request.input_ids + list(tree.tokens)
+            positions += list(range(start, start + n_in)) + [root + d for d in depths]
+            store += range(start, start + n_in + len(tree))
+            token_sequence += [b] * (n_in + len(tree))
+            root_rows.append(len(row_tokens))
+            row_tokens.append(base_token + n_in - 1)
+            siblings: dict[int, int] = {}
+            for node, (parent, depth) in enumerate(zip(tree.parents, depths)):
+                node_tokens.append(tree.tokens[node])
+                parent_node.append(base_node + parent if parent >= 0 else -1)
+                parent_row.append(root_rows[-1] + 1 + parent)  # parent -1: the root row
+                node_row.append(len(row_tokens))
+                row_tokens.append(base_token + n_in + node)
+                node_sequence.append(b)
+                node_depth.append(depth)
+                node_rank.append(siblings.get(parent, 0))
+                siblings[parent] = node_rank[-1] + 1
+        long_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        rows = long_tensor(row_tokens)
+        store_slots = kv.slots(table, long_tensor(token_sequence), long_tensor(store))
+        groups = self._groups(batch, starts, table)
+        hidden = self._forward(long_tensor(ids), long_tensor(positions), store_slots, groups)
 
-    def _draft_extra_tokens(self, work: list[tuple[int, _Work]], results: list) -> None:
-        """Feeds sequences their last emitted token until each has emitted its extra_tokens; one forward per token
-        position for all of them."""
-        remaining = {index: item for index, item in work if item.request.extra_tokens}
-        for position in range(max((item.request.extra_tokens for item in remaining.values()), default=0)):
-            batch, offset = [], 0
-            for index, item in remaining.items():
-                if position < item.request.extra_tokens:
-                    request = StepRequest(item.request.sequence_id, results[index].tokens[-1:],
-                                          candidates=item.request.candidates)
-                    batch.append((index, _Work(request, item.sequence, offset, None)))
-                    offset += 1
-            for index, result in self._run(batch):
-                results[index].extend(result)
+        # ---- distributions of every row, acceptance over the batch
+        row_sequence = [token_sequence[t] for t in row_tokens]
+        logits = self._logits(hidden[rows], [batch[b][1] for b in row_sequence],
+                              long_tensor([positions[t] + 1 for t in row_tokens]))
+        drafts = FlatDrafts(long_tensor(node_tokens), long_tensor(parent_node), long_tensor(parent_row),
+                            long_tensor(node_row), long_tensor(node_sequence), long_tensor(node_depth),
+                            [long_tensor([n for n, r in enumerate(node_rank) if r == rank])
+                             for rank in range(max(node_rank, default=-1) + 1)], long_tensor(root_rows))
+        uniforms = self._uniforms(batch, [len(r.draft) for r, _ in batch])
+        sampled = [not batch[b][1].params.greedy for b in row_sequence]
+        sampled_rows = torch.tensor(sampled, device=device)
+        probs = self._probabilities(logits, [batch[b][1].params for b in row_sequence]) if any(sampled) else None
+        node_uniforms = torch.cat([u[0] for u in uniforms]).to(device)
+        row_uniforms = torch.cat([u[1] for u in uniforms]).to(device)
+        verdict = accept(drafts, max(node_depth, default=0), logits.argmax(-1), sampled_rows, probs, node_uniforms,
+                         row_uniforms)
+        candidates = max(request.candidates for request, _ in batch)
+        top = torch.softmax(logits.float(), -1).topk(candidates) if candidates else None
+        if node_tokens:  # the accepted path moves next to the prefix; rejected nodes' K/V go to the trash slot
+            seq = drafts.sequence
+            target = long_tensor([starts[b] + len(batch[b][0].input_ids) - 1 for b in node_sequence]) + drafts.depth
+            source = store_slots[rows[drafts.node_row]]
+            destination = torch.where(verdict.accepted, kv.slots(table, seq, target), kv.trash_slot)
+            kv.keys[:, destination] = kv.keys[:, source]
+            kv.values[:, destination] = kv.values[:, source]
+        score = self._input_logprobs(batch, hidden, ids)
+        lengths = long_tensor([start + len(r.input_ids) for (r, _), start in zip(batch, starts)])
+        lengths = lengths + verdict.accepted_count
+        extra = self._draft_extra_tokens(batch, table, verdict.bonus, lengths, [u[2] for u in uniforms],
+                                         candidates)
+
+        # ---- one host synchronisation: everything the results need, in one transfer
+        parts = [verdict.accepted, verdict.accepted_count, verdict.tip_row, verdict.bonus, verdict.bonus_prob,
+                 verdict.node_prob, score]
+        if top is not None:
+            parts += [top.indices, top.values]
+        parts += extra
+        host = torch.cat([part.double().reshape(-1) for part in parts]).cpu()
+        sizes = [part.numel() for part in parts]
+        values = dict(zip(range(len(parts)), host.split(sizes)))
+        accepted, accepted_count, tip_row, bonus, bonus_prob, node_prob, score = (
+            values[i].tolist() for i in range(7))
+        top_ids = values[7].view(-1, candidates).long().tolist() if top is not None else None
+        top_probs = values[8].view(-1, candidates).tolist() if top is not None else None
+        extra_host = [values[i] for i in range(9 if top is not None else 7, len(parts))]
+
+        results = []
+        first_node = 0
+        for b, ((request, sequence), start) in enumerate(zip(batch, starts)):
+            nodes = range(first_node, first_node + len(request.draft))
+            first_node += len(request.draft)
+            path = [n for n in nodes if accepted[n]]
+            tokens = [node_tokens[n] for n in path] + [int(bonus[b])]
+            probs_out = [node_prob[n] for n in path] + [bonus_prob[b]]
+            emitted_rows = [parent_row[n] for n in path] + [int(tip_row[b])]
+            c = request.candidates
+            result = StepResult(tokens, probs_out, [top_ids[r][:c] for r in emitted_rows] if c else [[]] * len(tokens),
+                                [top_probs[r][:c] for r in emitted_rows] if c else [[]] * len(tokens), score[b])
+            sequence.cache.length = start + len(request.input_ids) + int(accepted_count[b]) + request.extra_tokens
+            results.append(result)
+        self._add_extra_tokens(batch, results, extra_host, candidates)
+        return results
+
+    def _groups(self, batch, starts: list[int], table: torch.Tensor) -> list[_AttentionGroup]:
+        """Attention groups: short queries (decoding, verification) together, long ones (prefills) apart."""
+        counts = [len(request.input_ids) + len(request.draft) for request, _ in batch]
+        members = [[b for b, n in enumerate(counts) if n <= LONG_QUERY], [b for b, n in enumerate(counts)
+                                                                          if n > LONG_QUERY]]
+        offsets = [0]
+        for n in counts:
+            offsets.append(offsets[-1] + n)
+        groups = []
+        for group in filter(None, members):
+            queries = max(counts[b] for b in group)
+            keys = max(starts[b] + counts[b] for b in group)
+            token_rows, query_index, limits = [], [], []
+            for g, b in enumerate(group):
+                token_rows += range(offsets[b], offsets[b + 1])
+                query_index += range(g * queries, g * queries + counts[b])
+                n_in = len(batch[b][0].input_ids)
+                # inputs see the prefix up to themselves; draft nodes all inputs (plus their ancestors, below);
+                # padded queries key 0 only (an all-masked row would be NaN)
+                limits.append([starts[b] + i + 1 for i in range(n_in)] + [starts[b] + n_in] * (counts[b] - n_in)
+                              + [1] * (queries - counts[b]))
+            limit = torch.tensor(limits, device=self.device)
+            mask = torch.arange(keys, device=self.device) < limit[:, :, None]
+            for g, b in enumerate(group):
+                request = batch[b][0]
+                if len(request.draft):
+                    n_in, start = len(request.input_ids), starts[b]
+                    mask[g, n_in:counts[b], start + n_in:start + counts[b]] = \
+                        request.draft.ancestor_mask().to(self.device)
+            member_rows = torch.tensor(group, device=self.device)
+            key_slots = self.kv.slots(table, member_rows[:, None], torch.arange(keys, device=self.device)[None])
+            groups.append(_AttentionGroup(torch.tensor(token_rows, device=self.device),
+                                          torch.tensor(query_index, device=self.device), key_slots, mask[:, None],
+                                          len(group), queries))
+        return groups
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, store_slots: torch.Tensor,
+                 groups: list[_AttentionGroup]) -> torch.Tensor:
+        """Final hidden states [tokens, hidden] of the new tokens; writes their K/V to store_slots first."""
+        model = self.model.model
+        x = model.embed_tokens(ids)
+        cos, sin = model.rotary_emb(x[None], positions[None])
+        tokens = ids.numel()
+        for index, fused in enumerate(self.layers):
+            layer = fused.layer
+            attention = layer.self_attn
+            head_dim = attention.head_dim
+            q, k, v = F.linear(layer.input_layernorm(x), fused.qkv, fused.qkv_bias).split(fused.split, -1)
+            q, k = apply_rotary_pos_emb(q.view(tokens, -1, head_dim), k.view(tokens, -1, head_dim), cos[0], sin[0],
+                                        unsqueeze_dim=1)
+            keys, values = self.kv.keys[index], self.kv.values[index]
+            keys.index_copy_(0, store_slots, k)
+            values.index_copy_(0, store_slots, v.view(tokens, -1, head_dim))
+            attended = x.new_empty(tokens, q.shape[1] * head_dim)
+            for group in groups:
+                padded = q.new_zeros(group.batch * group.queries, q.shape[1], head_dim)
+                padded[group.query_index] = q[group.token_rows]
+                out = F.scaled_dot_product_attention(
+                    padded.view(group.batch, group.queries, -1, head_dim).transpose(1, 2),
+                    keys[group.key_slots].transpose(1, 2), values[group.key_slots].transpose(1, 2),
+                    attn_mask=group.mask, scale=attention.scaling, enable_gqa=True)
+                attended[group.token_rows] = out.transpose(1, 2).reshape(group.batch * group.queries, -1)[
+                    group.query_index]
+            x = x + attention.o_proj(attended)
+            gate, up = F.linear(layer.post_attention_layernorm(x), fused.gate_up).chunk(2, -1)
+            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return model.norm(x)
+
+    def _logits(self, hidden: torch.Tensor, sequences: list[_Sequence], predicted: torch.Tensor) -> torch.Tensor:
+        """lm_head over the rows, with end_id banned where a row predicts a position before min_length allows."""
+        logits = self.model.lm_head(hidden).float()
+        end_ids = [s.end_id if s.end_id is not None and 0 <= s.end_id < logits.shape[-1] else -1 for s in sequences]
+        if max(end_ids, default=-1) >= 0:
+            end = torch.tensor(end_ids, device=self.device)
+            banned = (end >= 0) & (predicted < torch.tensor([s.min_end_position for s in sequences],
+                                                            device=self.device))
+            column = end.clamp(min=0)[:, None]
+            logits.scatter_(1, column, torch.where(banned[:, None], float("-inf"), logits.gather(1, column)))
+        return logits
+
+    def _probabilities(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Sampling distributions of every row (greedy rows get temperature 1: computed, never used)."""
+        tensor = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=self.device)  # noqa
+        return probabilities(logits, tensor([p.temperature if not p.greedy else 1.0 for p in params]),
+                             tensor([p.top_k for p in params], torch.long), tensor([p.top_p for p in params]))
 
     @staticmethod
-    def _mask(request: StepRequest, cached: int) -> torch.Tensor | None:
-        n_in, n_draft = len(request.input_ids), len(request.draft)
-        if n_in + n_draft == 1:
-            return None
-        new = n_in + n_draft
-        mask = torch.ones(new, cached + new, dtype=torch.bool)
-        mask[:, cached:] = torch.ones(new, new, dtype=torch.bool).tril()  # inputs: causal; tree sees all inputs
-        if n_draft:
-            mask[n_in:, cached + n_in:] = request.draft.ancestor_mask()
-        return mask
+    def _uniforms(batch, draft_sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per sequence (node, row, extra-token) uniforms from its own generator; greedy sequences draw nothing
+        (zeros: a greedy child is accepted iff 0 < [child is the argmax])."""
+        out = []
+        for (request, sequence), nodes in zip(batch, draft_sizes):
+            sizes = (nodes, nodes + 1, request.extra_tokens)
+            if sequence.params.greedy:
+                out.append(tuple(torch.zeros(n) for n in sizes))
+            else:
+                out.append(tuple(torch.rand(sum(sizes), generator=sequence.generator, dtype=torch.float64)
+                                 .float().split(sizes)))
+        return out
 
-    def _positions(self, item: _Work) -> list[int]:
-        start = item.sequence.cache.length
-        n_in = len(item.request.input_ids)
-        root = start + n_in - 1
-        return list(range(start, start + n_in)) + [root + depth for depth in item.request.draft.depths()]
+    def _input_logprobs(self, batch, hidden: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """[sequences] mean log-probability of input_ids[1:] for sequences that asked (score_input), else 0."""
+        rows, owners, offset = [], [], 0
+        for b, (request, _) in enumerate(batch):
+            n_in = len(request.input_ids)
+            if request.score_input and n_in > 1:
+                rows += range(offset, offset + n_in - 1)
+                owners += [b] * (n_in - 1)
+            offset += n_in + len(request.draft)
+        score = torch.zeros(len(batch), device=self.device)
+        if rows:
+            index = torch.tensor(rows, device=self.device)
+            logprobs = torch.log_softmax(self.model.lm_head(hidden[index]).float(), -1)
+            picked = logprobs.gather(1, torch.tensor(ids, device=self.device)[index + 1][:, None])[:, 0]
+            owner = torch.tensor(owners, device=self.device)
+            score.index_add_(0, owner, picked)
+            score /= torch.bincount(owner, minlength=len(batch)).clamp(min=1)
+        return score
 
-    def _forward(self, batch: list[_Work]) -> torch.Tensor:
-        """Final hidden states [total new tokens, hidden] of every sequence's new tokens; writes their K/V."""
-        model = self.model.model
-        ids = torch.tensor([t for w in batch for t in (*w.request.input_ids, *w.request.draft.tokens)])
-        positions = torch.tensor([p for w in batch for p in self._positions(w)])
-        device = self.kv.device
-        x = model.embed_tokens(ids.to(device))[None]
-        cos, sin = model.rotary_emb(x, positions.to(device)[None])
-        total = ids.numel()
-        for layer_index, layer in enumerate(model.layers):
-            attention = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = (proj(h).view(1, total, -1, attention.head_dim).transpose(1, 2)
-                       for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            outputs = []
-            for w in batch:
-                rows = slice(w.offset, w.offset + w.count)
-                cache, start = w.sequence.cache, w.sequence.cache.length
-                end = start + w.count
-                cache.keys[layer_index, :, start:end] = k[0, :, rows]
-                cache.values[layer_index, :, start:end] = v[0, :, rows]
-                mask = None if w.mask is None else w.mask.to(device)
-                outputs.append(F.scaled_dot_product_attention(
-                    q[:, :, rows], cache.keys[None, layer_index, :, :end], cache.values[None, layer_index, :, :end],
-                    attn_mask=mask, scale=attention.scaling, enable_gqa=True))
-            attended = torch.cat(outputs, dim=2).transpose(1, 2).reshape(1, total, -1)
-            x = x + attention.o_proj(attended)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return model.norm(x)[0]
+    def _draft_extra_tokens(self, batch, table: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
+                            uniforms: list[torch.Tensor], candidates: int) -> list[torch.Tensor]:
+        """Feeds drafting sequences their last emitted token until each has emitted its extra_tokens; one forward
+        per token position for all of them, tokens staying on the device. Returns, per position, [tokens, probs]
+        (+ [top ids, top probs]) of the sequences still drafting there."""
+        last, lengths = last.clone(), lengths.clone()
+        sequences = [sequence for _, sequence in batch]
+        out = []
+        for position in range(max(request.extra_tokens for request, _ in batch)):
+            active = [b for b, (request, _) in enumerate(batch) if request.extra_tokens > position]
+            members = torch.tensor(active, device=self.device)
+            tokens, length = last[members], lengths[members]
+            slots = self.kv.slots(table, members, length)
+            keys = max(starts_bound for starts_bound in self._length_bounds(batch, active, position))
+            key_positions = torch.arange(keys, device=self.device)
+            group = _AttentionGroup(torch.arange(len(active), device=self.device),
+                                    torch.arange(len(active), device=self.device),
+                                    self.kv.slots(table, members[:, None], key_positions[None]),
+                                    (key_positions[None] <= length[:, None])[:, None, None], len(active), 1)
+            hidden = self._forward(tokens, length, slots, [group])
+            logits = self._logits(hidden, [sequences[b] for b in active], length + 1)
+            chosen, prob = logits.argmax(-1), torch.ones(len(active), device=self.device)
+            params = [sequences[b].params for b in active]
+            if not all(p.greedy for p in params):
+                probs = self._probabilities(logits, params)
+                drawn = sample(probs, torch.stack([uniforms[b][position] for b in active]).to(self.device))
+                is_sampled = torch.tensor([not p.greedy for p in params], device=self.device)
+                chosen = torch.where(is_sampled, drawn, chosen)
+                prob = torch.where(is_sampled, probs.gather(1, drawn[:, None])[:, 0], prob)
+            out += [chosen, prob]
+            if candidates:
+                top = torch.softmax(logits, -1).topk(candidates)
+                out += [top.indices, top.values]
+            last[members], lengths[members] = chosen, length + 1
+        return out
 
-    def _finish(self, item: _Work, hidden: torch.Tensor, logits: torch.Tensor) -> StepResult:
-        """Accepts part of the draft, keeps the accepted path's K/V, returns what was emitted.
+    @staticmethod
+    def _length_bounds(batch, active: list[int], position: int):
+        """Upper bounds of the active sequences' lengths (+1 for the token being fed) at a drafting position."""
+        for b in active:
+            request, sequence = batch[b]
+            yield sequence.cache.length + len(request.input_ids) + len(request.draft) + position + 1
 
-        logits: the sequence's rows for its root and then every draft node."""
-        request, sequence = item.request, item.sequence
-        n_in = len(request.input_ids)
-        root_row = item.offset + n_in - 1
-        input_logprob = self._input_logprob(request, hidden[item.offset:root_row]) if request.score_input else 0.0
-        if sequence.end_id is not None and 0 <= sequence.end_id < logits.shape[-1]:
-            # row i predicts the token at position predicted[i]; min_length bans end_id there (as HF does)
-            root_position = sequence.cache.length + n_in - 1
-            predicted = torch.tensor([root_position + 1] + [root_position + 1 + d for d in request.draft.depths()])
-            logits[predicted < sequence.min_end_position, sequence.end_id] = float("-inf")
-        probs = probabilities(logits, sequence.params)
-        tokens, path = accept(probs, request.draft, sequence.generator)
-        cache = sequence.cache
-        cache.keep_path(cache.length + n_in, path)  # draft node j was written at slot start + j
-        rows = probs[[0] + [node + 1 for node in path]]  # the distribution each emitted token was drawn from
-        chosen = rows.gather(1, torch.tensor(tokens)[:, None])[:, 0]
-        top = rows.topk(request.candidates, dim=-1)
-        return StepResult(tokens, chosen.tolist(), top.indices.tolist(), top.values.tolist(), input_logprob)
-
-    def _input_logprob(self, request: StepRequest, hidden: torch.Tensor) -> float:
-        if len(request.input_ids) < 2:
-            return 0.0
-        logprobs = torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
-        targets = torch.tensor(request.input_ids[1:], device=logprobs.device)
-        return logprobs.gather(1, targets[:, None]).mean().item()
-
+    @staticmethod
+    def _add_extra_tokens(batch, results: list[StepResult], extra: list[torch.Tensor], candidates: int) -> None:
+        per_position = 4 if candidates else 2
+        for position in range(len(extra) // per_position):
+            parts = extra[position * per_position:(position + 1) * per_position]
+            active = [b for b, (request, _) in enumerate(batch) if request.extra_tokens > position]
+            tokens, probs = parts[0].long().tolist(), parts[1].tolist()
+            top_ids = parts[2].view(len(active), -1).long().tolist() if candidates else None
+            top_probs = parts[3].view(len(active), -1).tolist() if candidates else None
+            for i, b in enumerate(active):
+                c = batch[b][0].candidates
+                result = results[b]
+                result.tokens.append(tokens[i])
+                result.probs.append(probs[i])
+                result.top_ids.append(top_ids[i][:c] if c else [])
+                result.top_probs.append(top_probs[i][:c] if c else [])

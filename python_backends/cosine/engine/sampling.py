@@ -41,27 +41,30 @@ class SamplingParams:
         return generator
 
 
-def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Distribution that sampling draws from: temperature, then top-k, then top-p (on the last dim).
+def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """The distributions sampling draws from, one row per logits row with that row's parameters: temperature, then
+    top-k, then top-p. Rows of greedy requests are not meant to come here (they compare argmaxes).
 
-    Greedy params give a one-hot distribution at the argmax, so acceptance rules need no special case."""
-    logits = logits.float()
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits: [rows, vocab]; temperature, top_p: [rows] float; top_k: [rows] int64, 0 = no filter."""
+    logits = logits.float() / temperature[:, None]
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    vocab = logits.shape[-1]
+    kth = sorted_logits.gather(1, (torch.where(top_k > 0, top_k, vocab).clamp(max=vocab) - 1)[:, None])
+    logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
+    if bool((top_p < 1.0).any()):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold stays)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of (unnormalised) probs by inverse CDF: uniforms [rows] in [0, 1) come from each
+    request's own seeded generator, so a request's draws do not depend on what else is in the batch."""
+    cdf = probs.double().cumsum(-1)
+    index = (cdf < uniforms.double()[:, None] * cdf[:, -1:]).sum(-1)
+    return index.clamp(max=probs.shape[-1] - 1)

@@ -10,7 +10,7 @@ import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Callable
 
 from ..speculation.control import LoadMonitor
 from ..speculation.proposers import (ChainProposer, Draft, DrafterEngine, DrafterSession, FusionProposer,
@@ -18,15 +18,9 @@ from ..speculation.proposers import (ChainProposer, Draft, DrafterEngine, Drafte
 from ..speculation.scheduler import VerificationScheduler
 from .errors import InvalidRequest, ServingError
 from .request import GenerationRequest
-from .text import DetokenizerOffsets, StopStrings
+from .text import DetokenizerOffsets, StopStrings, decode_increment
 
 MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
-
-
-class TextClient(Protocol):
-    async def encode(self, text: str) -> list[int]: ...
-
-    async def decode(self, ids: list[int], read_offset: int, final: bool) -> tuple[str, bool]: ...
 
 
 @dataclass
@@ -41,7 +35,8 @@ class RoundReport:
 class Deployment:
     """What the loop needs to know about the deployment it runs in."""
     target: DrafterEngine  # the same engine interface; the target verifies instead of drafting
-    text: TextClient
+    # a transformers tokenizer of the target's: text is encoded and detokenized in this process, no model call
+    tokenizer: object
     max_context: int
     end_id: int | None
     drafters: dict[str, DrafterEngine] = field(default_factory=dict)
@@ -173,7 +168,7 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     The next round (drafting + verification) runs while this round's tokens are detokenized; when a stop string
     ends the output, that round's tokens are dropped."""
     plan = speculation_plan(request, deployment)
-    prompt_ids = await deployment.text.encode(request.prompt)
+    prompt_ids = deployment.tokenizer.encode(request.prompt)
     if len(prompt_ids) + request.max_tokens > deployment.max_context:
         raise InvalidRequest("max_tokens", f"the prompt is {len(prompt_ids)} tokens; with max_tokens "
                                            f"{request.max_tokens} it exceeds the model's context of "
@@ -211,7 +206,7 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
                                                           sequence_id, prompt_ids + generated,
                                                           request.max_tokens - len(generated) - 1, stats))
             window, read_offset = offsets.window(generated)
-            delta, advanced = await deployment.text.decode(window, read_offset, finished)
+            delta, advanced = decode_increment(deployment.tokenizer, window, read_offset, finished)
             if advanced:
                 offsets.advance(len(generated))
             text += delta

@@ -1,31 +1,87 @@
-"""Which drafted tokens the target keeps: one rule for greedy and sampling, for chains and trees."""
+"""Which drafted tokens the target keeps: one rule for greedy and sampling, chains and trees, over a whole batch.
+
+Terms (defined once). A *row* is a position whose next-token distribution the target computed: each sequence's root
+(its last input token) and every draft node. Draft trees of all sequences are flattened into *nodes*; a node's
+*parent row* holds the distribution its token is checked against, its own row the distribution after it.
+
+Rule (recursive rejection sampling with deterministic drafts, i.e. q one-hot; SpecInfer, Miao et al. 2024, Alg. 2):
+  at a row with target distribution p, try its children in sibling order: accept child x with probability
+  min(1, p(x) / q(x)) = p(x) / sum(p); on rejection p := max(p - q, 0), i.e. p(x) := 0. The walk moves to an accepted
+  child's row; at the first row where every child was rejected (or that has none) it emits a token sampled from
+  what is left of p. Each emitted token is distributed exactly as the target's own. Greedy rows (p one-hot at the
+  argmax) accept the child equal to the argmax and emit the argmax: no probabilities needed.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
-from .tree import DraftTree
+from ..engine.sampling import sample
 
 
-def accept(target_probs: torch.Tensor, tree: DraftTree, generator: torch.Generator) -> tuple[list[int], list[int]]:
-    """Returns (emitted tokens, accepted node indices); emitted = accepted tokens + one token of the target's own.
+@dataclass
+class FlatDrafts:
+    """The draft trees of a batch, flattened (all tensors on one device, int64 unless said)."""
+    tokens: torch.Tensor  # [nodes] drafted token ids
+    parent_node: torch.Tensor  # [nodes] flat index of the parent node, -1 for a child of the root
+    parent_row: torch.Tensor  # [nodes] the parent's row (the sequence's root row for a child of the root)
+    node_row: torch.Tensor  # [nodes] the node's own row
+    sequence: torch.Tensor  # [nodes] index of the node's sequence
+    depth: torch.Tensor  # [nodes] 1 for children of the root
+    by_rank: list[torch.Tensor]  # by_rank[r]: the nodes that are their parent's r-th child (r-th to be tried)
+    root_row: torch.Tensor  # [sequences] each sequence's root row
 
-    target_probs[0] is the target's distribution after the root, target_probs[1 + j] after draft node j.
-    Acceptance rule (recursive rejection sampling, drafts taken as deterministic: q = one-hot):
-      at a node with target distribution p, try its children in order: accept child x with probability p(x);
-      on rejection remove x from p and renormalise; if every child is rejected, sample the token from what is left.
-    The emitted tokens are distributed exactly as the target's own; greedy (one-hot p) accepts x iff x is argmax.
-    """
-    node, tokens, path = -1, [], []
-    while True:
-        p = target_probs[node + 1].double().clone()
-        for child in tree.children(node):
-            x = tree.tokens[child]
-            if torch.rand((), generator=generator, dtype=torch.float64) < p[x] / p.sum():
-                tokens.append(x)
-                path.append(child)
-                node = child
-                break
-            p[x] = 0.0
-        else:
-            tokens.append(int(torch.multinomial(p / p.sum(), 1, generator=generator)))
-            return tokens, path
+
+@dataclass
+class Verdict:
+    accepted: torch.Tensor  # [nodes] bool: on the accepted path
+    accepted_count: torch.Tensor  # [sequences] accepted draft tokens
+    tip_row: torch.Tensor  # [sequences] the row the walk ended at: it emits the bonus token
+    bonus: torch.Tensor  # [sequences] that token
+    bonus_prob: torch.Tensor  # [sequences] its probability under the distribution it was drawn from
+    node_prob: torch.Tensor  # [nodes] each node's token probability under its parent row's target distribution
+
+
+def accept(drafts: FlatDrafts, max_depth: int, argmax: torch.Tensor, sampled: torch.Tensor,
+           probs: torch.Tensor | None, node_uniforms: torch.Tensor, row_uniforms: torch.Tensor) -> Verdict:
+    """argmax: [rows] greedy choice per row. sampled: [rows] bool, rows of sampling requests. probs: [rows, vocab]
+    sampling distributions (None when no row samples; greedy rows' entries are ignored). node_uniforms: [nodes],
+    row_uniforms: [rows] in [0, 1) from each request's own generator (greedy: anything)."""
+    nodes, sequences = drafts.tokens.numel(), drafts.root_row.numel()
+    device = argmax.device
+    residual = probs.clone() if probs is not None else None
+    decided = torch.zeros(argmax.numel(), dtype=torch.bool, device=device)  # a child of this row was accepted
+    taken = torch.zeros(nodes, dtype=torch.bool, device=device)
+    node_prob = torch.ones(nodes, device=device)
+    if residual is not None and nodes:
+        node_prob = torch.where(sampled[drafts.parent_row], probs[drafts.parent_row, drafts.tokens], node_prob)
+    for rank_nodes in drafts.by_rank:
+        row, token = drafts.parent_row[rank_nodes], drafts.tokens[rank_nodes]
+        ratio = (token == argmax[row]).float()
+        if residual is not None:
+            kept = residual[row]
+            ratio = torch.where(sampled[row], kept.gather(1, token[:, None])[:, 0] / kept.sum(-1), ratio)
+        take = ~decided[row] & (node_uniforms[rank_nodes] < ratio)
+        taken[rank_nodes] = take
+        decided[row] |= take
+        if residual is not None:  # the residual max(p - q, 0) of the rows whose child was rejected
+            residual[row, token] = torch.where(take, residual[row, token], 0.0)
+    # on the path: taken, and so is every ancestor
+    accepted = taken
+    has_parent = drafts.parent_node >= 0
+    for _ in range(max_depth - 1):
+        accepted = taken & torch.where(has_parent, accepted[drafts.parent_node.clamp(min=0)], True)
+    # the tip: the deepest accepted node of each sequence, encoded so that one segment max finds it
+    key = torch.where(accepted, drafts.depth * (nodes + 1) + torch.arange(1, nodes + 1, device=device), 0)
+    best = torch.zeros(sequences, dtype=torch.long, device=device).scatter_reduce(0, drafts.sequence, key, "amax")
+    tip_node = best % (nodes + 1) - 1
+    tip_row = torch.where(tip_node >= 0, drafts.node_row[tip_node.clamp(min=0)] if nodes else 0, drafts.root_row)
+    bonus, bonus_prob = argmax[tip_row], torch.ones(sequences, device=device)
+    if residual is not None:
+        left = residual[tip_row]
+        drawn = sample(left, row_uniforms[tip_row])
+        tip_sampled = sampled[tip_row]
+        bonus = torch.where(tip_sampled, drawn, bonus)
+        bonus_prob = torch.where(tip_sampled, left.gather(1, drawn[:, None])[:, 0] / left.sum(-1), bonus_prob)
+    return Verdict(accepted, best // (nodes + 1), tip_row, bonus, bonus_prob, node_prob)

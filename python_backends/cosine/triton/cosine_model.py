@@ -1,4 +1,5 @@
-"""Triton adapter for the top-level `cosine` model: decoupled, one coroutine per request, engines through BLS."""
+"""Triton adapter for the top-level `cosine` model: decoupled, one coroutine per request; engines through BLS, one
+call per engine per tick for all requests; text encoded and detokenized in this process."""
 from __future__ import annotations
 
 import asyncio
@@ -6,46 +7,19 @@ from contextlib import aclosing
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from transformers import AutoTokenizer
 
-from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER
+from ..contract import COSINE, ROUTER
 from ..deploy.repository import drafter_model_name
-from ..engine.engine import StepResult
+from ..serving.batching import CoalescingEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
-from ..serving.request import GenerationRequest, parse_generation_request
+from ..serving.request import parse_generation_request
 from ..speculation.router import Route
-from .io import Metrics, bls, error_response, model_parameters, request_inputs, tensors
+from .io import (Metrics, bls, engine_transport, error_response, model_parameters, request_inputs, resolve_path,
+                 tensors)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-class BlsEngine:
-    """An engine model (target or drafter) called through BLS."""
-
-    OUTPUTS = ("output_ids", "output_probs", "top_ids", "top_probs", "input_logprob")
-
-    def __init__(self, model_name: str):
-        self.model_name = model_name
-
-    async def step(self, sequence_id, input_ids, draft=None, *, request: GenerationRequest | None = None,
-                   keep_length=None, extra_tokens=0, candidates=0, score_input=False) -> StepResult:
-        values = dict(sequence_id=sequence_id, input_ids=input_ids, keep_length=keep_length,
-                      extra_tokens=extra_tokens or None, num_candidates=candidates or None,
-                      score_input=score_input or None)
-        if request is not None:
-            params = request.params
-            values.update(max_new_tokens=request.max_tokens, temperature=params.temperature, top_k=params.top_k,
-                          top_p=params.top_p, random_seed=params.seed, min_length=request.min_length or None,
-                          end_id=request.end_id if request.min_length else None)
-        if draft:
-            values.update(draft_ids=draft.tokens, draft_parents=draft.parents)
-        out = await bls(self.model_name, ENGINE, self.OUTPUTS, **values)
-        tokens = out["output_ids"].tolist()
-        return StepResult(tokens, out["output_probs"].tolist(), out["top_ids"].reshape(len(tokens), -1).tolist(),
-                          out["top_probs"].reshape(len(tokens), -1).tolist(), float(out["input_logprob"][0]))
-
-    async def release(self, sequence_id):
-        await bls(self.model_name, ENGINE, ("output_ids",), sequence_id=sequence_id, release=True)
 
 
 class BlsRouter:
@@ -63,30 +37,18 @@ class BlsRouter:
                   feedback_trials=trials)
 
 
-class BlsText:
-    def __init__(self, preprocessing: str, postprocessing: str):
-        self.preprocessing, self.postprocessing = preprocessing, postprocessing
-
-    async def encode(self, text):
-        out = await bls(self.preprocessing, PREPROCESSING, ("input_ids",), text=text.encode())
-        return out["input_ids"].tolist()
-
-    async def decode(self, ids, read_offset, final):
-        out = await bls(self.postprocessing, POSTPROCESSING, ("text_delta", "advanced"),
-                        token_ids=ids, read_offset=read_offset, final=final)
-        return out["text_delta"][0].decode(), bool(out["advanced"][0])
-
-
 class CosineModel:
     def initialize(self, args):
         params = model_parameters(args)
         drafters = [name for name in params["drafters"].split(",") if name]
         self.deployment = Deployment(
-            target=BlsEngine(params["target_model"]),
-            text=BlsText(params["preprocessing_model"], params["postprocessing_model"]),
+            target=CoalescingEngine(params["target_model"], engine_transport(params["target_model"])),
+            tokenizer=AutoTokenizer.from_pretrained(str(resolve_path(params["tokenizer_dir"], args)),
+                                                    local_files_only=True),
             max_context=int(params["max_context_tokens"]),
             end_id=int(params["end_id"]) if params.get("end_id") else None,
-            drafters={name: BlsEngine(drafter_model_name(name)) for name in drafters},
+            drafters={name: CoalescingEngine(drafter_model_name(name), engine_transport(drafter_model_name(name)))
+                      for name in drafters},
             general_drafter=params.get("general_drafter") or None,
             router=BlsRouter(params["router_model"]) if params.get("router_model") else None,
             max_cooperating_drafters=int(params.get("max_cooperating_drafters", "2")),

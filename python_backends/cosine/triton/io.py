@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ..contract import ENGINE
 from ..serving.errors import ServingError
 
 
@@ -54,17 +55,28 @@ def resolve_path(path: str, args: dict) -> Path:
 
 
 async def bls(model_name: str, contract, outputs: tuple[str, ...], **values) -> dict[str, np.ndarray]:
-    """One BLS call; returns the requested outputs without their batch dimension."""
+    """One BLS call with named values packed by the contract; returns the outputs without their batch dimension."""
+    return await bls_arrays(model_name, outputs, dict(contract.pack(**values)))
+
+
+async def bls_arrays(model_name: str, outputs, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One BLS call; arrays get a leading batch dimension of 1 unless they have it."""
     request = pb_utils.InferenceRequest(
         model_name=model_name,
         requested_output_names=list(outputs),
-        inputs=[pb_utils.Tensor(name, array) for name, array in contract.pack(**values)],
+        inputs=[pb_utils.Tensor(name, array if array.ndim > 1 else array[None]) for name, array in arrays.items()],
     )
     response = await request.async_exec()
     if response.has_error():
         error = response.error()
         raise ServingError(f"{model_name}: {error.message()}", _kind(error.code()))
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0] for name in outputs}
+
+
+def engine_transport(model_name: str):
+    """The CoalescingEngine transport to an engine model in this server."""
+    outputs = tuple(t.name for t in ENGINE.outputs)
+    return lambda arrays: bls_arrays(model_name, outputs, arrays)
 
 
 class Metrics:

@@ -1,0 +1,108 @@
+"""In-process reference decode rates, no server: the project's engine, transformers' own batched decode and
+transformers' assisted generation. Each warms up once, then times decoding only (prefill excluded, except in
+assisted generation, where generate() does both).
+
+Imports torch, transformers and cosine.engine only, so that it runs on a bare CUDA machine."""
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from transformers import DynamicCache
+
+from cosine.engine.engine import Admission, CausalLMEngine, StepRequest
+from cosine.engine.sampling import SamplingParams
+
+WARMUP_TOKENS = 4  # enough to run prefill and decode steps once before timing
+
+
+def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab_size, (batch, prompt_len), generator=generator).tolist()
+
+
+def _sync() -> None:
+    # CUDA kernels run asynchronously: the clock must not be read before they finish
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def engine_generate(engine: CausalLMEngine, prompts: list[list[int]], new_tokens: int,
+                    params: SamplingParams = SamplingParams()) -> tuple[list[list[int]], float]:
+    """All prompts decoded together, one batched step per token; returns their tokens and the seconds spent in the
+    decode steps (after the prefill step)."""
+    ids = range(len(prompts))
+    outputs = [_ok(r).tokens for r in engine.step(
+        [StepRequest(i, list(p), admission=Admission(new_tokens, params)) for i, p in zip(ids, prompts)])]
+    _sync()
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        results = engine.step([StepRequest(i, out[-1:]) for i, out in zip(ids, outputs)])
+        for out, result in zip(outputs, results):
+            out += _ok(result).tokens
+    _sync()
+    elapsed = time.perf_counter() - start
+    for i in ids:
+        engine.release(i)
+    return outputs, elapsed
+
+
+def _ok(result):
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def engine_decode_rate(model, batch: int, new_tokens: int, prompt_len: int, max_draft_tokens: int = 64,
+                       seed: int = 0) -> float:
+    """Tokens/s of `batch` greedy sequences decoded together by CausalLMEngine."""
+    engine = CausalLMEngine(model, kv_cache_tokens=batch * (prompt_len + new_tokens + max_draft_tokens),
+                            max_draft_tokens=max_draft_tokens)
+    prompts = random_prompts(model.config.vocab_size, batch, prompt_len, seed)
+    engine_generate(engine, prompts, min(new_tokens, WARMUP_TOKENS))
+    _, seconds = engine_generate(engine, prompts, new_tokens)
+    return batch * (new_tokens - 1) / seconds
+
+
+@torch.inference_mode()
+def _transformers_decode(model, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds of transformers' greedy batched decode loop (after prefill) over equal-length prompts."""
+    # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kwarg = {name: DynamicCache()}
+    logits = model(input_ids=torch.tensor(prompts, device=model.device), use_cache=True, logits_to_keep=1,
+                   **cache_kwarg).logits
+    next_ids = logits[:, -1].argmax(-1)
+    _sync()
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        logits = model(input_ids=next_ids[:, None], use_cache=True, **cache_kwarg).logits
+        next_ids = logits[:, -1].argmax(-1)
+    _sync()
+    return time.perf_counter() - start
+
+
+def transformers_decode_rate(model, batch: int, new_tokens: int, prompt_len: int, seed: int = 0) -> float:
+    """Tokens/s of transformers' own batched greedy decode (DynamicCache), the same work as engine_decode_rate."""
+    prompts = random_prompts(model.config.vocab_size, batch, prompt_len, seed)
+    _transformers_decode(model, prompts, min(new_tokens, WARMUP_TOKENS))
+    return batch * (new_tokens - 1) / _transformers_decode(model, prompts, new_tokens)
+
+
+@torch.inference_mode()
+def assisted_generation_rate(target, drafter, prompts_ids: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s of transformers' assisted generation (greedy, the assistant's default settings), one prompt at a
+    time. Counts the tokens actually generated: generate() stops early at an end token."""
+    def generate(prompt: list[int]) -> int:
+        ids = torch.tensor([prompt], device=target.device)
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=drafter, do_sample=False,
+                              max_new_tokens=new_tokens)
+        return out.shape[1] - ids.shape[1]
+
+    generate(prompts_ids[0])
+    _sync()
+    start = time.perf_counter()
+    tokens = sum(generate(prompt) for prompt in prompts_ids)
+    _sync()
+    return tokens / (time.perf_counter() - start)

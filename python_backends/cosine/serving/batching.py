@@ -1,0 +1,71 @@
+"""One call per engine per tick: the transport under the per-request coroutines.
+
+Request coroutines call `step` as if each had the engine to itself. Calls made in the same event-loop tick (the
+verification scheduler releases a batch in one tick; requests that leave one pass draft together in the next) go
+out as ONE engine call carrying every sequence, flattened by `wire`. Triton's dynamic batcher then merges calls
+that arrive from other `cosine` instances while the engine is busy."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from ..engine.engine import Admission, StepRequest, StepResult
+from ..speculation.tree import DraftTree
+from . import wire
+
+# sends packed steps to an engine model and returns its packed results
+Transport = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
+
+
+class CoalescingEngine:
+    def __init__(self, name: str, transport: Transport):
+        self.name, self.transport = name, transport
+        self.pending: list[tuple[StepRequest, asyncio.Future]] = []
+        self.calls = 0  # engine calls sent (tests and benchmarks read sequences per call from it)
+        self.sequences = 0
+
+    async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
+                   candidates=0, score_input=False) -> StepResult:
+        admission = None
+        if request is not None:
+            params = request.params
+            if params.seed is None:  # the engine always gets a seed: unseeded requests get a fresh one
+                params = dataclasses.replace(params, seed=random.getrandbits(63))
+            admission = Admission(request.max_tokens, params, request.end_id if request.min_length else None,
+                                  request.min_length)
+        step = StepRequest(sequence_id, list(input_ids), draft or DraftTree(), admission, keep_length, extra_tokens,
+                           candidates, score_input)
+        return await self._submit(step)
+
+    async def release(self, sequence_id) -> None:
+        await self._submit(StepRequest(sequence_id, release=True))
+
+    async def _submit(self, step: StepRequest) -> StepResult:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((step, future))
+        if len(self.pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        result = await future
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        self.calls += 1
+        self.sequences += len(batch)
+        asyncio.ensure_future(self._send(batch))
+
+    async def _send(self, batch: list[tuple[StepRequest, asyncio.Future]]) -> None:
+        steps = [step for step, _ in batch]
+        try:
+            results = wire.unpack_results(await self.transport(wire.pack_steps(steps)), steps, self.name)
+        except Exception as error:  # the whole call failed: every sequence in it fails with the same error
+            results = [error] * len(batch)
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)

@@ -1,0 +1,132 @@
+"""The ENGINE contract's codec: a batch of engine steps <-> flat arrays, and their results back.
+
+Both sides of a call use it (the `cosine` process packs steps and unpacks results, the engine model the reverse),
+so the flattening is written once. Arrays carry no batch dimension here; the transport adds it."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..contract import ENGINE
+from ..engine.engine import Admission, StepRequest, StepResult
+from ..engine.kv_cache import AdmissionError
+from ..engine.sampling import SamplingParams
+from ..speculation.tree import DraftTree
+from .errors import ServingError
+
+NO_VALUE = -1  # keep_length: keep everything; end_id: none
+
+
+def _array(name: str, values) -> np.ndarray:
+    spec = next(t for t in (*ENGINE.inputs, *ENGINE.outputs) if t.name == name)
+    return np.asarray(values, dtype=spec.numpy_dtype).reshape(-1)
+
+
+def _split(flat: np.ndarray, lengths) -> list[np.ndarray]:
+    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def pack_steps(steps: list[StepRequest]) -> dict[str, np.ndarray]:
+    admissions = [step.admission for step in steps]
+    params = [a.params if a else SamplingParams() for a in admissions]
+    return {
+        "sequence_id": _array("sequence_id", [s.sequence_id for s in steps]),
+        "input_ids": _array("input_ids", [t for s in steps for t in s.input_ids]),
+        "input_lengths": _array("input_lengths", [len(s.input_ids) for s in steps]),
+        "draft_ids": _array("draft_ids", [t for s in steps for t in s.draft.tokens]),
+        "draft_parents": _array("draft_parents", [p for s in steps for p in s.draft.parents]),
+        "draft_lengths": _array("draft_lengths", [len(s.draft) for s in steps]),
+        "keep_length": _array("keep_length", [NO_VALUE if s.keep_length is None else s.keep_length for s in steps]),
+        "extra_tokens": _array("extra_tokens", [s.extra_tokens for s in steps]),
+        "num_candidates": _array("num_candidates", [s.candidates for s in steps]),
+        "score_input": _array("score_input", [s.score_input for s in steps]),
+        "max_new_tokens": _array("max_new_tokens", [a.max_new_tokens if a else 0 for a in admissions]),
+        "temperature": _array("temperature", [p.temperature for p in params]),
+        "top_k": _array("top_k", [p.top_k for p in params]),
+        "top_p": _array("top_p", [p.top_p for p in params]),
+        "random_seed": _array("random_seed", [p.seed or 0 for p in params]),
+        "end_id": _array("end_id", [NO_VALUE if a is None or a.end_id is None else a.end_id for a in admissions]),
+        "min_length": _array("min_length", [a.min_length if a else 0 for a in admissions]),
+        "release": _array("release", [s.release for s in steps]),
+    }
+
+
+def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
+    """Raises ValueError naming the input when the arrays do not describe a batch of steps."""
+    values = {name: np.asarray(arrays[name]).reshape(-1) for name in (t.name for t in ENGINE.inputs)}
+    n = len(values["sequence_id"])
+    for name, array in values.items():
+        if name not in ("input_ids", "draft_ids", "draft_parents") and len(array) != n:
+            raise ValueError(f"{name}: expected one value per sequence ({n}), got {len(array)}")
+    for flat, lengths in (("input_ids", "input_lengths"), ("draft_ids", "draft_lengths"),
+                          ("draft_parents", "draft_lengths")):
+        if (values[lengths] < 0).any() or values[lengths].sum() != len(values[flat]):
+            raise ValueError(f"{flat}: {len(values[flat])} values but {lengths} sums to {values[lengths].sum()}")
+    inputs = _split(values["input_ids"], values["input_lengths"])
+    draft_ids = _split(values["draft_ids"], values["draft_lengths"])
+    draft_parents = _split(values["draft_parents"], values["draft_lengths"])
+    steps = []
+    for i in range(n):
+        admission = None
+        if values["max_new_tokens"][i] > 0:
+            params = SamplingParams(float(values["temperature"][i]), int(values["top_k"][i]),
+                                    float(values["top_p"][i]), int(values["random_seed"][i]))
+            end_id = int(values["end_id"][i])
+            admission = Admission(int(values["max_new_tokens"][i]), params, None if end_id == NO_VALUE else end_id,
+                                  int(values["min_length"][i]))
+        keep = int(values["keep_length"][i])
+        steps.append(StepRequest(
+            int(values["sequence_id"][i]), inputs[i].tolist(),
+            DraftTree(tuple(draft_ids[i].tolist()), tuple(draft_parents[i].tolist())), admission,
+            keep_length=None if keep == NO_VALUE else keep, extra_tokens=int(values["extra_tokens"][i]),
+            candidates=int(values["num_candidates"][i]), score_input=bool(values["score_input"][i]),
+            release=bool(values["release"][i])))
+    return steps
+
+
+def error_kind(error: Exception) -> str:
+    if isinstance(error, AdmissionError):
+        return ServingError.UNAVAILABLE if error.retryable else ServingError.INVALID
+    if isinstance(error, ValueError):  # StepError: the request is malformed
+        return ServingError.INVALID
+    return getattr(error, "kind", ServingError.INTERNAL)
+
+
+def pack_results(results: list[StepResult | Exception]) -> dict[str, np.ndarray]:
+    done = [r if isinstance(r, StepResult) else StepResult([], [], [], []) for r in results]
+    return {
+        "output_ids": _array("output_ids", [t for r in done for t in r.tokens]),
+        "output_lengths": _array("output_lengths", [len(r.tokens) for r in done]),
+        "output_probs": _array("output_probs", [p for r in done for p in r.probs]),
+        "top_ids": _array("top_ids", [t for r in done for row in r.top_ids for t in row]),
+        "top_probs": _array("top_probs", [p for r in done for row in r.top_probs for p in row]),
+        "input_logprob": _array("input_logprob", [r.input_logprob for r in done]),
+        "error_kind": np.array([b"" if isinstance(r, StepResult) else error_kind(r).encode() for r in results],
+                               np.object_),
+        "error_message": np.array([b"" if isinstance(r, StepResult) else str(r).encode() for r in results],
+                                  np.object_),
+    }
+
+
+def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
+                   engine_name: str) -> list[StepResult | ServingError]:
+    values = {name: np.asarray(array).reshape(-1) for name, array in arrays.items()}
+    lengths = values["output_lengths"]
+    widths = [s.candidates for s in steps]
+    tokens = _split(values["output_ids"], lengths)
+    probs = _split(values["output_probs"], lengths)
+    top_ids = _split(values["top_ids"], [n * w for n, w in zip(lengths, widths)])
+    top_probs = _split(values["top_probs"], [n * w for n, w in zip(lengths, widths)])
+    results = []
+    for i, step in enumerate(steps):
+        kind = values["error_kind"][i]
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        if kind:
+            message = values["error_message"][i]
+            message = message.decode() if isinstance(message, bytes) else str(message)
+            results.append(ServingError(f"{engine_name}: {message}", kind))
+            continue
+        n = int(lengths[i])
+        results.append(StepResult(tokens[i].tolist(), probs[i].tolist(),
+                                  top_ids[i].reshape(n, widths[i]).tolist(),
+                                  top_probs[i].reshape(n, widths[i]).tolist(), float(values["input_logprob"][i])))
+    return results
