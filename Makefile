@@ -6,7 +6,7 @@ MODEL_REPOSITORY ?= model_repository
 TORCH_VERSION ?= 2.13.0
 STAMP = $(VENV)/.installed
 
-.PHONY: venv test demo serve bench clean tools
+.PHONY: venv test demo serve bench clean tools gpu-check
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ serve: venv
 
 clean:
 	rm -rf $(VENV)
+
+# On a CUDA machine without Triton or network (python3 with torch + transformers): exactness + batch scaling.
+gpu-check:
+	PYTHONPATH=python_backends:client python3 -m cosine_client.gpu_check $(GPU_CHECK_ARGS)
 
 # ---- Load-testing tools (perf_analyzer, genai-perf) under artifacts/tools/, apart from the project venv ----
 # perf_analyzer: the binary inside the manylinux tritonclient wheel (the PyPI `perf-analyzer` package is an empty
