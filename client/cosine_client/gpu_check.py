@@ -63,7 +63,8 @@ def transformers_greedy(model, prompts: list[list[int]], new_tokens: int) -> lis
 
 
 def engine_for(model, prompts: list[list[int]], new_tokens: int) -> CausalLMEngine:
-    return CausalLMEngine(model, kv_cache_tokens=sum(len(p) + new_tokens + DRAFT_RESERVE for p in prompts))
+    # each sequence's reservation is rounded up to whole KV blocks: a block of slack per sequence
+    return CausalLMEngine(model, kv_cache_tokens=sum(len(p) + new_tokens + DRAFT_RESERVE + 16 for p in prompts))
 
 
 def check_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[str]:

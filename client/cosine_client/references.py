@@ -57,7 +57,7 @@ def _ok(result):
 def engine_decode_rate(model, batch: int, new_tokens: int, prompt_len: int, max_draft_tokens: int = 64,
                        seed: int = 0) -> float:
     """Tokens/s of `batch` greedy sequences decoded together by CausalLMEngine."""
-    engine = CausalLMEngine(model, kv_cache_tokens=batch * (prompt_len + new_tokens + max_draft_tokens),
+    engine = CausalLMEngine(model, kv_cache_tokens=batch * (prompt_len + new_tokens + max_draft_tokens + 16),
                             max_draft_tokens=max_draft_tokens)
     prompts = random_prompts(model.config.vocab_size, batch, prompt_len, seed)
     engine_generate(engine, prompts, min(new_tokens, WARMUP_TOKENS))
