@@ -1,76 +1,89 @@
-"""The acceptance rule keeps the target's distribution exactly; a wrong rule is caught by the same test."""
+"""The batched acceptance rule keeps the target's distribution exactly; broken variants fail the same checks.
+
+Each check runs SAMPLES copies of one draft as one batch: the rule is tensor operations over the batch."""
 import pytest
 import torch
 
-from cosine.engine.sampling import SamplingParams, probabilities
-from cosine.speculation.acceptance import accept
+from cosine.engine.sampling import sample
+from cosine.speculation.acceptance import FlatDrafts, accept
 from cosine.speculation.tree import DraftTree
 
 VOCAB = 6
 SAMPLES = 20000
+# Sampling noise of a 6-way empirical distribution over 20k samples has TV ~0.01; 0.03 leaves a wide margin.
+TOLERANCE = 0.03
+P_ROOT = torch.softmax(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 0.3]), -1)
+P_SECOND = torch.softmax(torch.tensor([0.0, 0.0, 3.0, 1.0, 0.0, 0.0]), -1)
 
 
-def emitted_first_token_frequencies(rule, target_probs, tree, seed=0):
+def run(tree: DraftTree, rows: torch.Tensor, seed: int = 0, greedy: bool = False):
+    """accept() over SAMPLES copies of `tree`; rows: [1 + len(tree), vocab] target distributions (root first)."""
     generator = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(VOCAB)
-    for _ in range(SAMPLES):
-        tokens, _ = rule(target_probs, tree, generator)
-        counts[tokens[0]] += 1
-    return counts / SAMPLES
+    drafts = FlatDrafts.from_trees([tree] * SAMPLES, "cpu")
+    probs = rows.repeat(SAMPLES, 1)
+    argmax = probs.argmax(-1)
+    sampled = torch.full((len(probs),), not greedy)
+    verdict = accept(drafts, argmax, sampled, None if greedy else probs,
+                     torch.rand(SAMPLES * len(tree), generator=generator), torch.rand(len(probs), generator=generator))
+    return verdict, drafts
 
 
-def wrong_rule(target_probs, tree, generator):
-    """Accepts any drafted child the target gives non-zero probability: biased toward the draft."""
-    node = -1
-    for child in tree.children(node):
-        if target_probs[0, tree.tokens[child]] > 0:
-            return [tree.tokens[child]], [child]
-    return [int(torch.multinomial(target_probs[0], 1, generator=generator))], []
+def first_tokens(verdict, drafts, tree):
+    """The first emitted token of every copy: its accepted depth-1 node's token, else the bonus."""
+    first = verdict.bonus.clone()
+    accepted_first = verdict.accepted & (drafts.depth == 1)
+    first[drafts.sequence[accepted_first]] = drafts.tokens[accepted_first]
+    return first
+
+
+def frequencies(tokens):
+    return torch.bincount(tokens, minlength=VOCAB).float() / len(tokens)
 
 
 def total_variation(p, q):
     return 0.5 * (p - q).abs().sum().item()
 
 
-# Sampling noise of a 6-way empirical distribution over 20k samples has TV ~0.01; 0.03 leaves a wide margin.
-TOLERANCE = 0.03
+TREES = [DraftTree.chain([3, 1, 2]), DraftTree((4, 1, 0), (-1, -1, -1)), DraftTree((1, 0, 5), (-1, 0, -1))]
 
 
-@pytest.fixture
-def target_probs():
-    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 0.3]] * 4)
-    return probabilities(logits, SamplingParams(temperature=1.0))
+@pytest.mark.parametrize("tree", TREES)
+def test_emitted_tokens_follow_the_target_distribution(tree):
+    rows = P_ROOT.repeat(1 + len(tree), 1)
+    verdict, drafts = run(tree, rows)
+    assert total_variation(frequencies(first_tokens(verdict, drafts, tree)), P_ROOT) < TOLERANCE
 
 
-@pytest.mark.parametrize("tree", [DraftTree.chain([3, 1, 2]), DraftTree((4, 1, 0), (-1, -1, -1)),
-                                  DraftTree((1, 0, 5), (-1, 0, -1))])
-def test_emitted_tokens_follow_the_target_distribution(target_probs, tree):
-    freq = emitted_first_token_frequencies(accept, target_probs, tree)
-    assert total_variation(freq, target_probs[0]) < TOLERANCE
+@pytest.mark.parametrize("tree", TREES)
+def test_a_rule_that_drops_the_residual_fails_the_same_check(tree):
+    """Broken variant: after rejecting every child, sample the bonus from p itself instead of the residual."""
+    rows = P_ROOT.repeat(1 + len(tree), 1)
+    verdict, drafts = run(tree, rows)
+    rejected = verdict.accepted_count == 0
+    generator = torch.Generator().manual_seed(7)
+    from_p = sample(P_ROOT.repeat(SAMPLES, 1), torch.rand(SAMPLES, generator=generator))
+    broken = first_tokens(verdict, drafts, tree)
+    broken[rejected] = from_p[rejected]
+    assert total_variation(frequencies(broken), P_ROOT) > TOLERANCE
 
 
-def test_a_wrong_rule_fails_the_same_check(target_probs):
-    freq = emitted_first_token_frequencies(wrong_rule, target_probs, DraftTree.chain([3, 1]))
-    assert total_variation(freq, target_probs[0]) > TOLERANCE
-
-
-def test_second_position_follows_the_target_given_the_first(target_probs):
+def test_second_position_follows_the_target_given_the_first():
     """Along an accepted draft token, the next emitted token is distributed as the target's next distribution."""
-    second = probabilities(torch.tensor([[0.0, 0.0, 3.0, 1.0, 0.0, 0.0]]), SamplingParams(temperature=1.0))[0]
-    probs = torch.stack([target_probs[0], second, target_probs[0]])
     tree = DraftTree.chain([0, 2])
-    generator = torch.Generator().manual_seed(1)
-    counts, firsts = torch.zeros(VOCAB), 0
-    for _ in range(SAMPLES):
-        tokens, _ = accept(probs, tree, generator)
-        if tokens[0] == 0 and len(tokens) > 1:
-            counts[tokens[1]] += 1
-            firsts += 1
-    assert total_variation(counts / firsts, second) < TOLERANCE
+    verdict, drafts = run(tree, torch.stack([P_ROOT, P_SECOND, P_ROOT]), seed=1)
+    first_accepted = verdict.accepted.view(SAMPLES, 2)[:, 0]
+    second_accepted = verdict.accepted.view(SAMPLES, 2)[:, 1]
+    second = torch.where(second_accepted, torch.tensor(2), verdict.bonus)[first_accepted]
+    assert total_variation(frequencies(second), P_SECOND) < TOLERANCE
 
 
 def test_greedy_accepts_exactly_the_argmax_path():
-    rows = [[0.0, 5.0, 1.0], [9.0, 0.0, 0.0], [4.0, 0.0, 1.0], [0.0, 0.0, 9.0]]  # root, then after nodes 0, 1, 2
-    probs = probabilities(torch.tensor(rows), SamplingParams())
-    tokens, path = accept(probs, DraftTree((2, 1, 0), (-1, -1, 1)), torch.Generator())
-    assert tokens == [1, 0, 2] and path == [1, 2]
+    rows = torch.tensor([[0.0, 5.0, 1.0], [9.0, 0.0, 0.0], [4.0, 0.0, 1.0], [0.0, 0.0, 9.0]])  # root, nodes 0, 1, 2
+    tree = DraftTree((2, 1, 0), (-1, -1, 1))
+    drafts = FlatDrafts.from_trees([tree, DraftTree.chain([1, 2])], "cpu")
+    rows = torch.cat([rows, torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 1.0], [3.0, 0.0, 0.0]])])
+    verdict = accept(drafts, rows.argmax(-1), torch.zeros(len(rows), dtype=torch.bool), None,
+                     torch.zeros(5), torch.zeros(len(rows)))
+    # sequence 0: node 1 (token 1), then node 2 (token 0), then the argmax after node 2; sequence 1: 1, 2, then 0
+    assert verdict.accepted.tolist() == [False, True, True, True, True]
+    assert verdict.accepted_count.tolist() == [2, 2] and verdict.bonus.tolist() == [2, 0]

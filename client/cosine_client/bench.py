@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from .api import grpc_generate, http_generate
 from .plots import write_plots
+from .references import deployment_references
 from .stats import BASELINES, Record, acceptance_by_domain, summarize
 
 MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
 PRESETS = {  # settings not given explicitly come from here
-    "full": dict(concurrencies=(1, 2, 4, 8, 16, 32), requests_per_point=32, max_tokens=64, rounds=2,
+    "full": dict(concurrencies=(1, 8, 16, 32, 64), requests_per_point=32, max_tokens=64, rounds=2,
                  poisson_rates=()),
     "quick": dict(concurrencies=(1, 4, 8), requests_per_point=8, max_tokens=32, rounds=1, poisson_rates=()),
 }
@@ -60,19 +61,34 @@ def machine_info() -> dict:
             "client_torch_threads": torch.get_num_threads()}
 
 
-def busy_seconds(metrics_url: str | None) -> dict[str, float]:
-    """cosine_engine_busy_seconds_total per engine model, from the deployment's Prometheus endpoint."""
+ENGINE_COUNTERS = {"cosine_engine_busy_seconds_total": "busy_seconds", "cosine_engine_batches_total": "passes",
+                   "cosine_engine_batch_requests_total": "sequences"}
+
+
+def engine_counters(metrics_url: str | None) -> dict[str, dict[str, float]]:
+    """model -> {busy_seconds, passes, sequences} of every engine model, from the Prometheus endpoint."""
     if not metrics_url:
         return {}
     import urllib.request
 
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    busy = {}
+    counters: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
-        if line.startswith("cosine_engine_busy_seconds_total{"):
+        name = line.split("{", 1)[0]
+        if name in ENGINE_COUNTERS:
             model = line.split('model="', 1)[1].split('"', 1)[0]
-            busy[model] = float(line.rsplit(" ", 1)[1])
-    return busy
+            counters.setdefault(model, {})[ENGINE_COUNTERS[name]] = float(line.rsplit(" ", 1)[1])
+    return counters
+
+
+def engine_activity(before: dict, after: dict, wall: float) -> dict[str, dict[str, float]]:
+    """Per engine model over one run: busy fraction, and sequences per forward pass (how well calls batch)."""
+    activity = {}
+    for model, counters in after.items():
+        delta = {key: value - before.get(model, {}).get(key, 0.0) for key, value in counters.items()}
+        activity[model] = {"busy_fraction": delta.get("busy_seconds", 0.0) / wall,
+                           "sequences_per_pass": delta.get("sequences", 0.0) / max(delta.get("passes", 0.0), 1.0)}
+    return activity
 
 
 def _request(call, url: str, prompt: dict, mode: str, max_tokens: int, **record) -> Record:
@@ -109,7 +125,7 @@ def _open_loop(send, prompts: list[dict], offsets: list[float]) -> list[Record]:
 def markdown_table(rows: list[dict]) -> str:
     baselines = [b for b in BASELINES if any(f"throughput_vs_{b}" in row for row in rows)]
     header = ["load", "mode", "requests", "tokens/s", "requests/s", "TTFT mean / p50 (ms)",
-              "token latency p50 / p90 / p99 (ms)", "accepted / round", "tokens / round"]
+              "token latency p50 / p90 / p99 (ms)", "accepted / round", "tokens / round", "target seqs / pass"]
     header += [f"{what} vs {b}" for b in baselines for what in ("tokens/s", "p50 latency")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -117,7 +133,8 @@ def markdown_table(rows: list[dict]) -> str:
         cells = [load, row["mode"], str(row["requests"]), f"{row['tokens_per_s']:.1f}", f"{row['requests_per_s']:.2f}",
                  f"{row['ttft_mean'] * 1e3:.0f} / {row['ttft_p50'] * 1e3:.0f}",
                  " / ".join(f"{row[f'token_latency_p{q}'] * 1e3:.1f}" for q in (50, 90, 99)),
-                 f"{row['accepted_per_round']:.2f}", f"{row['tokens_per_round']:.2f}"]
+                 f"{row['accepted_per_round']:.2f}", f"{row['tokens_per_round']:.2f}",
+                 f"{row['target_sequences_per_pass']:.1f}" if "target_sequences_per_pass" in row else ""]
         for b in baselines:
             cells += [f"{row[key]:.2f}x" if key in row else "" for key in
                       (f"throughput_vs_{b}", f"token_latency_p50_vs_{b}")]
@@ -127,10 +144,10 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_per_point=None, max_tokens=None,
               protocol: str = "http", quick: bool = False, poisson_rates=None, rounds=None,
-              out_dir="results/bench", seed: int = 0, metrics_url: str | None = None) -> dict:
+              out_dir="results/bench", seed: int = 0, metrics_url: str | None = None, spec=None) -> dict:
     """Runs the sweep, writes results.json, results.md and PNG plots to out_dir, and returns the results.
     Each run (one mode at one load point in one round) sends requests_per_point requests, and at least one per
-    closed-loop worker."""
+    closed-loop worker. With `spec` (the deployment spec), in-process references on its checkpoints come too."""
     given = dict(concurrencies=concurrencies, requests_per_point=requests_per_point, max_tokens=max_tokens,
                  rounds=rounds, poisson_rates=poisson_rates)
     settings = {k: v if v is not None else PRESETS["quick" if quick else "full"][k] for k, v in given.items()}
@@ -151,6 +168,9 @@ def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_
     sizes = {(load, level): max(settings["requests_per_point"], level) if load == "concurrency"
              else settings["requests_per_point"] for load, level in points}
 
+    # the physical references, measured while the server idles: the same checkpoints in this process
+    references = deployment_references(spec, settings["concurrencies"], [p["prompt"] for p in prompts],
+                                       settings["max_tokens"], progress=print) if spec else None
     for mode in modes:  # warm-up: first calls of a mode can pay one-off costs
         _request(call, url, prompts[0], mode, 4, load="warmup", level=0, run=-1)
     records: list[Record] = []
@@ -173,27 +193,55 @@ def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_
                     bar.update()
                     return record
 
-                busy_before, started = busy_seconds(metrics_url), time.perf_counter()
+                counters_before, started = engine_counters(metrics_url), time.perf_counter()
                 records += _closed_loop(send, batch, level) if load == "concurrency" else \
                     _open_loop(send, batch, offsets)
-                wall = time.perf_counter() - started
+                activity = engine_activity(counters_before, engine_counters(metrics_url),
+                                           time.perf_counter() - started)
                 per_model = utilization.setdefault(f"{mode} {load}={level:g}", {})
-                for model, seconds in busy_seconds(metrics_url).items():
-                    per_model.setdefault(model, []).append((seconds - busy_before.get(model, 0.0)) / wall)
+                for model, values in activity.items():
+                    for key, value in values.items():
+                        per_model.setdefault(model, {}).setdefault(key, []).append(value)
                 run += 1
 
     rows = summarize(records)
+    engine_activity_means = {key: {model: {name: float(np.mean(values)) for name, values in stats.items()}
+                                   for model, stats in models.items()} for key, models in utilization.items()}
+    for row in rows:
+        target = engine_activity_means.get(f"{row['mode']} {row['load']}={row['level']:g}", {}).get("target")
+        if target:
+            row["target_sequences_per_pass"] = target["sequences_per_pass"]
     acceptance = acceptance_by_domain(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"url": url, "protocol": protocol, "prompts": str(prompts_file), "prompts_used": len(prompts),
                "modes": modes, **settings, "machine": machine_info(), "summaries": rows,
                "acceptance_by_domain": acceptance,
-               # busy fraction of each engine model during each run: drafters and target both busy = pipelining
-               "engine_busy_fraction": {key: {model: float(np.mean(values)) for model, values in models.items()}
-                                        for key, models in utilization.items()},
+               # per engine model and run: busy fraction (drafters and target both busy = pipelining) and
+               # sequences per forward pass
+               "engine_activity": engine_activity_means, "references": references,
                "records": [asdict(record) for record in records]}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     (out_dir / "results.md").write_text(markdown_table(rows) + "\n")
     results["plots"] = [str(path) for path in write_plots(rows, acceptance, out_dir)]
     return results
+
+
+def references_table(rows: list[dict], references: dict) -> str:
+    """Served plain decoding and cosine against the in-process references at every concurrency."""
+    served = {(row["level"], row["mode"]): row["tokens_per_s"] for row in rows if row["load"] == "concurrency"}
+    lines = [f"in-process references: {references['threads']} torch threads, prompts of "
+             f"{references['prompt_tokens']} tokens",
+             "| concurrency | served autoregressive | engine in-process | transformers batched | served / engine "
+             "| served / transformers | served cosine |", "|---|---|---|---|---|---|---|"]
+    for level, decode in sorted(references["decode"].items(), key=lambda item: float(item[0])):
+        plain = served.get((float(level), "autoregressive"), float("nan"))
+        lines.append(f"| {level} | {plain:.0f} | {decode['engine']:.0f} | {decode['transformers']:.0f} | "
+                     f"{plain / decode['engine']:.2f} | {plain / decode['transformers']:.2f} | "
+                     f"{served.get((float(level), 'cosine'), float('nan')):.0f} |")
+    if "assisted_generation_c1" in references:
+        assisted = references["assisted_generation_c1"]
+        cosine = served.get((1.0, "cosine"), float("nan"))
+        lines.append(f"\ntransformers assisted generation (general drafter), c=1: {assisted:.0f} tokens/s; "
+                     f"served cosine c=1: {cosine:.0f} ({cosine / assisted:.2f}x)")
+    return "\n".join(lines)

@@ -30,18 +30,21 @@ def _numbers(kind):
 
 
 def _bench(args) -> int:
-    from .bench import markdown_table, run_bench
+    from .bench import markdown_table, references_table, run_bench
 
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
     metrics_url = args.metrics_url or f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
     results = run_bench(url, args.prompts, modes=args.modes.split(","), concurrencies=args.concurrency,
                         requests_per_point=args.requests, max_tokens=args.max_tokens, protocol=args.protocol,
                         quick=args.quick, poisson_rates=args.poisson_rates, rounds=args.rounds, out_dir=args.out,
-                        metrics_url=None if metrics_url == "none" else metrics_url)
+                        metrics_url=None if metrics_url == "none" else metrics_url, spec=args.spec)
     print(markdown_table(results["summaries"]))
-    print("\nengine busy fraction per run (drafters and target busy at once = pipelining):")
-    for run, models in results["engine_busy_fraction"].items():
-        print(f"  {run:<28}" + "  ".join(f"{model} {fraction:.2f}" for model, fraction in sorted(models.items())))
+    if results["references"]:
+        print("\n" + references_table(results["summaries"], results["references"]))
+    print("\nper engine and run: busy fraction (drafters and target busy at once = pipelining), sequences per pass:")
+    for run, models in results["engine_activity"].items():
+        print(f"  {run:<28}" + "  ".join(f"{model} {stats['busy_fraction']:.2f} / {stats['sequences_per_pass']:.1f}"
+                                          for model, stats in sorted(models.items())))
     print(f"\nwrote {args.out}/results.json, results.md and {len(results['plots'])} plots")
     return 0
 
@@ -71,13 +74,15 @@ def main(argv=None) -> int:
     bench.add_argument("--protocol", choices=("http", "grpc"), default="http")
     bench.add_argument("--prompts", required=True, help="held-out prompts, JSON lines with 'prompt' and 'domain'")
     bench.add_argument("--modes", default="autoregressive,vanilla,specinfer,cosine")
-    bench.add_argument("--concurrency", type=_numbers(int), help="closed-loop workers (default 1,2,4,8,16,32)")
+    bench.add_argument("--concurrency", type=_numbers(int), help="closed-loop workers (default 1,8,16,32,64)")
     bench.add_argument("--requests", type=int, help="requests per mode, load point and round (default 32)")
     bench.add_argument("--max-tokens", type=int, help="output tokens per request (default 64)")
     bench.add_argument("--rounds", type=int, help="repetitions of every load point (default 2)")
     bench.add_argument("--poisson-rates", type=_numbers(float), help="open-loop arrival rates, requests/s")
     bench.add_argument("--quick", action="store_true", help="short sweep: concurrency 1,4,8, 8 requests, 32 tokens, 1 round")
     bench.add_argument("--out", default="results/bench", help="output directory")
+    bench.add_argument("--spec", help="the deployment spec: adds in-process references on its checkpoints "
+                                      "(engine and transformers batched decode, assisted generation at c=1)")
     bench.add_argument("--metrics-url", help="Prometheus endpoint for engine busy fractions "
                                              "(default http://<host>:8002/metrics; 'none' to skip)")
     bench.set_defaults(run=_bench)

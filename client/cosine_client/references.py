@@ -106,3 +106,41 @@ def assisted_generation_rate(target, drafter, prompts_ids: list[list[int]], new_
     tokens = sum(generate(prompt) for prompt in prompts_ids)
     _sync()
     return tokens / (time.perf_counter() - start)
+
+
+def deployment_references(spec_path, concurrencies, prompts: list[str], max_tokens: int, progress=print) -> dict:
+    """The physical references of a deployment, measured in this process on its own checkpoints with the target
+    engine's torch threads: the engine's batched decode rate and transformers' batched decode at every concurrency
+    (batch = concurrency), and at concurrency 1 transformers' assisted generation with the general drafter on the
+    same prompts."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from cosine.deploy.spec import load_spec
+    from cosine.engine.checkpoint import load_causal_lm
+
+    spec = load_spec(spec_path)
+    threads = spec.target.num_threads or len(os.sched_getaffinity(0))  # what the served target uses
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        target = load_causal_lm(spec.target.checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(str(spec.tokenizer_dir), local_files_only=True)
+        prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
+        prompt_len = round(sum(map(len, prompt_ids)) / len(prompt_ids))
+        out = {"threads": threads, "prompt_tokens": prompt_len, "decode": {}}
+        for concurrency in concurrencies:
+            progress(f"in-process references at batch {concurrency}")
+            out["decode"][concurrency] = {
+                "transformers": transformers_decode_rate(target, concurrency, max_tokens, prompt_len),
+                # the engine fuses the model's projections in place: measured last, on a model of its own
+                "engine": engine_decode_rate(load_causal_lm(spec.target.checkpoint), concurrency, max_tokens,
+                                             prompt_len)}
+        if spec.vanilla_drafter:
+            progress("in-process assisted generation")
+            drafter = load_causal_lm(spec.drafters[spec.vanilla_drafter].checkpoint)
+            out["assisted_generation_c1"] = assisted_generation_rate(target, drafter, prompt_ids, max_tokens)
+        return out
+    finally:
+        torch.set_num_threads(previous)

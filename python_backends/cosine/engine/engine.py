@@ -97,12 +97,17 @@ class _Layer:
 @dataclass
 class _AttentionGroup:
     """Sequences whose queries are padded to one [B, Q] batch against their keys gathered to [B, L]."""
-    token_rows: torch.Tensor  # [Tg] the group's new tokens, as rows of the step's flat token batch
-    query_index: torch.Tensor  # [Tg] where each of them sits in the flattened [B * Q] padded queries
+    token_rows: torch.Tensor | None  # [Tg] the group's new tokens, as rows of the step's flat token batch
+    query_index: torch.Tensor | None  # [Tg] where each of them sits in the flattened [B * Q] padded queries
     key_slots: torch.Tensor  # [B, L] pool slot of every key position (padding: masked out)
     mask: torch.Tensor  # [B, 1, Q, L] bool: query may attend key
     batch: int
     queries: int
+
+    @property
+    def dense(self) -> bool:
+        """Every step token is in this group, in padded order without padding (decoding): no scatter needed."""
+        return self.token_rows is None
 
 
 class CausalLMEngine:
@@ -225,30 +230,15 @@ class CausalLMEngine:
         starts = [cache.length for cache in caches]
         # ---- host-side layout: flat new tokens; logits rows (each root, then its draft nodes); flat draft nodes
         ids, positions, store = [], [], []  # per new token: id, rotary position, position in the cache
-        token_sequence, row_tokens, root_rows = [], [], []
-        node_tokens, parent_node, parent_row, node_row, node_sequence, node_depth, node_rank = ([] for _ in range(7))
+        token_sequence, row_tokens = [], []  # row_tokens: each row's token, rows as FlatDrafts lays them out
         for b, ((request, _), start) in enumerate(zip(batch, starts)):
             n_in, tree = len(request.input_ids), request.draft
-            depths = tree.depths()
-            root = start + n_in - 1
-            base_token, base_node = len(ids), len(node_tokens)
+            base = len(ids)
             ids += request.input_ids + list(tree.tokens)
-            positions += list(range(start, start + n_in)) + [root + d for d in depths]
+            positions += list(range(start, start + n_in)) + [start + n_in - 1 + d for d in tree.depths()]
             store += range(start, start + n_in + len(tree))
             token_sequence += [b] * (n_in + len(tree))
-            root_rows.append(len(row_tokens))
-            row_tokens.append(base_token + n_in - 1)
-            siblings: dict[int, int] = {}
-            for node, (parent, depth) in enumerate(zip(tree.parents, depths)):
-                node_tokens.append(tree.tokens[node])
-                parent_node.append(base_node + parent if parent >= 0 else -1)
-                parent_row.append(root_rows[-1] + 1 + parent)  # parent -1: the root row
-                node_row.append(len(row_tokens))
-                row_tokens.append(base_token + n_in + node)
-                node_sequence.append(b)
-                node_depth.append(depth)
-                node_rank.append(siblings.get(parent, 0))
-                siblings[parent] = node_rank[-1] + 1
+            row_tokens += range(base + n_in - 1, base + n_in + len(tree))
         long_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         rows = long_tensor(row_tokens)
         store_slots = kv.slots(table, long_tensor(token_sequence), long_tensor(store))
@@ -259,23 +249,20 @@ class CausalLMEngine:
         row_sequence = [token_sequence[t] for t in row_tokens]
         logits = self._logits(hidden[rows], [batch[b][1] for b in row_sequence],
                               long_tensor([positions[t] + 1 for t in row_tokens]))
-        drafts = FlatDrafts(long_tensor(node_tokens), long_tensor(parent_node), long_tensor(parent_row),
-                            long_tensor(node_row), long_tensor(node_sequence), long_tensor(node_depth),
-                            [long_tensor([n for n, r in enumerate(node_rank) if r == rank])
-                             for rank in range(max(node_rank, default=-1) + 1)], long_tensor(root_rows))
-        uniforms = self._uniforms(batch, [len(r.draft) for r, _ in batch])
+        drafts = FlatDrafts.from_trees([request.draft for request, _ in batch], device)
+        uniforms = self._uniforms(batch)
         sampled = [not batch[b][1].params.greedy for b in row_sequence]
         sampled_rows = torch.tensor(sampled, device=device)
         probs = self._probabilities(logits, [batch[b][1].params for b in row_sequence]) if any(sampled) else None
         node_uniforms = torch.cat([u[0] for u in uniforms]).to(device)
         row_uniforms = torch.cat([u[1] for u in uniforms]).to(device)
-        verdict = accept(drafts, max(node_depth, default=0), logits.argmax(-1), sampled_rows, probs, node_uniforms,
-                         row_uniforms)
+        verdict = accept(drafts, logits.argmax(-1), sampled_rows, probs, node_uniforms, row_uniforms)
         candidates = max(request.candidates for request, _ in batch)
         top = torch.softmax(logits.float(), -1).topk(candidates) if candidates else None
-        if node_tokens:  # the accepted path moves next to the prefix; rejected nodes' K/V go to the trash slot
+        if drafts.max_depth:  # the accepted path moves next to the prefix; rejected nodes' K/V go to the trash slot
             seq = drafts.sequence
-            target = long_tensor([starts[b] + len(batch[b][0].input_ids) - 1 for b in node_sequence]) + drafts.depth
+            roots = long_tensor([start + len(request.input_ids) - 1 for (request, _), start in zip(batch, starts)])
+            target = roots[seq] + drafts.depth
             source = store_slots[rows[drafts.node_row]]
             destination = torch.where(verdict.accepted, kv.slots(table, seq, target), kv.trash_slot)
             kv.keys[:, destination] = kv.keys[:, source]
@@ -294,7 +281,7 @@ class CausalLMEngine:
         parts += extra
         host = torch.cat([part.double().reshape(-1) for part in parts]).cpu()
         sizes = [part.numel() for part in parts]
-        values = dict(zip(range(len(parts)), host.split(sizes)))
+        values = host.split(sizes)
         accepted, accepted_count, tip_row, bonus, bonus_prob, node_prob, score = (
             values[i].tolist() for i in range(7))
         top_ids = values[7].view(-1, candidates).long().tolist() if top is not None else None
@@ -302,17 +289,18 @@ class CausalLMEngine:
         extra_host = [values[i] for i in range(9 if top is not None else 7, len(parts))]
 
         results = []
-        first_node = 0
+        first_node, root_row = 0, 0
         for b, ((request, sequence), start) in enumerate(zip(batch, starts)):
-            nodes = range(first_node, first_node + len(request.draft))
-            first_node += len(request.draft)
-            path = [n for n in nodes if accepted[n]]
-            tokens = [node_tokens[n] for n in path] + [int(bonus[b])]
-            probs_out = [node_prob[n] for n in path] + [bonus_prob[b]]
-            emitted_rows = [parent_row[n] for n in path] + [int(tip_row[b])]
+            tree = request.draft
+            path = [node for node in range(len(tree)) if accepted[first_node + node]]
+            tokens = [tree.tokens[node] for node in path] + [int(bonus[b])]
+            probs_out = [node_prob[first_node + node] for node in path] + [bonus_prob[b]]
+            emitted_rows = [root_row + 1 + tree.parents[node] for node in path] + [int(tip_row[b])]
+            first_node += len(tree)
+            root_row += 1 + len(tree)
             c = request.candidates
-            result = StepResult(tokens, probs_out, [top_ids[r][:c] for r in emitted_rows] if c else [[]] * len(tokens),
-                                [top_probs[r][:c] for r in emitted_rows] if c else [[]] * len(tokens), score[b])
+            result = StepResult(tokens, probs_out, [top_ids[r][:c] if c else [] for r in emitted_rows],
+                                [top_probs[r][:c] if c else [] for r in emitted_rows], score[b])
             sequence.cache.length = start + len(request.input_ids) + int(accepted_count[b]) + request.extra_tokens
             results.append(result)
         self._add_extra_tokens(batch, results, extra_host, candidates)
@@ -349,9 +337,10 @@ class CausalLMEngine:
                         request.draft.ancestor_mask().to(self.device)
             member_rows = torch.tensor(group, device=self.device)
             key_slots = self.kv.slots(table, member_rows[:, None], torch.arange(keys, device=self.device)[None])
-            groups.append(_AttentionGroup(torch.tensor(token_rows, device=self.device),
-                                          torch.tensor(query_index, device=self.device), key_slots, mask[:, None],
-                                          len(group), queries))
+            dense = token_rows == query_index == list(range(offsets[-1]))
+            groups.append(_AttentionGroup(None if dense else torch.tensor(token_rows, device=self.device),
+                                          None if dense else torch.tensor(query_index, device=self.device),
+                                          key_slots, mask[:, None], len(group), queries))
         return groups
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, store_slots: torch.Tensor,
@@ -373,14 +362,23 @@ class CausalLMEngine:
             values.index_copy_(0, store_slots, v.view(tokens, -1, head_dim))
             attended = x.new_empty(tokens, q.shape[1] * head_dim)
             for group in groups:
-                padded = q.new_zeros(group.batch * group.queries, q.shape[1], head_dim)
-                padded[group.query_index] = q[group.token_rows]
+                if group.dense:
+                    padded = q
+                else:
+                    padded = q.new_zeros(group.batch * group.queries, q.shape[1], head_dim)
+                    padded[group.query_index] = q[group.token_rows]
+                slots = group.key_slots.view(-1)
+                shape = (group.batch, -1, *keys.shape[1:])
                 out = F.scaled_dot_product_attention(
                     padded.view(group.batch, group.queries, -1, head_dim).transpose(1, 2),
-                    keys[group.key_slots].transpose(1, 2), values[group.key_slots].transpose(1, 2),
+                    keys.index_select(0, slots).view(shape).transpose(1, 2),
+                    values.index_select(0, slots).view(shape).transpose(1, 2),
                     attn_mask=group.mask, scale=attention.scaling, enable_gqa=True)
-                attended[group.token_rows] = out.transpose(1, 2).reshape(group.batch * group.queries, -1)[
-                    group.query_index]
+                out = out.transpose(1, 2).reshape(group.batch * group.queries, -1)
+                if group.dense:
+                    attended = out
+                else:
+                    attended[group.token_rows] = out[group.query_index]
             x = x + attention.o_proj(attended)
             gate, up = F.linear(layer.post_attention_layernorm(x), fused.gate_up).chunk(2, -1)
             x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
@@ -405,11 +403,12 @@ class CausalLMEngine:
                              tensor([p.top_k for p in params], torch.long), tensor([p.top_p for p in params]))
 
     @staticmethod
-    def _uniforms(batch, draft_sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _uniforms(batch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per sequence (node, row, extra-token) uniforms from its own generator; greedy sequences draw nothing
         (zeros: a greedy child is accepted iff 0 < [child is the argmax])."""
         out = []
-        for (request, sequence), nodes in zip(batch, draft_sizes):
+        for request, sequence in batch:
+            nodes = len(request.draft)
             sizes = (nodes, nodes + 1, request.extra_tokens)
             if sequence.params.greedy:
                 out.append(tuple(torch.zeros(n) for n in sizes))
@@ -452,9 +451,7 @@ class CausalLMEngine:
             slots = self.kv.slots(table, members, length)
             keys = max(starts_bound for starts_bound in self._length_bounds(batch, active, position))
             key_positions = torch.arange(keys, device=self.device)
-            group = _AttentionGroup(torch.arange(len(active), device=self.device),
-                                    torch.arange(len(active), device=self.device),
-                                    self.kv.slots(table, members[:, None], key_positions[None]),
+            group = _AttentionGroup(None, None, self.kv.slots(table, members[:, None], key_positions[None]),
                                     (key_positions[None] <= length[:, None])[:, None, None], len(active), 1)
             hidden = self._forward(tokens, length, slots, [group])
             logits = self._logits(hidden, [sequences[b] for b in active], length + 1)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.sampling import sample
+from .tree import DraftTree
 
 
 @dataclass
@@ -31,6 +32,30 @@ class FlatDrafts:
     depth: torch.Tensor  # [nodes] 1 for children of the root
     by_rank: list[torch.Tensor]  # by_rank[r]: the nodes that are their parent's r-th child (r-th to be tried)
     root_row: torch.Tensor  # [sequences] each sequence's root row
+    max_depth: int
+
+    @classmethod
+    def from_trees(cls, trees: list[DraftTree], device) -> "FlatDrafts":
+        """Rows laid out sequence after sequence: its root, then its nodes in order."""
+        tokens, parent_node, parent_row, node_row, sequence, depth, rank, root_row = ([] for _ in range(8))
+        row = 0
+        for b, tree in enumerate(trees):
+            root_row.append(row)
+            base, siblings = len(tokens), {}
+            for node, (parent, node_depth) in enumerate(zip(tree.parents, tree.depths())):
+                tokens.append(tree.tokens[node])
+                parent_node.append(base + parent if parent >= 0 else -1)
+                parent_row.append(row + 1 + parent)  # parent -1: the root row
+                node_row.append(row + 1 + node)
+                sequence.append(b)
+                depth.append(node_depth)
+                rank.append(siblings.get(parent, 0))
+                siblings[parent] = rank[-1] + 1
+            row += 1 + len(tree)
+        tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        by_rank = [tensor([n for n, r in enumerate(rank) if r == k]) for k in range(max(rank, default=-1) + 1)]
+        return cls(tensor(tokens), tensor(parent_node), tensor(parent_row), tensor(node_row), tensor(sequence),
+                   tensor(depth), by_rank, tensor(root_row), max(depth, default=0))
 
 
 @dataclass
@@ -43,7 +68,7 @@ class Verdict:
     node_prob: torch.Tensor  # [nodes] each node's token probability under its parent row's target distribution
 
 
-def accept(drafts: FlatDrafts, max_depth: int, argmax: torch.Tensor, sampled: torch.Tensor,
+def accept(drafts: FlatDrafts, argmax: torch.Tensor, sampled: torch.Tensor,
            probs: torch.Tensor | None, node_uniforms: torch.Tensor, row_uniforms: torch.Tensor) -> Verdict:
     """argmax: [rows] greedy choice per row. sampled: [rows] bool, rows of sampling requests. probs: [rows, vocab]
     sampling distributions (None when no row samples; greedy rows' entries are ignored). node_uniforms: [nodes],
@@ -70,7 +95,7 @@ def accept(drafts: FlatDrafts, max_depth: int, argmax: torch.Tensor, sampled: to
     # on the path: taken, and so is every ancestor
     accepted = taken
     has_parent = drafts.parent_node >= 0
-    for _ in range(max_depth - 1):
+    for _ in range(drafts.max_depth - 1):
         accepted = taken & torch.where(has_parent, accepted[drafts.parent_node.clamp(min=0)], True)
     # the tip: the deepest accepted node of each sequence, encoded so that one segment max finds it
     key = torch.where(accepted, drafts.depth * (nodes + 1) + torch.arange(1, nodes + 1, device=device), 0)
