@@ -64,14 +64,16 @@ def test_concurrent_requests_batch_and_match_alone(server, llama):
     alone = {p: as_list(generate(server, text_input=p, max_tokens=32)["output_ids"]) for p in PROMPTS}
     steps_before = metric(server, "cosine_engine_batch_requests_total", model="target")
     batches_before = metric(server, "cosine_engine_batches_total", model="target")
-    with ThreadPoolExecutor(8) as pool:
+    prompts = PROMPTS * 4
+    with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(lambda p: as_list(generate(server, text_input=p, max_tokens=32)["output_ids"]),
-                                 PROMPTS))
-    assert together == [alone[p] for p in PROMPTS]
+                                 prompts))
+    assert together == [alone[p] for p in prompts]
     assert alone[PROMPTS[1]] == reference_generate(llama, PROMPTS[1], 32)
     steps = metric(server, "cosine_engine_batch_requests_total", model="target") - steps_before
     batches = metric(server, "cosine_engine_batches_total", model="target") - batches_before
-    assert steps / batches > 1.5, f"{steps} steps in {batches} forwards: concurrent requests were not batched"
+    # one coalesced call per tick: 32 requests in lockstep share most passes (one BLS call per request: ~4)
+    assert steps / batches > 12, f"{steps} steps in {batches} forwards: concurrent requests were not batched"
 
 
 def test_stream_concatenates_to_generate_and_grpc_agrees(server):
