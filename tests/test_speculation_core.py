@@ -148,9 +148,16 @@ def test_a_fixed_drafting_call_cost_favours_longer_drafts():
 
 
 # ---- routing ----------------------------------------------------------------------------------------------------
+NAMES = ("code", "math", "chat")
+
+
+def named(values):
+    return dict(zip(NAMES, values))
+
+
 def test_router_prefers_the_drafter_that_finds_the_prompt_likely():
-    router = Router(3, seed=1)
-    assert all(router.route([-3.0, -1.0, -2.5], max_drafters=2).ranking[0] == 1 for _ in range(200))
+    router = Router(NAMES, seed=1)
+    assert all(router.route(named([-3.0, -1.0, -2.5]), max_drafters=2).ranking[0] == "math" for _ in range(200))
 
 
 def _route_noisy_traffic(router, rng, rates, requests=300):
@@ -159,11 +166,11 @@ def _route_noisy_traffic(router, rng, rates, requests=300):
     right = 0
     for i in range(requests):
         domain = i % 3
-        logprobs = [-2.0 - rng.random() * 0.3 + (1.0 if d == domain else 0.0) for d in range(3)]
+        logprobs = named([-2.0 - rng.random() * 0.3 + (1.0 if d == domain else 0.0) for d in range(3)])
         route = router.route(logprobs, max_drafters=2)
-        right += route.ranking[0] == domain
+        right += route.ranking[0] == NAMES[domain]
         for drafter in route.ranking[:route.cooperate]:
-            matches = sum(rng.random() < rates[domain][drafter] for _ in range(40))
+            matches = sum(rng.random() < rates[domain][NAMES.index(drafter)] for _ in range(40))
             router.feedback(route.context, drafter, matches, 40)
     return right / requests
 
@@ -171,39 +178,54 @@ def _route_noisy_traffic(router, rng, rates, requests=300):
 def test_router_keeps_the_likely_specialist_when_acceptance_does_not_tell_drafters_apart():
     """Equal, noisy acceptance (an untrained zoo): feedback must not wash out what the prompt says."""
     rates = [[0.3] * 3] * 3
-    assert _route_noisy_traffic(Router(3, seed=4), random.Random(4), rates) >= 0.95
+    assert _route_noisy_traffic(Router(NAMES, seed=4), random.Random(4), rates) >= 0.95
     # a router that ignores the prompt picks by noise: the check above can fail
-    assert _route_noisy_traffic(Router(3, seed=4, likelihood_weight=0.0), random.Random(4), rates) < 0.8
+    assert _route_noisy_traffic(Router(NAMES, seed=4, likelihood_weight=0.0), random.Random(4), rates) < 0.8
 
 
 def test_router_learns_from_feedback_that_a_likely_drafter_drafts_badly():
-    router = Router(2, seed=2)
-    logprobs = [-1.0, -1.3]  # drafter 0 looks best for this kind of prompt...
-    for _ in range(50):  # ...but the target rarely agrees with it, and often with drafter 1
-        router.feedback(context=0, drafter=0, matches=1, trials=10)
-        router.feedback(context=0, drafter=1, matches=8, trials=10)
-    assert all(router.route(logprobs, max_drafters=2).ranking[0] == 1 for _ in range(100))
+    router = Router(NAMES[:2], seed=2)
+    logprobs = {"code": -1.0, "math": -1.3}  # code looks best for this kind of prompt...
+    for _ in range(50):  # ...but the target rarely agrees with it, and often with math
+        router.feedback(context="code", drafter="code", matches=1, trials=10)
+        router.feedback(context="code", drafter="math", matches=8, trials=10)
+    assert all(router.route(logprobs, max_drafters=2).ranking[0] == "math" for _ in range(100))
     assert router.route(logprobs, max_drafters=1).acceptance == pytest.approx(0.8, abs=0.05)  # the controller's prior
 
 
 def test_router_explores_by_cooperation_until_the_evidence_is_clear():
-    router = Router(3, seed=3)
-    logprobs = [-1.0, -1.2, -1.2]
+    router = Router(NAMES, seed=3)
+    logprobs = named([-1.0, -1.2, -1.2])
     early = sum(router.route(logprobs, max_drafters=2).cooperate == 2 for _ in range(200))
     for _ in range(100):  # the first choice is right: the others rarely match the target
-        router.feedback(context=0, drafter=0, matches=12, trials=16)
-        for drafter in (1, 2):
-            router.feedback(context=0, drafter=drafter, matches=2, trials=16)
+        router.feedback(context="code", drafter="code", matches=12, trials=16)
+        for drafter in ("math", "chat"):
+            router.feedback(context="code", drafter=drafter, matches=2, trials=16)
     late = sum(router.route(logprobs, max_drafters=2).cooperate == 2 for _ in range(200))
     assert early > 60 and late < 10
     assert all(router.route(logprobs, max_drafters=1).cooperate == 1 for _ in range(50))
 
 
+def test_router_routes_any_subset_in_any_order_and_learns_by_name():
+    router = Router(NAMES, seed=5)
+    subset = {"chat": -2.0, "math": -1.0}  # two of three, not in deployment order
+    route = router.route(subset, max_drafters=1)
+    assert route.ranking == ["math", "chat"] and route.context == "math"
+    for _ in range(50):  # feedback lands on the named drafter: chat drafts math prompts far better
+        router.feedback(context="math", drafter="chat", matches=15, trials=16)
+        router.feedback(context="math", drafter="math", matches=1, trials=16)
+    assert router.evidence["math"]["chat"][0] > router.evidence["math"]["math"][0]
+    assert router.evidence["math"]["code"] == [0.0, 0.0]
+    assert router.route({"math": -1.0, "chat": -2.0}, max_drafters=1).ranking[0] == "chat"
+
+
 def test_router_rejects_malformed_input():
+    with pytest.raises(ValueError, match="drafter_names: unknown drafter 'poetry'"):
+        Router(NAMES).route({"poetry": -1.0}, max_drafters=1)
     with pytest.raises(ValueError, match="prompt_logprobs"):
-        Router(3).route([-1.0], max_drafters=1)
+        Router(NAMES).route({}, max_drafters=1)
     with pytest.raises(ValueError, match="feedback"):
-        Router(3).feedback(context=5, drafter=0, matches=1, trials=1)
+        Router(NAMES).feedback(context="poetry", drafter="code", matches=1, trials=1)
 
 
 class CountingDrafter:
@@ -224,7 +246,7 @@ class CountingDrafter:
 
 class CooperatingRouter:
     async def route(self, prompt_logprobs, max_drafters):
-        return Route(context=0, ranking=[0, 1], cooperate=2, acceptance=0.7)
+        return Route(context="a", ranking=["a", "b"], cooperate=2, acceptance=0.7)
 
     async def feedback(self, context, matches, trials):
         pass

@@ -54,6 +54,17 @@ def test_cosine_routes_to_the_drafter_that_knows_the_prompt(server):
     assert as_list(out["routed_drafters"])[0] == "itself"
 
 
+@pytest.mark.parametrize("drafters", [["unrelated", "itself"], ["itself", "unrelated"]])
+def test_cosine_routes_a_named_subset_of_drafters_in_any_order(server, drafters):
+    routed_before = metric(server, "cosine_router_requests_total", drafter="itself")
+    out = generate(server, text_input=PROMPTS[1], max_tokens=30, return_stats=True, speculation_mode="cosine",
+                   drafters=drafters)
+    assert as_list(out["routed_drafters"])[0] == "itself"
+    assert as_list(out["speculation_stats"])[2] > 0  # the right drafter drafted and was accepted
+    assert metric(server, "cosine_router_requests_total", drafter="itself") == routed_before + 1
+    assert as_list(out["output_ids"]) == run(server, PROMPTS[1], speculation_mode="autoregressive")[0]
+
+
 def test_acceptance_metrics_per_drafter(server):
     before = metric(server, "cosine_accepted_tokens_total", drafter="itself")
     drafted_before = metric(server, "cosine_draft_tokens_total", drafter="itself")

@@ -171,19 +171,22 @@ ENGINE = ModelContract(
     ),
 )
 
-# The router: scores drafters for a prompt (from their prompt log-probabilities), or learns from feedback.
+# The router: ranks the drafters a request may use (any subset of the deployment's, any order) from their prompt
+# log-probabilities, or learns from feedback; drafters are named, never positional.
 ROUTER = ModelContract(
     inputs=(
-        _vector("prompt_logprobs", "TYPE_FP32", optional=True),  # one per drafter, in the deployment's order
+        _vector("drafter_names", "TYPE_STRING", optional=True),  # the candidates
+        _vector("prompt_logprobs", "TYPE_FP32", optional=True),  # one per candidate, in the same order
         _scalar("max_drafters", "TYPE_INT32"),
-        _scalar("feedback_context", "TYPE_INT32"),
-        _vector("feedback_matches", "TYPE_FP32", optional=True),  # per drafter
+        TensorSpec("feedback_context", "TYPE_STRING", (1,), optional=True),
+        _vector("feedback_drafters", "TYPE_STRING", optional=True),
+        _vector("feedback_matches", "TYPE_FP32", optional=True),  # per feedback drafter
         _vector("feedback_trials", "TYPE_FP32", optional=True),
     ),
     outputs=(
-        TensorSpec("ranking", "TYPE_INT32", (-1,)),
+        TensorSpec("ranking", "TYPE_STRING", (-1,)),
         TensorSpec("cooperate", "TYPE_INT32", (1,)),
-        TensorSpec("context", "TYPE_INT32", (1,)),
+        TensorSpec("context", "TYPE_STRING", (1,)),
         TensorSpec("acceptance", "TYPE_FP32", (1,)),  # the first choice's expected per-token acceptance
     ),
 )

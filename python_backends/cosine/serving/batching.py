@@ -25,8 +25,7 @@ class CoalescingEngine:
     def __init__(self, name: str, transport: Transport):
         self.name, self.transport = name, transport
         self.pending: list[tuple[StepRequest, asyncio.Future]] = []
-        self.calls = 0  # engine calls sent (tests and benchmarks read sequences per call from it)
-        self.sequences = 0
+        self.in_flight: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
                    candidates=0, score_input=False) -> StepResult:
@@ -56,9 +55,9 @@ class CoalescingEngine:
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
-        self.calls += 1
-        self.sequences += len(batch)
-        asyncio.ensure_future(self._send(batch))
+        task = asyncio.ensure_future(self._send(batch))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
 
     async def _send(self, batch: list[tuple[StepRequest, asyncio.Future]]) -> None:
         steps = [step for step, _ in batch]

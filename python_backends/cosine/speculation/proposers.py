@@ -29,9 +29,11 @@ class DrafterEngine(Protocol):
 
 
 class RouterClient(Protocol):
-    async def route(self, prompt_logprobs: list[float], max_drafters: int) -> Route: ...
+    async def route(self, prompt_logprobs: dict[str, float], max_drafters: int) -> Route:
+        """prompt_logprobs: the request's candidate drafters (by name, any subset and order)."""
 
-    async def feedback(self, context: int, matches: list[float], trials: list[float]) -> None: ...
+    async def feedback(self, context: str, matches: dict[str, float], trials: dict[str, float]) -> None:
+        """Per drafter name: how often its top token was the target's, at how many verified positions."""
 
 
 @dataclass(frozen=True)
@@ -170,23 +172,26 @@ class FusionProposer(Proposer):
         self.exploring_rounds = exploring_rounds
         self.fused_rounds = 0
         self.route: Route | None = None
-        self.top_tokens: list[dict[int, int]] = []  # per depth of the last draft: drafter index -> its top token
-        self.matches = [0.0] * len(sessions)
-        self.trials = [0.0] * len(sessions)
+        self.top_tokens: list[dict[str, int]] = []  # per depth of the last draft: drafter -> its top token
+        self.matches = {session.name: 0.0 for session in sessions}
+        self.trials = {session.name: 0.0 for session in sessions}
 
     async def start(self, prompt_ids: list[int]) -> None:
         """Every drafter prefills the prompt and scores it; the router picks who cooperates; the rest are freed."""
         results = await asyncio.gather(*(s.try_draft(prompt_ids, 1, score_input=True) for s in self.all_sessions))
-        logprobs = [r.input_logprob if r is not None else -1e9 for r in results]
+        logprobs = {s.name: r.input_logprob for s, r in zip(self.all_sessions, results) if r is not None}
+        if not logprobs:
+            return
         try:
             self.route = await self.router.route(logprobs, 1 if self._busy() else self.max_drafters)
-            chosen = [d for d in self.route.ranking[:self.route.cooperate] if results[d] is not None]
+            chosen = self.route.ranking[:self.route.cooperate]
             self.controller.acceptance = AcceptanceTracker.starting_at(self.route.acceptance)
         except Exception as error:
             log.warning("router failed; using the most likely drafter: %s", error)
-            chosen = [max(range(len(logprobs)), key=lambda d: logprobs[d])]
-        self.sessions = [self.all_sessions[d] for d in chosen]
-        await asyncio.gather(*(s.close() for i, s in enumerate(self.all_sessions) if i not in chosen))
+            chosen = [max(logprobs, key=logprobs.get)]
+        self.sessions = [s for s in self.all_sessions if s.name in chosen]
+        self.sessions.sort(key=lambda s: chosen.index(s.name))
+        await asyncio.gather(*(s.close() for s in self.all_sessions if s.name not in chosen))
 
     def _busy(self) -> bool:
         return self.monitor.active_requests > self.busy_load
@@ -222,11 +227,10 @@ class FusionProposer(Proposer):
         result = await session.try_draft(context, k, candidates=1 + builder.max_siblings)
         if result is None:
             return
-        drafter = self.all_sessions.index(session)
         for token, prob, top_ids, top_probs in zip(result.tokens, result.probs, result.top_ids, result.top_probs):
             builder.add_step([Candidate(t, p, session.name) for t, p in zip(top_ids, top_probs)],
                              winner=Candidate(token, prob, session.name))
-            self.top_tokens.append({drafter: top_ids[0]})
+            self.top_tokens.append({session.name: top_ids[0]})
 
     async def _draft_fused(self, active: list[DrafterSession], context, k, builder: TreeBuilder) -> None:
         """Several drafters, step by step: all propose in parallel, the most confident token is fed to all."""
@@ -238,7 +242,7 @@ class FusionProposer(Proposer):
             for session, result in zip(active, results):
                 if result is None:
                     continue
-                tops[self.all_sessions.index(session)] = result.top_ids[0][0]
+                tops[session.name] = result.top_ids[0][0]
                 candidates += [Candidate(t, p, session.name) for t, p in zip(result.top_ids[0], result.top_probs[0])]
             if not candidates:
                 return
@@ -254,9 +258,11 @@ class FusionProposer(Proposer):
                 self.matches[drafter] += token == emitted[depth]
 
     async def close(self) -> None:
-        if self.route is not None and any(self.trials):
+        tried = [name for name, trials in self.trials.items() if trials]
+        if self.route is not None and tried:
             try:
-                await self.router.feedback(self.route.context, self.matches, self.trials)
+                await self.router.feedback(self.route.context, {n: self.matches[n] for n in tried},
+                                           {n: self.trials[n] for n in tried})
             except Exception as error:
                 log.warning("router feedback failed: %s", error)
         await asyncio.gather(*(session.close() for session in self.all_sessions))

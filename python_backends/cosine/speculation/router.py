@@ -19,64 +19,73 @@ from dataclasses import dataclass
 
 @dataclass
 class Route:
-    context: int  # apparent domain: index of the drafter that found the prompt most likely
-    ranking: list[int]  # drafter indices, first choice first, then cooperating explorers
+    context: str  # apparent domain: the drafter that found the prompt most likely
+    ranking: list[str]  # drafter names, first choice first, then cooperating explorers, then the rest
     cooperate: int  # how many of the ranking's head draft together
     acceptance: float  # the first choice's expected rate of drafting the target's token, per position
 
 
 class Router:
-    def __init__(self, num_drafters: int, likelihood_weight: float = 0.15, temperature: float = 0.5,
+    """Routes among any subset of the deployment's drafters, in any order; all state is keyed by drafter name."""
+
+    def __init__(self, drafters: list[str], likelihood_weight: float = 0.15, temperature: float = 0.5,
                  prior_trials: float = 4.0, trials_per_request: float = 16.0, seed: int = 0):
-        self.num_drafters = num_drafters
+        self.drafters = list(drafters)
         self.likelihood_weight = likelihood_weight
         self.temperature = temperature  # in standard deviations: softness of the likelihood preference
         self.prior_trials = prior_trials  # pseudo-trials of the pooled rate before a drafter's own evidence
         # A request's positions are correlated (same prompt, same drafter state): it counts for at most this many
         self.trials_per_request = trials_per_request
         self.rng = random.Random(seed)
-        # (context, drafter) -> [matches, trials] observed
-        self.evidence = [[[0.0, 0.0] for _ in range(num_drafters)] for _ in range(num_drafters)]
+        # context -> drafter -> [matches, trials] observed
+        self.evidence = {context: {drafter: [0.0, 0.0] for drafter in drafters} for context in drafters}
 
-    def preference(self, logprobs: list[float]) -> list[float]:
+    def _check(self, field: str, names) -> None:
+        unknown = [name for name in names if name not in self.evidence]
+        if unknown:
+            raise ValueError(f"{field}: unknown drafter {unknown[0]!r}; the deployment has {', '.join(self.drafters)}")
+
+    def preference(self, logprobs: dict[str, float]) -> dict[str, float]:
         """Softmax of standardised prompt log-likelihoods (standardised: the likeliest drafter stands out whatever
         the models' scale)."""
-        top = max(logprobs)
-        mean = sum(logprobs) / len(logprobs)
-        spread = max(math.sqrt(sum((lp - mean) ** 2 for lp in logprobs) / len(logprobs)), 1e-6)
-        weights = [math.exp((lp - top) / spread / self.temperature) for lp in logprobs]
-        total = sum(weights)
-        return [w / total for w in weights]
+        values = list(logprobs.values())
+        top, mean = max(values), sum(values) / len(values)
+        spread = max(math.sqrt(sum((lp - mean) ** 2 for lp in values) / len(values)), 1e-6)
+        weights = {d: math.exp((lp - top) / spread / self.temperature) for d, lp in logprobs.items()}
+        total = sum(weights.values())
+        return {d: w / total for d, w in weights.items()}
 
-    def posterior(self, context: int, drafter: int) -> tuple[float, float]:
+    def posterior(self, context: str, drafter: str) -> tuple[float, float]:
         cells = self.evidence[context]
-        pooled = (1 + sum(m for m, _ in cells)) / (2 + sum(t for _, t in cells))
+        pooled = (1 + sum(m for m, _ in cells.values())) / (2 + sum(t for _, t in cells.values()))
         matches, trials = cells[drafter]
         return 1 + self.prior_trials * pooled + matches, 1 + self.prior_trials * (1 - pooled) + trials - matches
 
-    def route(self, logprobs: list[float], max_drafters: int) -> Route:
-        if len(logprobs) != self.num_drafters:
-            raise ValueError(f"prompt_logprobs: expected {self.num_drafters} values, got {len(logprobs)}")
-        context = max(range(self.num_drafters), key=lambda d: logprobs[d])
-        bonus = [self.likelihood_weight * p for p in self.preference(logprobs)]
-        posteriors = [self.posterior(context, d) for d in range(self.num_drafters)]
-        exploit = [a / (a + b) + bonus[d] for d, (a, b) in enumerate(posteriors)]
-        first = max(range(self.num_drafters), key=lambda d: exploit[d])
+    def route(self, logprobs: dict[str, float], max_drafters: int) -> Route:
+        """logprobs: the request's candidate drafters (any subset, any order) -> the prompt's mean log-probability."""
+        if not logprobs:
+            raise ValueError("prompt_logprobs: no drafter to route to")
+        self._check("drafter_names", logprobs)
+        context = max(logprobs, key=logprobs.get)
+        bonus = {d: self.likelihood_weight * p for d, p in self.preference(logprobs).items()}
+        posteriors = {d: self.posterior(context, d) for d in logprobs}
+        exploit = {d: a / (a + b) + bonus[d] for d, (a, b) in posteriors.items()}
+        first = max(exploit, key=exploit.get)
         explorers = []
         if max_drafters > 1:
-            sampled = {d: self.rng.betavariate(a, b) + bonus[d] for d, (a, b) in enumerate(posteriors) if d != first}
+            sampled = {d: self.rng.betavariate(a, b) + bonus[d] for d, (a, b) in posteriors.items() if d != first}
             explorers = sorted((d for d in sampled if sampled[d] > exploit[first]), key=lambda d: -sampled[d])
             explorers = explorers[:max_drafters - 1]
-        rest = sorted((d for d in range(self.num_drafters) if d != first and d not in explorers),
-                      key=lambda d: -exploit[d])
+        rest = sorted((d for d in logprobs if d != first and d not in explorers), key=lambda d: -exploit[d])
         alpha, beta = posteriors[first]
         return Route(context, [first, *explorers, *rest], 1 + len(explorers), alpha / (alpha + beta))
 
-    def feedback(self, context: int, drafter: int, matches: float, trials: float) -> None:
+    def feedback(self, context: str, drafter: str, matches: float, trials: float) -> None:
         """Verification outcome of a request: at `trials` verified positions, the drafter's top token was the
         target's `matches` times."""
-        if not (0 <= context < self.num_drafters and 0 <= drafter < self.num_drafters) or trials <= 0:
-            raise ValueError(f"feedback: context {context} / drafter {drafter} / trials {trials} out of range")
+        self._check("feedback", (context, drafter))
+        if trials <= 0:
+            raise ValueError(f"feedback: trials must be > 0, got {trials}")
         weight = min(1.0, self.trials_per_request / trials)
         cell = self.evidence[context][drafter]
         cell[0] += weight * min(matches, trials)

@@ -26,15 +26,17 @@ class BlsRouter:
     def __init__(self, model_name: str):
         self.model_name = model_name
 
-    async def route(self, prompt_logprobs, max_drafters) -> Route:
+    async def route(self, prompt_logprobs: dict[str, float], max_drafters) -> Route:
         out = await bls(self.model_name, ROUTER, ("ranking", "cooperate", "context", "acceptance"),
-                        prompt_logprobs=prompt_logprobs, max_drafters=max_drafters)
-        return Route(int(out["context"][0]), out["ranking"].tolist(), int(out["cooperate"][0]),
-                     float(out["acceptance"][0]))
+                        drafter_names=[name.encode() for name in prompt_logprobs],
+                        prompt_logprobs=list(prompt_logprobs.values()), max_drafters=max_drafters)
+        return Route(out["context"][0].decode(), [name.decode() for name in out["ranking"]],
+                     int(out["cooperate"][0]), float(out["acceptance"][0]))
 
-    async def feedback(self, context, matches, trials) -> None:
-        await bls(self.model_name, ROUTER, ("context",), feedback_context=context, feedback_matches=matches,
-                  feedback_trials=trials)
+    async def feedback(self, context: str, matches: dict[str, float], trials: dict[str, float]) -> None:
+        await bls(self.model_name, ROUTER, ("context",), feedback_context=[context.encode()],
+                  feedback_drafters=[name.encode() for name in trials], feedback_matches=list(matches.values()),
+                  feedback_trials=list(trials.values()))
 
 
 class CosineModel:

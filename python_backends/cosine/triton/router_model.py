@@ -10,10 +10,18 @@ from ..speculation.router import Route, Router
 from .io import Metrics, error_response, model_parameters, request_inputs, tensors
 
 
+def _names(array) -> list[str]:
+    return [name.decode() if isinstance(name, bytes) else str(name) for name in array]
+
+
+def _strings(names) -> np.ndarray:
+    return np.array([name.encode() for name in names], np.object_)
+
+
 class RouterModel:
     def initialize(self, args):
         self.drafters = [name for name in model_parameters(args)["drafters"].split(",") if name]
-        self.router = Router(len(self.drafters))
+        self.router = Router(self.drafters)
         self.routed = {name: Metrics.metric("cosine_router_requests_total", "Requests routed to a drafter (first "
                                             "choice)", drafter=name) for name in self.drafters}
 
@@ -23,21 +31,31 @@ class RouterModel:
             inputs = {name: array.reshape(-1) for name, array in request_inputs(request, ROUTER).items()}
             try:
                 responses.append(self._answer(inputs))
-            except ValueError as error:
+            except (KeyError, ValueError) as error:
                 responses.append(error_response(ServingError(str(error), ServingError.INVALID)))
         return responses
 
     def _answer(self, inputs):
         if "feedback_context" in inputs:
-            for drafter, (matches, trials) in enumerate(zip(inputs["feedback_matches"], inputs["feedback_trials"])):
+            context = _names(inputs["feedback_context"])[0]
+            drafters = _names(inputs["feedback_drafters"])
+            if not len(drafters) == len(inputs["feedback_matches"]) == len(inputs["feedback_trials"]):
+                raise ValueError("feedback_drafters, feedback_matches, feedback_trials: lengths differ")
+            for drafter, matches, trials in zip(drafters, inputs["feedback_matches"], inputs["feedback_trials"]):
                 if trials > 0:
-                    self.router.feedback(int(inputs["feedback_context"][0]), drafter, float(matches), float(trials))
-            route = Route(int(inputs["feedback_context"][0]), [], 0, 0.0)
+                    self.router.feedback(context, drafter, float(matches), float(trials))
+            route = Route(context, [], 0, 0.0)
         else:
+            names = _names(inputs["drafter_names"])
+            if len(names) != len(inputs["prompt_logprobs"]):
+                raise ValueError(f"prompt_logprobs: {len(inputs['prompt_logprobs'])} values for {len(names)} "
+                                 f"drafter_names")
             max_drafters = int(inputs["max_drafters"][0]) if "max_drafters" in inputs else 1
-            route = self.router.route(inputs["prompt_logprobs"].astype(float).tolist(), max_drafters)
-            self.routed[self.drafters[route.ranking[0]]].increment(1)
-        return pb_utils.InferenceResponse(tensors(ranking=np.asarray(route.ranking, np.int32),
+            route = self.router.route(dict(zip(names, inputs["prompt_logprobs"].astype(float).tolist())),
+                                      max_drafters)
+            self.routed[route.ranking[0]].increment(1)
+        return pb_utils.InferenceResponse(tensors(ranking=_strings(route.ranking) if route.ranking else
+                                                  np.array([b""], np.object_),
                                                   cooperate=np.array([route.cooperate], np.int32),
-                                                  context=np.array([route.context], np.int32),
+                                                  context=_strings([route.context]),
                                                   acceptance=np.array([route.acceptance], np.float32)))
