@@ -87,3 +87,64 @@ def test_greedy_accepts_exactly_the_argmax_path():
     # sequence 0: node 1 (token 1), then node 2 (token 0), then the argmax after node 2; sequence 1: 1, 2, then 0
     assert verdict.accepted.tolist() == [False, True, True, True, True]
     assert verdict.accepted_count.tolist() == [2, 2] and verdict.bonus.tolist() == [2, 0]
+
+
+# ---- drafts sampled from a known q ------------------------------------------------------------------------------
+Q_A = torch.softmax(torch.tensor([0.0, 2.0, 0.0, 1.5, 0.0, -1.0]), -1)  # far from P_ROOT
+Q_B = torch.softmax(torch.tensor([1.0, 0.0, 2.0, 0.0, 0.0, 0.0]), -1)
+
+
+def sampled_drafts(q_per_child: list[torch.Tensor], seed: int = 3):
+    """SAMPLES copies of a root with one child per q (siblings when several), each child's token drawn from its q;
+    returns the trees and their node q rows."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.stack([torch.multinomial(q, SAMPLES, replacement=True, generator=generator)
+                          for q in q_per_child], 1)
+    trees = [DraftTree(tuple(row), (-1,) * len(q_per_child)) for row in tokens.tolist()]
+    return trees, torch.stack(q_per_child).repeat(SAMPLES, 1)
+
+
+def run_with_q(trees, node_q, p_rows, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    drafts = FlatDrafts.from_trees(trees, "cpu")
+    probs = p_rows.repeat(SAMPLES, 1)
+    nodes = drafts.tokens.numel()
+    verdict = accept(drafts, probs.argmax(-1), torch.ones(len(probs), dtype=torch.bool), probs,
+                     torch.rand(nodes, generator=generator), torch.rand(len(probs), generator=generator),
+                     node_q, torch.ones(nodes, dtype=torch.bool))
+    return verdict, drafts
+
+
+@pytest.mark.parametrize("qs", [[Q_A], [Q_A, Q_B]], ids=["chain", "tree"])
+def test_drafts_with_their_q_keep_the_target_distribution(qs):
+    trees, node_q = sampled_drafts(qs)
+    verdict, drafts = run_with_q(trees, node_q, P_ROOT.repeat(1 + len(qs), 1))
+    assert total_variation(frequencies(first_tokens(verdict, drafts, None)), P_ROOT) < TOLERANCE
+
+
+def test_a_drafter_equal_to_the_target_is_almost_always_accepted():
+    for qs in ([P_ROOT], [P_ROOT, P_ROOT]):
+        trees, node_q = sampled_drafts(qs)
+        verdict, _ = run_with_q(trees, node_q, P_ROOT.repeat(1 + len(qs), 1))
+        assert verdict.accepted_count.float().mean() >= 0.95  # min(1, p/q) = 1: every first child accepted
+
+
+def one_child_rule(x, q, p, generator, ratio_uses_q=True, residual_uses_q=True):
+    """A vectorised one-child rule with switchable parts, for the broken variants below."""
+    p_x, q_x = p[x], q[x]
+    ratio = torch.clamp(p_x / q_x, max=1.0) if ratio_uses_q else p_x
+    accepted = torch.rand(len(x), generator=generator) < ratio
+    residual = (p - q).clamp(min=0) if residual_uses_q else p
+    fallback = torch.multinomial(residual / residual.sum(), len(x), replacement=True, generator=generator)
+    return torch.where(accepted, x, fallback)
+
+
+@pytest.mark.parametrize("broken", [dict(residual_uses_q=False), dict(ratio_uses_q=False)],
+                         ids=["drops the residual", "accepts with p(x), not min(1, p/q)"])
+def test_broken_rules_with_q_fail_the_same_check(broken):
+    generator = torch.Generator().manual_seed(11)
+    x = torch.multinomial(Q_A, SAMPLES, replacement=True, generator=generator)
+    right = one_child_rule(x, Q_A, P_ROOT, generator)
+    assert total_variation(frequencies(right), P_ROOT) < TOLERANCE  # the switchable rule itself is right
+    wrong = one_child_rule(x, Q_A, P_ROOT, generator, **broken)
+    assert total_variation(frequencies(wrong), P_ROOT) > TOLERANCE

@@ -150,6 +150,9 @@ def test_drafting_extra_tokens_matches_step_by_step_and_rolls_back(llama):
         assert result.tokens == expected[:5]
         assert [top[0] for top in result.top_ids] == result.tokens  # greedy: the top candidate is the token
         assert all(p == 1.0 for p in result.probs) and len(result.top_probs[0]) == 3
+        # confidences are the untempered softmax, not the greedy one-hot: ordered, below 1, summing below 1
+        for confidences in result.top_probs:
+            assert 1.0 > confidences[0] >= confidences[1] >= confidences[2] > 0.0 and sum(confidences) <= 1.0
     # roll back to the prompt + 2 tokens (as if only 2 of the draft were accepted), then continue exactly
     again = engine.step([StepRequest(i, expected[2:3], keep_length=len(p) + 2, extra_tokens=3)
                          for i, (p, expected) in enumerate(zip(prompts, truth))])
@@ -173,3 +176,25 @@ def test_min_length_bans_the_end_token_like_transformers(llama):
     reference = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=6, do_sample=False,
                                eos_token_id=end_id, pad_token_id=0)[0, len(prompt):].tolist()
     assert out[:len(reference)] == reference
+
+
+def test_a_sampling_drafter_returns_its_q_and_the_target_accepts_with_it(llama):
+    """drafter == target at temperature 1, drafting 6 tokens with their q: min(1, p/q) = 1, so all are accepted."""
+    prompt = encode(llama, [PROMPTS[1]])[0]
+    drafter, target = CausalLMEngine(load_causal_lm(llama), 4096), CausalLMEngine(load_causal_lm(llama), 4096)
+    vocab = target.vocab_size
+    context = prompt + target.step([StepRequest(1, prompt, admission=Admission(40, SamplingParams(1.0, seed=3)))])[
+        0].tokens
+    drafter.step([StepRequest(1, context[:-1], admission=Admission(60, SamplingParams(1.0, seed=9)))])
+    cached, accepted, drafted = context[:-1], 0, 0
+    for _ in range(4):
+        keep = next((i for i, (a, b) in enumerate(zip(cached, context)) if a != b), min(len(cached), len(context)))
+        draft = drafter.step([StepRequest(1, context[keep:], keep_length=keep, extra_tokens=5, return_q=True)])[0]
+        assert draft.q.shape == (6, vocab) and torch.allclose(draft.q.sum(-1), torch.ones(6))
+        assert [float(draft.q[i, t]) for i, t in enumerate(draft.tokens)] == pytest.approx(draft.probs)
+        emitted = target.step([StepRequest(1, context[-1:], DraftTree.chain(draft.tokens), draft_q=draft.q)])[
+            0].tokens
+        cached = context + draft.tokens[:-1]
+        context = context + emitted
+        accepted, drafted = accepted + len(emitted) - 1, drafted + len(draft.tokens)
+    assert accepted / drafted >= 0.95

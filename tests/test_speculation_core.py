@@ -9,6 +9,7 @@ from cosine.speculation.control import (CostModel, LoadMonitor, SpeculationContr
 from cosine.speculation.fusion import Candidate, TreeBuilder, merge_chains
 from cosine.engine.engine import StepResult
 from cosine.speculation.proposers import DrafterSession, FusionProposer
+from cosine.engine.sampling import SamplingParams
 from cosine.speculation.router import Route, Router
 from cosine.speculation.scheduler import VerificationScheduler
 from cosine.speculation.tree import DraftTree
@@ -234,8 +235,8 @@ class CountingDrafter:
     def __init__(self, token: int, prob: float):
         self.token, self.prob, self.calls = token, prob, 0
 
-    async def step(self, sequence_id, input_ids, *, request=None, keep_length=None, extra_tokens=0, candidates=0,
-                   score_input=False):
+    async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
+                   candidates=0, score_input=False, draft_q=None, return_q=False):
         self.calls += 1
         n = extra_tokens + 1
         return StepResult([self.token] * n, [self.prob] * n, [[self.token]] * n, [[self.prob]] * n, -1.0)
@@ -254,7 +255,7 @@ class CooperatingRouter:
 
 def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():
     class Request:
-        params = type("Params", (), {"seed": None})()
+        params = SamplingParams()
 
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
     sessions = [DrafterSession(name, engine, 1, Request()) for name, engine in (("a", first), ("b", explorer))]
@@ -361,3 +362,43 @@ def test_scheduler_releases_one_batch_at_a_time():
     assert order[0] == ("start", "a", 1)  # the first arrival went alone
     assert max(in_flight for kind, *rest in order if kind == "start" for in_flight in rest[1:]) == 2
     assert scheduler.in_flight == 0 and not scheduler.waiting
+
+
+class CandidatesDrafter(CountingDrafter):
+    """A greedy drafter whose every position offers these (token, confidence) candidates, best first."""
+
+    def __init__(self, candidates):
+        super().__init__(candidates[0][0], 1.0)
+        self.candidates = candidates
+
+    async def step(self, sequence_id, input_ids, draft=None, *, extra_tokens=0, candidates=0, **_):
+        self.calls += 1
+        n = extra_tokens + 1
+        top = self.candidates[:candidates or 1]
+        return StepResult([self.token] * n, [1.0] * n, [[t for t, _ in top]] * n, [[p for _, p in top]] * n, -1.0)
+
+
+def test_fusion_follows_the_more_confident_drafter_and_skips_worthless_siblings():
+    class Request:
+        params = SamplingParams()
+
+    unsure = CandidatesDrafter([(6, 0.4), (9, 0.0)])  # ranked first by the router, but unsure
+    sure = CandidatesDrafter([(5, 0.9), (8, 0.05)])
+    sessions = [DrafterSession(name, engine, 1, Request()) for name, engine in (("a", unsure), ("b", sure))]
+    proposer = FusionProposer(sessions, CooperatingRouter(), LoadMonitor(), k_max=2, exploring_rounds=2)
+
+    async def draft():
+        await proposer.start([1, 2, 3])
+        return await proposer.propose([1, 2, 3], budget=10)
+    tree = asyncio.run(draft()).tree
+    chain = [tree.tokens[n] for n, parent in enumerate(tree.parents) if parent == -1 or tree.tokens[parent] == 5]
+    assert chain[0] == 5  # the confident drafter's token leads, whatever the router's order
+    assert 9 not in tree.tokens  # a zero-confidence candidate never costs a verifier token
+    assert 6 in tree.tokens  # a runner-up with a real chance is worth one (nothing measured yet: no price)
+
+
+def test_siblings_must_pay_for_their_verifier_token():
+    builder = TreeBuilder(max_siblings=2, min_sibling_value=0.3)
+    builder.add_step([Candidate(1, 0.5, "a"), Candidate(2, 0.35, "a"), Candidate(3, 0.1, "a")])
+    builder.add_step([Candidate(4, 0.6, "a"), Candidate(5, 0.4, "a")])  # reach 0.5: 0.5 * 0.4 < 0.3
+    assert builder.tree().tokens == (1, 2, 4)

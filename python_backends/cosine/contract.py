@@ -155,6 +155,11 @@ ENGINE = ModelContract(
         _vector("end_id", "TYPE_INT32"),
         _vector("min_length", "TYPE_INT32"),
         _vector("release", "TYPE_BOOL"),  # [n]
+        # sampled drafts carry the distribution q each token was drawn from (lossless acceptance needs it):
+        # [n] whether the sequence's draft has q, and [sum of those draft_lengths * vocab] their q rows
+        _vector("draft_has_q", "TYPE_BOOL"),
+        _vector("draft_q", "TYPE_FP32"),
+        _vector("return_q", "TYPE_BOOL"),  # [n] a sampling drafter: return each emitted token's q
     ),
     outputs=(
         # per sequence: accepted draft tokens, then one token of the engine's own, then extra_tokens more
@@ -166,6 +171,8 @@ ENGINE = ModelContract(
         TensorSpec("top_ids", "TYPE_INT32", (-1,)),
         TensorSpec("top_probs", "TYPE_FP32", (-1,)),
         TensorSpec("input_logprob", "TYPE_FP32", (-1,)),  # [n]
+        TensorSpec("output_q_rows", "TYPE_INT32", (-1,)),  # [n] q rows returned (emitted tokens, or 0)
+        TensorSpec("output_q", "TYPE_FP32", (-1,)),  # [sum of output_q_rows * vocab]
         TensorSpec("error_kind", "TYPE_STRING", (-1,)),  # [n] "" (ok), or the ServingError kind failing it
         TensorSpec("error_message", "TYPE_STRING", (-1,)),  # [n]
     ),

@@ -48,6 +48,9 @@ class StepRequest:
     candidates: int = 0  # top candidates to report per emitted position
     score_input: bool = False  # report the mean log-probability of input_ids[1:]
     release: bool = False  # free the sequence instead (everything else is ignored)
+    # [len(draft), vocab] the distribution each draft node was sampled from (None: the draft is deterministic)
+    draft_q: torch.Tensor | None = None
+    return_q: bool = False  # a sampling drafter: also return the distribution each emitted token was drawn from
 
 
 @dataclass
@@ -57,6 +60,7 @@ class StepResult:
     top_ids: list[list[int]]  # per emitted position, `candidates` most likely tokens (untempered softmax)
     top_probs: list[list[float]]
     input_logprob: float = 0.0
+    q: torch.Tensor | None = None  # [emitted, vocab] on the host, when return_q and the sequence samples
 
 
 @dataclass
@@ -171,6 +175,8 @@ class CausalLMEngine:
             raise StepError(f"extra_tokens must be in [0, {self.max_draft_tokens}], got {request.extra_tokens}")
         if not 0 <= request.candidates <= self.vocab_size:
             raise StepError(f"num_candidates must be in [0, {self.vocab_size}], got {request.candidates}")
+        if request.return_q and len(request.draft):
+            raise StepError("return_q: only for drafting steps (no draft_ids)")
         if not request.input_ids:
             raise StepError("input_ids is empty: a step appends at least one token (the tree grows from it)")
         try:
@@ -256,7 +262,8 @@ class CausalLMEngine:
         probs = self._probabilities(logits, [batch[b][1].params for b in row_sequence]) if any(sampled) else None
         node_uniforms = torch.cat([u[0] for u in uniforms]).to(device)
         row_uniforms = torch.cat([u[1] for u in uniforms]).to(device)
-        verdict = accept(drafts, logits.argmax(-1), sampled_rows, probs, node_uniforms, row_uniforms)
+        node_q, has_q = self._draft_q(batch, logits.shape[-1]) if probs is not None else (None, None)
+        verdict = accept(drafts, logits.argmax(-1), sampled_rows, probs, node_uniforms, row_uniforms, node_q, has_q)
         candidates = max(request.candidates for request, _ in batch)
         top = torch.softmax(logits.float(), -1).topk(candidates) if candidates else None
         if drafts.max_depth:  # the accepted path moves next to the prefix; rejected nodes' K/V go to the trash slot
@@ -270,8 +277,10 @@ class CausalLMEngine:
         score = self._input_logprobs(batch, hidden, ids)
         lengths = long_tensor([start + len(r.input_ids) for (r, _), start in zip(batch, starts)])
         lengths = lengths + verdict.accepted_count
-        extra = self._draft_extra_tokens(batch, table, verdict.bonus, lengths, [u[2] for u in uniforms],
-                                         candidates)
+        returning_q = [b for b, (request, sequence) in enumerate(batch)
+                       if request.return_q and not sequence.params.greedy]
+        extra, extra_q = self._draft_extra_tokens(batch, table, verdict.bonus, lengths, [u[2] for u in uniforms],
+                                                  candidates, returning_q)
 
         # ---- one host synchronisation: everything the results need, in one transfer
         parts = [verdict.accepted, verdict.accepted_count, verdict.tip_row, verdict.bonus, verdict.bonus_prob,
@@ -279,6 +288,8 @@ class CausalLMEngine:
         if top is not None:
             parts += [top.indices, top.values]
         parts += extra
+        if returning_q:  # [q rows, vocab]: the bonus's distributions, then each drafting position's
+            parts.append(torch.cat([verdict.bonus_distribution[returning_q], *(q for _, q in extra_q)]))
         host = torch.cat([part.double().reshape(-1) for part in parts]).cpu()
         sizes = [part.numel() for part in parts]
         values = host.split(sizes)
@@ -286,7 +297,14 @@ class CausalLMEngine:
             values[i].tolist() for i in range(7))
         top_ids = values[7].view(-1, candidates).long().tolist() if top is not None else None
         top_probs = values[8].view(-1, candidates).tolist() if top is not None else None
-        extra_host = [values[i] for i in range(9 if top is not None else 7, len(parts))]
+        extra_host = [values[i] for i in range(9 if top is not None else 7, len(parts) - bool(returning_q))]
+        if returning_q:
+            q_rows = values[-1].float().view(-1, logits.shape[-1]).split(
+                [len(returning_q)] + [len(owners) for owners, _ in extra_q])
+            q_by_sequence = {b: [row] for b, row in zip(returning_q, q_rows[0])}
+            for (owners, _), rows in zip(extra_q, q_rows[1:]):
+                for b, row in zip(owners, rows):
+                    q_by_sequence[b].append(row)
 
         results = []
         first_node, root_row = 0, 0
@@ -302,6 +320,8 @@ class CausalLMEngine:
             result = StepResult(tokens, probs_out, [top_ids[r][:c] if c else [] for r in emitted_rows],
                                 [top_probs[r][:c] if c else [] for r in emitted_rows], score[b])
             sequence.cache.length = start + len(request.input_ids) + int(accepted_count[b]) + request.extra_tokens
+            if returning_q and b in q_by_sequence:
+                result.q = torch.stack(q_by_sequence[b])
             results.append(result)
         self._add_extra_tokens(batch, results, extra_host, candidates)
         return results
@@ -402,6 +422,15 @@ class CausalLMEngine:
         return probabilities(logits, tensor([p.temperature if not p.greedy else 1.0 for p in params]),
                              tensor([p.top_k for p in params], torch.long), tensor([p.top_p for p in params]))
 
+    def _draft_q(self, batch, vocab: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """([nodes, vocab] each node's q, [nodes] whether it has one), or (None, None) when no draft has q."""
+        if all(request.draft_q is None for request, _ in batch):
+            return None, None
+        rows = [request.draft_q if request.draft_q is not None else torch.zeros(len(request.draft), vocab)
+                for request, _ in batch]
+        has_q = [request.draft_q is not None for request, _ in batch for _ in range(len(request.draft))]
+        return torch.cat(rows).to(self.device, torch.float32), torch.tensor(has_q, device=self.device)
+
     @staticmethod
     def _uniforms(batch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per sequence (node, row, extra-token) uniforms from its own generator; greedy sequences draw nothing
@@ -437,13 +466,14 @@ class CausalLMEngine:
         return score
 
     def _draft_extra_tokens(self, batch, table: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
-                            uniforms: list[torch.Tensor], candidates: int) -> list[torch.Tensor]:
+                            uniforms: list[torch.Tensor], candidates: int, returning_q: list[int]):
         """Feeds drafting sequences their last emitted token until each has emitted its extra_tokens; one forward
         per token position for all of them, tokens staying on the device. Returns, per position, [tokens, probs]
-        (+ [top ids, top probs]) of the sequences still drafting there."""
+        (+ [top ids, top probs]) of the sequences still drafting there, and per position (the `returning_q`
+        sequences drafting there, the [those, vocab] distributions they drew from)."""
         last, lengths = last.clone(), lengths.clone()
         sequences = [sequence for _, sequence in batch]
-        out = []
+        out, q_out = [], []
         for position in range(max(request.extra_tokens for request, _ in batch)):
             active = [b for b, (request, _) in enumerate(batch) if request.extra_tokens > position]
             members = torch.tensor(active, device=self.device)
@@ -459,6 +489,9 @@ class CausalLMEngine:
             params = [sequences[b].params for b in active]
             if not all(p.greedy for p in params):
                 probs = self._probabilities(logits, params)
+                owners = [b for b in active if b in returning_q]
+                if owners:
+                    q_out.append((owners, probs[[active.index(b) for b in owners]]))
                 drawn = sample(probs, torch.stack([uniforms[b][position] for b in active]).to(self.device))
                 is_sampled = torch.tensor([not p.greedy for p in params], device=self.device)
                 chosen = torch.where(is_sampled, drawn, chosen)
@@ -468,7 +501,7 @@ class CausalLMEngine:
                 top = torch.softmax(logits, -1).topk(candidates)
                 out += [top.indices, top.values]
             last[members], lengths[members] = chosen, length + 1
-        return out
+        return out, q_out
 
     @staticmethod
     def _length_bounds(batch, active: list[int], position: int):

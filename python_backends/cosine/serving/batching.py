@@ -28,7 +28,7 @@ class CoalescingEngine:
         self.in_flight: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
-                   candidates=0, score_input=False) -> StepResult:
+                   candidates=0, score_input=False, draft_q=None, return_q=False) -> StepResult:
         admission = None
         if request is not None:
             params = request.params
@@ -37,7 +37,7 @@ class CoalescingEngine:
             admission = Admission(request.max_tokens, params, request.end_id if request.min_length else None,
                                   request.min_length)
         step = StepRequest(sequence_id, list(input_ids), draft or DraftTree(), admission, keep_length, extra_tokens,
-                           candidates, score_input)
+                           candidates, score_input, draft_q=draft_q, return_q=return_q)
         return await self._submit(step)
 
     async def release(self, sequence_id) -> None:

@@ -146,7 +146,8 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
     monitor = deployment.monitor
     async with deployment.scheduler.slot(size, value=expected_tokens / size):
         started = time.monotonic()
-        emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree)).tokens
+        emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree,
+                                                draft_q=draft.q if draft else None)).tokens
         monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
     # the controller's evidence: cosine's rounds against plain ones (exploring rounds buy knowledge, not speed)
     if mode in ("cosine", "autoregressive") and not (proposer and proposer.exploring):

@@ -5,6 +5,7 @@ so the flattening is written once. Arrays carry no batch dimension here; the tra
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..contract import ENGINE
 from ..engine.engine import Admission, StepRequest, StepResult
@@ -47,6 +48,10 @@ def pack_steps(steps: list[StepRequest]) -> dict[str, np.ndarray]:
         "end_id": _array("end_id", [NO_VALUE if a is None or a.end_id is None else a.end_id for a in admissions]),
         "min_length": _array("min_length", [a.min_length if a else 0 for a in admissions]),
         "release": _array("release", [s.release for s in steps]),
+        "draft_has_q": _array("draft_has_q", [s.draft_q is not None for s in steps]),
+        "draft_q": _array("draft_q", np.concatenate([s.draft_q.numpy().reshape(-1) for s in steps
+                                                      if s.draft_q is not None] or [np.empty(0)])),
+        "return_q": _array("return_q", [s.return_q for s in steps]),
     }
 
 
@@ -55,12 +60,18 @@ def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
     values = {name: np.asarray(arrays[name]).reshape(-1) for name in (t.name for t in ENGINE.inputs)}
     n = len(values["sequence_id"])
     for name, array in values.items():
-        if name not in ("input_ids", "draft_ids", "draft_parents") and len(array) != n:
+        if name not in ("input_ids", "draft_ids", "draft_parents", "draft_q") and len(array) != n:
             raise ValueError(f"{name}: expected one value per sequence ({n}), got {len(array)}")
     for flat, lengths in (("input_ids", "input_lengths"), ("draft_ids", "draft_lengths"),
                           ("draft_parents", "draft_lengths")):
         if (values[lengths] < 0).any() or values[lengths].sum() != len(values[flat]):
             raise ValueError(f"{flat}: {len(values[flat])} values but {lengths} sums to {values[lengths].sum()}")
+    q_lengths = values["draft_lengths"][values["draft_has_q"]]
+    if len(values["draft_q"]) % max(q_lengths.sum(), 1):
+        raise ValueError(f"draft_q: {len(values['draft_q'])} values are not draft rows of one vocabulary")
+    q_rows = _split(values["draft_q"].reshape(int(q_lengths.sum()), -1) if q_lengths.sum() else
+                    values["draft_q"], q_lengths)
+    q_by_sequence = dict(zip(np.flatnonzero(values["draft_has_q"]).tolist(), q_rows))
     inputs = _split(values["input_ids"], values["input_lengths"])
     draft_ids = _split(values["draft_ids"], values["draft_lengths"])
     draft_parents = _split(values["draft_parents"], values["draft_lengths"])
@@ -79,7 +90,9 @@ def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
             DraftTree(tuple(draft_ids[i].tolist()), tuple(draft_parents[i].tolist())), admission,
             keep_length=None if keep == NO_VALUE else keep, extra_tokens=int(values["extra_tokens"][i]),
             candidates=int(values["num_candidates"][i]), score_input=bool(values["score_input"][i]),
-            release=bool(values["release"][i])))
+            release=bool(values["release"][i]),
+            draft_q=torch.from_numpy(q_by_sequence[i].copy()) if i in q_by_sequence else None,
+            return_q=bool(values["return_q"][i])))
     return steps
 
 
@@ -100,6 +113,9 @@ def pack_results(results: list[StepResult | Exception]) -> dict[str, np.ndarray]
         "top_ids": _array("top_ids", [t for r in done for row in r.top_ids for t in row]),
         "top_probs": _array("top_probs", [p for r in done for row in r.top_probs for p in row]),
         "input_logprob": _array("input_logprob", [r.input_logprob for r in done]),
+        "output_q_rows": _array("output_q_rows", [0 if r.q is None else len(r.q) for r in done]),
+        "output_q": _array("output_q", np.concatenate([r.q.numpy().reshape(-1) for r in done if r.q is not None]
+                                                      or [np.empty(0)])),
         "error_kind": np.array([b"" if isinstance(r, StepResult) else error_kind(r).encode() for r in results],
                                np.object_),
         "error_message": np.array([b"" if isinstance(r, StepResult) else str(r).encode() for r in results],
@@ -116,6 +132,9 @@ def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
     probs = _split(values["output_probs"], lengths)
     top_ids = _split(values["top_ids"], [n * w for n, w in zip(lengths, widths)])
     top_probs = _split(values["top_probs"], [n * w for n, w in zip(lengths, widths)])
+    q_rows = values["output_q_rows"]
+    q_flat = values["output_q"].reshape(int(q_rows.sum()), -1) if q_rows.sum() else values["output_q"]
+    q = _split(q_flat, q_rows)
     results = []
     for i, step in enumerate(steps):
         kind = values["error_kind"][i]
@@ -128,5 +147,6 @@ def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
         n = int(lengths[i])
         results.append(StepResult(tokens[i].tolist(), probs[i].tolist(),
                                   top_ids[i].reshape(n, widths[i]).tolist(),
-                                  top_probs[i].reshape(n, widths[i]).tolist(), float(values["input_logprob"][i])))
+                                  top_probs[i].reshape(n, widths[i]).tolist(), float(values["input_logprob"][i]),
+                                  torch.from_numpy(q[i].copy()) if q_rows[i] else None))
     return results

@@ -2,14 +2,21 @@
 
 Terms (defined once). A *row* is a position whose next-token distribution the target computed: each sequence's root
 (its last input token) and every draft node. Draft trees of all sequences are flattened into *nodes*; a node's
-*parent row* holds the distribution its token is checked against, its own row the distribution after it.
+*parent row* holds the distribution p its token is checked against, its own row the distribution after it. A node's
+*q* is the distribution its token was drawn from; a node without q is taken as deterministic (q one-hot at it).
 
-Rule (recursive rejection sampling with deterministic drafts, i.e. q one-hot; SpecInfer, Miao et al. 2024, Alg. 2):
+Rule (multi-draft speculative sampling: SpecInfer, Miao et al. 2024, Alg. 2; for one child it is Leviathan et al.
+2023 / Chen et al. 2023):
   at a row with target distribution p, try its children in sibling order: accept child x with probability
-  min(1, p(x) / q(x)) = p(x) / sum(p); on rejection p := max(p - q, 0), i.e. p(x) := 0. The walk moves to an accepted
-  child's row; at the first row where every child was rejected (or that has none) it emits a token sampled from
-  what is left of p. Each emitted token is distributed exactly as the target's own. Greedy rows (p one-hot at the
-  argmax) accept the child equal to the argmax and emit the argmax: no probabilities needed.
+  min(1, p(x) / q(x)); on rejection p := normalise(max(p - q, 0)) (with q one-hot: p(x) := 0). The walk moves to
+  an accepted child's row; at the first row where every child was rejected (or that has none) it emits a token
+  sampled from what is left of p, then stops.
+Why it is exact: for a child x ~ q drawn independently of the target's uniforms, P(emit y) = min(q(y), p(y)) +
+  (1 - sum_z min(q(z), p(z))) * max(p(y) - q(y), 0) / sum_z max(p(z) - q(z), 0) = p(y); the residual is the target
+  distribution conditioned on that rejection, so the argument repeats for the next sibling and, along an accepted
+  token, for the next row. A deterministic child (q one-hot) is the same rule with q(x) = 1, and is exact for any
+  token chosen independently of those uniforms. Greedy rows (p one-hot at the argmax) accept the child equal to the
+  argmax and emit the argmax: no probabilities needed.
 """
 from __future__ import annotations
 
@@ -66,13 +73,16 @@ class Verdict:
     bonus: torch.Tensor  # [sequences] that token
     bonus_prob: torch.Tensor  # [sequences] its probability under the distribution it was drawn from
     node_prob: torch.Tensor  # [nodes] each node's token probability under its parent row's target distribution
+    bonus_distribution: torch.Tensor | None  # [sequences, vocab] what the bonus was drawn from (None: all greedy)
 
 
-def accept(drafts: FlatDrafts, argmax: torch.Tensor, sampled: torch.Tensor,
-           probs: torch.Tensor | None, node_uniforms: torch.Tensor, row_uniforms: torch.Tensor) -> Verdict:
+def accept(drafts: FlatDrafts, argmax: torch.Tensor, sampled: torch.Tensor, probs: torch.Tensor | None,
+           node_uniforms: torch.Tensor, row_uniforms: torch.Tensor, node_q: torch.Tensor | None = None,
+           has_q: torch.Tensor | None = None) -> Verdict:
     """argmax: [rows] greedy choice per row. sampled: [rows] bool, rows of sampling requests. probs: [rows, vocab]
     sampling distributions (None when no row samples; greedy rows' entries are ignored). node_uniforms: [nodes],
-    row_uniforms: [rows] in [0, 1) from each request's own generator (greedy: anything)."""
+    row_uniforms: [rows] in [0, 1) from each request's own generator (greedy: zeros). node_q: [nodes, vocab] the
+    distribution each node was drawn from, where has_q [nodes] says it has one (None: every node deterministic)."""
     nodes, sequences = drafts.tokens.numel(), drafts.root_row.numel()
     device = argmax.device
     residual = probs.clone() if probs is not None else None
@@ -85,13 +95,21 @@ def accept(drafts: FlatDrafts, argmax: torch.Tensor, sampled: torch.Tensor,
         row, token = drafts.parent_row[rank_nodes], drafts.tokens[rank_nodes]
         ratio = (token == argmax[row]).float()
         if residual is not None:
-            kept = residual[row]
-            ratio = torch.where(sampled[row], kept.gather(1, token[:, None])[:, 0] / kept.sum(-1), ratio)
+            p = residual[row] / residual[row].sum(-1, keepdim=True)
+            p_x = p.gather(1, token[:, None])[:, 0]
+            if node_q is not None:  # min(1, p(x) / q(x)) where the node has q, p(x) where it is deterministic
+                q = node_q[rank_nodes]
+                q_x = torch.where(has_q[rank_nodes], q.gather(1, token[:, None])[:, 0], 1.0)
+                p_x = torch.clamp(p_x / q_x.clamp(min=torch.finfo(q.dtype).tiny), max=1.0)
+            ratio = torch.where(sampled[row], p_x, ratio)
         take = ~decided[row] & (node_uniforms[rank_nodes] < ratio)
         taken[rank_nodes] = take
         decided[row] |= take
-        if residual is not None:  # the residual max(p - q, 0) of the rows whose child was rejected
-            residual[row, token] = torch.where(take, residual[row, token], 0.0)
+        if residual is not None:  # rows whose child was rejected keep the residual max(p - q, 0)
+            left = p.scatter(1, token[:, None], 0.0)  # q one-hot at x
+            if node_q is not None:
+                left = torch.where(has_q[rank_nodes, None], (p - node_q[rank_nodes]).clamp(min=0.0), left)
+            residual[row] = torch.where(take[:, None], residual[row], left)
     # on the path: taken, and so is every ancestor
     accepted = taken
     has_parent = drafts.parent_node >= 0
@@ -102,11 +120,11 @@ def accept(drafts: FlatDrafts, argmax: torch.Tensor, sampled: torch.Tensor,
     best = torch.zeros(sequences, dtype=torch.long, device=device).scatter_reduce(0, drafts.sequence, key, "amax")
     tip_node = best % (nodes + 1) - 1
     tip_row = torch.where(tip_node >= 0, drafts.node_row[tip_node.clamp(min=0)] if nodes else 0, drafts.root_row)
-    bonus, bonus_prob = argmax[tip_row], torch.ones(sequences, device=device)
+    bonus, bonus_prob, left = argmax[tip_row], torch.ones(sequences, device=device), None
     if residual is not None:
-        left = residual[tip_row]
+        left = residual[tip_row] / residual[tip_row].sum(-1, keepdim=True)
         drawn = sample(left, row_uniforms[tip_row])
         tip_sampled = sampled[tip_row]
         bonus = torch.where(tip_sampled, drawn, bonus)
-        bonus_prob = torch.where(tip_sampled, left.gather(1, drawn[:, None])[:, 0] / left.sum(-1), bonus_prob)
-    return Verdict(accepted, best // (nodes + 1), tip_row, bonus, bonus_prob, node_prob)
+        bonus_prob = torch.where(tip_sampled, left.gather(1, drawn[:, None])[:, 0], bonus_prob)
+    return Verdict(accepted, best // (nodes + 1), tip_row, bonus, bonus_prob, node_prob, left)

@@ -19,12 +19,18 @@ class Candidate:
 
 @dataclass
 class TreeBuilder:
-    """Accumulates a fused tree: a main chain of winners with runner-up siblings hanging off it."""
+    """Accumulates a fused tree: a main chain of winners with runner-up siblings hanging off it.
+
+    A runner-up becomes a sibling only if worth its verifier token: its chance of being the target's token, the
+    chance of reaching its depth (the winners' confidences so far) times its own confidence, must reach
+    `min_sibling_value` (the price of a verifier token, from the cost model); a zero-confidence token never does."""
     max_siblings: int = 2  # runner-ups kept per depth
+    min_sibling_value: float = 0.0
     tokens: list = None
     parents: list = None
     sources: list = None
     tip: int = -1  # the last winner's node (-1: the root)
+    reach: float = 1.0  # the chance that verification reaches the next depth
 
     def __post_init__(self):
         self.tokens, self.parents, self.sources = [], [], []
@@ -38,7 +44,9 @@ class TreeBuilder:
                 best[candidate.token] = candidate
         ranked = sorted(best.values(), key=lambda c: (-c.prob, c.token))
         winner = winner or ranked[0]
-        runner_ups = [c for c in ranked if c.token != winner.token][:self.max_siblings]
+        runner_ups = [c for c in ranked if c.token != winner.token and c.prob > 0
+                      and self.reach * c.prob >= self.min_sibling_value][:self.max_siblings]
+        self.reach *= best[winner.token].prob if winner.token in best else winner.prob
         parent = self.tip
         for candidate in [winner, *runner_ups]:
             self.tokens.append(candidate.token)

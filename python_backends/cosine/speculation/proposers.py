@@ -12,7 +12,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from .control import AcceptanceTracker, LoadMonitor, SpeculationController
+import torch
+
+from .control import AcceptanceTracker, LoadMonitor, SpeculationController, expected_tokens
 from .fusion import Candidate, TreeBuilder, merge_chains
 from .router import Route
 from .tree import DraftTree
@@ -21,9 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class DrafterEngine(Protocol):
-    async def step(self, sequence_id: int, input_ids: list[int], *, request=None, keep_length: int | None = None,
-                   extra_tokens: int = 0, candidates: int = 0, score_input: bool = False):
-        """Returns an engine StepResult (tokens, probs, top_ids, top_probs, input_logprob)."""
+    async def step(self, sequence_id: int, input_ids: list[int], draft=None, *, request=None,
+                   keep_length: int | None = None, extra_tokens: int = 0, candidates: int = 0,
+                   score_input: bool = False, draft_q=None, return_q: bool = False):
+        """Returns an engine StepResult (tokens, probs, top_ids, top_probs, input_logprob, q)."""
 
     async def release(self, sequence_id: int) -> None: ...
 
@@ -40,6 +43,9 @@ class RouterClient(Protocol):
 class Draft:
     tree: DraftTree
     sources: tuple[str, ...]  # per node: the drafter that proposed it
+    # [nodes, vocab] the distribution each node was sampled from; None: the nodes are deterministic functions of
+    # the context (greedy drafting, argmax fusion, merged chains), which acceptance treats as q one-hot
+    q: torch.Tensor | None = None
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -68,6 +74,7 @@ class DrafterSession:
         self.request = drafter_request(request, name)
         self.cached: list[int] | None = None  # tokens whose K/V the drafter holds; None before admission
         self.failed = False
+        self.samples = not request.params.greedy  # its tokens are draws from q: the engine returns q with them
 
     async def draft(self, context: list[int], count: int, candidates: int = 0, score_input: bool = False):
         """The drafter's next `count` tokens after `context` (a StepResult)."""
@@ -78,7 +85,8 @@ class DrafterSession:
             keep, request = common_prefix_length(self.cached, context), None
             new = context[keep:]
         result = await self.engine.step(self.sequence_id, new, request=request, keep_length=keep,
-                                        extra_tokens=count - 1, candidates=candidates, score_input=score_input)
+                                        extra_tokens=count - 1, candidates=candidates, score_input=score_input,
+                                        return_q=self.samples)
         # the engine computed K/V for everything it was fed: the context and all drafted tokens but the last
         self.cached = list(context) + result.tokens[:-1]
         return result
@@ -132,7 +140,7 @@ class ChainProposer(Proposer):
     async def propose(self, context: list[int], budget: int) -> Draft | None:
         k = min(self.k, budget)
         result = await self.sessions[0].try_draft(context, k) if k > 0 else None
-        return result and Draft(DraftTree.chain(result.tokens), (self.sessions[0].name,) * k)
+        return result and Draft(DraftTree.chain(result.tokens), (self.sessions[0].name,) * k, result.q)
 
 
 class MergedChainsProposer(Proposer):
@@ -202,52 +210,73 @@ class FusionProposer(Proposer):
             await asyncio.gather(*(session.close() for session in explorers))
         active = [s for s in self.sessions if not s.failed]
         self.exploring = len(active) > 1
-        siblings = 0 if self._busy() else self.max_siblings
-        tree_factor = 1 + siblings
+        # Sampled drafts are chains: a runner-up is picked knowing the sampled winner, so it would not be an
+        # independent draw from any q, and lossless multi-draft acceptance needs independent draws.
+        samples = self.all_sessions[0].samples
+        siblings = 0 if self._busy() or samples else self.max_siblings
         costs = self.monitor.costs(fused=len(active) > 1)
-        k = min(self.controller.draft_length(costs, self.monitor.active_requests, tree_factor,
-                                             self.monitor.speculation_pays()), budget)
+        load = self.monitor.active_requests
+        k = min(self.controller.draft_length(costs, load, 1 + siblings, self.monitor.speculation_pays()), budget)
         self.top_tokens = []
         if k <= 0 or not active:
             return None
         started = time.monotonic()
-        builder = TreeBuilder(siblings)
+        builder = TreeBuilder(siblings, min_sibling_value=self._sibling_price(costs, load, k))
+        q_rows = []
         if len(active) == 1:
-            await self._draft_alone(active[0], context, k, builder)
+            await self._draft_alone(active[0], context, k, builder, q_rows)
         else:
             self.fused_rounds += 1
-            await self._draft_fused(active, context, k, builder)
+            await self._draft_fused(active, context, k, builder, q_rows)
         if not builder.tokens:
             return None
         self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started, fused=len(active) > 1)
-        return Draft(builder.tree(), tuple(builder.sources))
+        return Draft(builder.tree(), tuple(builder.sources), torch.stack(q_rows) if samples else None)
 
-    async def _draft_alone(self, session: DrafterSession, context, k, builder: TreeBuilder) -> None:
-        """One drafter: its k tokens in one call; its runner-up candidates become siblings."""
+    def _sibling_price(self, costs, load: float, k: int) -> float:
+        """The probability of being accepted a sibling needs to pay for its verifier token: one more token in
+        every pass of this load costs verify_per_token * load seconds; an accepted sibling saves a token's worth
+        of round time. Nothing measured yet: any sibling with a chance."""
+        if costs is None:
+            return 0.0
+        rate = self.controller.acceptance.rate
+        seconds_per_token = costs.round_time(k, load) / expected_tokens(rate, k)
+        return costs.verify_per_token * load / seconds_per_token
+
+    async def _draft_alone(self, session: DrafterSession, context, k, builder: TreeBuilder, q_rows) -> None:
+        """One drafter: its k tokens in one call; its runner-up candidates become siblings (greedy)."""
         result = await session.try_draft(context, k, candidates=1 + builder.max_siblings)
         if result is None:
             return
-        for token, prob, top_ids, top_probs in zip(result.tokens, result.probs, result.top_ids, result.top_probs):
-            builder.add_step([Candidate(t, p, session.name) for t, p in zip(top_ids, top_probs)],
-                             winner=Candidate(token, prob, session.name))
+        for token, top_ids, top_probs in zip(result.tokens, result.top_ids, result.top_probs):
+            candidates = [Candidate(t, p, session.name) for t, p in zip(top_ids, top_probs)]
+            # greedy: the winner is the top candidate; sampling: the drafter's own draw from q
+            builder.add_step(candidates, winner=next((c for c in candidates if c.token == token),
+                                                     Candidate(token, 0.0, session.name)))
             self.top_tokens.append({session.name: top_ids[0]})
+        if result.q is not None:
+            q_rows += list(result.q)
 
-    async def _draft_fused(self, active: list[DrafterSession], context, k, builder: TreeBuilder) -> None:
-        """Several drafters, step by step: all propose in parallel, the most confident token is fed to all."""
+    async def _draft_fused(self, active: list[DrafterSession], context, k, builder: TreeBuilder, q_rows) -> None:
+        """Several drafters, step by step: all propose in parallel; the most confident drafter leads and its token
+        is fed to all. Greedy: its top token. Sampling: its own draw, so the token is a draw from that drafter's
+        q (which drafter leads depends on the context only, not on the draws)."""
         path = list(context)
         for _ in range(k):
             results = await asyncio.gather(*(s.try_draft(path, 1, candidates=1 + builder.max_siblings)
                                              for s in active))
-            candidates, tops = [], {}
-            for session, result in zip(active, results):
-                if result is None:
-                    continue
-                tops[session.name] = result.top_ids[0][0]
-                candidates += [Candidate(t, p, session.name) for t, p in zip(result.top_ids[0], result.top_probs[0])]
-            if not candidates:
+            answered = [(session, result) for session, result in zip(active, results) if result is not None]
+            if not answered:
                 return
-            self.top_tokens.append(tops)
-            path.append(builder.add_step(candidates).token)
+            candidates = [Candidate(t, p, session.name) for session, result in answered
+                          for t, p in zip(result.top_ids[0], result.top_probs[0])]
+            self.top_tokens.append({session.name: result.top_ids[0][0] for session, result in answered})
+            leader, drawn = max(answered, key=lambda pair: pair[1].top_probs[0][0])
+            winner = None
+            if drawn.q is not None:
+                winner = Candidate(drawn.tokens[0], drawn.probs[0], leader.name)
+                q_rows.append(drawn.q[0])
+            path.append(builder.add_step(candidates, winner).token)
 
     def observe(self, draft: Draft, accepted: list[int], emitted: list[int]) -> None:
         self.controller.observe(len(self.top_tokens), len(accepted))
