@@ -198,3 +198,16 @@ def test_a_sampling_drafter_returns_its_q_and_the_target_accepts_with_it(llama):
         context = context + emitted
         accepted, drafted = accepted + len(emitted) - 1, drafted + len(draft.tokens)
     assert accepted / drafted >= 0.95
+
+
+def test_sequences_of_unequal_step_sizes_batch_exactly(llama):
+    """A tree step beside a plain step (queries padded to the longest) gives what each gives alone."""
+    model = load_causal_lm(llama)
+    prompts = encode(llama, PROMPTS[:2])
+    truth = run(CausalLMEngine(model, 8192), prompts, 8)
+    engine = CausalLMEngine(model, 8192)
+    firsts = engine.step([StepRequest(i, p, admission=Admission(20, SamplingParams())) for i, p in enumerate(prompts)])
+    assert [f.tokens for f in firsts] == [t[:1] for t in truth]
+    both = engine.step([StepRequest(0, truth[0][:1], DraftTree.chain(truth[0][1:4])),  # 4 queries
+                        StepRequest(1, truth[1][:1])])  # 1 query
+    assert both[0].tokens == truth[0][1:5] and both[1].tokens == truth[1][1:2]

@@ -357,7 +357,7 @@ class CausalLMEngine:
                         request.draft.ancestor_mask().to(self.device)
             member_rows = torch.tensor(group, device=self.device)
             key_slots = self.kv.slots(table, member_rows[:, None], torch.arange(keys, device=self.device)[None])
-            dense = token_rows == query_index == list(range(offsets[-1]))
+            dense = token_rows == query_index == list(range(offsets[-1])) == list(range(len(group) * queries))
             groups.append(_AttentionGroup(None if dense else torch.tensor(token_rows, device=self.device),
                                           None if dense else torch.tensor(query_index, device=self.device),
                                           key_slots, mask[:, None], len(group), queries))
