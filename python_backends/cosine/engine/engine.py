@@ -23,6 +23,7 @@ from .sampling import InvalidParameter, SamplingParams, probabilities, sample
 # Sequences appending more tokens than this (prefills) attend in a group of their own, so that a prompt does not
 # pad every decoding sequence's queries to its length.
 LONG_QUERY = 16
+MIN_BUCKET = 8  # fewer sequences than this share a bucket whatever their lengths: a group costs calls per layer
 
 
 class StepError(ValueError):
@@ -104,7 +105,7 @@ class _AttentionGroup:
     token_rows: torch.Tensor | None  # [Tg] the group's new tokens, as rows of the step's flat token batch
     query_index: torch.Tensor | None  # [Tg] where each of them sits in the flattened [B * Q] padded queries
     key_slots: torch.Tensor  # [B, L] pool slot of every key position (padding: masked out)
-    mask: torch.Tensor  # [B, 1, Q, L] bool: query may attend key
+    mask: torch.Tensor  # [B, 1, Q, L] additive: 0 where the query may attend the key, -inf elsewhere
     batch: int
     queries: int
 
@@ -327,10 +328,18 @@ class CausalLMEngine:
         return results
 
     def _groups(self, batch, starts: list[int], table: torch.Tensor) -> list[_AttentionGroup]:
-        """Attention groups: short queries (decoding, verification) together, long ones (prefills) apart."""
+        """Attention groups: long queries (prefills) apart; short ones (decoding, verification) in buckets of
+        similar length, since every sequence of a group gathers and attends over the group's longest keys."""
         counts = [len(request.input_ids) + len(request.draft) for request, _ in batch]
-        members = [[b for b, n in enumerate(counts) if n <= LONG_QUERY], [b for b, n in enumerate(counts)
-                                                                          if n > LONG_QUERY]]
+        lengths = [start + n for start, n in zip(starts, counts)]
+        short = sorted((b for b, n in enumerate(counts) if n <= LONG_QUERY), key=lengths.__getitem__)
+        members = [[b for b, n in enumerate(counts) if n > LONG_QUERY]]
+        for b in short:  # a new bucket once padding to this length would waste a third of the bucket's keys
+            bucket = members[-1] if len(members) > 1 else None
+            if bucket and (len(bucket) < MIN_BUCKET or lengths[bucket[0]] * 3 >= lengths[b] * 2):
+                bucket.append(b)
+            else:
+                members.append([b])
         offsets = [0]
         for n in counts:
             offsets.append(offsets[-1] + n)
@@ -360,7 +369,8 @@ class CausalLMEngine:
             dense = token_rows == query_index == list(range(offsets[-1])) == list(range(len(group) * queries))
             groups.append(_AttentionGroup(None if dense else torch.tensor(token_rows, device=self.device),
                                           None if dense else torch.tensor(query_index, device=self.device),
-                                          key_slots, mask[:, None], len(group), queries))
+                                          key_slots, torch.zeros(mask.shape, dtype=self.kv.dtype, device=self.device)
+                                          .masked_fill(~mask, float("-inf"))[:, None], len(group), queries))
         return groups
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, store_slots: torch.Tensor,
@@ -482,7 +492,9 @@ class CausalLMEngine:
             keys = max(starts_bound for starts_bound in self._length_bounds(batch, active, position))
             key_positions = torch.arange(keys, device=self.device)
             group = _AttentionGroup(None, None, self.kv.slots(table, members[:, None], key_positions[None]),
-                                    (key_positions[None] <= length[:, None])[:, None, None], len(active), 1)
+                                    torch.zeros(len(active), 1, 1, keys, dtype=self.kv.dtype, device=self.device)
+                                    .masked_fill(~(key_positions[None] <= length[:, None])[:, None, None],
+                                                 float("-inf")), len(active), 1)
             hidden = self._forward(tokens, length, slots, [group])
             logits = self._logits(hidden, [sequences[b] for b in active], length + 1)
             chosen, prob = logits.argmax(-1), torch.ones(len(active), device=self.device)
