@@ -80,6 +80,7 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
             "speculation_mode": spec.default_mode,
             "num_draft_tokens": spec.num_draft_tokens,
             "adaptive_draft_tokens": spec.adaptive_draft_tokens,
+            "plain_decode_steps": spec.plain_decode_steps,
             # a draft must fit every engine's verification slack
             "max_draft_tokens": min(e.max_draft_tokens for e in (spec.target, *spec.drafters.values())),
             "preprocessing_model": PREPROCESSING_MODEL,

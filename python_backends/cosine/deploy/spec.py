@@ -48,6 +48,11 @@ class DeploymentSpec:
     speculation_mode: str | None = None  # default: vanilla when there are drafters, else autoregressive
     num_draft_tokens: int = 4  # vanilla's and specinfer's fixed draft length
     adaptive_draft_tokens: int = 8  # cosine's ceiling; its controller picks each round's length below it
+    # Plain decoding (autoregressive requests, and rounds where the controller drafts nothing) runs this many
+    # target steps per engine call, as vLLM's multi-step scheduling does: the per-call cost (BLS hop, packing,
+    # the engine's batch set-up; a few ms on a small CPU) is paid once per this many tokens. New requests join
+    # the batch between calls, so larger values delay their first steps.
+    plain_decode_steps: int = 4
     general_drafter: str | None = None  # vanilla's drafter; default: one named "general", else the first
 
     @property
@@ -124,7 +129,7 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
         raise SpecError(f"general_drafter: {values['general_drafter']!r} is not one of the drafters")
     ports = []
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "num_draft_tokens",
-                 "adaptive_draft_tokens"):
+                 "adaptive_draft_tokens", "plain_decode_steps"):
         if name in values:
             _positive_int(name, values[name])
     for name in ("http_port", "grpc_port", "metrics_port"):
@@ -159,7 +164,7 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
     if spec.tokenizer:
         raw["tokenizer"] = rel(spec.tokenizer)
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "speculation_mode",
-                 "num_draft_tokens", "adaptive_draft_tokens", "general_drafter"):
+                 "num_draft_tokens", "adaptive_draft_tokens", "plain_decode_steps", "general_drafter"):
         if getattr(spec, name) is not None:
             raw[name] = getattr(spec, name)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ class Deployment:
     default_mode: str = "autoregressive"
     default_draft_tokens: int = 4
     adaptive_draft_tokens: int = 8  # cosine's default ceiling: its controller picks each round's length below it
+    plain_decode_steps: int = 1  # target steps per call when a round drafts nothing (the spec sets it)
     max_draft_tokens: int = 64
     max_cooperating_drafters: int = 2
     admission_timeout_s: float = 120.0
@@ -146,7 +147,9 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
     monitor = deployment.monitor
     async with deployment.scheduler.slot(size, value=expected_tokens / size):
         started = time.monotonic()
-        emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree,
+        # a plain round decodes several steps in one call (never past the request's budget)
+        extra = 0 if tree else min(deployment.plain_decode_steps - 1, budget)
+        emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree, extra_tokens=extra,
                                                 draft_q=draft.q if draft else None)).tokens
         monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
     # the controller's evidence: cosine's rounds against plain ones (exploring rounds buy knowledge, not speed)

@@ -57,6 +57,7 @@ class CosineModel:
             default_mode=params["speculation_mode"],
             default_draft_tokens=int(params["num_draft_tokens"]),
             adaptive_draft_tokens=int(params["adaptive_draft_tokens"]),
+            plain_decode_steps=int(params["plain_decode_steps"]),
             max_draft_tokens=int(params["max_draft_tokens"]),
             on_round=self._count_round,
         )
