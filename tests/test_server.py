@@ -72,8 +72,8 @@ def test_concurrent_requests_batch_and_match_alone(server, llama):
     assert alone[PROMPTS[1]] == reference_generate(llama, PROMPTS[1], 32)
     steps = metric(server, "cosine_engine_batch_requests_total", model="target") - steps_before
     batches = metric(server, "cosine_engine_batches_total", model="target") - batches_before
-    # one coalesced call per tick: 32 requests in lockstep share most passes (one BLS call per request: ~4)
-    assert steps / batches > 12, f"{steps} steps in {batches} forwards: concurrent requests were not batched"
+    # one coalesced call per tick: 32 requests share most engine calls (one BLS call per request: ~2-4)
+    assert steps / batches > 8, f"{steps} steps in {batches} forwards: concurrent requests were not batched"
 
 
 def test_stream_concatenates_to_generate_and_grpc_agrees(server):

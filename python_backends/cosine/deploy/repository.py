@@ -83,8 +83,7 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
             "plain_decode_steps": spec.plain_decode_steps,
             # a draft must fit every engine's verification slack
             "max_draft_tokens": min(e.max_draft_tokens for e in (spec.target, *spec.drafters.values())),
-            "preprocessing_model": PREPROCESSING_MODEL,
-            "postprocessing_model": POSTPROCESSING_MODEL,
+            "preprocessing_model": PREPROCESSING_MODEL,  # clients count prompt tokens with it
             "max_context_tokens": max_context_tokens(read_config(spec.target.checkpoint)),
             "end_id": _end_id(spec.target.checkpoint),
             "default_max_tokens": spec.default_max_tokens,

@@ -159,9 +159,7 @@ class CausalLMEngine:
         except InvalidParameter as error:
             raise StepError(str(error)) from None
         cache = self.kv.admit(request.sequence_id, needed + self.max_draft_tokens)
-        generator = torch.Generator()
-        generator.manual_seed(admission.params.seed) if admission.params.seed is not None else generator.seed()
-        sequence = _Sequence(cache, admission.params, generator, admission.end_id,
+        sequence = _Sequence(cache, admission.params, admission.params.generator(), admission.end_id,
                              len(request.input_ids) + admission.min_length)
         self.sequences[request.sequence_id] = sequence
         return sequence
