@@ -77,3 +77,13 @@ def test_plots_write_png_files(tmp_path):
     for path in paths:
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 1000
+
+
+def test_bench_variants_name_their_request_inputs():
+    from cosine_client.bench import variant_inputs
+
+    assert variant_inputs("autoregressive") == {"speculation_mode": "autoregressive"}
+    assert variant_inputs("vanilla:k=6") == {"speculation_mode": "vanilla", "num_draft_tokens": 6}
+    assert variant_inputs("cosine:drafters=general") == {"speculation_mode": "cosine", "drafters": ["general"]}
+    with pytest.raises(ValueError, match="unknown option 'depth'"):
+        variant_inputs("vanilla:depth=3")

@@ -91,12 +91,29 @@ def engine_activity(before: dict, after: dict, wall: float) -> dict[str, dict[st
     return activity
 
 
-def _request(call, url: str, prompt: dict, mode: str, max_tokens: int, **record) -> Record:
+def variant_inputs(variant: str) -> dict:
+    """A mode, or a variant of one: `MODE[:k=N][:drafters=A+B]`, e.g. `vanilla:k=6` (vanilla at draft length 6) or
+    `cosine:drafters=general` (cosine without routing). Returns the request inputs it stands for."""
+    mode, *options = variant.split(":")
+    inputs = {"speculation_mode": mode}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "k":
+            inputs["num_draft_tokens"] = int(value)
+        elif key == "drafters":
+            inputs["drafters"] = value.split("+")
+        else:
+            raise ValueError(f"{variant}: unknown option {key!r} (k=N or drafters=A+B)")
+    return inputs
+
+
+def _request(call, url: str, prompt: dict, mode: str, max_tokens: int, sampling: dict, **record) -> Record:
+    """mode: a mode or variant (see variant_inputs); sampling: temperature/top_p inputs (empty: greedy)."""
     start = time.perf_counter()
     arrivals, tokens, stats = [], [], []
     for event in call(url, stream=True, text_input=prompt["prompt"], max_tokens=max_tokens,
-                      exclude_input_in_output=True, temperature=0.0, end_id=-1, return_stats=True,
-                      speculation_mode=mode):
+                      exclude_input_in_output=True, end_id=-1, return_stats=True,
+                      **{"temperature": 0.0, **sampling}, **variant_inputs(mode)):
         if event.output_ids:
             arrivals.append(event.arrived)
             tokens.append(len(event.output_ids))
@@ -144,7 +161,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_per_point=None, max_tokens=None,
               protocol: str = "http", quick: bool = False, poisson_rates=None, rounds=None,
-              out_dir="results/bench", seed: int = 0, metrics_url: str | None = None, spec=None) -> dict:
+              out_dir="results/bench", seed: int = 0, metrics_url: str | None = None, spec=None,
+              sampling: dict | None = None) -> dict:
     """Runs the sweep, writes results.json, results.md and PNG plots to out_dir, and returns the results.
     Each run (one mode at one load point in one round) sends requests_per_point requests, and at least one per
     closed-loop worker. With `spec` (the deployment spec), in-process references on its checkpoints come too."""
@@ -152,6 +170,9 @@ def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_
                  rounds=rounds, poisson_rates=poisson_rates)
     settings = {k: v if v is not None else PRESETS["quick" if quick else "full"][k] for k, v in given.items()}
     modes = list(modes)
+    sampling = sampling or {}
+    for mode in modes:
+        variant_inputs(mode)  # a misspelt variant fails before the run, not in it
     rng = random.Random(seed)
     prompts = load_prompts(prompts_file)
     fitting = fitting_prompts(url, protocol, prompts, settings["max_tokens"])
@@ -172,7 +193,7 @@ def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_
     references = deployment_references(spec, settings["concurrencies"], [p["prompt"] for p in prompts],
                                        settings["max_tokens"], progress=print) if spec else None
     for mode in modes:  # warm-up: first calls of a mode can pay one-off costs
-        _request(call, url, prompts[0], mode, 4, load="warmup", level=0, run=-1)
+        _request(call, url, prompts[0], mode, 4, sampling, load="warmup", level=0, run=-1)
     records: list[Record] = []
     utilization: dict[str, dict[str, list[float]]] = {}  # "mode load=level" -> model -> busy fractions per run
     cursor, run = 0, 0
@@ -188,7 +209,8 @@ def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_
                 bar.set_description(f"{mode} {load}={level:g}")
 
                 def send(prompt, mode=mode, load=load, level=level, run=run):
-                    record = _request(call, url, prompt, mode, settings["max_tokens"], load=load, level=level,
+                    record = _request(call, url, prompt, mode, settings["max_tokens"], sampling, load=load,
+                                      level=level,
                                       run=run)
                     bar.update()
                     return record
@@ -215,7 +237,7 @@ def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"url": url, "protocol": protocol, "prompts": str(prompts_file), "prompts_used": len(prompts),
-               "modes": modes, **settings, "machine": machine_info(), "summaries": rows,
+               "modes": modes, "sampling": sampling, **settings, "machine": machine_info(), "summaries": rows,
                "acceptance_by_domain": acceptance,
                # per engine model and run: busy fraction (drafters and target both busy = pipelining) and
                # sequences per forward pass

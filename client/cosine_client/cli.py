@@ -37,7 +37,9 @@ def _bench(args) -> int:
     results = run_bench(url, args.prompts, modes=args.modes.split(","), concurrencies=args.concurrency,
                         requests_per_point=args.requests, max_tokens=args.max_tokens, protocol=args.protocol,
                         quick=args.quick, poisson_rates=args.poisson_rates, rounds=args.rounds, out_dir=args.out,
-                        metrics_url=None if metrics_url == "none" else metrics_url, spec=args.spec)
+                        metrics_url=None if metrics_url == "none" else metrics_url, spec=args.spec,
+                        sampling={name: value for name, value in (("temperature", args.temperature),
+                                                                  ("top_p", args.top_p)) if value is not None})
     print(markdown_table(results["summaries"]))
     if results["references"]:
         print("\n" + references_table(results["summaries"], results["references"]))
@@ -73,7 +75,10 @@ def main(argv=None) -> int:
     bench.add_argument("--url", help="host:port (default localhost:8000 for HTTP, localhost:8001 for gRPC)")
     bench.add_argument("--protocol", choices=("http", "grpc"), default="http")
     bench.add_argument("--prompts", required=True, help="held-out prompts, JSON lines with 'prompt' and 'domain'")
-    bench.add_argument("--modes", default="autoregressive,vanilla,specinfer,cosine")
+    bench.add_argument("--modes", default="autoregressive,vanilla,specinfer,cosine",
+                       help="modes or variants MODE[:k=N][:drafters=A+B], e.g. vanilla:k=6,cosine:drafters=general")
+    bench.add_argument("--temperature", type=float, help="sample at this temperature (default greedy)")
+    bench.add_argument("--top-p", type=float, help="with --temperature")
     bench.add_argument("--concurrency", type=_numbers(int), help="closed-loop workers (default 1,8,16,32,64)")
     bench.add_argument("--requests", type=int, help="requests per mode, load point and round (default 32)")
     bench.add_argument("--max-tokens", type=int, help="output tokens per request (default 64)")
