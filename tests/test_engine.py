@@ -112,11 +112,14 @@ def test_bad_steps_fail_alone(llama):
         StepRequest(5, [5], DraftTree.chain(range(9)), admission=Admission(10, params)),
         StepRequest(6, [5], admission=Admission(10, SamplingParams(temperature=float("nan")))),
         StepRequest(7, [5]),
+        StepRequest(8, [5], DraftTree.chain([1, 2]), admission=Admission(10, SamplingParams(1.0)),
+                    draft_q=torch.ones(2, 7)),
     ])
     assert results[0].tokens
     messages = [str(r) for r in results[1:]]
+    assert len(messages) == 7
     for message, expected in zip(messages, ["input_ids", "input_ids", "draft_parents", "draft_ids", "temperature",
-                                            "not active"]):
+                                            "not active", "draft_q"]):
         assert expected in message
     assert engine.active_sequences == 1
 

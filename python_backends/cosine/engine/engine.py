@@ -174,6 +174,9 @@ class CausalLMEngine:
             raise StepError(f"extra_tokens must be in [0, {self.max_draft_tokens}], got {request.extra_tokens}")
         if not 0 <= request.candidates <= self.vocab_size:
             raise StepError(f"num_candidates must be in [0, {self.vocab_size}], got {request.candidates}")
+        if request.draft_q is not None and tuple(request.draft_q.shape) != (len(request.draft), self.vocab_size):
+            raise StepError(f"draft_q: expected {len(request.draft)} rows of {self.vocab_size} probabilities, got "
+                            f"shape {list(request.draft_q.shape)}")
         if request.return_q and len(request.draft):
             raise StepError("return_q: only for drafting steps (no draft_ids)")
         if not request.input_ids:
