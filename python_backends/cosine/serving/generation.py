@@ -45,7 +45,7 @@ class Deployment:
     default_mode: str = "autoregressive"
     default_draft_tokens: int = 4
     adaptive_draft_tokens: int = 8  # cosine's default ceiling: its controller picks each round's length below it
-    plain_decode_steps: int = 1  # target steps per call when a round drafts nothing (the spec sets it)
+    plain_decode_steps: int = 1  # target steps per call for autoregressive requests (the spec sets it)
     max_draft_tokens: int = 64
     max_cooperating_drafters: int = 2
     admission_timeout_s: float = 120.0

@@ -231,7 +231,9 @@ class FusionProposer(Proposer):
         if not builder.tokens:
             return None
         self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started, fused=len(active) > 1)
-        return Draft(builder.tree(), tuple(builder.sources), torch.stack(q_rows) if samples else None)
+        # every node a draw from its q, or the draft counts as deterministic (exact either way, see acceptance)
+        q = torch.stack(q_rows) if samples and len(q_rows) == len(builder.tokens) else None
+        return Draft(builder.tree(), tuple(builder.sources), q)
 
     def _sibling_price(self, costs, load: float, k: int) -> float:
         """The probability of being accepted a sibling needs to pay for its verifier token: one more token in
