@@ -35,8 +35,11 @@ clean:
 	rm -rf $(VENV)
 
 # On a CUDA machine without Triton or network (python3 with torch + transformers): exactness + batch scaling.
+# The project venv's python where there is one (a dev machine: `make gpu-check GPU_CHECK_ARGS=--device\ cpu`), else
+# python3 (the bare GPU machine).
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
-	PYTHONPATH=python_backends:client python3 -m cosine_client.gpu_check $(GPU_CHECK_ARGS)
+	PYTHONPATH=python_backends:client $(GPU_CHECK_PY) -m cosine_client.gpu_check $(GPU_CHECK_ARGS)
 
 # ---- Load-testing tools (perf_analyzer, genai-perf) under artifacts/tools/, apart from the project venv ----
 # perf_analyzer: the binary inside the manylinux tritonclient wheel (the PyPI `perf-analyzer` package is an empty

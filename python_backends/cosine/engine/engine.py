@@ -18,7 +18,7 @@ from ..speculation.acceptance import FlatDrafts, accept
 from ..speculation.tree import DraftTree
 from .checkpoint import max_context_tokens
 from .kv_cache import AdmissionError, KVCachePool, SequenceCache
-from .sampling import InvalidParameter, SamplingParams, probabilities, sample
+from .sampling import InvalidParameter, SamplingParams, probabilities
 
 # Sequences appending more tokens than this (prefills) attend in a group of their own, so that a prompt does not
 # pad every decoding sequence's queries to its length.
@@ -370,9 +370,12 @@ class CausalLMEngine:
             dense = token_rows == query_index == list(range(offsets[-1])) == list(range(len(group) * queries))
             groups.append(_AttentionGroup(None if dense else torch.tensor(token_rows, device=self.device),
                                           None if dense else torch.tensor(query_index, device=self.device),
-                                          key_slots, torch.zeros(mask.shape, dtype=self.kv.dtype, device=self.device)
-                                          .masked_fill(~mask, float("-inf"))[:, None], len(group), queries))
+                                          key_slots, self._additive(mask[:, None]), len(group), queries))
         return groups
+
+    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
+        """A boolean attention mask as SDPA's additive one, built once per step rather than converted per layer."""
+        return torch.zeros(mask.shape, dtype=self.kv.dtype, device=self.device).masked_fill(~mask, float("-inf"))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, store_slots: torch.Tensor,
                  groups: list[_AttentionGroup]) -> torch.Tensor:
@@ -490,38 +493,33 @@ class CausalLMEngine:
             members = torch.tensor(active, device=self.device)
             tokens, length = last[members], lengths[members]
             slots = self.kv.slots(table, members, length)
-            keys = max(starts_bound for starts_bound in self._length_bounds(batch, active, position))
+            # an upper bound of their lengths: each sequence's step tokens all kept, plus this position's token
+            keys = max(batch[b][1].cache.length + len(batch[b][0].input_ids) + len(batch[b][0].draft)
+                       for b in active) + position + 1
             key_positions = torch.arange(keys, device=self.device)
             group = _AttentionGroup(None, None, self.kv.slots(table, members[:, None], key_positions[None]),
-                                    torch.zeros(len(active), 1, 1, keys, dtype=self.kv.dtype, device=self.device)
-                                    .masked_fill(~(key_positions[None] <= length[:, None])[:, None, None],
-                                                 float("-inf")), len(active), 1)
+                                    self._additive((key_positions[None] <= length[:, None])[:, None, None]),
+                                    len(active), 1)
             hidden = self._forward(tokens, length, slots, [group])
             logits = self._logits(hidden, [sequences[b] for b in active], length + 1)
-            chosen, prob = logits.argmax(-1), torch.ones(len(active), device=self.device)
+            # each token is the root token of a draft-less step: the acceptance rule's argmax or sample
             params = [sequences[b].params for b in active]
-            if not all(p.greedy for p in params):
-                probs = self._probabilities(logits, params)
-                owners = [b for b in active if b in returning_q]
-                if owners:
-                    q_out.append((owners, probs[[active.index(b) for b in owners]]))
-                drawn = sample(probs, torch.stack([uniforms[b][position] for b in active]).to(self.device))
-                is_sampled = torch.tensor([not p.greedy for p in params], device=self.device)
-                chosen = torch.where(is_sampled, drawn, chosen)
-                prob = torch.where(is_sampled, probs.gather(1, drawn[:, None])[:, 0], prob)
-            out += [chosen, prob]
+            sampled = [not p.greedy for p in params]
+            verdict = accept(FlatDrafts.from_trees([DraftTree()] * len(active), self.device), logits.argmax(-1),
+                             torch.tensor(sampled, device=self.device),
+                             self._probabilities(logits, params) if any(sampled) else None,
+                             torch.zeros(0, device=self.device),
+                             torch.stack([uniforms[b][position] for b in active]).to(self.device))
+            chosen = verdict.bonus
+            owners = [b for b in active if b in returning_q]
+            if owners:
+                q_out.append((owners, verdict.bonus_distribution[[active.index(b) for b in owners]]))
+            out += [chosen, verdict.bonus_prob]
             if candidates:
                 top = torch.softmax(logits, -1).topk(candidates)
                 out += [top.indices, top.values]
             last[members], lengths[members] = chosen, length + 1
         return out, q_out
-
-    @staticmethod
-    def _length_bounds(batch, active: list[int], position: int):
-        """Upper bounds of the active sequences' lengths (+1 for the token being fed) at a drafting position."""
-        for b in active:
-            request, sequence = batch[b]
-            yield sequence.cache.length + len(request.input_ids) + len(request.draft) + position + 1
 
     @staticmethod
     def _add_extra_tokens(batch, results: list[StepResult], extra: list[torch.Tensor], candidates: int) -> None:

@@ -44,22 +44,19 @@ class SamplingParams:
 def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor) -> torch.Tensor:
     """The distributions sampling draws from, one row per logits row with that row's parameters: temperature, then
-    top-k, then top-p. Rows of greedy requests are not meant to come here (they compare argmaxes).
+    top-k, then top-p, all in one sorted order (no host synchronisation). Rows of greedy requests are not meant to
+    come here (they compare argmaxes).
 
     logits: [rows, vocab]; temperature, top_p: [rows] float; top_k: [rows] int64, 0 = no filter."""
-    logits = logits.float() / temperature[:, None]
-    sorted_logits = logits.sort(dim=-1, descending=True).values
     vocab = logits.shape[-1]
+    sorted_logits, order = (logits.float() / temperature[:, None]).sort(dim=-1, descending=True)
     kth = sorted_logits.gather(1, (torch.where(top_k > 0, top_k, vocab).clamp(max=vocab) - 1)[:, None])
-    logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if bool((top_p < 1.0).any()):
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold stays)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold stays)
+    outside = (sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
+    return torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs)
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class EngineModel:
     def execute(self, requests):
         """Every sequence of every request (each a coalesced call from a `cosine` process) in one engine step."""
         started = time.perf_counter()
-        responses, steps, owners = [None] * len(requests), [], []
+        responses, steps, sizes = [None] * len(requests), [], [0] * len(requests)
         for slot, request in enumerate(requests):
             try:
                 unpacked = unpack_steps(request_inputs(request, ENGINE))
@@ -54,17 +54,17 @@ class EngineModel:
                                                               ServingError.INVALID))
                 continue
             steps += unpacked
-            owners += [slot] * len(unpacked)
+            sizes[slot] = len(unpacked)
         stepping = [step for step in steps if not step.release]
         if stepping:
             self.batches.increment(1)
             self.batch_requests.increment(len(stepping))
             self.batch_size.observe(len(stepping))
-        results = self.engine.step(steps)
-        for slot in range(len(requests)):
+        results = iter(self.engine.step(steps))  # in request order: each request takes its own sequences' results
+        for slot, size in enumerate(sizes):
             if responses[slot] is None:
-                mine = [result for result, owner in zip(results, owners) if owner == slot]
-                responses[slot] = pb_utils.InferenceResponse(tensors(**pack_results(mine)))
+                responses[slot] = pb_utils.InferenceResponse(tensors(**pack_results(
+                    [next(results) for _ in range(size)])))
         self.reserved_tokens.set(self.engine.kv.reserved_tokens)
         self.active_sequences.set(self.engine.active_sequences)
         self.busy_seconds.increment(time.perf_counter() - started)
