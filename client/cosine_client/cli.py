@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     bench.add_argument("--protocol", choices=("http", "grpc"), default="http")
     bench.add_argument("--prompts", required=True, help="held-out prompts, JSON lines with 'prompt' and 'domain'")
     bench.add_argument("--modes", default="autoregressive,vanilla,specinfer,cosine",
-                       help="modes or variants MODE[:k=N][:drafters=A+B], e.g. vanilla:k=6,cosine:drafters=general")
+                       help="modes or variants MODE[:option=value]... (k, drafters, max_drafters, adaptive), e.g. "
+                            "vanilla:k=6,cosine:drafters=general,cosine:max_drafters=1,cosine:k=6:adaptive=off")
     bench.add_argument("--temperature", type=float, help="sample at this temperature (default greedy)")
     bench.add_argument("--top-p", type=float, help="with --temperature")
     bench.add_argument("--concurrency", type=_numbers(int), help="closed-loop workers (default 1,8,16,32,64)")

@@ -48,8 +48,8 @@ class DeploymentSpec:
     speculation_mode: str | None = None  # default: vanilla when there are drafters, else autoregressive
     num_draft_tokens: int = 4  # vanilla's and specinfer's fixed draft length
     adaptive_draft_tokens: int = 8  # cosine's ceiling; its controller picks each round's length below it
-    # Plain decoding (autoregressive requests) runs this many
-    # target steps per engine call, as vLLM's multi-step scheduling does: the per-call cost (BLS hop, packing,
+    # Plain decoding (autoregressive requests, and any round a speculative mode's controller drafts nothing) runs
+    # this many target steps per engine call, as vLLM's multi-step scheduling does: the per-call cost (BLS hop, packing,
     # the engine's batch set-up; a few ms on a small CPU) is paid once per this many tokens. New requests join
     # the batch between calls, so larger values delay their first steps.
     plain_decode_steps: int = 4

@@ -148,9 +148,9 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
     monitor = deployment.monitor
     async with deployment.scheduler.slot(size, value=expected_tokens / size):
         started = time.monotonic()
-        # plain decoding runs several steps per call (never past the request's budget); a speculative mode's
-        # plain round stays one step: its controller decides again every round
-        extra = min(deployment.plain_decode_steps - 1, budget) if proposer is None else 0
+        # a round without a draft runs several plain steps per call (never past the request's budget), in every
+        # mode: a speculative mode's controller that chooses plain decoding must decode as fast as plain decoding
+        extra = 0 if tree else min(deployment.plain_decode_steps - 1, budget)
         emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree, extra_tokens=extra,
                                                 draft_q=draft.q if draft else None)).tokens
         monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
