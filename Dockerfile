@@ -2,10 +2,11 @@
 # and TensorRT-LLM are the container's own. The project goes in without its dependencies, and only what is missing
 # is added, held to every version the container already has, so nothing of the container is replaced.
 #   docker build -t cosine-trtllm .
-#   docker run --gpus all --shm-size=2g -p 8000-8002:8000-8002 -v $PWD/artifacts:/opt/cosine/artifacts cosine-trtllm \
-#     sh -c 'python3 build_engines.py --spec examples/deployment-trtllm.yaml --build-trtllm \
-#            --repository model_repository_trtllm && cosine serve --model-repository model_repository_trtllm'
-# Without kind: trtllm models the same image serves portable engines (the default CMD serves model_repository/).
+#   docker run --rm --gpus all -v $PWD/artifacts:/opt/cosine/artifacts cosine-trtllm python3 build_engines.py \
+#     --spec examples/deployment-trtllm.yaml --build-trtllm --repository artifacts/model_repository_trtllm
+#   docker run --rm --gpus all --shm-size=2g -p 8000-8002:8000-8002 -v $PWD/artifacts:/opt/cosine/artifacts \
+#     cosine-trtllm cosine serve --model-repository /opt/cosine/artifacts/model_repository_trtllm
+# The default CMD serves the checked-in model_repository/ (portable engines; build them with build_engines.py).
 # Client tools (cosine-client, benchmarks) run from any machine with `pip install .`.
 FROM nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3
 WORKDIR /opt/cosine
