@@ -41,7 +41,7 @@ TEMPLATE_PARAMETERS = {"gpt_model_type": "inflight_fused_batching", "gpt_model_p
 
 def trtllm_engine(checkpoint, engine_dir, fraction=0.2):
     return {"kind": "trtllm", "checkpoint": str(checkpoint), "max_batch_size": 16,
-            "trtllm": {"engine_dir": str(engine_dir), "max_input_len": 200, "max_seq_len": 256,
+            "trtllm": {"engine_dir": str(engine_dir), "max_seq_len": 256,
                        "kv_cache_free_gpu_mem_fraction": fraction}}
 
 
@@ -99,7 +99,7 @@ def test_every_generated_config_parses_and_trtllm_ones_carry_the_template_parame
     (lambda s: s["target"]["trtllm"].pop("engine_dir"), "target.trtllm.engine_dir: required"),
     (lambda s: s["target"].update(kv_cache_tokens=100), "target.kv_cache_tokens: a portable-engine setting"),
     (lambda s: s["drafters"]["itself"]["trtllm"].update(dtype="float32"), "drafters.itself.trtllm.dtype: must be"),
-    (lambda s: s["target"]["trtllm"].update(max_input_len=300), "target.trtllm.max_input_len: 300 exceeds"),
+    (lambda s: s["target"]["trtllm"].update(max_seq_len=0), "target.trtllm.max_seq_len: must be a positive"),
     (lambda s: s["target"]["trtllm"].update(kv_cache_free_gpu_mem_fraction=0.6),
      "drafters.unrelated.trtllm.kv_cache_free_gpu_mem_fraction: the TensorRT-LLM models on GPU 0 (target, "
      "drafters.itself, drafters.unrelated) reserve 1 of its free memory"),
@@ -133,6 +133,7 @@ def test_example_spec_dry_run_prints_the_build_commands_and_writes_its_repositor
     out = capsys.readouterr().out
     target, general, code = out.strip().split("\n\n")
     assert "trtllm_convert.py --model_dir" in target and "--dtype bfloat16" in target
+    assert "--max_input_len 8191 --max_seq_len 8192" in target
     assert "--speculative_decoding_mode draft_tokens_external --max_draft_len 8" in target
     assert "--use_paged_context_fmha enable" in target and "--gather_generation_logits" not in target
     for drafter in (general, code):

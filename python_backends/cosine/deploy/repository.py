@@ -65,6 +65,8 @@ def _trtllm_config(name: str, engine: EngineSpec, is_target: bool) -> str:
         "kv_cache_free_gpu_mem_fraction": settings.kv_cache_free_gpu_mem_fraction,
         # every round resends the whole sequence: block reuse spares recomputing its prefix
         "enable_kv_cache_reuse": "true",
+        # a resent sequence may be longer than max_num_tokens: its uncached part is computed in chunks
+        "enable_chunked_context": "true",
         "exclude_input_in_output": "true",
         "gpu_device_ids": settings.gpu,
         "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker",

@@ -28,9 +28,11 @@ class TrtllmSpec:
     """A TensorRT-LLM engine built from the model's HF checkpoint, served by Triton's tensorrtllm backend."""
     engine_dir: Path
     dtype: str = "bfloat16"  # float16 | bfloat16
-    max_input_len: int = 4096
-    max_seq_len: int = 8192  # prompt + output; for the target also the context the cosine model admits against
-    max_num_tokens: int = 8192  # tokens per engine iteration (in-flight batching packs prefills and decodes)
+    # prompt + output; for the target also the context the cosine model admits against. Every round resends the
+    # whole sequence as the request's input, so the engine's input limit is this too (max_seq_len - 1).
+    max_seq_len: int = 8192
+    # tokens per engine iteration (in-flight batching packs prefills and decodes; longer inputs go in chunks)
+    max_num_tokens: int = 8192
     max_draft_len: int = 8  # target only: draft tokens one pass verifies (trtllm-build --max_draft_len)
     kv_cache_free_gpu_mem_fraction: float = 0.3
     gpu: int = 0  # CUDA device the engine runs on (tensor parallelism is not supported here)
@@ -120,7 +122,7 @@ def _trtllm(where: str, raw, base: Path) -> TrtllmSpec:
     if "engine_dir" not in raw:
         raise SpecError(f"{where}.engine_dir: required (where the TensorRT-LLM engine is built and served from)")
     values = dict(raw, engine_dir=(base / str(raw["engine_dir"])).resolve())
-    for name in ("max_input_len", "max_seq_len", "max_num_tokens", "max_draft_len"):
+    for name in ("max_seq_len", "max_num_tokens", "max_draft_len"):
         if name in values:
             _positive_int(f"{where}.{name}", values[name])
     for name in ("gpu", "max_queue_size"):
@@ -134,10 +136,7 @@ def _trtllm(where: str, raw, base: Path) -> TrtllmSpec:
     if values.get("batch_scheduler_policy", TrtllmSpec.batch_scheduler_policy) not in BATCH_SCHEDULER_POLICIES:
         raise SpecError(f"{where}.batch_scheduler_policy: must be one of {', '.join(BATCH_SCHEDULER_POLICIES)}, "
                         f"got {values['batch_scheduler_policy']!r}")
-    spec = TrtllmSpec(**values)
-    if spec.max_input_len > spec.max_seq_len:
-        raise SpecError(f"{where}.max_input_len: {spec.max_input_len} exceeds max_seq_len {spec.max_seq_len}")
-    return spec
+    return TrtllmSpec(**values)
 
 
 def _engine(where: str, raw, base: Path) -> EngineSpec:

@@ -64,7 +64,8 @@ def _commands(engine: EngineSpec, is_target: bool) -> tuple[tuple[str, ...], ...
     convert = ("python3", str(CONVERTER), "--model_dir", str(engine.checkpoint), "--output_dir", str(converted),
                "--dtype", settings.dtype)
     build = ["trtllm-build", "--checkpoint_dir", str(converted), "--output_dir", str(settings.engine_dir),
-             "--max_batch_size", str(engine.max_batch_size), "--max_input_len", str(settings.max_input_len),
+             # every round resends the whole sequence as input: inputs grow to the whole context
+             "--max_batch_size", str(engine.max_batch_size), "--max_input_len", str(settings.max_seq_len - 1),
              "--max_seq_len", str(settings.max_seq_len), "--max_num_tokens", str(settings.max_num_tokens),
              "--max_beam_width", "1", "--gemm_plugin", "auto", "--kv_cache_type", "paged",
              "--use_paged_context_fmha", "enable"]
