@@ -137,7 +137,7 @@ def test_example_spec_dry_run_prints_the_build_commands_and_writes_its_repositor
     assert "--speculative_decoding_mode draft_tokens_external --max_draft_len 8" in target
     assert "--use_paged_context_fmha enable" in target and "--gather_generation_logits" not in target
     for drafter in (general, code):
-        assert "--gather_generation_logits --gather_context_logits --logits_dtype float32" in drafter
+        assert "--logits_dtype float32 --gather_generation_logits --gather_context_logits" in drafter
         assert "draft_tokens_external" not in drafter
     assert not (tmp_path / "repository").exists()
     assert run_build_engines("--spec", EXAMPLE_SPEC, "--repository", tmp_path / "repository") == 0

@@ -219,7 +219,6 @@ TENSORRT_LLM = ModelContract(
         _trtllm_scalar("request_output_len", "TYPE_INT32", optional=False),
         TensorSpec("draft_input_ids", "TYPE_INT32", (-1,), optional=True, ragged=True),
         _trtllm_scalar("end_id", "TYPE_INT32"),
-        _trtllm_scalar("pad_id", "TYPE_INT32"),
         _trtllm_scalar("temperature", "TYPE_FP32"),
         _trtllm_scalar("runtime_top_k", "TYPE_INT32"),
         _trtllm_scalar("runtime_top_p", "TYPE_FP32"),
@@ -228,7 +227,6 @@ TENSORRT_LLM = ModelContract(
         _trtllm_scalar("return_context_logits", "TYPE_BOOL"),
         _trtllm_scalar("return_generation_logits", "TYPE_BOOL"),
         _trtllm_scalar("exclude_input_in_output", "TYPE_BOOL"),
-        _trtllm_scalar("streaming", "TYPE_BOOL"),
     ),
     outputs=(
         TensorSpec("output_ids", "TYPE_INT32", (-1, -1)),  # [beams, tokens], padded with -1

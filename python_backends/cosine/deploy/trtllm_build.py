@@ -3,8 +3,8 @@ TensorRT-LLM's converter (trtllm_convert.py) writes a TRT-LLM checkpoint, `trtll
 
 The target is built for draft-target speculation (draft_tokens_external, max_draft_len); drafters gather their
 generation logits (candidates and probabilities for confidence fusion) and context logits (prompt scoring for the
-router), as float32 to match the tensorrt_llm model's logits outputs. Both use paged context FMHA, which KV block
-reuse needs: every round resends the whole sequence.
+router). Logits come in the dtype the tensorrt_llm model's outputs declare (the backend checks they match). All use
+paged context FMHA, which KV block reuse needs: every round resends the whole sequence.
 
 A build is skipped when its engine directory holds a finished build of the same inputs (checkpoint files, build
 commands, TensorRT-LLM version). Nothing here imports tensorrt_llm; the commands run inside the NGC trtllm container.
@@ -68,12 +68,12 @@ def _commands(engine: EngineSpec, is_target: bool) -> tuple[tuple[str, ...], ...
              "--max_batch_size", str(engine.max_batch_size), "--max_input_len", str(settings.max_seq_len - 1),
              "--max_seq_len", str(settings.max_seq_len), "--max_num_tokens", str(settings.max_num_tokens),
              "--max_beam_width", "1", "--gemm_plugin", "auto", "--kv_cache_type", "paged",
-             "--use_paged_context_fmha", "enable"]
+             "--use_paged_context_fmha", "enable", "--logits_dtype", _LOGITS_DTYPE]
     if is_target:
         build += ["--speculative_decoding_mode", "draft_tokens_external", "--max_draft_len",
                   str(settings.max_draft_len)]
     else:
-        build += ["--gather_generation_logits", "--gather_context_logits", "--logits_dtype", _LOGITS_DTYPE]
+        build += ["--gather_generation_logits", "--gather_context_logits"]
     return convert, tuple(build)
 
 
