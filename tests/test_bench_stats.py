@@ -85,5 +85,24 @@ def test_bench_variants_name_their_request_inputs():
     assert variant_inputs("autoregressive") == {"speculation_mode": "autoregressive"}
     assert variant_inputs("vanilla:k=6") == {"speculation_mode": "vanilla", "num_draft_tokens": 6}
     assert variant_inputs("cosine:drafters=general") == {"speculation_mode": "cosine", "drafters": ["general"]}
+    assert variant_inputs("cosine:max_drafters=1") == {"speculation_mode": "cosine", "max_drafters": 1}
+    assert variant_inputs("cosine:k=6:adaptive=off") == {"speculation_mode": "cosine", "num_draft_tokens": 6,
+                                                         "adaptive_draft_length": False}
     with pytest.raises(ValueError, match="unknown option 'depth'"):
         variant_inputs("vanilla:depth=3")
+    with pytest.raises(ValueError, match="bad value 'maybe' for adaptive"):
+        variant_inputs("cosine:adaptive=maybe")
+
+
+def test_vanilla_best_k_is_the_fastest_vanilla_variant_at_each_load_point():
+    rows = summarize([
+        record([0.1 * k for k in range(1, 11)], mode="vanilla:k=2"),  # 10 tokens/s
+        record([0.05 * k for k in range(1, 11)], mode="vanilla:k=6"),  # 20 tokens/s
+        record([0.04 * k for k in range(1, 11)], mode="cosine"),  # 25 tokens/s
+        record([0.1 * k for k in range(1, 11)], mode="vanilla:k=2", level=4),  # the only vanilla at 4
+        record([0.02 * k for k in range(1, 11)], mode="cosine", level=4),
+    ])
+    by_point = {(row["mode"], row["level"]): row for row in rows}
+    assert by_point["cosine", 1]["throughput_vs_vanilla (best k)"] == pytest.approx(1.25)
+    assert by_point["cosine", 4]["throughput_vs_vanilla (best k)"] == pytest.approx(5.0)
+    assert "vanilla (best k)" not in {row["mode"] for row in rows}  # a ratio, not a row of its own

@@ -63,6 +63,15 @@ def test_controller_speculates_when_idle_and_decodes_plainly_under_saturation():
     assert controller.draft_length(COSTS, load=1) >= 3  # back to speculation when the load goes away
 
 
+def test_fixed_length_controller_ignores_load_and_acceptance():
+    adaptive, fixed = SpeculationController(k_max=6), SpeculationController(k_max=6, adaptive=False)
+    for controller in (adaptive, fixed):
+        for _ in range(50):
+            controller.observe(depth=6, accepted=0)
+    assert adaptive.draft_length(COSTS, load=64) < 6
+    assert all(fixed.draft_length(COSTS, load=load) == 6 for load in (1, 64))
+
+
 def test_controller_stops_speculating_when_drafts_are_rejected():
     controller = SpeculationController(k_max=8, probe_every=1000)
     for _ in range(10):

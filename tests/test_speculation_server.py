@@ -63,6 +63,20 @@ def test_cosine_routes_within_a_named_subset_in_any_order(server, drafters):
     assert as_list(out["output_ids"]) == run(server, PROMPTS[4], speculation_mode="autoregressive")[0]
 
 
+def test_cosine_ablation_switches(server):
+    """max_drafters=1: the routed drafter alone (no fusion); adaptive_draft_length=false: num_draft_tokens drafted
+    every round (the controller would shorten drafts that are all rejected). Output stays exact."""
+    target_only, _ = run(server, PROMPTS[1], speculation_mode="autoregressive")
+    out = generate(server, text_input=PROMPTS[1], max_tokens=30, return_stats=True, speculation_mode="cosine",
+                   drafters=["unrelated", "itself"], max_drafters=1)
+    assert len(as_list(out["routed_drafters"])) == 1
+    assert as_list(out["output_ids"]) == target_only
+    ids, (rounds, drafted, _) = run(server, PROMPTS[1], speculation_mode="cosine", drafters=["unrelated"],
+                                    num_draft_tokens=3, adaptive_draft_length=False)
+    assert ids == target_only
+    assert drafted >= 3 * (rounds - 2)  # every verification round but a budget-capped last one drafts 3
+
+
 def test_acceptance_metrics_per_drafter(server):
     before = metric(server, "cosine_accepted_tokens_total", drafter="itself")
     drafted_before = metric(server, "cosine_draft_tokens_total", drafter="itself")
@@ -87,6 +101,7 @@ def test_a_failing_drafter_is_routed_around(server):
     (dict(num_draft_tokens=100000), "num_draft_tokens"),
     (dict(drafters=["nope"]), "drafters"),
     (dict(speculation_mode="warp"), "speculation_mode"),
+    (dict(speculation_mode="cosine", max_drafters=0), "max_drafters"),
 ])
 def test_bad_speculative_parameters_are_400s(server, extra, field):
     with pytest.raises(urllib.error.HTTPError) as caught:

@@ -91,19 +91,28 @@ def engine_activity(before: dict, after: dict, wall: float) -> dict[str, dict[st
     return activity
 
 
+# variant option -> (request input, parse)
+VARIANT_OPTIONS = {"k": ("num_draft_tokens", int), "drafters": ("drafters", lambda v: v.split("+")),
+                   "max_drafters": ("max_drafters", int),
+                   "adaptive": ("adaptive_draft_length", lambda v: {"on": True, "off": False}[v])}
+
+
 def variant_inputs(variant: str) -> dict:
-    """A mode, or a variant of one: `MODE[:k=N][:drafters=A+B]`, e.g. `vanilla:k=6` (vanilla at draft length 6) or
-    `cosine:drafters=general` (cosine without routing). Returns the request inputs it stands for."""
+    """A mode, or a variant of one: `MODE[:option=value]...`. The ablations of cosine: `cosine:drafters=general`
+    (no routing), `cosine:max_drafters=1` (no fusion: the routed drafter alone), `cosine:k=6:adaptive=off` (no
+    adaptive length: 6 tokens every round); `vanilla:k=6` is vanilla at draft length 6. Returns the request
+    inputs it stands for."""
     mode, *options = variant.split(":")
     inputs = {"speculation_mode": mode}
     for option in options:
         key, _, value = option.partition("=")
-        if key == "k":
-            inputs["num_draft_tokens"] = int(value)
-        elif key == "drafters":
-            inputs["drafters"] = value.split("+")
-        else:
-            raise ValueError(f"{variant}: unknown option {key!r} (k=N or drafters=A+B)")
+        if key not in VARIANT_OPTIONS:
+            raise ValueError(f"{variant}: unknown option {key!r} ({', '.join(VARIANT_OPTIONS)})")
+        name, parse = VARIANT_OPTIONS[key]
+        try:
+            inputs[name] = parse(value)
+        except (KeyError, ValueError):
+            raise ValueError(f"{variant}: bad value {value!r} for {key}") from None
     return inputs
 
 

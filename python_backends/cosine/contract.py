@@ -100,6 +100,10 @@ COSINE = ModelContract(
         TensorSpec("speculation_mode", "TYPE_STRING", (1,), optional=True),
         _scalar("num_draft_tokens", "TYPE_INT32"),
         TensorSpec("drafters", "TYPE_STRING", (-1,), optional=True),
+        # cosine's ablation switches: routed drafters that may cooperate (1: no fusion; default: the deployment's),
+        # and false to draft num_draft_tokens every round instead of the controller's choice
+        _scalar("max_drafters", "TYPE_INT32"),
+        _scalar("adaptive_draft_length", "TYPE_BOOL"),
     ),
     outputs=(
         TensorSpec("text_output", "TYPE_STRING", (-1,)),

@@ -111,7 +111,8 @@ def _proposer(plan, deployment: Deployment, sequence_id: int, request: Generatio
         return MergedChainsProposer(sessions, k)
     if mode == "cosine":
         return FusionProposer(sessions, deployment.router, deployment.monitor, k_max=k,
-                              max_drafters=deployment.max_cooperating_drafters)
+                              max_drafters=request.max_drafters or deployment.max_cooperating_drafters,
+                              adaptive=request.adaptive_draft_length)
     return None
 
 

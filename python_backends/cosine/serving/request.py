@@ -23,6 +23,8 @@ class GenerationRequest:
     speculation_mode: str | None = None  # None: the deployment's default
     num_draft_tokens: int | None = None
     drafters: tuple[str, ...] = ()
+    max_drafters: int | None = None  # cosine: None, the deployment's
+    adaptive_draft_length: bool = True
 
 
 def decode_utf8(field_name: str, value) -> str:
@@ -75,6 +77,9 @@ def parse_generation_request(inputs: dict[str, np.ndarray], default_max_tokens: 
     min_length = _scalar(inputs, "min_length", 0, int)
     if not 0 <= min_length <= max_tokens:
         raise InvalidRequest("min_length", f"must be in [0, max_tokens={max_tokens}], got {min_length}")
+    max_drafters = _scalar(inputs, "max_drafters", None, int)
+    if max_drafters is not None and max_drafters < 1:
+        raise InvalidRequest("max_drafters", f"must be >= 1, got {max_drafters}")
     stop_words = tuple(decode_utf8("stop_words", word) for word in inputs.get("stop_words", np.empty(0)).reshape(-1))
     return GenerationRequest(
         prompt=prompt,
@@ -90,4 +95,6 @@ def parse_generation_request(inputs: dict[str, np.ndarray], default_max_tokens: 
         if "speculation_mode" in inputs else None,
         num_draft_tokens=_scalar(inputs, "num_draft_tokens", None, int),
         drafters=tuple(decode_utf8("drafters", name) for name in inputs.get("drafters", np.empty(0)).reshape(-1)),
+        max_drafters=max_drafters,
+        adaptive_draft_length=_scalar(inputs, "adaptive_draft_length", True, bool),
     )

@@ -136,15 +136,15 @@ class LoadMonitor:
 class SpeculationController:
     """Decides k for one request's next round from its acceptance and the deployment's load."""
 
-    def __init__(self, k_max: int, probe_every: int = 8):
-        self.k_max = k_max
+    def __init__(self, k_max: int, adaptive: bool = True, probe_every: int = 8):
+        self.k_max, self.adaptive = k_max, adaptive  # not adaptive: always k_max (the ablation)
         self.acceptance = AcceptanceTracker()
         self.probe_every = probe_every
         self.plain_rounds = 0
 
     def draft_length(self, costs: CostModel | None, load: float, tree_factor: float = 1.0,
                      speculation_pays: bool = True) -> int:
-        if costs is None:  # nothing measured yet: speculate at full length
+        if costs is None or not self.adaptive:  # nothing measured yet: speculate at full length
             return self.k_max
         k = costs.best_draft_length(self.acceptance.rate, load, self.k_max, tree_factor)
         if k == 0 or not speculation_pays:

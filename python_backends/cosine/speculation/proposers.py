@@ -165,10 +165,11 @@ class FusionProposer(Proposer):
     """cosine: routed drafters fused step by step by confidence, draft length set by the controller."""
 
     def __init__(self, sessions: list[DrafterSession], router: RouterClient, monitor: LoadMonitor, k_max: int,
-                 max_drafters: int = 2, busy_load: int = 2, max_siblings: int = 1, exploring_rounds: int = 2):
+                 max_drafters: int = 2, busy_load: int = 2, max_siblings: int = 1, exploring_rounds: int = 2,
+                 adaptive: bool = True):
         self.all_sessions, self.sessions = sessions, []
         self.router, self.monitor = router, monitor
-        self.controller = SpeculationController(k_max)
+        self.controller = SpeculationController(k_max, adaptive)
         self.max_drafters, self.max_siblings = max_drafters, max_siblings
         # Above this many active requests the deployment is busy. Cooperating drafters fuse step by step, a drafter
         # call per position instead of per round, and those calls would queue behind other requests'; sibling
