@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 from test_server import as_list, generate, stream_events
-from tiny_models import PROMPTS, reference_generate
+from tiny_models import PROMPTS, reference_generate_all
 from transformers import AutoConfig
 from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig
 
@@ -272,7 +272,7 @@ def trtllm_server(tiny_dir, tmp_path_factory):
 def plain(llama):
     """Plain greedy decoding (transformers), per prompt, as the server returns it: up to the EOS token."""
     eos = AutoConfig.from_pretrained(llama).eos_token_id
-    outputs = {prompt: reference_generate(llama, prompt, 16) for prompt in PROMPTS}
+    outputs = reference_generate_all(llama, PROMPTS, 16)
     return {prompt: ids[:ids.index(eos)] if eos in ids else ids for prompt, ids in outputs.items()}
 
 
