@@ -5,6 +5,7 @@ are the contract double (tests/trtllm_contract_double: the portable engine under
 contract), where greedy outputs must equal plain decoding in every mode, concurrently and streamed."""
 import asyncio
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from google.protobuf import text_format
 from test_server import as_list, generate, stream_events
 from tiny_models import PROMPTS, reference_generate_all
@@ -107,7 +109,7 @@ def test_every_generated_config_parses_and_trtllm_ones_carry_the_template_parame
 def test_spec_errors_name_the_field(tiny_dir, tmp_path, change, message):
     raw = trtllm_spec(tiny_dir, tmp_path)
     change(raw)
-    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SpecError, match=re.escape(message)):
         parse_spec(raw, tmp_path)
 
 
@@ -152,7 +154,7 @@ def test_building_needs_trtllm_and_the_cache_key_follows_the_inputs(tiny_dir, tm
     raw = trtllm_spec(tiny_dir, tmp_path)
     raw["target"]["checkpoint"] = str(tmp_path / "llama")
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    (tmp_path / "spec.yaml").write_text(__import__("yaml").safe_dump(raw))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     assert run_build_engines("--spec", tmp_path / "spec.yaml", "--build-trtllm",
                              "--repository", tmp_path / "repository") == 2
     assert "trtllm-build is not on PATH" in capsys.readouterr().err
@@ -163,6 +165,33 @@ def test_building_needs_trtllm_and_the_cache_key_follows_the_inputs(tiny_dir, tm
     assert input_hash(target, "1.2.1") != before
     raw["target"]["trtllm"]["max_draft_len"] = 4
     assert input_hash(engine_builds(parse_spec(raw, tmp_path))[0], "1.2.1") != input_hash(target, "1.2.1")
+
+
+def test_engines_are_built_once_per_input_hash_with_progress(tiny_dir, tmp_path, monkeypatch):
+    """The build steps against stand-ins for the converter and trtllm-build (TensorRT-LLM is not installed here)."""
+    from cosine.deploy import trtllm_build
+
+    ran = []
+
+    def fake_run(command):
+        ran.append(command[0])
+        if command[0] == "trtllm-build":  # an engine directory as trtllm-build leaves it
+            output_dir = Path(command[command.index("--output_dir") + 1])
+            (output_dir / trtllm_build.ENGINE_CONFIG).write_text("{}")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(trtllm_build.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(trtllm_build.importlib.metadata, "version", lambda name: "1.2.1")
+    monkeypatch.setattr(trtllm_build.subprocess, "run", fake_run)
+    builds = engine_builds(parse_spec(trtllm_spec(tiny_dir, tmp_path), tmp_path))
+    shown = []
+    trtllm_build.build_engines(builds, progress=shown.append)
+    assert ran == ["python3", "trtllm-build"] * 3 and all(build.built for build in builds)
+    assert any("[1/3] target: building the engine" in line for line in shown)
+    shown.clear()
+    trtllm_build.build_engines(builds, progress=shown.append)
+    assert len(ran) == 6 and shown == [f"[{i}/3] {b.model}: engine up to date in {b.engine_dir}"
+                                       for i, b in enumerate(builds, 1)]
 
 
 def test_dockerfile_passes_hadolint():

@@ -219,14 +219,10 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
     return spec
 
 
-def engine_fields(spec: DeploymentSpec) -> dict[str, EngineSpec]:
-    """Every engine by its field in the spec ("target", "drafters.<name>")."""
-    return {"target": spec.target, **{f"drafters.{name}": drafter for name, drafter in spec.drafters.items()}}
-
-
 def _check_shared_gpus(spec: DeploymentSpec) -> None:
-    by_gpu: dict[int, list[tuple[str, float]]] = {}
-    for where, engine in engine_fields(spec).items():
+    by_gpu: dict[int, list[tuple[str, float]]] = {}  # GPU -> [(spec field of a TRT-LLM model, its KV fraction)]
+    engines = {"target": spec.target, **{f"drafters.{name}": drafter for name, drafter in spec.drafters.items()}}
+    for where, engine in engines.items():
         if engine.trtllm is not None:
             by_gpu.setdefault(engine.trtllm.gpu, []).append((where, engine.trtllm.kv_cache_free_gpu_mem_fraction))
     for gpu, models in by_gpu.items():
