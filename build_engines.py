@@ -6,9 +6,12 @@
   python build_engines.py --target DIR --drafter NAME=DIR [--drafter ...]
                                                   serve your own HF checkpoints (same tokenizer required)
   python build_engines.py --spec deployment.yaml  (re)write the repository from an existing spec
+        [--build-trtllm]                          first build the TensorRT-LLM engines of its `kind: trtllm` models
+                                                  (inside the NGC trtllm container; progress shown)
+        [--dry-run]                               only print the exact engine build commands (any machine)
 
 Every mode writes a deployment spec (YAML: models, paths, instances, batching, KV budget, ports) and generates the
-model repository from it. Re-running with unchanged inputs does no training.
+model repository from it. Re-running with unchanged inputs does no training and rebuilds no engine.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ sys.path.insert(0, str(ROOT / "python_backends"))
 
 from cosine.deploy.repository import write_repository  # noqa: E402
 from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec  # noqa: E402
+from cosine.deploy.trtllm_build import (CONTAINER, build_engines, describe, engine_builds,  # noqa: E402
+                                        missing_engines)
 
 # Engine settings for a small CPU: one torch thread per engine process. Several processes share the cores, and a
 # multi-threaded torch whose threads get descheduled waits at every barrier (measured on 2 cores: a target step took
@@ -71,8 +76,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out-spec", type=Path, help="spec to write (default artifacts/deployment-<name>.yaml)")
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
                         help="model repository to write (default: the checked-in model_repository/)")
+    parser.add_argument("--build-trtllm", action="store_true",
+                        help=f"build the spec's TensorRT-LLM engines first (inside {CONTAINER})")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the TensorRT-LLM engine build commands and exit (needs --spec)")
     args = parser.parse_args(argv)
+    if args.dry_run and not args.spec:
+        parser.error("--dry-run needs --spec")
     try:
+        if args.dry_run:
+            print(describe(engine_builds(load_spec(args.spec))) or "no kind: trtllm models in this spec")
+            return 0
         if args.spec:
             spec_path = args.spec
         elif args.demo:
@@ -82,12 +96,19 @@ def main(argv=None) -> int:
             spec_path = args.out_spec or ROOT / "artifacts" / "deployment-user.yaml"
             user_spec(args.target, args.drafter, spec_path)
         spec = load_spec(spec_path)
+        builds = engine_builds(spec)
+        if args.build_trtllm:
+            build_engines(builds)
         repository = write_repository(spec, args.repository, relative_paths=True)
-    except (SpecError, ValueError) as error:
+    except (SpecError, ValueError, RuntimeError) as error:
         print(f"build_engines: error: {error}", file=sys.stderr)
         return 2
     print(f"deployment spec: {spec_path}\nmodel repository: {repository}\n"
           f"models: target, {', '.join('drafter_' + n for n in spec.drafters) or 'no drafters'}")
+    for build in missing_engines(builds):
+        print(f"{build.model}: TensorRT-LLM engine not built yet ({build.engine_dir}); the repository refers to it. "
+              f"Build it inside {CONTAINER} with: python build_engines.py --spec {spec_path} --build-trtllm "
+              f"(--dry-run prints the commands)")
     return 0
 
 

@@ -54,10 +54,19 @@ def make_checkpoint(out_dir: Path, tokenizer_dir: Path, model_type: str = "llama
 
 def reference_generate(checkpoint: Path, prompt: str, max_new_tokens: int) -> list[int]:
     """transformers' own greedy generate: the ground truth for every exactness test."""
+    return reference_generate_all(checkpoint, [prompt], max_new_tokens)[prompt]
+
+
+def reference_generate_all(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> dict[str, list[int]]:
+    """reference_generate for several prompts, loading the model once."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    outputs = {}
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        outputs[prompt] = out[0, ids.shape[1]:].tolist()
+    return outputs

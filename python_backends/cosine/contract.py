@@ -26,6 +26,8 @@ class TensorSpec:
     optional: bool = False
     # Engine calls carry one sequence each with a different token count; Triton may still batch them.
     ragged: bool = False
+    # one value per request that the model reads as a scalar (the tensorrtllm backend's `reshape: { shape: [ ] }`)
+    scalar: bool = False
 
     @property
     def numpy_dtype(self):
@@ -37,6 +39,8 @@ class TensorSpec:
             parts.append("optional: true")
         if is_input and self.ragged:
             parts.append("allow_ragged_batch: true")
+        if self.scalar:
+            parts.append("reshape: { shape: [ ] }")
         return "  { " + " ".join(parts) + " }"
 
 
@@ -199,5 +203,39 @@ ROUTER = ModelContract(
         TensorSpec("cooperate", "TYPE_INT32", (1,)),
         TensorSpec("context", "TYPE_STRING", (1,)),
         TensorSpec("acceptance", "TYPE_FP32", (1,)),  # the first choice's expected per-token acceptance
+    ),
+)
+
+
+def _trtllm_scalar(name, dtype, optional=True):
+    return TensorSpec(name, dtype, (1,), optional, scalar=True)
+
+
+# The `tensorrt_llm` model of TensorRT-LLM's Triton backend (triton_backend/all_models/inflight_batcher_llm/
+# tensorrt_llm/config.pbtxt): the inputs and outputs CoSine's adapter uses, with the template's names, dtypes and
+# dims. One sequence per request (the backend takes batch > 1 only when decoupled); it keeps no state between
+# requests. request_output_len: tokens to generate after input_ids, accepted draft tokens included.
+# draft_input_ids: a chain of draft tokens verified by token match. The backend returns only requested outputs.
+TENSORRT_LLM = ModelContract(
+    inputs=(
+        TensorSpec("input_ids", "TYPE_INT32", (-1,), optional=True, ragged=True),
+        _trtllm_scalar("input_lengths", "TYPE_INT32", optional=False),
+        _trtllm_scalar("request_output_len", "TYPE_INT32", optional=False),
+        TensorSpec("draft_input_ids", "TYPE_INT32", (-1,), optional=True, ragged=True),
+        _trtllm_scalar("end_id", "TYPE_INT32"),
+        _trtllm_scalar("temperature", "TYPE_FP32"),
+        _trtllm_scalar("runtime_top_k", "TYPE_INT32"),
+        _trtllm_scalar("runtime_top_p", "TYPE_FP32"),
+        _trtllm_scalar("min_tokens", "TYPE_INT32"),
+        _trtllm_scalar("seed", "TYPE_UINT64"),
+        _trtllm_scalar("return_context_logits", "TYPE_BOOL"),
+        _trtllm_scalar("return_generation_logits", "TYPE_BOOL"),
+        _trtllm_scalar("exclude_input_in_output", "TYPE_BOOL"),
+    ),
+    outputs=(
+        TensorSpec("output_ids", "TYPE_INT32", (-1, -1)),  # [beams, tokens], padded with -1
+        TensorSpec("sequence_length", "TYPE_INT32", (-1,)),  # [beams]
+        TensorSpec("context_logits", "TYPE_FP32", (-1, -1)),  # [input tokens, vocab]
+        TensorSpec("generation_logits", "TYPE_FP32", (-1, -1, -1)),  # [beams, generated tokens, vocab]
     ),
 )

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER
+from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
 from ..engine.checkpoint import max_context_tokens, read_config
 from .spec import DeploymentSpec, EngineSpec
 
@@ -49,6 +49,60 @@ def _engine_config(name: str, engine: EngineSpec, path, is_target: bool) -> str:
         queue_delay_us=engine.max_queue_delay_us)
 
 
+def _trtllm_config(name: str, engine: EngineSpec, is_target: bool) -> str:
+    """The tensorrtllm backend's model with the parameters TensorRT-LLM's template (inflight_batcher_llm/
+    tensorrt_llm/config.pbtxt) sets for draft-target speculation; unset template parameters keep the backend's
+    defaults. Not decoupled: the adapter sends one sequence per request and reads one response (the backend takes
+    a batch of sequences in one request only when decoupled; the in-flight batcher batches requests anyway)."""
+    settings = engine.trtllm
+    parameters = {
+        "gpt_model_type": "inflight_fused_batching",
+        # absolute: the backend opens it from the server's working directory, not relative to the repository
+        "gpt_model_path": str(settings.engine_dir),
+        "max_beam_width": 1,
+        "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+        "batch_scheduler_policy": settings.batch_scheduler_policy,
+        "kv_cache_free_gpu_mem_fraction": settings.kv_cache_free_gpu_mem_fraction,
+        # every round resends the whole sequence: block reuse spares recomputing its prefix
+        "enable_kv_cache_reuse": "true",
+        # a resent sequence may be longer than max_num_tokens: its uncached part is computed in chunks
+        "enable_chunked_context": "true",
+        "exclude_input_in_output": "true",
+        "gpu_device_ids": settings.gpu,
+        "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker",
+    }
+    if not is_target:
+        parameters["normalize_log_probs"] = "false"
+    lines = [
+        f'name: "{name}"', 'backend: "tensorrtllm"', f"max_batch_size: {engine.max_batch_size}",
+        "model_transaction_policy { decoupled: false }",
+        f"dynamic_batching {{ preferred_batch_size: [ {engine.max_batch_size} ] max_queue_delay_microseconds: "
+        f"{engine.max_queue_delay_us} default_queue_policy: {{ max_queue_size: {settings.max_queue_size} }} }}",
+        # the backend runs the engine on its own GPU (gpu_device_ids); the instance itself is a CPU thread
+        "instance_group [ { kind: KIND_CPU count: 1 } ]",
+    ]
+    return "\n".join(lines) + "\n" + TENSORRT_LLM.pbtxt_io() + _parameters(parameters)
+
+
+def _model_config(name: str, engine: EngineSpec, path, is_target: bool) -> tuple[str | None, str]:
+    """(adapter folder to copy model.py from, or None for the tensorrtllm backend; config.pbtxt text)."""
+    if engine.kind == "trtllm":
+        return None, _trtllm_config(name, engine, is_target)
+    return TARGET, _engine_config(name, engine, path, is_target)
+
+
+def _verifiable_draft(engine: EngineSpec, is_target: bool) -> int | None:
+    """The longest draft (nodes) the engine can verify; None: no limit from it (a TRT-LLM drafter only drafts)."""
+    if engine.kind == "trtllm":
+        return engine.trtllm.max_draft_len if is_target else None
+    return engine.max_draft_tokens
+
+
+def _max_context(spec: DeploymentSpec) -> int:
+    target = spec.target
+    return target.trtllm.max_seq_len if target.kind == "trtllm" else max_context_tokens(read_config(target.checkpoint))
+
+
 def _end_id(checkpoint: Path) -> str:
     """The checkpoint's EOS id (generation_config.json first, as transformers does)."""
     for name in ("generation_config.json", "config.json"):
@@ -62,15 +116,20 @@ def _end_id(checkpoint: Path) -> str:
     return ""
 
 
-def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
-    """{model name: (adapter folder, config.pbtxt text)}; `path` renders checkpoint paths."""
+def engine_kinds(spec: DeploymentSpec) -> dict[str, str]:
+    """{engine model name: kind}."""
+    return {TARGET: spec.target.kind, **{drafter_model_name(n): d.kind for n, d in spec.drafters.items()}}
+
+
+def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str | None, str]]:
+    """{model name: (adapter folder or None, config.pbtxt text)}; `path` renders checkpoint paths."""
     tokenizer = {"tokenizer_dir": path(spec.tokenizer_dir)}
     configs = {
         PREPROCESSING_MODEL: (PREPROCESSING_MODEL, _config(PREPROCESSING_MODEL, PREPROCESSING, 64, tokenizer,
                                                            queue_delay_us=500)),
         POSTPROCESSING_MODEL: (POSTPROCESSING_MODEL, _config(POSTPROCESSING_MODEL, POSTPROCESSING, 64, tokenizer,
                                                              queue_delay_us=500)),
-        TARGET: (TARGET, _engine_config(TARGET, spec.target, path, is_target=True)),
+        TARGET: _model_config(TARGET, spec.target, path, is_target=True),
         COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
             "target_model": TARGET,
             "tokenizer_dir": path(spec.tokenizer_dir),
@@ -82,16 +141,20 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
             "adaptive_draft_tokens": spec.adaptive_draft_tokens,
             "plain_decode_steps": spec.plain_decode_steps,
             # a draft must fit every engine's verification slack
-            "max_draft_tokens": min(e.max_draft_tokens for e in (spec.target, *spec.drafters.values())),
+            "max_draft_tokens": min(filter(None, [_verifiable_draft(spec.target, True)] + [
+                _verifiable_draft(e, False) for e in spec.drafters.values()])),
             "preprocessing_model": PREPROCESSING_MODEL,  # clients count prompt tokens with it
-            "max_context_tokens": max_context_tokens(read_config(spec.target.checkpoint)),
+            "max_context_tokens": _max_context(spec),
+            # "": the tokenizer's EOS (a TRT-LLM target's checkpoint may not be here when the repository is written)
             "end_id": _end_id(spec.target.checkpoint),
+            # model=kind for every engine: the cosine model picks the adapter that speaks its contract
+            "engine_kinds": ",".join(f"{model}={kind}" for model, kind in engine_kinds(spec).items()),
             "default_max_tokens": spec.default_max_tokens,
         }, decoupled=True)),
     }
     for name, drafter in spec.drafters.items():
         model = drafter_model_name(name)
-        configs[model] = (TARGET, _engine_config(model, drafter, path, is_target=False))
+        configs[model] = _model_config(model, drafter, path, is_target=False)
     if spec.drafters:
         # learned routing state lives in one process: one instance, requests in order
         configs[ROUTER_MODEL] = (ROUTER_MODEL, _config(ROUTER_MODEL, ROUTER, 64, {"drafters": ",".join(spec.drafters)}))
@@ -115,6 +178,8 @@ def write_repository(spec: DeploymentSpec, out_dir: str | Path, relative_paths: 
         model_dir = out_dir / model
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
         (model_dir / "config.pbtxt").write_text(config)
+        if adapter is None:  # served by a C++ backend
+            continue
         source = ADAPTERS / adapter / "1" / "model.py"
         if source.resolve() != (model_dir / "1" / "model.py").resolve():
             shutil.copyfile(source, model_dir / "1" / "model.py")

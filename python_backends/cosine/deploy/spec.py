@@ -15,11 +15,36 @@ class SpecError(ValueError):
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+ENGINE_KINDS = ("portable", "trtllm")
+TRTLLM_DTYPES = ("float16", "bfloat16")
+BATCH_SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+# kv_cache_free_gpu_mem_fraction is a fraction of the memory free when a model loads; the TRT-LLM models sharing a
+# GPU together may claim at most this much of it, leaving room for activations and the other models' weights.
+MAX_SHARED_KV_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class TrtllmSpec:
+    """A TensorRT-LLM engine built from the model's HF checkpoint, served by Triton's tensorrtllm backend."""
+    engine_dir: Path
+    dtype: str = "bfloat16"  # float16 | bfloat16
+    # prompt + output; for the target also the context the cosine model admits against. Every round resends the
+    # whole sequence as the request's input, so the engine's input limit is this too (max_seq_len - 1).
+    max_seq_len: int = 8192
+    # tokens per engine iteration (in-flight batching packs prefills and decodes; longer inputs go in chunks)
+    max_num_tokens: int = 8192
+    max_draft_len: int = 8  # target only: draft tokens one pass verifies (trtllm-build --max_draft_len)
+    kv_cache_free_gpu_mem_fraction: float = 0.3
+    gpu: int = 0  # CUDA device the engine runs on (tensor parallelism is not supported here)
+    batch_scheduler_policy: str = "guaranteed_no_evict"
+    max_queue_size: int = 0  # Triton's queue limit for the model; 0: unlimited
 
 
 @dataclass(frozen=True)
 class EngineSpec:
     checkpoint: Path
+    kind: str = "portable"  # portable (PyTorch, Python backend) | trtllm (TensorRT-LLM engine)
+    trtllm: TrtllmSpec | None = None  # kind trtllm: its engine's settings
     instances: int = 1
     device: str = "cpu"  # cpu | gpu
     kv_cache_tokens: int = 32768
@@ -76,6 +101,44 @@ def _positive_int(where: str, value, allow_zero: bool = False) -> int:
     return value
 
 
+# Portable-engine settings that a TensorRT-LLM model does not take (its own live under `trtllm`).
+PORTABLE_ONLY = ("instances", "device", "kv_cache_tokens", "num_threads", "dtype", "max_draft_tokens",
+                 "idle_timeout_s")
+
+
+def _fraction(where: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SHARED_KV_FRACTION:
+        raise SpecError(f"{where}: must be a number in (0, {MAX_SHARED_KV_FRACTION}], got {value!r}")
+    return float(value)
+
+
+def _trtllm(where: str, raw, base: Path) -> TrtllmSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: must be a mapping with at least 'engine_dir'")
+    known = set(TrtllmSpec.__dataclass_fields__)
+    unknown = set(raw) - known
+    if unknown:
+        raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown field (known: {', '.join(sorted(known))})")
+    if "engine_dir" not in raw:
+        raise SpecError(f"{where}.engine_dir: required (where the TensorRT-LLM engine is built and served from)")
+    values = dict(raw, engine_dir=(base / str(raw["engine_dir"])).resolve())
+    for name in ("max_seq_len", "max_num_tokens", "max_draft_len"):
+        if name in values:
+            _positive_int(f"{where}.{name}", values[name])
+    for name in ("gpu", "max_queue_size"):
+        if name in values:
+            _positive_int(f"{where}.{name}", values[name], allow_zero=True)
+    if "kv_cache_free_gpu_mem_fraction" in values:
+        values["kv_cache_free_gpu_mem_fraction"] = _fraction(f"{where}.kv_cache_free_gpu_mem_fraction",
+                                                             values["kv_cache_free_gpu_mem_fraction"])
+    if values.get("dtype", TrtllmSpec.dtype) not in TRTLLM_DTYPES:
+        raise SpecError(f"{where}.dtype: must be one of {', '.join(TRTLLM_DTYPES)}, got {values['dtype']!r}")
+    if values.get("batch_scheduler_policy", TrtllmSpec.batch_scheduler_policy) not in BATCH_SCHEDULER_POLICIES:
+        raise SpecError(f"{where}.batch_scheduler_policy: must be one of {', '.join(BATCH_SCHEDULER_POLICIES)}, "
+                        f"got {values['batch_scheduler_policy']!r}")
+    return TrtllmSpec(**values)
+
+
 def _engine(where: str, raw, base: Path) -> EngineSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: must be a mapping with at least 'checkpoint'")
@@ -85,8 +148,23 @@ def _engine(where: str, raw, base: Path) -> EngineSpec:
         raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown field (known: {', '.join(sorted(known))})")
     if "checkpoint" not in raw:
         raise SpecError(f"{where}.checkpoint: required")
+    kind = raw.get("kind", EngineSpec.kind)
+    if kind not in ENGINE_KINDS:
+        raise SpecError(f"{where}.kind: must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
     checkpoint = (base / str(raw["checkpoint"])).resolve()
-    if not (checkpoint / "config.json").is_file():
+    if kind == "trtllm":
+        # The HF checkpoint is read when its engine is built and (its tokenizer) when the target serves, not to
+        # write the repository: build_engines.py reports a missing one then.
+        misplaced = [name for name in PORTABLE_ONLY if name in raw]
+        if misplaced:
+            raise SpecError(f"{where}.{misplaced[0]}: a portable-engine setting; a trtllm model takes its engine "
+                            f"settings under {where}.trtllm")
+        if "trtllm" not in raw:
+            raise SpecError(f"{where}.trtllm: required for kind trtllm (at least engine_dir)")
+        raw = dict(raw, trtllm=_trtllm(f"{where}.trtllm", raw["trtllm"], base))
+    elif "trtllm" in raw:
+        raise SpecError(f"{where}.trtllm: only for kind trtllm (this model's kind is {kind})")
+    elif not (checkpoint / "config.json").is_file():
         raise SpecError(f"{where}.checkpoint: {checkpoint} is not a checkpoint directory (no config.json)")
     values = dict(raw, checkpoint=checkpoint)
     for name in ("instances", "kv_cache_tokens", "max_batch_size", "max_draft_tokens"):
@@ -136,7 +214,23 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
         ports.append(values.get(name, DeploymentSpec.__dataclass_fields__[name].default))
     if len(set(ports)) != 3:
         raise SpecError(f"http_port/grpc_port/metrics_port: must differ, got {ports}")
-    return DeploymentSpec(**values)
+    spec = DeploymentSpec(**values)
+    _check_shared_gpus(spec)
+    return spec
+
+
+def _check_shared_gpus(spec: DeploymentSpec) -> None:
+    by_gpu: dict[int, list[tuple[str, float]]] = {}  # GPU -> [(spec field of a TRT-LLM model, its KV fraction)]
+    engines = {"target": spec.target, **{f"drafters.{name}": drafter for name, drafter in spec.drafters.items()}}
+    for where, engine in engines.items():
+        if engine.trtllm is not None:
+            by_gpu.setdefault(engine.trtllm.gpu, []).append((where, engine.trtllm.kv_cache_free_gpu_mem_fraction))
+    for gpu, models in by_gpu.items():
+        total = sum(fraction for _, fraction in models)
+        if total > MAX_SHARED_KV_FRACTION + 1e-9:
+            raise SpecError(f"{models[-1][0]}.trtllm.kv_cache_free_gpu_mem_fraction: the TensorRT-LLM models on "
+                            f"GPU {gpu} ({', '.join(where for where, _ in models)}) reserve {total:g} of its free "
+                            f"memory for KV cache together; at most {MAX_SHARED_KV_FRACTION} may be")
 
 
 def load_spec(path: str | Path) -> DeploymentSpec:
@@ -155,9 +249,15 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
     def rel(p: Path) -> str:
         return str(Path(os.path.relpath(p, path.parent.resolve())))
 
+    def non_default(obj) -> dict:
+        fields = type(obj).__dataclass_fields__
+        return {k: getattr(obj, k) for k in fields if getattr(obj, k) != fields[k].default}
+
     def engine(e: EngineSpec) -> dict:
-        out = {k: getattr(e, k) for k in EngineSpec.__dataclass_fields__ if getattr(e, k) != EngineSpec.__dataclass_fields__[k].default}
+        out = non_default(e)
         out["checkpoint"] = rel(e.checkpoint)
+        if e.trtllm is not None:
+            out["trtllm"] = dict(non_default(e.trtllm), engine_dir=rel(e.trtllm.engine_dir))
         return out
 
     raw = {"target": engine(spec.target), "drafters": {n: engine(d) for n, d in spec.drafters.items()}}

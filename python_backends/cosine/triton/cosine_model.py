@@ -15,9 +15,10 @@ from ..serving.batching import CoalescingEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
 from ..serving.request import parse_generation_request
+from ..serving.trtllm import TrtllmEngine
 from ..speculation.router import Route
 from .io import (Metrics, bls, engine_transport, error_response, model_parameters, request_inputs, resolve_path,
-                 tensors)
+                 tensors, trtllm_transport)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -39,17 +40,27 @@ class BlsRouter:
                   feedback_trials=list(trials.values()))
 
 
+def engine_client(model_name: str, kinds: dict[str, str]):
+    """The engine interface to an engine model, by its kind (the engine_kinds parameter; absent: portable)."""
+    if kinds.get(model_name) == "trtllm":
+        return TrtllmEngine(model_name, trtllm_transport(model_name))
+    return CoalescingEngine(model_name, engine_transport(model_name))
+
+
 class CosineModel:
     def initialize(self, args):
         params = model_parameters(args)
         drafters = [name for name in params["drafters"].split(",") if name]
+        kinds = dict(item.split("=", 1) for item in params.get("engine_kinds", "").split(",") if item)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(params["tokenizer_dir"], args)),
+                                                  local_files_only=True)
         self.deployment = Deployment(
-            target=CoalescingEngine(params["target_model"], engine_transport(params["target_model"])),
-            tokenizer=AutoTokenizer.from_pretrained(str(resolve_path(params["tokenizer_dir"], args)),
-                                                    local_files_only=True),
+            target=engine_client(params["target_model"], kinds),
+            tokenizer=tokenizer,
             max_context=int(params["max_context_tokens"]),
-            end_id=int(params["end_id"]) if params.get("end_id") else None,
-            drafters={name: CoalescingEngine(drafter_model_name(name), engine_transport(drafter_model_name(name)))
+            # empty: the repository was written without the checkpoint at hand; the tokenizer knows its EOS
+            end_id=int(params["end_id"]) if params.get("end_id") else tokenizer.eos_token_id,
+            drafters={name: engine_client(drafter_model_name(name), kinds)
                       for name in drafters},
             general_drafter=params.get("general_drafter") or None,
             router=BlsRouter(params["router_model"]) if params.get("router_model") else None,

@@ -79,6 +79,12 @@ def engine_transport(model_name: str):
     return lambda arrays: bls_arrays(model_name, outputs, arrays)
 
 
+def trtllm_transport(model_name: str):
+    """The TrtllmEngine transport to a `tensorrt_llm` model: one request, asking only for the outputs it needs (the
+    tensorrtllm backend returns nothing else)."""
+    return lambda arrays, outputs: bls_arrays(model_name, outputs, arrays)
+
+
 class Metrics:
     """Prometheus families (created once per process) with per-model labels."""
 
