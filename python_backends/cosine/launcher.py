@@ -1,15 +1,19 @@
-"""Find, start and stop a Triton Inference Server process (stdlib only).
+"""Find, start, watch and stop a Triton Inference Server process (stdlib only).
 
 Two layouts are supported: an NGC container (``tritonserver`` on PATH or under
 /opt/tritonserver, backends in /opt/tritonserver/backends) and the server bundled
 in the ``nvidia-pytriton`` wheel (the Python backend stub must be copied in).
+
+A watchdog restores models whose Python-backend stub process died (see StubWatchdog).
 """
 from __future__ import annotations
 
 import filecmp
 import importlib.util
 import os
+import logging
 import re
+import secrets
 import shutil
 import signal
 import site
@@ -17,9 +21,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -28,6 +34,18 @@ import cosine
 
 OPT_ROOT = Path("/opt/tritonserver")
 LOG_TAIL_LINES = 40
+STUB_BINARY = "triton_python_backend_stub"
+# Internal models refuse calls that do not carry this secret (see cosine.serving.trust); stubs inherit the
+# server's environment, and no config.pbtxt holds it, so the model-config API cannot reveal it.
+DEPLOYMENT_SECRET_ENV = "COSINE_DEPLOYMENT_SECRET"
+# Explicit model control opens the repository API (load/unload) to every client; the launcher restricts it to
+# requests carrying this header with a random per-server value only it knows.
+ADMIN_HEADER = "cosine-admin-key"
+ADMIN_APIS = "model-repository,logging,trace"
+# Drafter models (named with this prefix): the deployment serves without them, degraded (see StubWatchdog)
+DRAFTER_MODEL_PREFIX = "drafter_"
+
+log = logging.getLogger("cosine.launcher")
 
 
 class LaunchError(RuntimeError):
@@ -124,13 +142,93 @@ def validate_repository(path: Path) -> None:
         raise LaunchError(f"model repository {path} is invalid: no <model>/config.pbtxt in it")
 
 
+def stub_processes(server_pid: int) -> dict[int, str]:
+    """The live Python-backend stubs of a server, {pid: model name}. A killed stub is gone, or a zombie child of
+    the server until reaped: either way it is not listed."""
+    stubs = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile
+            continue
+        state, parent = stat.rpartition(")")[2].split()[:2]
+        if int(parent) == server_pid and state != "Z" and argv[0].endswith(STUB_BINARY.encode()):
+            stubs[int(entry.name)] = Path(argv[1].decode()).parent.parent.name  # <repo>/<model>/<version>/model.py
+    return stubs
+
+
+class StubWatchdog:
+    """Restores a model whose Python-backend stub process died (kill -9, the OOM killer, a crash in native code).
+
+    Measured on Triton 2.51: after such a death Triton neither restarts the stub nor marks the model (or the
+    server, even with strict readiness) unready, and every call to the model fails after ~1 s with "Stub process
+    '<instance>' is not healthy", for good. Its repository API (load/unload, explicit model control) is the
+    supported way back. The watchdog lives in the launcher: it owns the server process whose children the stubs
+    are, while a model can neither see other models' processes nor survive its own death. It polls /proc (cheap,
+    and it sees a death before any call has to wait on it), then restores the model:
+    - a drafter: loaded again in place (Triton swaps the new instance in when it is ready). The deployment serves
+      without the drafter meanwhile, so readiness stays true;
+    - the target and every other model: unloaded, then loaded. While unloaded it is not ready, so strict readiness
+      (/v2/health/ready) tells load balancers that this server cannot serve, and calls to it fail at once ("not
+      ready") instead of after ~1 s each.
+    Restores are counted per model (`restores`) and logged: the launcher is no Triton model, so it has no place in
+    Triton's metrics; the cosine model's engine error counters show the same events from the serving side."""
+
+    def __init__(self, server: "TritonServer", load_timeout: float, interval_s: float = 0.25):
+        self.server, self.load_timeout, self.interval_s = server, load_timeout, interval_s
+        self.restores: Counter[str] = Counter()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cosine-stub-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        process = self.server.process
+        watched = stub_processes(process.pid)
+        retired: set[int] = set()  # a restored model's other, old instances: they exit on their own
+        while not self._stopping.wait(self.interval_s) and process.poll() is None:
+            alive = stub_processes(process.pid)
+            dead = sorted({model for stub, model in watched.items() if stub not in alive})
+            for model in dead:
+                retired |= {stub for stub, name in alive.items() if name == model}
+                self._restore(model)
+            if dead:
+                alive = stub_processes(process.pid)
+            retired &= alive.keys()
+            watched = {stub: model for stub, model in alive.items() if stub not in retired}
+
+    def _restore(self, model: str) -> None:
+        started = time.monotonic()
+        in_place = model.startswith(DRAFTER_MODEL_PREFIX)
+        log.warning("model %s: its Python backend stub died; restoring it (%s)", model,
+                    "in place" if in_place else "unloaded until then: the server reports not ready")
+        try:
+            if not in_place:
+                self.server.repository_call(model, "unload", self.load_timeout)
+            self.server.repository_call(model, "load", self.load_timeout)
+        except (urllib.error.URLError, OSError) as error:
+            detail = error.read().decode(errors="replace") if isinstance(error, urllib.error.HTTPError) else error
+            log.error("model %s: restoring failed: %s", model, detail)
+            return
+        self.restores[model] += 1
+        log.warning("model %s restored in %.1f s", model, time.monotonic() - started)
+
+
 class TritonServer:
     """A tritonserver process. Use as a context manager, or call start()/stop()."""
 
     def __init__(self, model_repository: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, log_path: str | os.PathLike | None = None,
                  extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 model_control_mode: str | None = None, exit_timeout: int = 5):
+                 restore_models: bool = True, exit_timeout: int = 5):
         self.model_repository = Path(model_repository).resolve()
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         if log_path is None:
@@ -138,7 +236,9 @@ class TritonServer:
         self._log_path = Path(log_path).resolve()
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
-        self.model_control_mode = model_control_mode
+        self.restore_models = restore_models
+        self.watchdog: StubWatchdog | None = None
+        self.admin_key = secrets.token_urlsafe(24)  # see ADMIN_HEADER
         # Triton's default (30 s) waits that long on any idle keep-alive client connection at shutdown.
         self.exit_timeout = exit_timeout
         # A distinct shm prefix per server, so that several can run on one machine.
@@ -167,9 +267,12 @@ class TritonServer:
                f"--http-port={self.ports['http']}", f"--grpc-port={self.ports['grpc']}",
                f"--metrics-port={self.ports['metrics']}",
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-               "--log-verbose=0", "--exit-on-error=true", f"--exit-timeout-secs={self.exit_timeout}"]
-        if self.model_control_mode:
-            cmd.append(f"--model-control-mode={self.model_control_mode}")
+               "--log-verbose=0", "--exit-on-error=true", f"--exit-timeout-secs={self.exit_timeout}",
+               # the APIs that change the server, not just use it: only with the launcher's admin key
+               f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}",
+               f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}"]
+        if self.restore_models:  # the watchdog loads models through the repository API
+            cmd += ["--model-control-mode=explicit", "--load-model=*"]
         return cmd + self.extra_args
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
@@ -183,6 +286,8 @@ class TritonServer:
         install = find_tritonserver()
         install_python_stub(install)
         env = {**stub_environment(os.environ), **self.env, "COSINE_PYTHONPATH": python_backend_path()}
+        if not env.get(DEPLOYMENT_SECRET_ENV):  # nodes of one deployment share theirs through the environment
+            env[DEPLOYMENT_SECRET_ENV] = secrets.token_urlsafe(32)
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._log_path, "wb") as log:
             # Own process group: Ctrl-C in our terminal must not hit the server or its stubs directly.
@@ -193,7 +298,22 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        if self.restore_models:
+            self.watchdog = StubWatchdog(self, load_timeout=timeout)
+            self.watchdog.start()
         return self
+
+    @property
+    def restores(self) -> Counter:
+        """Models restored by the watchdog since the start, and how often."""
+        return self.watchdog.restores if self.watchdog else Counter()
+
+    def repository_call(self, model: str, action: str, timeout: float) -> None:
+        """POST /v2/repository/models/<model>/<action> (load, unload) with the admin key."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/{action}",
+                                         b"{}", {ADMIN_HEADER: self.admin_key}, method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -230,6 +350,9 @@ class TritonServer:
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGINT (graceful unload), then SIGKILL the whole group. Returns the exit code."""
+        if self.watchdog is not None:  # first: the stubs exit with the server, and must not be restored
+            self.watchdog.stop()
+            self.watchdog = None
         proc, self.process = self.process, None
         if proc is None:
             return None

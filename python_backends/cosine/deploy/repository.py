@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER
 from ..engine.checkpoint import max_context_tokens, read_config
+from ..launcher import DRAFTER_MODEL_PREFIX
 from .spec import DeploymentSpec, EngineSpec
 
 # The checked-in repository holds the one model.py of each kind of model.
@@ -17,7 +18,7 @@ ROUTER_MODEL = "router"
 
 
 def drafter_model_name(name: str) -> str:
-    return f"drafter_{name}"
+    return f"{DRAFTER_MODEL_PREFIX}{name}"
 
 
 def _parameters(values: dict) -> str:
