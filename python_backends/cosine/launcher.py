@@ -1,4 +1,4 @@
-"""Find, start, watch and stop a Triton Inference Server process (stdlib only).
+"""Find, start, watch and stop a Triton Inference Server process (stdlib and the contract's names only).
 
 Two layouts are supported: an NGC container (``tritonserver`` on PATH or under
 /opt/tritonserver, backends in /opt/tritonserver/backends) and the server bundled
@@ -31,19 +31,15 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import cosine
+from cosine.contract import DEPLOYMENT_SECRET_ENV, DRAFTER_MODEL_PREFIX
 
 OPT_ROOT = Path("/opt/tritonserver")
 LOG_TAIL_LINES = 40
 STUB_BINARY = "triton_python_backend_stub"
-# Internal models refuse calls that do not carry this secret (see cosine.serving.trust); stubs inherit the
-# server's environment, and no config.pbtxt holds it, so the model-config API cannot reveal it.
-DEPLOYMENT_SECRET_ENV = "COSINE_DEPLOYMENT_SECRET"
 # Explicit model control opens the repository API (load/unload) to every client; the launcher restricts it to
 # requests carrying this header with a random per-server value only it knows.
 ADMIN_HEADER = "cosine-admin-key"
 ADMIN_APIS = "model-repository,logging,trace"
-# Drafter models (named with this prefix): the deployment serves without them, degraded (see StubWatchdog)
-DRAFTER_MODEL_PREFIX = "drafter_"
 
 log = logging.getLogger("cosine.launcher")
 

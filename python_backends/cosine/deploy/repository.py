@@ -6,9 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER
+from ..contract import COSINE, DRAFTER_MODEL_PREFIX, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER
 from ..engine.checkpoint import max_context_tokens, read_config
-from ..launcher import DRAFTER_MODEL_PREFIX
 from .spec import DeploymentSpec, EngineSpec
 
 # The checked-in repository holds the one model.py of each kind of model.

@@ -15,6 +15,7 @@ from ..serving.batching import CoalescingEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
 from ..serving.request import parse_generation_request
+from ..serving.trust import deployment_secret
 from ..speculation.router import Route
 from .io import (Metrics, bls, engine_transport, error_response, model_parameters, request_inputs, resolve_path,
                  tensors)
@@ -25,16 +26,18 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class BlsRouter:
     def __init__(self, model_name: str):
         self.model_name = model_name
+        self.secret = deployment_secret().encode()
 
     async def route(self, prompt_logprobs: dict[str, float], max_drafters) -> Route:
         out = await bls(self.model_name, ROUTER, ("ranking", "cooperate", "context", "acceptance"),
-                        drafter_names=[name.encode() for name in prompt_logprobs],
+                        deployment_secret=[self.secret], drafter_names=[name.encode() for name in prompt_logprobs],
                         prompt_logprobs=list(prompt_logprobs.values()), max_drafters=max_drafters)
         return Route(out["context"][0].decode(), [name.decode() for name in out["ranking"]],
                      int(out["cooperate"][0]), float(out["acceptance"][0]))
 
     async def feedback(self, context: str, matches: dict[str, float], trials: dict[str, float]) -> None:
-        await bls(self.model_name, ROUTER, ("context",), feedback_context=[context.encode()],
+        await bls(self.model_name, ROUTER, ("context",), deployment_secret=[self.secret],
+                  feedback_context=[context.encode()],
                   feedback_drafters=[name.encode() for name in trials], feedback_matches=list(matches.values()),
                   feedback_trials=list(trials.values()))
 
