@@ -87,6 +87,9 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str, str]]:
             "max_context_tokens": max_context_tokens(read_config(spec.target.checkpoint)),
             "end_id": _end_id(spec.target.checkpoint),
             "default_max_tokens": spec.default_max_tokens,
+            "max_inflight_requests": spec.max_inflight_requests,
+            "max_queued_tokens": spec.max_queued_tokens,
+            "queue_timeout_s": spec.queue_timeout_s,
         }, decoupled=True)),
     }
     for name, drafter in spec.drafters.items():

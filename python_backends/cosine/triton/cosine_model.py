@@ -14,6 +14,7 @@ from ..deploy.repository import drafter_model_name
 from ..serving.batching import CoalescingEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
+from ..serving.limits import Limits, Overloaded
 from ..serving.request import parse_generation_request
 from ..serving.trust import deployment_secret
 from ..speculation.router import Route
@@ -63,10 +64,19 @@ class CosineModel:
             plain_decode_steps=int(params["plain_decode_steps"]),
             max_draft_tokens=int(params["max_draft_tokens"]),
             on_round=self._count_round,
+            limits=Limits(int(params["max_inflight_requests"]), int(params["max_queued_tokens"]),
+                          float(params["queue_timeout_s"])),
+            on_admitted=lambda queued_s: self.queue_seconds.observe(queued_s),
         )
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
         self.requests = {status: Metrics.metric("cosine_requests_total", "Finished requests by status", status=status)
-                         for status in ("success", "invalid", "cancelled", "error")}
+                         for status in ("success", "invalid", "cancelled", "rejected", "error")}
+        self.rejections = {limit: Metrics.metric("cosine_rejected_requests_total", "Requests refused at a limit "
+                                                 "(UNAVAILABLE)", limit=limit)
+                           for limit in ("max_inflight_requests", "max_queued_tokens")}
+        self.queue_seconds = Metrics.metric("cosine_queue_seconds", "Seconds a request waited for the target's KV "
+                                            "cache before its first step", "HISTOGRAM",
+                                            buckets=[0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120])
         self.output_tokens = Metrics.metric("cosine_output_tokens_total", "Tokens generated")
         self.round_metrics = {}
 
@@ -106,6 +116,10 @@ class CosineModel:
         sender = request.get_response_sender()
         try:
             status = await self._generate(request, sender)
+        except Overloaded as error:
+            sender.send(error_response(error), flags=FINAL)
+            self.rejections[error.limit].increment(1)
+            status = "rejected"
         except ServingError as error:
             sender.send(error_response(error), flags=FINAL)
             status = "invalid" if error.kind == ServingError.INVALID else "error"
