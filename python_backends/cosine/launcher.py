@@ -178,8 +178,10 @@ class StubWatchdog:
         self.restores: Counter[str] = Counter()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cosine-stub-watchdog", daemon=True)
+        self._watched: dict[int, str] = {}
 
     def start(self) -> None:
+        self._watched = stub_processes(self.server.process.pid)  # before returning: a death right after counts
         self._thread.start()
 
     def stop(self) -> None:
@@ -187,8 +189,7 @@ class StubWatchdog:
         self._thread.join()
 
     def _run(self) -> None:
-        process = self.server.process
-        watched = stub_processes(process.pid)
+        process, watched = self.server.process, self._watched
         retired: set[int] = set()  # a restored model's other, old instances: they exit on their own
         while not self._stopping.wait(self.interval_s) and process.poll() is None:
             alive = stub_processes(process.pid)
@@ -264,6 +265,8 @@ class TritonServer:
                f"--metrics-port={self.ports['metrics']}",
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                "--log-verbose=0", "--exit-on-error=true", f"--exit-timeout-secs={self.exit_timeout}",
+               # the configs are complete; auto-completing would start every Python model's stub twice per load
+               "--disable-auto-complete-config",
                # the APIs that change the server, not just use it: only with the launcher's admin key
                f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}",
                f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .request import GenerationRequest
 from .text import DetokenizerOffsets, StopStrings, decode_increment
 
 MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -255,6 +257,9 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
         if drafting_started is not None:  # the drafters' caches are released once their prefill is done
             await asyncio.gather(drafting_started, return_exceptions=True)
         deployment.monitor.active_requests -= 1
-        await deployment.target.release(sequence_id)
+        try:
+            await deployment.target.release(sequence_id)
+        except ServingError as error:  # a dead engine holds nothing; a live one reclaims it after its idle timeout
+            log.warning("target: release failed: %s", error)
         if proposer is not None:
             await proposer.close()
