@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import filecmp
 import importlib.util
+import json
 import os
 import logging
 import re
@@ -40,6 +41,7 @@ STUB_BINARY = "triton_python_backend_stub"
 # requests carrying this header with a random per-server value only it knows.
 ADMIN_HEADER = "cosine-admin-key"
 ADMIN_APIS = "model-repository,logging,trace"
+SERVER_RESTORE = "tritonserver"  # the watchdog's restores count whole-server restarts under this name
 
 log = logging.getLogger("cosine.launcher")
 
@@ -166,12 +168,17 @@ class StubWatchdog:
     are, while a model can neither see other models' processes nor survive its own death. It polls /proc (cheap,
     and it sees a death before any call has to wait on it), then restores the model:
     - a drafter: loaded again in place (Triton swaps the new instance in when it is ready). The deployment serves
-      without the drafter meanwhile, so readiness stays true;
+      without the drafter meanwhile, so readiness stays true. Triton reloads a loaded model only when its
+      configuration changed (measured: a second plain load is a no-op), so the load carries the model's own
+      configuration plus a restore count;
     - the target and every other model: unloaded, then loaded. While unloaded it is not ready, so strict readiness
-      (/v2/health/ready) tells load balancers that this server cannot serve, and calls to it fail at once ("not
-      ready") instead of after ~1 s each.
-    Restores are counted per model (`restores`) and logged: the launcher is no Triton model, so it has no place in
-    Triton's metrics; the cosine model's engine error counters show the same events from the serving side."""
+      (/v2/health/ready) tells load balancers that this server cannot serve, and new calls to it fail at once.
+      (Calls already queued at the dead instance wait until the model is back; the cosine model does not wait for
+      them, see cosine.triton.io.)
+    If tritonserver itself dies, it is started again. Restores are counted per model (`restores`; whole-server
+    restarts as SERVER_RESTORE) and logged. The launcher is no Triton model and Triton 2.51 has no metric for model
+    loads, so the scrapeable counters come from the serving side: the cosine model counts the deaths and comebacks
+    of the models it calls (cosine_model_process_deaths_total, cosine_model_restores_total)."""
 
     def __init__(self, server: "TritonServer", load_timeout: float, interval_s: float = 0.25):
         self.server, self.load_timeout, self.interval_s = server, load_timeout, interval_s
@@ -186,12 +193,22 @@ class StubWatchdog:
 
     def stop(self) -> None:
         self._stopping.set()
+        if threading.current_thread() is not self._thread:  # a failed restart stops the server from here
+            self._thread.join()
+
+    def join(self) -> None:
         self._thread.join()
 
     def _run(self) -> None:
-        process, watched = self.server.process, self._watched
+        watched = self._watched
         retired: set[int] = set()  # a restored model's other, old instances: they exit on their own
-        while not self._stopping.wait(self.interval_s) and process.poll() is None:
+        while not self._stopping.wait(self.interval_s):
+            process = self.server.process
+            if process.poll() is not None:
+                if not self._restart_server(process.returncode):
+                    return
+                watched, retired = stub_processes(self.server.process.pid), set()
+                continue
             alive = stub_processes(process.pid)
             dead = sorted({model for stub, model in watched.items() if stub not in alive})
             for model in dead:
@@ -208,15 +225,35 @@ class StubWatchdog:
         log.warning("model %s: its Python backend stub died; restoring it (%s)", model,
                     "in place" if in_place else "unloaded until then: the server reports not ready")
         try:
-            if not in_place:
+            if in_place:
+                config = self.server.model_config(model)
+                config.setdefault("parameters", {})["cosine_restore"] = {"string_value": str(self.restores[model] + 1)}
+                self.server.repository_call(model, "load", self.load_timeout, {"config": json.dumps(config)})
+            else:
                 self.server.repository_call(model, "unload", self.load_timeout)
-            self.server.repository_call(model, "load", self.load_timeout)
+                self.server.repository_call(model, "load", self.load_timeout)
         except (urllib.error.URLError, OSError) as error:
             detail = error.read().decode(errors="replace") if isinstance(error, urllib.error.HTTPError) else error
             log.error("model %s: restoring failed: %s", model, detail)
             return
         self.restores[model] += 1
         log.warning("model %s restored in %.1f s", model, time.monotonic() - started)
+
+    def _restart_server(self, code: int) -> bool:
+        """The last resort: tritonserver itself died. Seen on Triton 2.51: restoring a model whose stub was killed
+        while it held a lock in the Python backend's shared memory aborts the server (an uncaught
+        boost::interprocess::lock_exception), a known class of Python backend bugs."""
+        log.error("tritonserver exited with code %s; starting it again. Last lines of %s:\n%s", code,
+                  self.server.log_path, self.server.log_tail())
+        started = time.monotonic()
+        try:
+            self.server.relaunch(self.load_timeout)
+        except LaunchError as error:
+            log.error("restarting tritonserver failed: %s", error)
+            return False
+        self.restores[SERVER_RESTORE] += 1
+        log.warning("tritonserver restarted in %.1f s", time.monotonic() - started)
+        return True
 
 
 class TritonServer:
@@ -287,32 +324,54 @@ class TritonServer:
         env = {**stub_environment(os.environ), **self.env, "COSINE_PYTHONPATH": python_backend_path()}
         if not env.get(DEPLOYMENT_SECRET_ENV):  # nodes of one deployment share theirs through the environment
             env[DEPLOYMENT_SECRET_ENV] = secrets.token_urlsafe(32)
+        self._launch_args = (self.command(install), env)
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._log_path, "wb") as log:
+        self._log_path.write_bytes(b"")  # a restart appends: the crash stays in the log
+        self._launch(timeout)
+        if self.restore_models:
+            self.watchdog = StubWatchdog(self, load_timeout=timeout)
+            self.watchdog.start()
+        return self
+
+    def _launch(self, timeout: float) -> None:
+        command, env = self._launch_args
+        with open(self._log_path, "ab") as log:
             # Own process group: Ctrl-C in our terminal must not hit the server or its stubs directly.
-            self.process = subprocess.Popen(self.command(install), stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         try:
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
-        if self.restore_models:
-            self.watchdog = StubWatchdog(self, load_timeout=timeout)
-            self.watchdog.start()
-        return self
+
+    def relaunch(self, timeout: float) -> None:
+        """Starts the server again after it died: same ports, secret and admin key."""
+        self._reap(self.process)
+        self._launch(timeout)
+
+    def wait(self) -> int | None:
+        """Blocks while the server runs, through the watchdog's restarts; its exit code once it is down for good."""
+        if self.watchdog is not None:
+            self.watchdog.join()
+        return self.process.wait() if self.process else None
 
     @property
     def restores(self) -> Counter:
         """Models restored by the watchdog since the start, and how often."""
         return self.watchdog.restores if self.watchdog else Counter()
 
-    def repository_call(self, model: str, action: str, timeout: float) -> None:
+    def repository_call(self, model: str, action: str, timeout: float, parameters: dict | None = None) -> None:
         """POST /v2/repository/models/<model>/<action> (load, unload) with the admin key."""
-        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/{action}",
-                                         b"{}", {ADMIN_HEADER: self.admin_key}, method="POST")
+        body = json.dumps({"parameters": parameters} if parameters else {}).encode()
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/{action}", body,
+                                         {ADMIN_HEADER: self.admin_key}, method="POST")
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read()
+
+    def model_config(self, model: str) -> dict:
+        with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/config", timeout=10) as response:
+            return json.loads(response.read())
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -363,16 +422,19 @@ class TritonServer:
                 except subprocess.TimeoutExpired:
                     pass
         finally:
-            # Also reaps stub processes left behind by a crashed or killed server.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-            # Python backend regions a killed server could not unlink.
-            for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
-                leftover.unlink(missing_ok=True)
+            self._reap(proc)
         return proc.returncode
+
+    def _reap(self, proc: subprocess.Popen) -> None:
+        # Also reaps stub processes left behind by a crashed or killed server.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        # Python backend regions a killed server could not unlink.
+        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
 
     def __enter__(self) -> "TritonServer":
         return self.start()

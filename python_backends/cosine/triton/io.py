@@ -76,6 +76,7 @@ async def bls_arrays(model_name: str, outputs, arrays: dict[str, np.ndarray]) ->
     if response.has_error():
         error = response.error()
         raise ServingError(f"{model_name}: {error.message()}", _kind(error.code()))
+    ProcessHealth.answered(model_name)
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0] for name in outputs}
 
 
@@ -92,7 +93,35 @@ async def _unless_process_dies(model_name: str, call):
             return pending.result()
         if model_name not in stub_processes(os.getppid()).values():
             pending.add_done_callback(lambda task: task.exception())  # Triton answers it later: nobody waits
+            ProcessHealth.died(model_name)
             raise ServingError(f"{model_name}: its process died; the deployment's watchdog restores it")
+
+
+class ProcessHealth:
+    """Deaths of the models this process calls, and their comebacks (the first answer after a death): the
+    launcher's watchdog restores them, but Triton 2.51 has no metric for model loads."""
+
+    dead: set[str] = set()
+    counters: dict = {}
+
+    @classmethod
+    def died(cls, model_name: str) -> None:
+        if model_name not in cls.dead:
+            cls.dead.add(model_name)
+            cls._count("cosine_model_process_deaths_total", "Called models whose process died", model_name)
+
+    @classmethod
+    def answered(cls, model_name: str) -> None:
+        if model_name in cls.dead:
+            cls.dead.discard(model_name)
+            cls._count("cosine_model_restores_total", "Called models answering again after their process died",
+                       model_name)
+
+    @classmethod
+    def _count(cls, name: str, description: str, model_name: str) -> None:
+        if (name, model_name) not in cls.counters:
+            cls.counters[name, model_name] = Metrics.metric(name, description, model=model_name)
+        cls.counters[name, model_name].increment(1)
 
 
 def engine_transport(model_name: str):
