@@ -41,6 +41,10 @@ STUB_BINARY = "triton_python_backend_stub"
 # requests carrying this header with a random per-server value only it knows.
 ADMIN_HEADER = "cosine-admin-key"
 ADMIN_APIS = "model-repository,logging,trace"
+# Measured: while Triton loads the target, the cosine model's responses to the requests that just failed on the dead
+# target are held until the load completes (seconds); while the model is merely unloaded, calls to it fail at once.
+# A pause between unload and load lets in-flight requests fail and be answered first.
+UNLOADED_GRACE_S = 2.0
 SERVER_RESTORE = "tritonserver"  # the watchdog's restores count whole-server restarts under this name
 
 log = logging.getLogger("cosine.launcher")
@@ -171,8 +175,9 @@ class StubWatchdog:
       without the drafter meanwhile, so readiness stays true. Triton reloads a loaded model only when its
       configuration changed (measured: a second plain load is a no-op), so the load carries the model's own
       configuration plus a restore count;
-    - the target and every other model: unloaded, then loaded. While unloaded it is not ready, so strict readiness
-      (/v2/health/ready) tells load balancers that this server cannot serve, and new calls to it fail at once.
+    - the target and every other model: unloaded, then loaded (after UNLOADED_GRACE_S). While unloaded it is not
+      ready, so strict readiness (/v2/health/ready) tells load balancers that this server cannot serve, and new calls
+      to it fail at once.
       (Calls already queued at the dead instance wait until the model is back; the cosine model does not wait for
       them, see cosine.triton.io.)
     If tritonserver itself dies, it is started again. Restores are counted per model (`restores`; whole-server
@@ -231,6 +236,7 @@ class StubWatchdog:
                 self.server.repository_call(model, "load", self.load_timeout, {"config": json.dumps(config)})
             else:
                 self.server.repository_call(model, "unload", self.load_timeout)
+                time.sleep(UNLOADED_GRACE_S)
                 self.server.repository_call(model, "load", self.load_timeout)
         except (urllib.error.URLError, OSError) as error:
             detail = error.read().decode(errors="replace") if isinstance(error, urllib.error.HTTPError) else error

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,28 +82,42 @@ async def bls_arrays(model_name: str, outputs, arrays: dict[str, np.ndarray]) ->
 
 
 async def _unless_process_dies(model_name: str, call):
-    """The call's response, or a ServingError as soon as the called model has no live process.
+    """The call's response, or a ServingError as soon as the processes that could serve it are gone.
 
     Measured on Triton 2.51: a call to a model whose stub was killed fails after ~1 s ("Stub process is not
-    healthy"), and calls queued behind it wait until the model has been restored (tens of seconds) before they
-    fail. Its stubs are our siblings (children of tritonserver), so a look at /proc tells at once."""
+    healthy"), and calls queued behind it wait until the model has been restored (seconds to minutes). Its stubs are
+    our siblings (children of tritonserver), so a look at /proc tells at once. A process the watchdog starts for the
+    model meanwhile does not count: it cannot answer a call queued at the dead one."""
+    serving = ProcessHealth.stubs(model_name)
     pending = asyncio.ensure_future(call)
     while True:
         done, _ = await asyncio.wait({pending}, timeout=PROCESS_CHECK_S)
         if done:
             return pending.result()
-        if model_name not in stub_processes(os.getppid()).values():
+        if not serving & ProcessHealth.stubs(model_name, fresh=True):
             pending.add_done_callback(lambda task: task.exception())  # Triton answers it later: nobody waits
             ProcessHealth.died(model_name)
             raise ServingError(f"{model_name}: its process died; the deployment's watchdog restores it")
 
 
 class ProcessHealth:
-    """Deaths of the models this process calls, and their comebacks (the first answer after a death): the
-    launcher's watchdog restores them, but Triton 2.51 has no metric for model loads."""
+    """The stub processes of the models this process calls, their deaths, and their comebacks (the first answer
+    after a death): the launcher's watchdog restores them, but Triton 2.51 has no metric for model loads."""
 
     dead: set[str] = set()
     counters: dict = {}
+    by_model: dict[str, set[int]] = {}
+    scanned_at = float("-inf")
+
+    @classmethod
+    def stubs(cls, model_name: str, fresh: bool = False) -> set[int]:
+        """The model's live stub pids, from a /proc scan at most PROCESS_CHECK_S old unless `fresh`."""
+        if fresh or time.monotonic() - cls.scanned_at > PROCESS_CHECK_S:
+            cls.by_model = {}
+            for pid, model in stub_processes(os.getppid()).items():
+                cls.by_model.setdefault(model, set()).add(pid)
+            cls.scanned_at = time.monotonic()
+        return cls.by_model.get(model_name, set())
 
     @classmethod
     def died(cls, model_name: str) -> None:
