@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -229,7 +230,8 @@ class StubWatchdog:
         in_place = model.startswith(DRAFTER_MODEL_PREFIX)
         log.warning("model %s: its Python backend stub died; restoring it (%s)", model,
                     "in place" if in_place else "unloaded until then: the server reports not ready")
-        try:
+
+        def restore() -> None:
             if in_place:
                 config = self.server.model_config(model)
                 config.setdefault("parameters", {})["cosine_restore"] = {"string_value": str(self.restores[model] + 1)}
@@ -238,12 +240,28 @@ class StubWatchdog:
                 self.server.repository_call(model, "unload", self.load_timeout)
                 time.sleep(UNLOADED_GRACE_S)
                 self.server.repository_call(model, "load", self.load_timeout)
+
+        try:
+            if not self._while_server_lives(restore):
+                return  # the loop restarts the server
         except (urllib.error.URLError, OSError) as error:
             detail = error.read().decode(errors="replace") if isinstance(error, urllib.error.HTTPError) else error
             log.error("model %s: restoring failed: %s", model, detail)
             return
         self.restores[model] += 1
         log.warning("model %s restored in %.1f s", model, time.monotonic() - started)
+
+    def _while_server_lives(self, call) -> bool:
+        """Runs `call` (it raises or returns); False if the server died (or is being stopped) first. A dead
+        server's orphaned stubs inherited its sockets, so a request in progress would wait for its timeout."""
+        pool = ThreadPoolExecutor(1)
+        future = pool.submit(call)
+        pool.shutdown(wait=False)
+        while not wait([future], timeout=self.interval_s).done:
+            if self.server.process.poll() is not None or self._stopping.is_set():
+                return False
+        future.result()
+        return True
 
     def _restart_server(self, code: int) -> bool:
         """The last resort: tritonserver itself died. Seen on Triton 2.51: restoring a model whose stub was killed
