@@ -169,8 +169,9 @@ def test_beyond_the_limits_requests_are_refused_cleanly(faults_server):
 
 def test_killed_drafter_is_restored_and_used_again(faults_server):
     body = dict(max_tokens=100, return_stats=True)
-    expected = {p: as_list(generate(faults_server, text_input=p, **body)["output_ids"]) for p in PROMPTS}
     with ThreadPoolExecutor(8) as pool:
+        expected = dict(zip(PROMPTS, pool.map(lambda p: as_list(generate(faults_server, text_input=p, **body)
+                                                                ["output_ids"]), PROMPTS)))
         running = [pool.submit(generate, faults_server, text_input=p, **body) for p in PROMPTS]
         assert wait_for(lambda: metric(faults_server, "cosine_active_sequences", model="drafter_itself") >= 4)
         killed = kill_stub(faults_server, "drafter_itself")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
 
 from cosine.launcher import SERVER_RESTORE, LaunchError, TritonServer, free_port, port_in_use, stub_processes
 
@@ -101,11 +100,11 @@ def _poll(predicate, timeout=120):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("model,stays_ready", [("double", False), ("drafter_double", True)])
-def test_watchdog_restores_a_model_whose_stub_died(tmp_path, model, stays_ready):
+@pytest.mark.parametrize("model,stays_ready,deaths", [("double", False, 1), ("drafter_double", True, 2)])
+def test_watchdog_restores_a_model_whose_stub_died(tmp_path, model, stays_ready, deaths):
     """A drafter is reloaded in place (the server stays ready); any other model is unloaded until it is back."""
     with TritonServer(make_repo(tmp_path, model), log_path=tmp_path / "triton.log", **ports()) as server:
-        for restores in (1, 2):  # a second death too: Triton skips a plain reload of an unchanged model
+        for restores in range(1, deaths + 1):  # a drafter's second death: Triton skips a plain reload
             stub = next(iter(stub_processes(server.process.pid)))
             os.kill(stub, signal.SIGKILL)
             readiness = set()
@@ -123,14 +122,6 @@ def test_watchdog_restarts_a_dead_server(tmp_path):
         first.kill()
         _poll(lambda: server.restores[SERVER_RESTORE] == 1)
         assert server.process is not first and _doubles(server)
-
-
-def test_repository_api_needs_the_admin_key(tmp_path):
-    with TritonServer(make_repo(tmp_path), log_path=tmp_path / "triton.log", **ports()) as server:
-        with httpclient.InferenceServerClient(server.http_url) as client:
-            with pytest.raises(InferenceServerException, match="restricted"):
-                client.unload_model("double")
-            assert client.is_model_ready("double")
 
 
 def test_port_in_use_is_reported_before_launch(tmp_path):
