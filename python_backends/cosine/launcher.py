@@ -264,9 +264,9 @@ class StubWatchdog:
         return True
 
     def _restart_server(self, code: int) -> bool:
-        """The last resort: tritonserver itself died. Seen on Triton 2.51: restoring a model whose stub was killed
-        while it held a lock in the Python backend's shared memory aborts the server (an uncaught
-        boost::interprocess::lock_exception), a known class of Python backend bugs."""
+        """The last resort: tritonserver itself died. Seen on Triton 2.51 in about 1 of 10 drafter kills under load:
+        restoring the model aborts the server with an uncaught boost::interprocess::lock_exception from the Python
+        backend (a known class of its bugs; the killed stub presumably held a lock in their shared memory)."""
         log.error("tritonserver exited with code %s; starting it again. Last lines of %s:\n%s", code,
                   self.server.log_path, self.server.log_tail())
         started = time.monotonic()
