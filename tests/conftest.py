@@ -26,10 +26,11 @@ def llama(tiny_dir) -> Path:
     return tiny_dir / "llama"
 
 
-def start_server(spec_raw: dict, root: Path) -> TritonServer:
+def start_server(spec_raw: dict, root: Path, env: dict | None = None) -> TritonServer:
     spec = parse_spec(spec_raw, root)
     repository = write_repository(spec, root / "repository")
-    server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=root / "tritonserver.log")
+    server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=root / "tritonserver.log",
+                          env=env)
     return server.start(timeout=300)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from cosine.launcher import LaunchError, TritonServer, free_port, port_in_use
+from cosine.launcher import SERVER_RESTORE, LaunchError, TritonServer, free_port, port_in_use, stub_processes
 
 CONFIG = """
 name: "{name}"
@@ -76,6 +76,52 @@ def test_serves_and_stops(tmp_path):
     assert not port_in_use(server.ports["http"])
     assert not list(Path("/dev/shm").glob(server.shm_prefix + "*"))
     assert "double" in (tmp_path / "triton.log").read_text()
+
+
+def _doubles(server, model="double") -> bool:
+    try:
+        with httpclient.InferenceServerClient(server.http_url) as client:
+            inp = httpclient.InferInput("IN", [2], "INT32")
+            inp.set_data_from_numpy(np.array([1, 2], dtype=np.int32))
+            return client.infer(model, [inp]).as_numpy("OUT").tolist() == [2, 4]
+    except Exception:
+        return False
+
+
+def _ready(server) -> bool:
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        return client.is_server_ready()
+
+
+def _poll(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("model,stays_ready,deaths", [("double", False, 1), ("drafter_double", True, 2)])
+def test_watchdog_restores_a_model_whose_stub_died(tmp_path, model, stays_ready, deaths):
+    """A drafter is reloaded in place (the server stays ready); any other model is unloaded until it is back."""
+    with TritonServer(make_repo(tmp_path, model), log_path=tmp_path / "triton.log", **ports()) as server:
+        for restores in range(1, deaths + 1):  # a drafter's second death: Triton skips a plain reload
+            stub = next(iter(stub_processes(server.process.pid)))
+            os.kill(stub, signal.SIGKILL)
+            readiness = set()
+            while server.restores[model] < restores:
+                readiness.add(_ready(server))
+                time.sleep(0.02)
+            assert readiness == {True} if stays_ready else False in readiness
+            _poll(lambda: _doubles(server, model))
+            assert stub not in stub_processes(server.process.pid)
+
+
+def test_watchdog_restarts_a_dead_server(tmp_path):
+    with TritonServer(make_repo(tmp_path), log_path=tmp_path / "triton.log", **ports()) as server:
+        first = server.process
+        first.kill()
+        _poll(lambda: server.restores[SERVER_RESTORE] == 1)
+        assert server.process is not first and _doubles(server)
 
 
 def test_port_in_use_is_reported_before_launch(tmp_path):

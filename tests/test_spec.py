@@ -16,6 +16,9 @@ from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec
     ({"target": {"checkpoint": "llama"}, "http_port": 8001}, "http_port"),
     ({"target": {"checkpoint": "llama"}, "speed": 3}, "speed"),
     ({"target": {"checkpoint": "llama"}, "adaptive_draft_tokens": 0}, "adaptive_draft_tokens"),
+    ({"target": {"checkpoint": "llama"}, "max_inflight_requests": 0}, "max_inflight_requests"),
+    ({"target": {"checkpoint": "llama"}, "max_queued_tokens": "many"}, "max_queued_tokens"),
+    ({"target": {"checkpoint": "llama"}, "queue_timeout_s": -1}, "queue_timeout_s"),
 ])
 def test_invalid_specs_name_the_field(tiny_dir, raw, field):
     with pytest.raises(SpecError) as caught:

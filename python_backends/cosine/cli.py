@@ -35,8 +35,8 @@ def _serve(args: argparse.Namespace, after_ready: Callable[[TritonServer], None]
             if args.exit:
                 return 0
         print("Ctrl-C to stop.", flush=True)
-        code = server.process.wait()
-        # Only reached if the server died on its own.
+        code = server.wait()
+        # Only reached if the server died on its own and could not be restarted.
         raise LaunchError(f"tritonserver exited unexpectedly with code {code}; "
                           f"last lines of {server.log_path}:\n{server.log_tail()}")
     except KeyboardInterrupt:

@@ -72,6 +72,16 @@ class ModelContract:
         return f"input [\n{ins}\n]\noutput [\n{outs}\n]\n"
 
 
+# Internal models (engines, router) act only on calls that carry the deployment's secret: every node of a deployment
+# gets it through this environment variable (`cosine serve` generates one when it is unset). No config.pbtxt holds
+# it, so the model-config API cannot reveal it.
+DEPLOYMENT_SECRET_ENV = "COSINE_DEPLOYMENT_SECRET"
+DEPLOYMENT_SECRET = "deployment_secret"
+_DEPLOYMENT_SECRET_INPUT = TensorSpec(DEPLOYMENT_SECRET, "TYPE_STRING", (1,), optional=True)
+# Drafter engine models are named with this prefix; the deployment serves without them (degraded) if it must.
+DRAFTER_MODEL_PREFIX = "drafter_"
+
+
 def _scalar(name, dtype, optional=True):
     return TensorSpec(name, dtype, (1,), optional)
 
@@ -168,6 +178,7 @@ ENGINE = ModelContract(
         _vector("draft_has_q", "TYPE_BOOL"),
         _vector("draft_q", "TYPE_FP32"),
         _vector("return_q", "TYPE_BOOL"),  # [n] a sampling drafter: return each emitted token's q
+        _DEPLOYMENT_SECRET_INPUT,  # required in fact: a call without it is refused
     ),
     outputs=(
         # per sequence: accepted draft tokens, then one token of the engine's own, then extra_tokens more
@@ -197,6 +208,7 @@ ROUTER = ModelContract(
         _vector("feedback_drafters", "TYPE_STRING", optional=True),
         _vector("feedback_matches", "TYPE_FP32", optional=True),  # per feedback drafter
         _vector("feedback_trials", "TYPE_FP32", optional=True),
+        _DEPLOYMENT_SECRET_INPUT,  # required in fact: a call without it is refused
     ),
     outputs=(
         TensorSpec("ranking", "TYPE_STRING", (-1,)),

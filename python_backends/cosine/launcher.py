@@ -1,15 +1,20 @@
-"""Find, start and stop a Triton Inference Server process (stdlib only).
+"""Find, start, watch and stop a Triton Inference Server process (stdlib and the contract's names only).
 
 Two layouts are supported: an NGC container (``tritonserver`` on PATH or under
 /opt/tritonserver, backends in /opt/tritonserver/backends) and the server bundled
 in the ``nvidia-pytriton`` wheel (the Python backend stub must be copied in).
+
+A watchdog restores models whose Python-backend stub process died (see StubWatchdog).
 """
 from __future__ import annotations
 
 import filecmp
 import importlib.util
+import json
 import os
+import logging
 import re
+import secrets
 import shutil
 import signal
 import site
@@ -17,17 +22,33 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import cosine
+from cosine.contract import DEPLOYMENT_SECRET_ENV, DRAFTER_MODEL_PREFIX
 
 OPT_ROOT = Path("/opt/tritonserver")
 LOG_TAIL_LINES = 40
+STUB_BINARY = "triton_python_backend_stub"
+# Explicit model control opens the repository API (load/unload) to every client; the launcher restricts it to
+# requests carrying this header with a random per-server value only it knows.
+ADMIN_HEADER = "cosine-admin-key"
+ADMIN_APIS = "model-repository,logging,trace"
+# Measured: while Triton loads the target, the cosine model's responses to the requests that just failed on the dead
+# target are held until the load completes (seconds); while the model is merely unloaded, calls to it fail at once.
+# A pause between unload and load lets in-flight requests fail and be answered first.
+UNLOADED_GRACE_S = 2.0
+SERVER_RESTORE = "tritonserver"  # the watchdog's restores count whole-server restarts under this name
+
+log = logging.getLogger("cosine.launcher")
 
 
 class LaunchError(RuntimeError):
@@ -124,13 +145,148 @@ def validate_repository(path: Path) -> None:
         raise LaunchError(f"model repository {path} is invalid: no <model>/config.pbtxt in it")
 
 
+def stub_processes(server_pid: int) -> dict[int, str]:
+    """The live Python-backend stubs of a server, {pid: model name}. A killed stub is gone, or a zombie child of
+    the server until reaped: either way it is not listed."""
+    stubs = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile
+            continue
+        state, parent = stat.rpartition(")")[2].split()[:2]
+        if int(parent) == server_pid and state != "Z" and argv[0].endswith(STUB_BINARY.encode()):
+            stubs[int(entry.name)] = Path(argv[1].decode()).parent.parent.name  # <repo>/<model>/<version>/model.py
+    return stubs
+
+
+class StubWatchdog:
+    """Restores a model whose Python-backend stub process died (kill -9, the OOM killer, a crash in native code).
+
+    Measured on Triton 2.51: after such a death Triton neither restarts the stub nor marks the model (or the
+    server, even with strict readiness) unready, and every call to the model fails after ~1 s with "Stub process
+    '<instance>' is not healthy", for good. Its repository API (load/unload, explicit model control) is the
+    supported way back. The watchdog lives in the launcher: it owns the server process whose children the stubs
+    are, while a model can neither see other models' processes nor survive its own death. It polls /proc (cheap,
+    and it sees a death before any call has to wait on it), then restores the model:
+    - a drafter: loaded again in place (Triton swaps the new instance in when it is ready). The deployment serves
+      without the drafter meanwhile, so readiness stays true. Triton reloads a loaded model only when its
+      configuration changed (measured: a second plain load is a no-op), so the load carries the model's own
+      configuration plus a restore count;
+    - the target and every other model: unloaded, then loaded (after UNLOADED_GRACE_S). While unloaded it is not
+      ready, so strict readiness (/v2/health/ready) tells load balancers that this server cannot serve, and new calls
+      to it fail at once.
+      (Calls already queued at the dead instance wait until the model is back; the cosine model does not wait for
+      them, see cosine.triton.io.)
+    If tritonserver itself dies, it is started again. Restores are counted per model (`restores`; whole-server
+    restarts as SERVER_RESTORE) and logged. The launcher is no Triton model and Triton 2.51 has no metric for model
+    loads, so the scrapeable counters come from the serving side: the cosine model counts the deaths and comebacks
+    of the models it calls (cosine_model_process_deaths_total, cosine_model_restores_total)."""
+
+    def __init__(self, server: "TritonServer", load_timeout: float, interval_s: float = 0.25):
+        self.server, self.load_timeout, self.interval_s = server, load_timeout, interval_s
+        self.restores: Counter[str] = Counter()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cosine-stub-watchdog", daemon=True)
+        self._watched: dict[int, str] = {}
+
+    def start(self) -> None:
+        self._watched = stub_processes(self.server.process.pid)  # before returning: a death right after counts
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if threading.current_thread() is not self._thread:  # a failed restart stops the server from here
+            self._thread.join()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        watched = self._watched
+        retired: set[int] = set()  # a restored model's other, old instances: they exit on their own
+        while not self._stopping.wait(self.interval_s):
+            process = self.server.process
+            if process.poll() is not None:
+                if not self._restart_server(process.returncode):
+                    return
+                watched, retired = stub_processes(self.server.process.pid), set()
+                continue
+            alive = stub_processes(process.pid)
+            dead = sorted({model for stub, model in watched.items() if stub not in alive})
+            for model in dead:
+                retired |= {stub for stub, name in alive.items() if name == model}
+                self._restore(model)
+            if dead:
+                alive = stub_processes(process.pid)
+            retired &= alive.keys()
+            watched = {stub: model for stub, model in alive.items() if stub not in retired}
+
+    def _restore(self, model: str) -> None:
+        started = time.monotonic()
+        in_place = model.startswith(DRAFTER_MODEL_PREFIX)
+        log.warning("model %s: its Python backend stub died; restoring it (%s)", model,
+                    "in place" if in_place else "unloaded until then: the server reports not ready")
+
+        def restore() -> None:
+            if in_place:
+                config = self.server.model_config(model)
+                config.setdefault("parameters", {})["cosine_restore"] = {"string_value": str(self.restores[model] + 1)}
+                self.server.repository_call(model, "load", self.load_timeout, {"config": json.dumps(config)})
+            else:
+                self.server.repository_call(model, "unload", self.load_timeout)
+                time.sleep(UNLOADED_GRACE_S)
+                self.server.repository_call(model, "load", self.load_timeout)
+
+        try:
+            if not self._while_server_lives(restore):
+                return  # the loop restarts the server
+        except (urllib.error.URLError, OSError) as error:
+            detail = error.read().decode(errors="replace") if isinstance(error, urllib.error.HTTPError) else error
+            log.error("model %s: restoring failed: %s", model, detail)
+            return
+        self.restores[model] += 1
+        log.warning("model %s restored in %.1f s", model, time.monotonic() - started)
+
+    def _while_server_lives(self, call) -> bool:
+        """Runs `call` (it raises or returns); False if the server died (or is being stopped) first. A dead
+        server's orphaned stubs inherited its sockets, so a request in progress would wait for its timeout."""
+        pool = ThreadPoolExecutor(1)
+        future = pool.submit(call)
+        pool.shutdown(wait=False)
+        while not wait([future], timeout=self.interval_s).done:
+            if self.server.process.poll() is not None or self._stopping.is_set():
+                return False
+        future.result()
+        return True
+
+    def _restart_server(self, code: int) -> bool:
+        """The last resort: tritonserver itself died. Seen on Triton 2.51 in about 1 of 10 drafter kills under load:
+        restoring the model aborts the server with an uncaught boost::interprocess::lock_exception from the Python
+        backend (a known class of its bugs; the killed stub presumably held a lock in their shared memory)."""
+        log.error("tritonserver exited with code %s; starting it again. Last lines of %s:\n%s", code,
+                  self.server.log_path, self.server.log_tail())
+        started = time.monotonic()
+        try:
+            self.server.relaunch(self.load_timeout)
+        except LaunchError as error:
+            log.error("restarting tritonserver failed: %s", error)
+            return False
+        self.restores[SERVER_RESTORE] += 1
+        log.warning("tritonserver restarted in %.1f s", time.monotonic() - started)
+        return True
+
+
 class TritonServer:
     """A tritonserver process. Use as a context manager, or call start()/stop()."""
 
     def __init__(self, model_repository: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, log_path: str | os.PathLike | None = None,
                  extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 model_control_mode: str | None = None, exit_timeout: int = 5):
+                 restore_models: bool = True, exit_timeout: int = 5):
         self.model_repository = Path(model_repository).resolve()
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         if log_path is None:
@@ -138,7 +294,9 @@ class TritonServer:
         self._log_path = Path(log_path).resolve()
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
-        self.model_control_mode = model_control_mode
+        self.restore_models = restore_models
+        self.watchdog: StubWatchdog | None = None
+        self.admin_key = secrets.token_urlsafe(24)  # see ADMIN_HEADER
         # Triton's default (30 s) waits that long on any idle keep-alive client connection at shutdown.
         self.exit_timeout = exit_timeout
         # A distinct shm prefix per server, so that several can run on one machine.
@@ -167,9 +325,14 @@ class TritonServer:
                f"--http-port={self.ports['http']}", f"--grpc-port={self.ports['grpc']}",
                f"--metrics-port={self.ports['metrics']}",
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-               "--log-verbose=0", "--exit-on-error=true", f"--exit-timeout-secs={self.exit_timeout}"]
-        if self.model_control_mode:
-            cmd.append(f"--model-control-mode={self.model_control_mode}")
+               "--log-verbose=0", "--exit-on-error=true", f"--exit-timeout-secs={self.exit_timeout}",
+               # the configs are complete; auto-completing would start every Python model's stub twice per load
+               "--disable-auto-complete-config",
+               # the APIs that change the server, not just use it: only with the launcher's admin key
+               f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}",
+               f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}"]
+        if self.restore_models:  # the watchdog loads models through the repository API
+            cmd += ["--model-control-mode=explicit", "--load-model=*"]
         return cmd + self.extra_args
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
@@ -183,17 +346,56 @@ class TritonServer:
         install = find_tritonserver()
         install_python_stub(install)
         env = {**stub_environment(os.environ), **self.env, "COSINE_PYTHONPATH": python_backend_path()}
+        if not env.get(DEPLOYMENT_SECRET_ENV):  # nodes of one deployment share theirs through the environment
+            env[DEPLOYMENT_SECRET_ENV] = secrets.token_urlsafe(32)
+        self._launch_args = (self.command(install), env)
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._log_path, "wb") as log:
+        self._log_path.write_bytes(b"")  # a restart appends: the crash stays in the log
+        self._launch(timeout)
+        if self.restore_models:
+            self.watchdog = StubWatchdog(self, load_timeout=timeout)
+            self.watchdog.start()
+        return self
+
+    def _launch(self, timeout: float) -> None:
+        command, env = self._launch_args
+        with open(self._log_path, "ab") as log:
             # Own process group: Ctrl-C in our terminal must not hit the server or its stubs directly.
-            self.process = subprocess.Popen(self.command(install), stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         try:
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
-        return self
+
+    def relaunch(self, timeout: float) -> None:
+        """Starts the server again after it died: same ports, secret and admin key."""
+        self._reap(self.process)
+        self._launch(timeout)
+
+    def wait(self) -> int | None:
+        """Blocks while the server runs, through the watchdog's restarts; its exit code once it is down for good."""
+        if self.watchdog is not None:
+            self.watchdog.join()
+        return self.process.wait() if self.process else None
+
+    @property
+    def restores(self) -> Counter:
+        """Models restored by the watchdog since the start, and how often."""
+        return self.watchdog.restores if self.watchdog else Counter()
+
+    def repository_call(self, model: str, action: str, timeout: float, parameters: dict | None = None) -> None:
+        """POST /v2/repository/models/<model>/<action> (load, unload) with the admin key."""
+        body = json.dumps({"parameters": parameters} if parameters else {}).encode()
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/{action}", body,
+                                         {ADMIN_HEADER: self.admin_key}, method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+
+    def model_config(self, model: str) -> dict:
+        with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/config", timeout=10) as response:
+            return json.loads(response.read())
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -230,6 +432,9 @@ class TritonServer:
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGINT (graceful unload), then SIGKILL the whole group. Returns the exit code."""
+        if self.watchdog is not None:  # first: the stubs exit with the server, and must not be restored
+            self.watchdog.stop()
+            self.watchdog = None
         proc, self.process = self.process, None
         if proc is None:
             return None
@@ -241,16 +446,19 @@ class TritonServer:
                 except subprocess.TimeoutExpired:
                     pass
         finally:
-            # Also reaps stub processes left behind by a crashed or killed server.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-            # Python backend regions a killed server could not unlink.
-            for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
-                leftover.unlink(missing_ok=True)
+            self._reap(proc)
         return proc.returncode
+
+    def _reap(self, proc: subprocess.Popen) -> None:
+        # Also reaps stub processes left behind by a crashed or killed server.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        # Python backend regions a killed server could not unlink.
+        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
+from ..contract import COSINE, DRAFTER_MODEL_PREFIX, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
 from ..engine.checkpoint import max_context_tokens, read_config
 from .spec import DeploymentSpec, EngineSpec
 
@@ -17,7 +17,7 @@ ROUTER_MODEL = "router"
 
 
 def drafter_model_name(name: str) -> str:
-    return f"drafter_{name}"
+    return f"{DRAFTER_MODEL_PREFIX}{name}"
 
 
 def _parameters(values: dict) -> str:
@@ -150,6 +150,9 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str | None, str
             # model=kind for every engine: the cosine model picks the adapter that speaks its contract
             "engine_kinds": ",".join(f"{model}={kind}" for model, kind in engine_kinds(spec).items()),
             "default_max_tokens": spec.default_max_tokens,
+            "max_inflight_requests": spec.max_inflight_requests,
+            "max_queued_tokens": spec.max_queued_tokens,
+            "queue_timeout_s": spec.queue_timeout_s,
         }, decoupled=True)),
     }
     for name, drafter in spec.drafters.items():

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from ..serving.limits import Limits
+
 
 class SpecError(ValueError):
     pass
@@ -79,6 +81,10 @@ class DeploymentSpec:
     # the batch between calls, so larger values delay their first steps.
     plain_decode_steps: int = 4
     general_drafter: str | None = None  # vanilla's drafter; default: one named "general", else the first
+    # overload protection (serving.limits): beyond these a request is refused at once with UNAVAILABLE
+    max_inflight_requests: int = Limits.max_inflight_requests
+    max_queued_tokens: int = Limits.max_queued_tokens
+    queue_timeout_s: float = Limits.queue_timeout_s
 
     @property
     def default_mode(self) -> str:
@@ -207,9 +213,12 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
         raise SpecError(f"general_drafter: {values['general_drafter']!r} is not one of the drafters")
     ports = []
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "num_draft_tokens",
-                 "adaptive_draft_tokens", "plain_decode_steps"):
+                 "adaptive_draft_tokens", "plain_decode_steps", "max_inflight_requests", "max_queued_tokens"):
         if name in values:
             _positive_int(name, values[name])
+    timeout = values.get("queue_timeout_s", Limits.queue_timeout_s)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise SpecError(f"queue_timeout_s: must be a positive number of seconds, got {timeout!r}")
     for name in ("http_port", "grpc_port", "metrics_port"):
         ports.append(values.get(name, DeploymentSpec.__dataclass_fields__[name].default))
     if len(set(ports)) != 3:
@@ -264,7 +273,8 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
     if spec.tokenizer:
         raw["tokenizer"] = rel(spec.tokenizer)
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "speculation_mode",
-                 "num_draft_tokens", "adaptive_draft_tokens", "plain_decode_steps", "general_drafter"):
+                 "num_draft_tokens", "adaptive_draft_tokens", "plain_decode_steps", "general_drafter",
+                 "max_inflight_requests", "max_queued_tokens", "queue_timeout_s"):
         if getattr(spec, name) is not None:
             raw[name] = getattr(spec, name)
     path.parent.mkdir(parents=True, exist_ok=True)

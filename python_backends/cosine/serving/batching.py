@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import random
 from typing import Awaitable, Callable
 
 import numpy as np
 
+from ..contract import DEPLOYMENT_SECRET, DEPLOYMENT_SECRET_ENV
 from ..engine.engine import Admission, StepRequest, StepResult
 from ..speculation.tree import DraftTree
 from . import wire
+from .trust import secret_array
 
 # sends packed steps to an engine model and returns its packed results
 Transport = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
@@ -24,6 +27,8 @@ Transport = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 class CoalescingEngine:
     def __init__(self, name: str, transport: Transport):
         self.name, self.transport = name, transport
+        # every call carries the deployment's secret (see trust); without one the engines refuse the calls
+        self.secret = secret_array(os.environ.get(DEPLOYMENT_SECRET_ENV, ""))
         self.pending: list[tuple[StepRequest, asyncio.Future]] = []
         self.in_flight: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
@@ -62,7 +67,8 @@ class CoalescingEngine:
     async def _send(self, batch: list[tuple[StepRequest, asyncio.Future]]) -> None:
         steps = [step for step, _ in batch]
         try:
-            results = wire.unpack_results(await self.transport(wire.pack_steps(steps)), steps, self.name)
+            arrays = dict(wire.pack_steps(steps), **{DEPLOYMENT_SECRET: self.secret})
+            results = wire.unpack_results(await self.transport(arrays), steps, self.name)
         except Exception as error:  # the whole call failed: every sequence in it fails with the same error
             results = [error] * len(batch)
         for (_, future), result in zip(batch, results):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from ..speculation.proposers import (ChainProposer, Draft, DrafterEngine, Drafte
                                      MergedChainsProposer, RouterClient)
 from ..speculation.scheduler import VerificationScheduler
 from .errors import InvalidRequest, ServingError
+from .limits import Limits, Overloaded
 from .request import GenerationRequest
 from .text import DetokenizerOffsets, StopStrings, decode_increment
 
 MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,10 +51,12 @@ class Deployment:
     plain_decode_steps: int = 1  # target steps per call for autoregressive requests (the spec sets it)
     max_draft_tokens: int = 64
     max_cooperating_drafters: int = 2
-    admission_timeout_s: float = 120.0
+    limits: Limits = field(default_factory=Limits)
+    queued_tokens: int = 0  # of the requests waiting for the target's KV cache now
     monitor: LoadMonitor = field(default_factory=LoadMonitor)
     scheduler: VerificationScheduler | None = None  # default: one that gathers the monitor's active requests
     on_round: Callable[[RoundReport], None] = lambda report: None
+    on_admitted: Callable[[float], None] = lambda queued_s: None  # seconds a request waited for KV cache
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -117,17 +122,38 @@ def _proposer(plan, deployment: Deployment, sequence_id: int, request: Generatio
 
 
 async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int], request: GenerationRequest):
-    """First step of a sequence; waits while the engine's KV cache is full (admission control)."""
-    deadline = time.monotonic() + deployment.admission_timeout_s
-    delay = 0.01
-    while True:
-        try:
-            return await deployment.target.step(sequence_id, prompt_ids, request=request)
-        except ServingError as error:
-            if error.kind != ServingError.UNAVAILABLE or time.monotonic() + delay > deadline:
-                raise
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.5)
+    """First step of a sequence; waits while the engine's KV cache is full (admission control), within the
+    deployment's queue limits."""
+    limits = deployment.limits
+    tokens = len(prompt_ids) + request.max_tokens
+    started = time.monotonic()
+    queued, delay = False, 0.01
+    try:
+        while True:
+            try:
+                result = await deployment.target.step(sequence_id, prompt_ids, request=request)
+                deployment.on_admitted(time.monotonic() - started if queued else 0.0)
+                return result
+            except ServingError as error:
+                if error.kind != ServingError.UNAVAILABLE:
+                    raise
+                waited = time.monotonic() - started
+                if waited + delay > limits.queue_timeout_s:
+                    raise ServingError(f"waited {waited:.1f} s for the target's KV cache (queue_timeout_s = "
+                                       f"{limits.queue_timeout_s:g}); last refusal: {error}",
+                                       ServingError.UNAVAILABLE) from None
+            if not queued:
+                if deployment.queued_tokens + tokens > limits.max_queued_tokens:
+                    raise Overloaded("max_queued_tokens", limits.max_queued_tokens,
+                                     f"{deployment.queued_tokens} tokens already wait for the KV cache, this "
+                                     f"request needs {tokens}")
+                deployment.queued_tokens += tokens
+                queued = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+    finally:
+        if queued:
+            deployment.queued_tokens -= tokens
 
 
 async def _start_drafting(proposer, prompt_ids: list[int], stats: Stats) -> None:
@@ -186,6 +212,9 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     generated: list[int] = []
     text, shown = "", 0
     prefix = "" if request.exclude_input_in_output else request.prompt
+    in_flight, limit = deployment.monitor.active_requests, deployment.limits.max_inflight_requests
+    if in_flight >= limit:  # checked and counted below without an await between: no race
+        raise Overloaded("max_inflight_requests", limit, f"{in_flight} requests in flight")
     stats = Stats()
     sequence_id = new_sequence_id()
     proposer = _proposer(plan, deployment, sequence_id, request)
@@ -229,6 +258,9 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
         if drafting_started is not None:  # the drafters' caches are released once their prefill is done
             await asyncio.gather(drafting_started, return_exceptions=True)
         deployment.monitor.active_requests -= 1
-        await deployment.target.release(sequence_id)
+        try:
+            await deployment.target.release(sequence_id)
+        except ServingError as error:  # a dead engine holds nothing; a live one reclaims it after its idle timeout
+            log.warning("target: release failed: %s", error)
         if proposer is not None:
             await proposer.close()

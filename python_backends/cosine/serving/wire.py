@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..contract import ENGINE
+from ..contract import DEPLOYMENT_SECRET, ENGINE
 from ..engine.engine import Admission, StepRequest, StepResult
 from ..engine.kv_cache import AdmissionError
 from ..engine.sampling import SamplingParams
@@ -15,6 +15,7 @@ from ..speculation.tree import DraftTree
 from .errors import ServingError
 
 NO_VALUE = -1  # keep_length: keep everything; end_id: none
+STEP_INPUTS = tuple(t.name for t in ENGINE.inputs if t.name != DEPLOYMENT_SECRET)  # the secret is the caller's
 
 
 def _array(name: str, values) -> np.ndarray:
@@ -57,7 +58,7 @@ def pack_steps(steps: list[StepRequest]) -> dict[str, np.ndarray]:
 
 def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
     """Raises ValueError naming the input when the arrays do not describe a batch of steps."""
-    values = {name: np.asarray(arrays[name]).reshape(-1) for name in (t.name for t in ENGINE.inputs)}
+    values = {name: np.asarray(arrays[name]).reshape(-1) for name in STEP_INPUTS}
     n = len(values["sequence_id"])
     for name, array in values.items():
         if name not in ("input_ids", "draft_ids", "draft_parents", "draft_q") and len(array) != n:

@@ -14,8 +14,10 @@ from ..deploy.repository import drafter_model_name
 from ..serving.batching import CoalescingEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
+from ..serving.limits import Limits, Overloaded
 from ..serving.request import parse_generation_request
 from ..serving.trtllm import TrtllmEngine
+from ..serving.trust import deployment_secret
 from ..speculation.router import Route
 from .io import (Metrics, bls, engine_transport, error_response, model_parameters, request_inputs, resolve_path,
                  tensors, trtllm_transport)
@@ -26,16 +28,18 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class BlsRouter:
     def __init__(self, model_name: str):
         self.model_name = model_name
+        self.secret = deployment_secret().encode()
 
     async def route(self, prompt_logprobs: dict[str, float], max_drafters) -> Route:
         out = await bls(self.model_name, ROUTER, ("ranking", "cooperate", "context", "acceptance"),
-                        drafter_names=[name.encode() for name in prompt_logprobs],
+                        deployment_secret=[self.secret], drafter_names=[name.encode() for name in prompt_logprobs],
                         prompt_logprobs=list(prompt_logprobs.values()), max_drafters=max_drafters)
         return Route(out["context"][0].decode(), [name.decode() for name in out["ranking"]],
                      int(out["cooperate"][0]), float(out["acceptance"][0]))
 
     async def feedback(self, context: str, matches: dict[str, float], trials: dict[str, float]) -> None:
-        await bls(self.model_name, ROUTER, ("context",), feedback_context=[context.encode()],
+        await bls(self.model_name, ROUTER, ("context",), deployment_secret=[self.secret],
+                  feedback_context=[context.encode()],
                   feedback_drafters=[name.encode() for name in trials], feedback_matches=list(matches.values()),
                   feedback_trials=list(trials.values()))
 
@@ -71,10 +75,19 @@ class CosineModel:
             plain_decode_steps=int(params["plain_decode_steps"]),
             max_draft_tokens=int(params["max_draft_tokens"]),
             on_round=self._count_round,
+            limits=Limits(int(params["max_inflight_requests"]), int(params["max_queued_tokens"]),
+                          float(params["queue_timeout_s"])),
+            on_admitted=lambda queued_s: self.queue_seconds.observe(queued_s),
         )
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
         self.requests = {status: Metrics.metric("cosine_requests_total", "Finished requests by status", status=status)
-                         for status in ("success", "invalid", "cancelled", "error")}
+                         for status in ("success", "invalid", "cancelled", "rejected", "error")}
+        self.rejections = {limit: Metrics.metric("cosine_rejected_requests_total", "Requests refused at a limit "
+                                                 "(UNAVAILABLE)", limit=limit)
+                           for limit in ("max_inflight_requests", "max_queued_tokens")}
+        self.queue_seconds = Metrics.metric("cosine_queue_seconds", "Seconds a request waited for the target's KV "
+                                            "cache before its first step", "HISTOGRAM",
+                                            buckets=[0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120])
         self.output_tokens = Metrics.metric("cosine_output_tokens_total", "Tokens generated")
         self.round_metrics = {}
 
@@ -114,6 +127,10 @@ class CosineModel:
         sender = request.get_response_sender()
         try:
             status = await self._generate(request, sender)
+        except Overloaded as error:
+            sender.send(error_response(error), flags=FINAL)
+            self.rejections[error.limit].increment(1)
+            status = "rejected"
         except ServingError as error:
             sender.send(error_response(error), flags=FINAL)
             status = "invalid" if error.kind == ServingError.INVALID else "error"

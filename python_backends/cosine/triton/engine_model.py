@@ -11,6 +11,7 @@ from ..contract import ENGINE
 from ..engine.checkpoint import load_causal_lm
 from ..engine.engine import CausalLMEngine
 from ..serving.errors import ServingError
+from ..serving.trust import check_caller, deployment_secret
 from ..serving.wire import pack_results, unpack_steps
 from .io import Metrics, error_response, model_parameters, request_inputs, resolve_path, tensors
 
@@ -18,6 +19,7 @@ from .io import Metrics, error_response, model_parameters, request_inputs, resol
 class EngineModel:
     def initialize(self, args):
         params = model_parameters(args)
+        self.secret = deployment_secret()
         torch.set_num_threads(int(params["num_threads"]) or len(os.sched_getaffinity(0)))
         device = "cuda" if args["model_instance_kind"] == "GPU" and torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, params["dtype"])
@@ -47,8 +49,13 @@ class EngineModel:
         started = time.perf_counter()
         responses, steps, sizes = [None] * len(requests), [], [0] * len(requests)
         for slot, request in enumerate(requests):
+            inputs = request_inputs(request, ENGINE)
             try:
-                unpacked = unpack_steps(request_inputs(request, ENGINE))
+                check_caller(inputs, self.secret)
+                unpacked = unpack_steps(inputs)
+            except ServingError as error:
+                responses[slot] = error_response(error)
+                continue
             except (KeyError, ValueError) as error:
                 responses[slot] = error_response(ServingError(f"malformed engine request: {error}",
                                                               ServingError.INVALID))

@@ -1,14 +1,21 @@
 """Moving tensors between pb_utils objects and the contract's numpy values."""
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..contract import ENGINE
+from ..launcher import stub_processes
 from ..serving.errors import ServingError
+
+# how often a BLS call still waiting checks that the called model's process lives
+PROCESS_CHECK_S = 0.25
 
 
 def _code(kind: str):
@@ -66,11 +73,70 @@ async def bls_arrays(model_name: str, outputs, arrays: dict[str, np.ndarray]) ->
         requested_output_names=list(outputs),
         inputs=[pb_utils.Tensor(name, array if array.ndim > 1 else array[None]) for name, array in arrays.items()],
     )
-    response = await request.async_exec()
+    response = await _unless_process_dies(model_name, request.async_exec())
     if response.has_error():
         error = response.error()
         raise ServingError(f"{model_name}: {error.message()}", _kind(error.code()))
+    ProcessHealth.answered(model_name)
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0] for name in outputs}
+
+
+async def _unless_process_dies(model_name: str, call):
+    """The call's response, or a ServingError as soon as the processes that could serve it are gone.
+
+    Measured on Triton 2.51: a call to a model whose stub was killed fails after ~1 s ("Stub process is not
+    healthy"), and calls queued behind it wait until the model has been restored (seconds to minutes). Its stubs are
+    our siblings (children of tritonserver), so a look at /proc tells at once. A process the watchdog starts for the
+    model meanwhile does not count: it cannot answer a call queued at the dead one."""
+    serving = ProcessHealth.stubs(model_name)
+    pending = asyncio.ensure_future(call)
+    while True:
+        done, _ = await asyncio.wait({pending}, timeout=PROCESS_CHECK_S)
+        if done:
+            return pending.result()
+        if not serving & ProcessHealth.stubs(model_name, fresh=True):
+            pending.add_done_callback(lambda task: task.exception())  # Triton answers it later: nobody waits
+            ProcessHealth.died(model_name)
+            raise ServingError(f"{model_name}: its process died; the deployment's watchdog restores it")
+
+
+class ProcessHealth:
+    """The stub processes of the models this process calls, their deaths, and their comebacks (the first answer
+    after a death): the launcher's watchdog restores them, but Triton 2.51 has no metric for model loads."""
+
+    dead: set[str] = set()
+    counters: dict = {}
+    by_model: dict[str, set[int]] = {}
+    scanned_at = float("-inf")
+
+    @classmethod
+    def stubs(cls, model_name: str, fresh: bool = False) -> set[int]:
+        """The model's live stub pids, from a /proc scan at most PROCESS_CHECK_S old unless `fresh`."""
+        if fresh or time.monotonic() - cls.scanned_at > PROCESS_CHECK_S:
+            cls.by_model = {}
+            for pid, model in stub_processes(os.getppid()).items():
+                cls.by_model.setdefault(model, set()).add(pid)
+            cls.scanned_at = time.monotonic()
+        return cls.by_model.get(model_name, set())
+
+    @classmethod
+    def died(cls, model_name: str) -> None:
+        if model_name not in cls.dead:
+            cls.dead.add(model_name)
+            cls._count("cosine_model_process_deaths_total", "Called models whose process died", model_name)
+
+    @classmethod
+    def answered(cls, model_name: str) -> None:
+        if model_name in cls.dead:
+            cls.dead.discard(model_name)
+            cls._count("cosine_model_restores_total", "Called models answering again after their process died",
+                       model_name)
+
+    @classmethod
+    def _count(cls, name: str, description: str, model_name: str) -> None:
+        if (name, model_name) not in cls.counters:
+            cls.counters[name, model_name] = Metrics.metric(name, description, model=model_name)
+        cls.counters[name, model_name].increment(1)
 
 
 def engine_transport(model_name: str):

@@ -6,6 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..contract import ROUTER
 from ..serving.errors import ServingError
+from ..serving.trust import check_caller, deployment_secret
 from ..speculation.router import Route, Router
 from .io import Metrics, error_response, model_parameters, request_inputs, tensors
 
@@ -21,6 +22,7 @@ def _strings(names) -> np.ndarray:
 class RouterModel:
     def initialize(self, args):
         self.drafters = [name for name in model_parameters(args)["drafters"].split(",") if name]
+        self.secret = deployment_secret()
         self.router = Router(self.drafters)
         self.routed = {name: Metrics.metric("cosine_router_requests_total", "Requests routed to a drafter (first "
                                             "choice)", drafter=name) for name in self.drafters}
@@ -30,7 +32,10 @@ class RouterModel:
         for request in requests:
             inputs = {name: array.reshape(-1) for name, array in request_inputs(request, ROUTER).items()}
             try:
+                check_caller(inputs, self.secret)
                 responses.append(self._answer(inputs))
+            except ServingError as error:
+                responses.append(error_response(error))
             except (KeyError, ValueError) as error:
                 responses.append(error_response(ServingError(str(error), ServingError.INVALID)))
         return responses
