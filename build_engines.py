@@ -6,6 +6,9 @@
   python build_engines.py --target DIR --drafter NAME=DIR [--drafter ...]
                                                   serve your own HF checkpoints (same tokenizer required)
   python build_engines.py --spec deployment.yaml  (re)write the repository from an existing spec
+  python build_engines.py --spec deployment.yaml --node NAME --repository DIR
+                                                  write the repository of one node of a multi-node spec (its
+                                                  drafters only; `main`, the default, is the target's node)
 
 Every mode writes a deployment spec (YAML: models, paths, instances, batching, KV budget, ports) and generates the
 model repository from it. Re-running with unchanged inputs does no training.
@@ -20,7 +23,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "python_backends"))
 
 from cosine.deploy.repository import write_repository  # noqa: E402
-from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec  # noqa: E402
+from cosine.deploy.spec import MAIN_NODE, SpecError, dump_spec, load_spec, parse_spec  # noqa: E402
 
 # Engine settings for a small CPU: one torch thread per engine process. Several processes share the cores, and a
 # multi-threaded torch whose threads get descheduled waits at every barrier (measured on 2 cores: a target step took
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out-spec", type=Path, help="spec to write (default artifacts/deployment-<name>.yaml)")
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
                         help="model repository to write (default: the checked-in model_repository/)")
+    parser.add_argument("--node", default=MAIN_NODE,
+                        help=f"the node whose repository to write (default {MAIN_NODE}: the target's)")
     args = parser.parse_args(argv)
     try:
         if args.spec:
@@ -82,12 +87,14 @@ def main(argv=None) -> int:
             spec_path = args.out_spec or ROOT / "artifacts" / "deployment-user.yaml"
             user_spec(args.target, args.drafter, spec_path)
         spec = load_spec(spec_path)
-        repository = write_repository(spec, args.repository, relative_paths=True)
+        repository = write_repository(spec, args.repository, relative_paths=True, node=args.node)
     except (SpecError, ValueError) as error:
         print(f"build_engines: error: {error}", file=sys.stderr)
         return 2
-    print(f"deployment spec: {spec_path}\nmodel repository: {repository}\n"
-          f"models: target, {', '.join('drafter_' + n for n in spec.drafters) or 'no drafters'}")
+    models = ["target"] if args.node == MAIN_NODE else []
+    models += ["drafter_" + name for name in spec.drafters_on(args.node)]
+    print(f"deployment spec: {spec_path}\nmodel repository ({args.node} node): {repository}\n"
+          f"models: {', '.join(models) or 'none'}")
     return 0
 
 

@@ -15,6 +15,7 @@ class SpecError(ValueError):
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+MAIN_NODE = "main"  # the node of the target, `cosine`, the router and every drafter that names no other node
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,20 @@ class EngineSpec:
     dtype: str = "float32"  # float32 | float16 | bfloat16 (GPU)
     max_draft_tokens: int = 64
     idle_timeout_s: float = 600.0
+    node: str = MAIN_NODE  # a drafter on another Triton server: one of the spec's `nodes`
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """Another Triton server of the deployment, serving drafters only."""
+    url: str  # host:port of its gRPC endpoint, as the main node reaches it
 
 
 @dataclass(frozen=True)
 class DeploymentSpec:
     target: EngineSpec
     drafters: dict[str, EngineSpec] = field(default_factory=dict)
+    nodes: dict[str, NodeSpec] = field(default_factory=dict)
     tokenizer: Path | None = None  # defaults to the target's checkpoint directory
     http_port: int = 8000
     grpc_port: int = 8001
@@ -54,6 +63,11 @@ class DeploymentSpec:
     # the batch between calls, so larger values delay their first steps.
     plain_decode_steps: int = 4
     general_drafter: str | None = None  # vanilla's drafter; default: one named "general", else the first
+    # Drafter health (every drafter, local or remote): a call that fails or takes longer than this takes the
+    # drafter out of routing (the requests drafting with it go on without it) ...
+    drafter_timeout_s: float = 5.0
+    # ... until a probe call, let through this long after the failure (then twice as long after each failed probe)
+    drafter_probe_after_s: float = 1.0
 
     @property
     def default_mode(self) -> str:
@@ -69,11 +83,29 @@ class DeploymentSpec:
     def tokenizer_dir(self) -> Path:
         return self.tokenizer or self.target.checkpoint
 
+    def drafters_on(self, node: str) -> dict[str, EngineSpec]:
+        return {name: drafter for name, drafter in self.drafters.items() if drafter.node == node}
+
 
 def _positive_int(where: str, value, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         raise SpecError(f"{where}: must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
     return value
+
+
+def _positive_number(where: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise SpecError(f"{where}: must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _node(where: str, raw) -> NodeSpec:
+    if not isinstance(raw, dict) or set(raw) != {"url"}:
+        raise SpecError(f"{where}: must be a mapping with only 'url' (host:port of the node's gRPC endpoint)")
+    host, _, port = str(raw["url"]).rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"{where}.url: must be host:port, got {raw['url']!r}")
+    return NodeSpec(str(raw["url"]))
 
 
 def _engine(where: str, raw, base: Path) -> EngineSpec:
@@ -114,12 +146,26 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
     drafters_raw = raw.get("drafters") or {}
     if not isinstance(drafters_raw, dict):
         raise SpecError("drafters: must be a mapping of name -> engine settings")
+    nodes_raw = raw.get("nodes") or {}
+    if not isinstance(nodes_raw, dict) or MAIN_NODE in nodes_raw:
+        raise SpecError(f"nodes: must be a mapping of node name -> {{url: host:port}}; '{MAIN_NODE}' is the "
+                        f"target's node")
+    nodes = {str(name): _node(f"nodes.{name}", node) for name, node in nodes_raw.items()}
     drafters = {}
     for name, drafter in drafters_raw.items():
         if not str(name).replace("_", "").isalnum():
             raise SpecError(f"drafters.{name}: names may use letters, digits and '_' only")
         drafters[str(name)] = _engine(f"drafters.{name}", drafter, base)
-    values = dict(raw, target=_engine("target", raw["target"], base), drafters=drafters)
+        if drafters[str(name)].node not in (MAIN_NODE, *nodes):
+            raise SpecError(f"drafters.{name}.node: {drafters[str(name)].node!r} is not one of the nodes "
+                            f"({', '.join([MAIN_NODE, *nodes])})")
+    target = _engine("target", raw["target"], base)
+    if target.node != MAIN_NODE:
+        raise SpecError(f"target.node: the target runs on the '{MAIN_NODE}' node")
+    values = dict(raw, target=target, drafters=drafters, nodes=nodes)
+    for name in ("drafter_timeout_s", "drafter_probe_after_s"):
+        if name in values:
+            values[name] = _positive_number(name, values[name])
     if "tokenizer" in values:
         values["tokenizer"] = (base / str(values["tokenizer"])).resolve()
     if values.get("speculation_mode", "autoregressive") not in ("autoregressive", "vanilla", "specinfer", "cosine"):
@@ -161,10 +207,13 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
         return out
 
     raw = {"target": engine(spec.target), "drafters": {n: engine(d) for n, d in spec.drafters.items()}}
+    if spec.nodes:
+        raw["nodes"] = {name: {"url": node.url} for name, node in spec.nodes.items()}
     if spec.tokenizer:
         raw["tokenizer"] = rel(spec.tokenizer)
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "speculation_mode",
-                 "num_draft_tokens", "adaptive_draft_tokens", "plain_decode_steps", "general_drafter"):
+                 "num_draft_tokens", "adaptive_draft_tokens", "plain_decode_steps", "general_drafter",
+                 "drafter_timeout_s", "drafter_probe_after_s"):
         if getattr(spec, name) is not None:
             raw[name] = getattr(spec, name)
     path.parent.mkdir(parents=True, exist_ok=True)

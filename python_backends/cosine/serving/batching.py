@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import random
 from typing import Awaitable, Callable
 
@@ -16,16 +17,23 @@ import numpy as np
 from ..engine.engine import Admission, StepRequest, StepResult
 from ..speculation.tree import DraftTree
 from . import wire
+from .health import CircuitBreaker
 
 # sends packed steps to an engine model and returns its packed results
 Transport = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 
 
 class CoalescingEngine:
-    def __init__(self, name: str, transport: Transport):
-        self.name, self.transport = name, transport
+    def __init__(self, name: str, transport: Transport, breaker: CircuitBreaker | None = None):
+        """breaker: the engine's health (drafters); its calls go through it."""
+        self.name, self.transport, self.breaker = name, transport, breaker
         self.pending: list[tuple[StepRequest, asyncio.Future]] = []
         self.in_flight: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    @property
+    def available(self) -> bool:
+        """Whether requests may plan to use this engine (its circuit is closed, or a probe is due)."""
+        return self.breaker is None or self.breaker.admits()
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
                    candidates=0, score_input=False, draft_q=None, return_q=False) -> StepResult:
@@ -62,7 +70,9 @@ class CoalescingEngine:
     async def _send(self, batch: list[tuple[StepRequest, asyncio.Future]]) -> None:
         steps = [step for step, _ in batch]
         try:
-            results = wire.unpack_results(await self.transport(wire.pack_steps(steps)), steps, self.name)
+            send = functools.partial(self.transport, wire.pack_steps(steps))
+            arrays = await (self.breaker.call(send) if self.breaker else send())
+            results = wire.unpack_results(arrays, steps, self.name)
         except Exception as error:  # the whole call failed: every sequence in it fails with the same error
             results = [error] * len(batch)
         for (_, future), result in zip(batch, results):

@@ -79,7 +79,13 @@ def new_sequence_id() -> int:
 
 
 def speculation_plan(request: GenerationRequest, deployment: Deployment) -> tuple[str, int, tuple[str, ...]]:
-    """(mode, draft tokens, drafters) for a request; errors name the offending input."""
+    """(mode, draft tokens, drafters) for a request; errors name the offending input. Drafters that are down are
+    left out (none left: the request decodes plainly)."""
+    mode, k, drafters = _requested_plan(request, deployment)
+    return mode, k, tuple(name for name in drafters if deployment.drafters[name].available)
+
+
+def _requested_plan(request: GenerationRequest, deployment: Deployment) -> tuple[str, int, tuple[str, ...]]:
     mode = request.speculation_mode or deployment.default_mode
     if mode not in MODES:
         raise InvalidRequest("speculation_mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
@@ -104,6 +110,8 @@ def speculation_plan(request: GenerationRequest, deployment: Deployment) -> tupl
 
 def _proposer(plan, deployment: Deployment, sequence_id: int, request: GenerationRequest):
     mode, k, drafters = plan
+    if not drafters:
+        return None
     sessions = [DrafterSession(name, deployment.drafters[name], sequence_id, request) for name in drafters]
     if mode == "vanilla":
         return ChainProposer(sessions[0], k)

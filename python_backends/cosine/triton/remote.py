@@ -1,0 +1,45 @@
+"""The CoalescingEngine transport to an engine model on another Triton server: gRPC through tritonclient's asyncio
+client, the same ENGINE contract and the same coalesced calls as BLS."""
+from __future__ import annotations
+
+import numpy as np
+from tritonclient.grpc import aio as grpc_aio
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from ..contract import ENGINE
+from ..serving.errors import ServingError
+
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", grpc_aio.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", grpc_aio.MAX_GRPC_MESSAGE_SIZE),
+    # gRPC's default reconnect backoff grows to 2 minutes: a node back from an outage would stay unreachable that
+    # long. The circuit breaker already paces calls to a node that is down; the channel has to be ready when it
+    # probes.
+    ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+_KINDS = {"StatusCode.INVALID_ARGUMENT": ServingError.INVALID, "StatusCode.UNAVAILABLE": ServingError.UNAVAILABLE}
+
+
+class GrpcEngineTransport:
+    def __init__(self, url: str, model_name: str):
+        self.url, self.model_name = url, model_name
+        self.outputs = [grpc_aio.InferRequestedOutput(t.name) for t in ENGINE.outputs]
+        self.client: grpc_aio.InferenceServerClient | None = None  # made in the event loop that calls it
+
+    async def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Sends every array it is given as it is (with a leading batch dimension of 1, as BLS does)."""
+        if self.client is None:
+            self.client = grpc_aio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+        inputs = []
+        for name, array in arrays.items():
+            batched = array if array.ndim > 1 else array[None]
+            tensor = grpc_aio.InferInput(name, list(batched.shape), np_to_triton_dtype(batched.dtype))
+            tensor.set_data_from_numpy(batched)
+            inputs.append(tensor)
+        try:
+            result = await self.client.infer(self.model_name, inputs, outputs=self.outputs)
+        except InferenceServerException as error:
+            raise ServingError(f"{self.model_name} at {self.url}: {error.message()}",
+                               _KINDS.get(str(error.status()), ServingError.INTERNAL)) from None
+        return {output.name(): result.as_numpy(output.name())[0] for output in self.outputs}
