@@ -32,11 +32,13 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
     try:
         while data := await reader.read(CHUNK):
             chunks.put_nowait((loop.time() + delay_s, data))
+        chunks.put_nowait((loop.time() + delay_s, b""))
+        with contextlib.suppress(ConnectionError):
+            await delivering
     except ConnectionError:
         pass
-    chunks.put_nowait((loop.time() + delay_s, b""))
-    with contextlib.suppress(ConnectionError, OSError):
-        await delivering
+    finally:
+        delivering.cancel()
 
 
 class Relay:

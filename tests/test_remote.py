@@ -1,0 +1,124 @@
+"""Two Triton servers on loopback: the target's node, and a drafter node reached over gRPC through a relay that adds
+latency. Outputs stay exact; the drafter node may stop under load (no request fails) and is used again once back."""
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from test_server import as_list, generate, metric, wait_for
+from tiny_models import PROMPTS
+
+from cosine.deploy.repository import write_repository
+from cosine.deploy.spec import parse_spec
+from cosine.launcher import TritonServer, free_port
+from cosine_client.relay import Relay
+
+# the per-deployment secret both nodes must share (read from the environment by the engines and `cosine`)
+NODE_ENV = {"COSINE_DEPLOYMENT_SECRET": "two-node-test"}
+
+
+def test_the_relay_delays_each_direction_and_keeps_the_bytes():
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        def echo():
+            connection, _ = upstream.accept()
+            with connection:
+                while data := connection.recv(65536):
+                    connection.sendall(data)
+        threading.Thread(target=echo, daemon=True).start()
+        with Relay(f"127.0.0.1:{upstream.getsockname()[1]}", delay_s=0.05).running() as relay:
+            with socket.create_connection(("127.0.0.1", relay.port)) as client:
+                payload = bytes(range(256)) * 1000
+                started = time.monotonic()
+                client.sendall(payload)
+                echoed = b""
+                while len(echoed) < len(payload):
+                    echoed += client.recv(65536)
+                round_trip = time.monotonic() - started
+    assert echoed == payload
+    assert round_trip >= 0.1  # 50 ms each way
+
+
+class Nodes:
+    def __init__(self, root, llama):
+        engine = {"kv_cache_tokens": 8192, "num_threads": 1, "idle_timeout_s": 30}
+        self.edge_ports = free_port(), free_port(), free_port()
+        self.relay = Relay(f"127.0.0.1:{self.edge_ports[1]}", delay_s=0.001)  # 2 ms round trip
+        self.stack = self.relay.running()
+        self.stack.__enter__()
+        self.spec = parse_spec({
+            "target": dict(engine, checkpoint=str(llama)),
+            "nodes": {"edge": {"url": self.relay.url}},
+            # the target's own checkpoint drafts perfectly: every accepted token proves the remote drafter's work
+            "drafters": {"itself": dict(engine, checkpoint=str(llama), node="edge")},
+            "speculation_mode": "autoregressive", "drafter_probe_after_s": 0.5}, root)
+        self.edge_repository = write_repository(self.spec, root / "edge", node="edge")
+        self.root = root
+        self.main = TritonServer(write_repository(self.spec, root / "main"), free_port(), free_port(), free_port(),
+                                 log_path=root / "main.log", env=NODE_ENV)
+        self.edge = self.new_edge()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda server: server.start(timeout=300), (self.edge, self.main)))
+
+    def new_edge(self):
+        return TritonServer(self.edge_repository, *self.edge_ports, log_path=self.root / "edge.log", env=NODE_ENV)
+
+    def close(self):
+        self.main.stop()
+        self.edge.stop()
+        self.stack.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory, llama):
+    nodes = Nodes(tmp_path_factory.mktemp("two-nodes"), llama)
+    yield nodes
+    nodes.close()
+
+
+def run(server, prompt, **extra):
+    out = generate(server, text_input=prompt, max_tokens=24, return_stats=True, **extra)
+    return as_list(out["output_ids"]), as_list(out["speculation_stats"])
+
+
+def test_remote_drafters_keep_greedy_outputs_exact(nodes):
+    for prompt in PROMPTS[:2]:
+        plain, _ = run(nodes.main, prompt, speculation_mode="autoregressive")
+        for mode in ("vanilla", "cosine"):
+            ids, (_, drafted, accepted) = run(nodes.main, prompt, speculation_mode=mode, num_draft_tokens=4)
+            assert ids == plain, mode
+            assert accepted > 0, mode  # drafted on the other node, over gRPC
+    assert metric(nodes.main, "cosine_drafter_up", drafter="itself") == 1
+
+
+def test_a_drafter_node_that_stops_under_load_is_routed_around_and_used_again_when_back(nodes):
+    expected = {p: run(nodes.main, p, speculation_mode="autoregressive")[0] for p in PROMPTS}
+    done, failures, stop = [], [], threading.Event()
+
+    def load(worker):
+        while not stop.is_set():
+            prompt = PROMPTS[len(done) % len(PROMPTS)]
+            try:
+                ids, _ = run(nodes.main, prompt, speculation_mode=("vanilla", "cosine")[worker % 2])
+                done.append(ids == expected[prompt])
+            except Exception as error:  # noqa: BLE001 -- any failed request fails the test
+                failures.append(error)
+
+    with ThreadPoolExecutor(8) as pool:
+        workers = [pool.submit(load, worker) for worker in range(8)]
+        assert wait_for(lambda: len(done) >= 8)
+        nodes.edge.stop(timeout=0)  # killed: the node disappears
+        assert wait_for(lambda: metric(nodes.main, "cosine_drafter_up", drafter="itself") == 0)
+        served_while_down = len(done)
+        assert wait_for(lambda: len(done) >= served_while_down + 16)
+        stop.set()
+        for worker in workers:
+            worker.result()
+    assert failures == [] and all(done)
+    assert metric(nodes.main, "cosine_drafter_failures_total", drafter="itself") > 0
+    # requests that start while it is down do not even try it
+    assert run(nodes.main, PROMPTS[0], speculation_mode="vanilla")[1][1] == 0
+
+    nodes.edge = nodes.new_edge().start(timeout=300)
+    assert wait_for(lambda: run(nodes.main, PROMPTS[0], speculation_mode="vanilla")[1][2] > 0, timeout=60)
+    assert metric(nodes.main, "cosine_drafter_up", drafter="itself") == 1
