@@ -114,12 +114,12 @@ def write_repository(spec: DeploymentSpec, out_dir: str | Path, relative_paths: 
     """(Re)writes out_dir as the Triton model repository of one node of `spec`. With relative_paths, checkpoint
     paths are written relative to out_dir (so a checked-in repository works from any clone)."""
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     def path(p: Path) -> str:
         return os.path.relpath(p, out_dir) if relative_paths else str(p)
 
     configs = model_configs(spec, path, node)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(drafter_model_name("*")):  # drafters the spec no longer has
         if stale.name not in configs:
             shutil.rmtree(stale)
