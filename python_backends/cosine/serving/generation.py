@@ -155,12 +155,14 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
     monitor = deployment.monitor
     async with deployment.scheduler.slot(size, value=expected_tokens / size):
         started = time.monotonic()
-        # plain decoding runs several steps per call (never past the request's budget); a speculative mode's
-        # plain round stays one step: its controller decides again every round
-        extra = min(deployment.plain_decode_steps - 1, budget) if proposer is None else 0
+        # a round without a draft runs several steps per call (never past the request's budget), whether the
+        # mode is plain or a speculative mode's controller chose plain decoding (or no drafter answered): a
+        # speculative mode falling back to plain decoding must be as fast as plain decoding, per-call cost included
+        extra = 0 if tree else min(deployment.plain_decode_steps - 1, budget)
         emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree, extra_tokens=extra,
                                                 draft_q=draft.q if draft else None)).tokens
-        monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
+        if not extra:  # the verification cost model is of one pass
+            monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
     # the controller's evidence: cosine's rounds against plain ones (exploring rounds buy knowledge, not speed)
     if mode in ("cosine", "autoregressive") and not (proposer and proposer.exploring):
         monitor.observe_round(tree is not None, len(emitted), time.monotonic() - round_started)
