@@ -82,12 +82,16 @@ def run(server, prompt, **extra):
 
 
 def test_remote_drafters_keep_greedy_outputs_exact(nodes):
+    accepted = {"vanilla": [], "cosine": []}
     for prompt in PROMPTS[:2]:
         plain, _ = run(nodes.main, prompt, speculation_mode="autoregressive")
-        for mode in ("vanilla", "cosine"):
-            ids, (_, drafted, accepted) = run(nodes.main, prompt, speculation_mode=mode, num_draft_tokens=4)
+        for mode in accepted:
+            ids, (_, _, accepted_tokens) = run(nodes.main, prompt, speculation_mode=mode, num_draft_tokens=4)
             assert ids == plain, mode
-            assert accepted > 0, mode  # drafted on the other node, over gRPC
+            accepted[mode].append(accepted_tokens)
+    # drafted on the other node, over gRPC. Cosine drafts until its controller has measured what drafting costs
+    # (a drafter as large as the target, 2 ms away, may not pay: then it decodes plainly).
+    assert all(accepted["vanilla"]) and accepted["cosine"][0] > 0, accepted
     assert metric(nodes.main, "cosine_drafter_up", drafter="itself") == 1
 
 

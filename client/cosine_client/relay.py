@@ -49,6 +49,7 @@ class Relay:
         self.delay_s, self.host, self.port = delay_s, host, port
         self.server: asyncio.AbstractServer | None = None
         self.connections: set[asyncio.Task] = set()
+        self.sockets: set[asyncio.StreamWriter] = set()  # both ends of every relayed connection
 
     @property
     def url(self) -> str:
@@ -60,27 +61,31 @@ class Relay:
         return self
 
     async def close(self) -> None:
+        """Stops listening and drops every relayed connection (their pipes then end on their own)."""
         self.server.close()
-        for connection in list(self.connections):
-            connection.cancel()
+        for socket in self.sockets:
+            socket.transport.abort()
         await asyncio.gather(*self.connections, return_exceptions=True)
         await self.server.wait_closed()
 
     async def _connect(self, client_reader, client_writer) -> None:
         task = asyncio.current_task()
         self.connections.add(task)
+        self.sockets.add(client_writer)
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
         except OSError:  # nothing listens upstream: the client sees its connection closed, as with a dead host
-            client_writer.close()
-            self.connections.discard(task)
-            return
+            upstream_writer = None
         try:
-            await asyncio.gather(_pipe(client_reader, upstream_writer, self.delay_s),
-                                 _pipe(upstream_reader, client_writer, self.delay_s))
+            if upstream_writer is not None:
+                self.sockets.add(upstream_writer)
+                await asyncio.gather(_pipe(client_reader, upstream_writer, self.delay_s),
+                                     _pipe(upstream_reader, client_writer, self.delay_s))
         finally:
-            upstream_writer.close()
-            client_writer.close()
+            for writer in (client_writer, upstream_writer):
+                if writer is not None:
+                    writer.close()
+                    self.sockets.discard(writer)
             self.connections.discard(task)
 
     @contextlib.contextmanager
