@@ -1,10 +1,13 @@
 """Two Triton servers on loopback: the target's node, and a drafter node reached over gRPC through a relay that adds
 latency. Outputs stay exact; the drafter node may stop under load (no request fails) and is used again once back."""
+import asyncio
+import contextlib
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from test_server import as_list, generate, metric, wait_for
 from tiny_models import PROMPTS
@@ -12,6 +15,7 @@ from tiny_models import PROMPTS
 from cosine.deploy.repository import write_repository
 from cosine.deploy.spec import parse_spec
 from cosine.launcher import TritonServer, free_port
+from cosine.triton.remote import GrpcEngineTransport
 from cosine_client.relay import Relay
 
 # the per-deployment secret both nodes must share (read from the environment by the engines and `cosine`)
@@ -37,6 +41,29 @@ def test_the_relay_delays_each_direction_and_keeps_the_bytes():
                 round_trip = time.monotonic() - started
     assert echoed == payload
     assert round_trip >= 0.1  # 50 ms each way
+
+
+def test_a_call_that_hangs_is_not_followed_on_the_same_connection():
+    """A node that vanished without closing its connections (a partition, a host powered off; here: one that accepts
+    and never answers) leaves calls hanging until the breaker's timeout; the next call, the probe, must open a new
+    connection rather than wait on the dead one."""
+    connections = []
+    with socket.create_server(("127.0.0.1", 0)) as black_hole:  # accepts, never answers
+        def accept():
+            with contextlib.suppress(OSError):
+                while True:
+                    connections.append(black_hole.accept()[0])
+        threading.Thread(target=accept, daemon=True).start()
+        transport = GrpcEngineTransport(f"127.0.0.1:{black_hole.getsockname()[1]}", "drafter_x")
+
+        async def two_calls():
+            for _ in range(2):
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(transport({"sequence_id": np.array([1], np.uint64)}), 0.5)
+        asyncio.run(two_calls())
+    for connection in connections:
+        connection.close()
+    assert len(connections) == 2
 
 
 class Nodes:

@@ -14,6 +14,8 @@ CHUNK = 1 << 16
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
+    """Copies reader to writer, every chunk `delay_s` after it was read. The end is passed on, delayed like the data:
+    a clean end (EOF) as a half-close, a reset as a close (else the far side would wait on a dead connection)."""
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue = asyncio.Queue()
 
@@ -21,22 +23,27 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
         while True:
             due, data = await chunks.get()
             await asyncio.sleep(max(0.0, due - loop.time()))
-            if not data:  # the sender closed its side: pass that on, delayed like the data
-                if writer.can_write_eof():
-                    writer.write_eof()
+            if data is None:
                 return
             writer.write(data)
             await writer.drain()
 
     delivering = asyncio.ensure_future(deliver())
+    reset = False
     try:
         while data := await reader.read(CHUNK):
             chunks.put_nowait((loop.time() + delay_s, data))
-        chunks.put_nowait((loop.time() + delay_s, b""))
-        with contextlib.suppress(ConnectionError):
-            await delivering
-    except ConnectionError:
-        pass
+    except OSError:
+        reset = True
+    chunks.put_nowait((loop.time() + delay_s, None))
+    try:
+        await delivering
+        if reset or not writer.can_write_eof():
+            writer.close()
+        else:
+            writer.write_eof()
+    except OSError:  # the far side is gone too
+        writer.close()
     finally:
         delivering.cancel()
 

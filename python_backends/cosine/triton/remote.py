@@ -2,6 +2,8 @@
 client, the same ENGINE contract and the same coalesced calls as BLS."""
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 from tritonclient.grpc import aio as grpc_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
@@ -14,11 +16,12 @@ CHANNEL_ARGS = [
     ("grpc.max_receive_message_length", grpc_aio.MAX_GRPC_MESSAGE_SIZE),
     # gRPC's default reconnect backoff grows to 2 minutes: a node back from an outage would stay unreachable that
     # long. The circuit breaker already paces calls to a node that is down; the channel has to be ready when it
-    # probes.
-    ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+    # probes. (Not min_reconnect_backoff_ms: it is also the connection handshake's deadline.)
+    ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 _KINDS = {"StatusCode.INVALID_ARGUMENT": ServingError.INVALID, "StatusCode.UNAVAILABLE": ServingError.UNAVAILABLE}
+# the call never reached the model: the connection, not the node's answer, failed
+_CONNECTION_FAILURES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
 
 
 class GrpcEngineTransport:
@@ -26,6 +29,7 @@ class GrpcEngineTransport:
         self.url, self.model_name = url, model_name
         self.outputs = [grpc_aio.InferRequestedOutput(t.name) for t in ENGINE.outputs]
         self.client: grpc_aio.InferenceServerClient | None = None  # made in the event loop that calls it
+        self.closing: set[asyncio.Task] = set()
 
     async def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Sends every array it is given as it is (with a leading batch dimension of 1, as BLS does)."""
@@ -40,6 +44,21 @@ class GrpcEngineTransport:
         try:
             result = await self.client.infer(self.model_name, inputs, outputs=self.outputs)
         except InferenceServerException as error:
+            if str(error.status()) in _CONNECTION_FAILURES:
+                self._reconnect()
             raise ServingError(f"{self.model_name} at {self.url}: {error.message()}",
                                _KINDS.get(str(error.status()), ServingError.INTERNAL)) from None
+        except asyncio.CancelledError:  # the caller's timeout: the connection may be dead without knowing it
+            self._reconnect()
+            raise
         return {output.name(): result.as_numpy(output.name())[0] for output in self.outputs}
+
+    def _reconnect(self) -> None:
+        """The next call opens a new channel. A connection whose peer vanished without closing it (a node lost,
+        a network partition) would otherwise hang every later call, probes included, until TCP gives up."""
+        if self.client is None:
+            return
+        closing = asyncio.ensure_future(self.client.close())
+        self.closing.add(closing)
+        closing.add_done_callback(self.closing.discard)
+        self.client = None
