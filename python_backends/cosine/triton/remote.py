@@ -14,10 +14,9 @@ from ..serving.errors import ServingError
 CHANNEL_ARGS = [
     ("grpc.max_send_message_length", grpc_aio.MAX_GRPC_MESSAGE_SIZE),
     ("grpc.max_receive_message_length", grpc_aio.MAX_GRPC_MESSAGE_SIZE),
-    # gRPC's default reconnect backoff grows to 2 minutes: a node back from an outage would stay unreachable that
-    # long. The circuit breaker already paces calls to a node that is down; the channel has to be ready when it
-    # probes. (Not min_reconnect_backoff_ms: it is also the connection handshake's deadline.)
-    ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000),
+    # a channel of its own connection: gRPC otherwise shares connections between a process's channels to one
+    # address, and a new channel would inherit a failed one's reconnect backoff
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 _KINDS = {"StatusCode.INVALID_ARGUMENT": ServingError.INVALID, "StatusCode.UNAVAILABLE": ServingError.UNAVAILABLE}
 # the call never reached the model: the connection, not the node's answer, failed
@@ -35,6 +34,7 @@ class GrpcEngineTransport:
         """Sends every array it is given as it is (with a leading batch dimension of 1, as BLS does)."""
         if self.client is None:
             self.client = grpc_aio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+        client = self.client
         inputs = []
         for name, array in arrays.items():
             batched = array if array.ndim > 1 else array[None]
@@ -42,23 +42,24 @@ class GrpcEngineTransport:
             tensor.set_data_from_numpy(batched)
             inputs.append(tensor)
         try:
-            result = await self.client.infer(self.model_name, inputs, outputs=self.outputs)
+            result = await client.infer(self.model_name, inputs, outputs=self.outputs)
         except InferenceServerException as error:
             if str(error.status()) in _CONNECTION_FAILURES:
-                self._reconnect()
+                self._drop(client)
             raise ServingError(f"{self.model_name} at {self.url}: {error.message()}",
                                _KINDS.get(str(error.status()), ServingError.INTERNAL)) from None
         except asyncio.CancelledError:  # the caller's timeout: the connection may be dead without knowing it
-            self._reconnect()
+            self._drop(client)
             raise
         return {output.name(): result.as_numpy(output.name())[0] for output in self.outputs}
 
-    def _reconnect(self) -> None:
-        """The next call opens a new channel. A connection whose peer vanished without closing it (a node lost,
-        a network partition) would otherwise hang every later call, probes included, until TCP gives up."""
-        if self.client is None:
+    def _drop(self, client: grpc_aio.InferenceServerClient) -> None:
+        """The next call opens a new channel. A connection whose peer vanished without closing it (a node lost, a
+        network partition) would otherwise hang every later call, probes included, until TCP gives up; and a new
+        channel connects at once where a failed one waits out gRPC's reconnect backoff (up to 2 minutes)."""
+        if self.client is not client:  # a call on an older channel, already dropped
             return
-        closing = asyncio.ensure_future(self.client.close())
+        self.client = None
+        closing = asyncio.ensure_future(client.close())
         self.closing.add(closing)
         closing.add_done_callback(self.closing.discard)
-        self.client = None
