@@ -145,3 +145,13 @@ def test_new_requests_plan_without_a_drafter_that_is_down():
     with pytest.raises(ServingError, match="unknown drafter"):  # a drafter that is down is still known
         speculation_plan(GenerationRequest("x", max_tokens=8, speculation_mode="cosine", drafters=("nope",)),
                          deployment)
+
+
+def test_a_call_cancelled_under_the_engine_fails_its_callers_rather_than_leaving_them_waiting():
+    async def cancelled(arrays):
+        raise asyncio.CancelledError  # e.g. a connection closed while the call was out
+
+    async def main():
+        with pytest.raises(ServingError, match="cancelled"):
+            await asyncio.wait_for(step(CoalescingEngine("drafter_x", cancelled)), 5)
+    asyncio.run(main())

@@ -15,6 +15,7 @@ from tiny_models import PROMPTS
 from cosine.deploy.repository import write_repository
 from cosine.deploy.spec import parse_spec
 from cosine.launcher import TritonServer, free_port
+from cosine.serving.errors import ServingError
 from cosine.triton.remote import GrpcEngineTransport
 from cosine_client.relay import Relay
 
@@ -56,11 +57,19 @@ def test_a_call_that_hangs_is_not_followed_on_the_same_connection():
         threading.Thread(target=accept, daemon=True).start()
         transport = GrpcEngineTransport(f"127.0.0.1:{black_hole.getsockname()[1]}", "drafter_x")
 
-        async def two_calls():
-            for _ in range(2):
-                with pytest.raises(asyncio.TimeoutError):
-                    await asyncio.wait_for(transport({"sequence_id": np.array([1], np.uint64)}), 0.5)
-        asyncio.run(two_calls())
+        def call():
+            return transport({"sequence_id": np.array([1], np.uint64)})
+
+        async def calls():
+            patient = asyncio.ensure_future(asyncio.wait_for(call(), 60))
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(call(), 0.5)
+            # a call still out on the dropped connection fails at once, as a failed call, not a lost one
+            with pytest.raises(ServingError, match="connection dropped"):
+                await asyncio.wait_for(patient, 10)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(call(), 0.5)
+        asyncio.run(calls())
     for connection in connections:
         connection.close()
     assert len(connections) == 2

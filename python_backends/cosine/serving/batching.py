@@ -17,6 +17,7 @@ import numpy as np
 from ..engine.engine import Admission, StepRequest, StepResult
 from ..speculation.tree import DraftTree
 from . import wire
+from .errors import ServingError
 from .health import CircuitBreaker
 
 # sends packed steps to an engine model and returns its packed results
@@ -75,6 +76,11 @@ class CoalescingEngine:
             results = wire.unpack_results(arrays, steps, self.name)
         except Exception as error:  # the whole call failed: every sequence in it fails with the same error
             results = [error] * len(batch)
+        except asyncio.CancelledError:  # a caller must never wait on a call that will not answer
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(ServingError(f"{self.name}: call cancelled", ServingError.UNAVAILABLE))
+            raise
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)

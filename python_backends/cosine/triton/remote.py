@@ -48,9 +48,13 @@ class GrpcEngineTransport:
                 self._drop(client)
             raise ServingError(f"{self.model_name} at {self.url}: {error.message()}",
                                _KINDS.get(str(error.status()), ServingError.INTERNAL)) from None
-        except asyncio.CancelledError:  # the caller's timeout: the connection may be dead without knowing it
-            self._drop(client)
-            raise
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # the caller's timeout: the connection may be dead unawares
+                self._drop(client)
+                raise
+            # not this task's cancellation: its channel was closed under it (another call on it failed)
+            raise ServingError(f"{self.model_name} at {self.url}: connection dropped",
+                               ServingError.UNAVAILABLE) from None
         return {output.name(): result.as_numpy(output.name())[0] for output in self.outputs}
 
     def _drop(self, client: grpc_aio.InferenceServerClient) -> None:
