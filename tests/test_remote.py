@@ -76,40 +76,43 @@ def test_a_call_that_hangs_is_not_followed_on_the_same_connection():
 
 
 class Nodes:
-    def __init__(self, root, llama):
+    """The target's node, and a drafter node (`edge`) behind a relay adding 2 ms of round trip."""
+
+    def __init__(self, root, llama, relay: Relay, edge_ports):
         engine = {"kv_cache_tokens": 8192, "num_threads": 1, "idle_timeout_s": 30}
-        self.edge_ports = free_port(), free_port(), free_port()
-        self.relay = Relay(f"127.0.0.1:{self.edge_ports[1]}", delay_s=0.001)  # 2 ms round trip
-        self.stack = self.relay.running()
-        self.stack.__enter__()
-        self.spec = parse_spec({
+        spec = parse_spec({
             "target": dict(engine, checkpoint=str(llama)),
-            "nodes": {"edge": {"url": self.relay.url}},
+            "nodes": {"edge": {"url": relay.url}},
             # the target's own checkpoint drafts perfectly: every accepted token proves the remote drafter's work
             "drafters": {"itself": dict(engine, checkpoint=str(llama), node="edge")},
             "speculation_mode": "autoregressive", "drafter_probe_after_s": 0.5}, root)
-        self.edge_repository = write_repository(self.spec, root / "edge", node="edge")
-        self.root = root
-        self.main = TritonServer(write_repository(self.spec, root / "main"), free_port(), free_port(), free_port(),
+        self.root, self.edge_ports = root, edge_ports
+        self.edge_repository = write_repository(spec, root / "edge", node="edge")
+        self.main = TritonServer(write_repository(spec, root / "main"), free_port(), free_port(), free_port(),
                                  log_path=root / "main.log", env=NODE_ENV)
         self.edge = self.new_edge()
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda server: server.start(timeout=300), (self.edge, self.main)))
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(lambda server: server.start(timeout=300), (self.edge, self.main)))
+        except BaseException:
+            self.stop()
+            raise
 
     def new_edge(self):
         return TritonServer(self.edge_repository, *self.edge_ports, log_path=self.root / "edge.log", env=NODE_ENV)
 
-    def close(self):
-        self.main.stop()
-        self.edge.stop()
-        self.stack.__exit__(None, None, None)
+    def stop(self):
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(TritonServer.stop, (self.main, self.edge)))
 
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory, llama):
-    nodes = Nodes(tmp_path_factory.mktemp("two-nodes"), llama)
-    yield nodes
-    nodes.close()
+    edge_ports = free_port(), free_port(), free_port()
+    with Relay(f"127.0.0.1:{edge_ports[1]}", delay_s=0.001).running() as relay:
+        nodes = Nodes(tmp_path_factory.mktemp("two-nodes"), llama, relay, edge_ports)
+        yield nodes
+        nodes.stop()
 
 
 def run(server, prompt, **extra):
@@ -150,7 +153,7 @@ def test_a_drafter_node_that_stops_under_load_is_routed_around_and_used_again_wh
         nodes.edge.stop(timeout=0)  # killed: the node disappears
         assert wait_for(lambda: metric(nodes.main, "cosine_drafter_up", drafter="itself") == 0)
         served_while_down = len(done)
-        assert wait_for(lambda: len(done) >= served_while_down + 16)
+        assert wait_for(lambda: len(done) >= served_while_down + 8)
         stop.set()
         for worker in workers:
             worker.result()
