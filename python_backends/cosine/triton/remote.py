@@ -49,10 +49,12 @@ class GrpcEngineTransport:
             raise ServingError(f"{self.model_name} at {self.url}: {error.message()}",
                                _KINDS.get(str(error.status()), ServingError.INTERNAL)) from None
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # the caller's timeout: the connection may be dead unawares
+            # This task's cancellation is the caller's timeout: the connection may be dead without knowing it.
+            # (Task.cancelling() is Python 3.11+; before, every cancellation counts as the caller's.)
+            if getattr(asyncio.current_task(), "cancelling", lambda: 1)():
                 self._drop(client)
                 raise
-            # not this task's cancellation: its channel was closed under it (another call on it failed)
+            # not this task's: the call's channel was closed under it (another call on it failed)
             raise ServingError(f"{self.model_name} at {self.url}: connection dropped",
                                ServingError.UNAVAILABLE) from None
         return {output.name(): result.as_numpy(output.name())[0] for output in self.outputs}
