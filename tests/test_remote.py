@@ -67,12 +67,14 @@ def test_a_call_that_hangs_is_not_followed_on_the_same_connection():
             # a call still out on the dropped connection fails at once, as a failed call, not a lost one
             with pytest.raises(ServingError, match="connection dropped"):
                 await asyncio.wait_for(patient, 10)
+            before = len(connections)
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(call(), 0.5)
-        asyncio.run(calls())
+            return before
+        connected_before_last_call = asyncio.run(calls())
     for connection in connections:
         connection.close()
-    assert len(connections) == 2
+    assert connected_before_last_call >= 1 and len(connections) > connected_before_last_call
 
 
 class Nodes:
