@@ -9,6 +9,9 @@
         [--build-trtllm]                          first build the TensorRT-LLM engines of its `kind: trtllm` models
                                                   (inside the NGC trtllm container; progress shown)
         [--dry-run]                               only print the exact engine build commands (any machine)
+  python build_engines.py --spec deployment.yaml --node NAME --repository DIR
+                                                  write the repository of one node of a multi-node spec (its
+                                                  drafters only; `main`, the default, is the target's node)
 
 Every mode writes a deployment spec (YAML: models, paths, instances, batching, KV budget, ports) and generates the
 model repository from it. Re-running with unchanged inputs does no training and rebuilds no engine.
@@ -23,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "python_backends"))
 
 from cosine.deploy.repository import write_repository  # noqa: E402
-from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec  # noqa: E402
+from cosine.deploy.spec import MAIN_NODE, SpecError, dump_spec, load_spec, parse_spec  # noqa: E402
 from cosine.deploy.trtllm_build import (CONTAINER, build_engines, describe, engine_builds,  # noqa: E402
                                         missing_engines)
 
@@ -80,6 +83,8 @@ def main(argv=None) -> int:
                         help=f"build the spec's TensorRT-LLM engines first (inside {CONTAINER})")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the TensorRT-LLM engine build commands and exit (needs --spec)")
+    parser.add_argument("--node", default=MAIN_NODE,
+                        help=f"the node whose repository to write (default {MAIN_NODE}: the target's)")
     args = parser.parse_args(argv)
     if args.dry_run and not args.spec:
         parser.error("--dry-run needs --spec")
@@ -99,12 +104,14 @@ def main(argv=None) -> int:
         builds = engine_builds(spec)
         if args.build_trtllm:
             build_engines(builds)
-        repository = write_repository(spec, args.repository, relative_paths=True)
+        repository = write_repository(spec, args.repository, relative_paths=True, node=args.node)
     except (SpecError, ValueError, RuntimeError) as error:
         print(f"build_engines: error: {error}", file=sys.stderr)
         return 2
-    print(f"deployment spec: {spec_path}\nmodel repository: {repository}\n"
-          f"models: target, {', '.join('drafter_' + n for n in spec.drafters) or 'no drafters'}")
+    models = ["target"] if args.node == MAIN_NODE else []
+    models += ["drafter_" + name for name in spec.drafters_on(args.node)]
+    print(f"deployment spec: {spec_path}\nmodel repository ({args.node} node): {repository}\n"
+          f"models: {', '.join(models) or 'none'}")
     for build in missing_engines(builds):
         print(f"{build.model}: TensorRT-LLM engine not built yet ({build.engine_dir}); the repository refers to it. "
               f"Build it inside {CONTAINER} with: python build_engines.py --spec {spec_path} --build-trtllm "

@@ -86,3 +86,14 @@ def test_user_checkpoints_make_a_deployment(tiny_zoo, tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "repository").iterdir()) == [
         "cosine", "drafter_code", "postprocessing", "preprocessing", "router", "target"]
+
+
+def test_each_node_of_a_multi_node_spec_gets_its_repository(llama, tmp_path):
+    (tmp_path / "spec.yaml").write_text(f"target: {{checkpoint: {llama}}}\nnodes: {{edge: {{url: '10.0.0.2:8001'}}}}\n"
+                                        f"drafters: {{code: {{checkpoint: {llama}, node: edge}}}}\n")
+    done = build_engines("--spec", tmp_path / "spec.yaml", "--node", "edge", "--repository", tmp_path / "edge")
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in (tmp_path / "edge").iterdir()] == ["drafter_code"]
+    done = build_engines("--spec", tmp_path / "spec.yaml", "--node", "nowhere", "--repository", tmp_path / "x")
+    assert done.returncode == 2 and "nowhere" in done.stderr
+    assert not (tmp_path / "x").exists()

@@ -19,6 +19,11 @@ from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec
     ({"target": {"checkpoint": "llama"}, "max_inflight_requests": 0}, "max_inflight_requests"),
     ({"target": {"checkpoint": "llama"}, "max_queued_tokens": "many"}, "max_queued_tokens"),
     ({"target": {"checkpoint": "llama"}, "queue_timeout_s": -1}, "queue_timeout_s"),
+    ({"target": {"checkpoint": "llama"}, "drafters": {"a": {"checkpoint": "llama", "node": "b"}}}, "drafters.a.node"),
+    ({"target": {"checkpoint": "llama", "node": "b"}, "nodes": {"b": {"url": "h:1"}}}, "target.node"),
+    ({"target": {"checkpoint": "llama"}, "nodes": {"b": {"url": "8001"}}}, "nodes.b.url"),
+    ({"target": {"checkpoint": "llama"}, "nodes": {"main": {"url": "h:1"}}}, "nodes"),
+    ({"target": {"checkpoint": "llama"}, "drafter_timeout_s": 0}, "drafter_timeout_s"),
 ])
 def test_invalid_specs_name_the_field(tiny_dir, raw, field):
     with pytest.raises(SpecError) as caught:
@@ -42,3 +47,25 @@ def test_spec_round_trips_and_renders_a_repository(tiny_dir, tmp_path):
     without_drafters = parse_spec({"target": {"checkpoint": "llama"}}, tiny_dir)
     write_repository(without_drafters, repo)
     assert not (repo / "drafter_code").exists()
+
+
+def test_each_node_gets_its_own_repository(tiny_dir, tmp_path):
+    """The main node serves everything but the other nodes' drafters, and calls those at the node's url; a drafter
+    node serves its drafters only."""
+    spec = parse_spec({"target": {"checkpoint": "llama"}, "nodes": {"edge": {"url": "10.0.0.2:9001"}},
+                       "drafters": {"code": {"checkpoint": "llama", "node": "edge"}, "math": {"checkpoint": "llama"},
+                                    "chat": {"checkpoint": "llama", "node": "edge"}},
+                       "drafter_timeout_s": 2.5}, tiny_dir)
+    dump_spec(spec, tmp_path / "deployment.yaml")
+    assert load_spec(tmp_path / "deployment.yaml") == spec
+    main = write_repository(spec, tmp_path / "main")
+    assert sorted(p.name for p in main.iterdir()) == ["cosine", "drafter_math", "postprocessing", "preprocessing",
+                                                      "router", "target"]
+    cosine = (main / "cosine" / "config.pbtxt").read_text()
+    assert '"remote_drafters" value: { string_value: "code=10.0.0.2:9001,chat=10.0.0.2:9001" }' in cosine
+    assert '"drafter_timeout_s" value: { string_value: "2.5" }' in cosine
+    assert '"drafters" value: { string_value: "code,math,chat" }' in (main / "router" / "config.pbtxt").read_text()
+    edge = write_repository(spec, tmp_path / "edge", node="edge")
+    assert sorted(p.name for p in edge.iterdir()) == ["drafter_chat", "drafter_code"]
+    with pytest.raises(SpecError, match="node"):
+        write_repository(spec, tmp_path / "other", node="other")

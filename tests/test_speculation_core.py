@@ -411,3 +411,44 @@ def test_siblings_must_pay_for_their_verifier_token():
     builder.add_step([Candidate(1, 0.5, "a"), Candidate(2, 0.35, "a"), Candidate(3, 0.1, "a")])
     builder.add_step([Candidate(4, 0.6, "a"), Candidate(5, 0.4, "a")])  # reach 0.5: 0.5 * 0.4 < 0.3
     assert builder.tree().tokens == (1, 2, 4)
+
+
+class DistantDrafter(CountingDrafter):
+    """A drafter on another node: every call costs a network round trip on top of its drafting."""
+
+    def __init__(self, token: int, prob: float, round_trip_s: float):
+        super().__init__(token, prob)
+        self.round_trip_s = round_trip_s
+
+    async def step(self, *args, **kwargs):
+        await asyncio.sleep(self.round_trip_s)
+        return await super().step(*args, **kwargs)
+
+
+def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_speculation_off():
+    class Request:
+        params = SamplingParams()
+
+    class OnlyRouter:
+        async def route(self, prompt_logprobs, max_drafters):
+            return Route(context="far", ranking=["far"], cooperate=1, acceptance=0.9)
+
+        async def feedback(self, context, matches, trials):
+            pass
+
+    monitor = LoadMonitor(forgetting=1.0)
+    monitor.active_requests = 1
+    for tokens in (1, 2, 4, 8):
+        monitor.observe_verify(tokens, 0.002 + 0.0001 * tokens)  # a fast verifier: 2 ms a pass
+    session = DrafterSession("far", DistantDrafter(5, 0.9, round_trip_s=0.03), 1, Request())
+    proposer = FusionProposer([session], OnlyRouter(), monitor, k_max=4)
+
+    async def rounds():
+        await proposer.start([1, 2, 3])
+        for _ in range(3):  # nothing measured yet: full-length drafts, every one accepted
+            draft = await proposer.propose([1, 2, 3], budget=10)
+            proposer.observe(draft, accepted=list(range(len(draft.tree))), emitted=[5] * 5)
+        return await proposer.propose([1, 2, 3], budget=10)
+    after = asyncio.run(rounds())
+    assert monitor.costs().draft_base >= 0.025  # the 30 ms round trip is in the fitted cost, measured
+    assert after is None  # drafting costs more than it saves even at full acceptance: plain decoding

@@ -1,4 +1,5 @@
-"""cosine-client: generate text from a CoSine deployment (and, with `bench`, measure it)."""
+"""cosine-client: generate text from a CoSine deployment (and, with `bench`, measure it; with `relay`, put
+a slower network in front of a server)."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,19 @@ def _bench(args) -> int:
     return 0
 
 
+def _relay(args) -> int:
+    import asyncio
+
+    from .relay import serve
+
+    host, _, port = args.listen.rpartition(":")
+    try:
+        asyncio.run(serve(args.to, args.delay_ms / 1e3, host or "127.0.0.1", int(port)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cosine-client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +106,13 @@ def main(argv=None) -> int:
     bench.add_argument("--metrics-url", help="Prometheus endpoint for engine busy fractions "
                                              "(default http://<host>:8002/metrics; 'none' to skip)")
     bench.set_defaults(run=_bench)
+    relay = commands.add_parser("relay", help="a TCP relay that adds latency (a slower network between two servers)",
+                                description="Forwards TCP connections, delaying every byte by --delay-ms in each "
+                                            "direction: the round trip grows by twice that.")
+    relay.add_argument("--listen", required=True, metavar="[HOST:]PORT", help="where to listen (host 127.0.0.1)")
+    relay.add_argument("--to", required=True, metavar="HOST:PORT", help="where to forward, e.g. a gRPC endpoint")
+    relay.add_argument("--delay-ms", type=float, required=True, help="one-way delay in milliseconds")
+    relay.set_defaults(run=_relay)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..contract import COSINE, DRAFTER_MODEL_PREFIX, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
 from ..engine.checkpoint import max_context_tokens, read_config
-from .spec import DeploymentSpec, EngineSpec
+from .spec import MAIN_NODE, DeploymentSpec, EngineSpec, SpecError
 
 # The checked-in repository holds the one model.py of each kind of model.
 ADAPTERS = Path(__file__).resolve().parents[3] / "model_repository"
@@ -121,8 +121,15 @@ def engine_kinds(spec: DeploymentSpec) -> dict[str, str]:
     return {TARGET: spec.target.kind, **{drafter_model_name(n): d.kind for n, d in spec.drafters.items()}}
 
 
-def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str | None, str]]:
-    """{model name: (adapter folder or None, config.pbtxt text)}; `path` renders checkpoint paths."""
+def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str, tuple[str | None, str]]:
+    """{model name: (adapter folder or None, config.pbtxt text)} of one node's models; `path` renders checkpoint
+    paths. The main node serves everything but the drafters of other nodes; another node serves its drafters only."""
+    if node not in (MAIN_NODE, *spec.nodes):
+        raise SpecError(f"node: {node!r} is not one of the spec's nodes ({', '.join([MAIN_NODE, *spec.nodes])})")
+    drafters = {drafter_model_name(name): _model_config(drafter_model_name(name), drafter, path, is_target=False)
+                for name, drafter in spec.drafters_on(node).items()}
+    if node != MAIN_NODE:
+        return drafters
     tokenizer = {"tokenizer_dir": path(spec.tokenizer_dir)}
     configs = {
         PREPROCESSING_MODEL: (PREPROCESSING_MODEL, _config(PREPROCESSING_MODEL, PREPROCESSING, 64, tokenizer,
@@ -135,6 +142,11 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str | None, str
             "tokenizer_dir": path(spec.tokenizer_dir),
             "router_model": ROUTER_MODEL if spec.drafters else "",
             "drafters": ",".join(spec.drafters),
+            # drafters on other nodes, called over gRPC: name=host:port,...
+            "remote_drafters": ",".join(f"{name}={spec.nodes[drafter.node].url}"
+                                        for name, drafter in spec.drafters.items() if drafter.node != MAIN_NODE),
+            "drafter_timeout_s": spec.drafter_timeout_s,
+            "drafter_probe_after_s": spec.drafter_probe_after_s,
             "general_drafter": spec.vanilla_drafter or "",
             "speculation_mode": spec.default_mode,
             "num_draft_tokens": spec.num_draft_tokens,
@@ -155,25 +167,24 @@ def model_configs(spec: DeploymentSpec, path) -> dict[str, tuple[str | None, str
             "queue_timeout_s": spec.queue_timeout_s,
         }, decoupled=True)),
     }
-    for name, drafter in spec.drafters.items():
-        model = drafter_model_name(name)
-        configs[model] = _model_config(model, drafter, path, is_target=False)
+    configs.update(drafters)
     if spec.drafters:
         # learned routing state lives in one process: one instance, requests in order
         configs[ROUTER_MODEL] = (ROUTER_MODEL, _config(ROUTER_MODEL, ROUTER, 64, {"drafters": ",".join(spec.drafters)}))
     return configs
 
 
-def write_repository(spec: DeploymentSpec, out_dir: str | Path, relative_paths: bool = False) -> Path:
-    """(Re)writes out_dir as a Triton model repository for `spec`. With relative_paths, checkpoint paths are
-    written relative to out_dir (so a checked-in repository works from any clone)."""
+def write_repository(spec: DeploymentSpec, out_dir: str | Path, relative_paths: bool = False,
+                     node: str = MAIN_NODE) -> Path:
+    """(Re)writes out_dir as the Triton model repository of one node of `spec`. With relative_paths, checkpoint
+    paths are written relative to out_dir (so a checked-in repository works from any clone)."""
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     def path(p: Path) -> str:
         return os.path.relpath(p, out_dir) if relative_paths else str(p)
 
-    configs = model_configs(spec, path)
+    configs = model_configs(spec, path, node)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(drafter_model_name("*")):  # drafters the spec no longer has
         if stale.name not in configs:
             shutil.rmtree(stale)

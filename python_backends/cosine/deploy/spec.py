@@ -40,6 +40,7 @@ class TrtllmSpec:
     gpu: int = 0  # CUDA device the engine runs on (tensor parallelism is not supported here)
     batch_scheduler_policy: str = "guaranteed_no_evict"
     max_queue_size: int = 0  # Triton's queue limit for the model; 0: unlimited
+MAIN_NODE = "main"  # the node of the target, `cosine`, the router and every drafter that names no other node
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,20 @@ class EngineSpec:
     dtype: str = "float32"  # float32 | float16 | bfloat16 (GPU)
     max_draft_tokens: int = 64
     idle_timeout_s: float = 600.0
+    node: str = MAIN_NODE  # a drafter on another Triton server: one of the spec's `nodes`
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """Another Triton server of the deployment, serving drafters only."""
+    url: str  # host:port of its gRPC endpoint, as the main node reaches it
 
 
 @dataclass(frozen=True)
 class DeploymentSpec:
     target: EngineSpec
     drafters: dict[str, EngineSpec] = field(default_factory=dict)
+    nodes: dict[str, NodeSpec] = field(default_factory=dict)
     tokenizer: Path | None = None  # defaults to the target's checkpoint directory
     http_port: int = 8000
     grpc_port: int = 8001
@@ -85,6 +94,11 @@ class DeploymentSpec:
     max_inflight_requests: int = Limits.max_inflight_requests
     max_queued_tokens: int = Limits.max_queued_tokens
     queue_timeout_s: float = Limits.queue_timeout_s
+    # Drafter health (every drafter, local or remote): a call that fails or takes longer than this takes the
+    # drafter out of routing (the requests drafting with it go on without it) ...
+    drafter_timeout_s: float = 5.0
+    # ... until a probe call, let through this long after the failure (then twice as long after each failed probe)
+    drafter_probe_after_s: float = 1.0
 
     @property
     def default_mode(self) -> str:
@@ -99,6 +113,9 @@ class DeploymentSpec:
     @property
     def tokenizer_dir(self) -> Path:
         return self.tokenizer or self.target.checkpoint
+
+    def drafters_on(self, node: str) -> dict[str, EngineSpec]:
+        return {name: drafter for name, drafter in self.drafters.items() if drafter.node == node}
 
 
 def _positive_int(where: str, value, allow_zero: bool = False) -> int:
@@ -118,15 +135,20 @@ def _fraction(where: str, value) -> float:
     return float(value)
 
 
-def _trtllm(where: str, raw, base: Path) -> TrtllmSpec:
+def _check_fields(where: str, raw, cls, required: str, meaning: str) -> None:
+    """raw: a mapping of `cls`'s fields with at least `required` (what it means, for the error)."""
     if not isinstance(raw, dict):
-        raise SpecError(f"{where}: must be a mapping with at least 'engine_dir'")
-    known = set(TrtllmSpec.__dataclass_fields__)
+        raise SpecError(f"{where}: must be a mapping with at least '{required}'")
+    known = set(cls.__dataclass_fields__)
     unknown = set(raw) - known
     if unknown:
         raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown field (known: {', '.join(sorted(known))})")
-    if "engine_dir" not in raw:
-        raise SpecError(f"{where}.engine_dir: required (where the TensorRT-LLM engine is built and served from)")
+    if required not in raw:
+        raise SpecError(f"{where}.{required}: required ({meaning})")
+
+
+def _trtllm(where: str, raw, base: Path) -> TrtllmSpec:
+    _check_fields(where, raw, TrtllmSpec, "engine_dir", "where the TensorRT-LLM engine is built and served from")
     values = dict(raw, engine_dir=(base / str(raw["engine_dir"])).resolve())
     for name in ("max_seq_len", "max_num_tokens", "max_draft_len"):
         if name in values:
@@ -145,15 +167,23 @@ def _trtllm(where: str, raw, base: Path) -> TrtllmSpec:
     return TrtllmSpec(**values)
 
 
+def _positive_number(where: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise SpecError(f"{where}: must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _node(where: str, raw) -> NodeSpec:
+    if not isinstance(raw, dict) or set(raw) != {"url"}:
+        raise SpecError(f"{where}: must be a mapping with only 'url' (host:port of the node's gRPC endpoint)")
+    host, _, port = str(raw["url"]).rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"{where}.url: must be host:port, got {raw['url']!r}")
+    return NodeSpec(str(raw["url"]))
+
+
 def _engine(where: str, raw, base: Path) -> EngineSpec:
-    if not isinstance(raw, dict):
-        raise SpecError(f"{where}: must be a mapping with at least 'checkpoint'")
-    known = set(EngineSpec.__dataclass_fields__)
-    unknown = set(raw) - known
-    if unknown:
-        raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown field (known: {', '.join(sorted(known))})")
-    if "checkpoint" not in raw:
-        raise SpecError(f"{where}.checkpoint: required")
+    _check_fields(where, raw, EngineSpec, "checkpoint", "the model's HF checkpoint directory")
     kind = raw.get("kind", EngineSpec.kind)
     if kind not in ENGINE_KINDS:
         raise SpecError(f"{where}.kind: must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
@@ -198,12 +228,29 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
     drafters_raw = raw.get("drafters") or {}
     if not isinstance(drafters_raw, dict):
         raise SpecError("drafters: must be a mapping of name -> engine settings")
+    nodes_raw = raw.get("nodes") or {}
+    if not isinstance(nodes_raw, dict) or MAIN_NODE in nodes_raw:
+        raise SpecError(f"nodes: must be a mapping of node name -> {{url: host:port}}; '{MAIN_NODE}' is the "
+                        f"target's node")
+    nodes = {str(name): _node(f"nodes.{name}", node) for name, node in nodes_raw.items()}
     drafters = {}
     for name, drafter in drafters_raw.items():
         if not str(name).replace("_", "").isalnum():
             raise SpecError(f"drafters.{name}: names may use letters, digits and '_' only")
         drafters[str(name)] = _engine(f"drafters.{name}", drafter, base)
-    values = dict(raw, target=_engine("target", raw["target"], base), drafters=drafters)
+        if drafters[str(name)].node not in (MAIN_NODE, *nodes):
+            raise SpecError(f"drafters.{name}.node: {drafters[str(name)].node!r} is not one of the nodes "
+                            f"({', '.join([MAIN_NODE, *nodes])})")
+        if drafters[str(name)].node != MAIN_NODE and drafters[str(name)].kind == "trtllm":
+            raise SpecError(f"drafters.{name}.node: TensorRT-LLM drafters run on the '{MAIN_NODE}' node (the "
+                            f"adapter reaches them through BLS only)")
+    target = _engine("target", raw["target"], base)
+    if target.node != MAIN_NODE:
+        raise SpecError(f"target.node: the target runs on the '{MAIN_NODE}' node")
+    values = dict(raw, target=target, drafters=drafters, nodes=nodes)
+    for name in ("drafter_timeout_s", "drafter_probe_after_s", "queue_timeout_s"):
+        if name in values:
+            values[name] = _positive_number(name, values[name])
     if "tokenizer" in values:
         values["tokenizer"] = (base / str(values["tokenizer"])).resolve()
     if values.get("speculation_mode", "autoregressive") not in ("autoregressive", "vanilla", "specinfer", "cosine"):
@@ -216,9 +263,6 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
                  "adaptive_draft_tokens", "plain_decode_steps", "max_inflight_requests", "max_queued_tokens"):
         if name in values:
             _positive_int(name, values[name])
-    timeout = values.get("queue_timeout_s", Limits.queue_timeout_s)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise SpecError(f"queue_timeout_s: must be a positive number of seconds, got {timeout!r}")
     for name in ("http_port", "grpc_port", "metrics_port"):
         ports.append(values.get(name, DeploymentSpec.__dataclass_fields__[name].default))
     if len(set(ports)) != 3:
@@ -229,12 +273,14 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
 
 
 def _check_shared_gpus(spec: DeploymentSpec) -> None:
-    by_gpu: dict[int, list[tuple[str, float]]] = {}  # GPU -> [(spec field of a TRT-LLM model, its KV fraction)]
+    # (node, GPU) -> [(spec field of a TRT-LLM model, its KV fraction)]: a node's GPUs are its own
+    by_gpu: dict[tuple[str, int], list[tuple[str, float]]] = {}
     engines = {"target": spec.target, **{f"drafters.{name}": drafter for name, drafter in spec.drafters.items()}}
     for where, engine in engines.items():
         if engine.trtllm is not None:
-            by_gpu.setdefault(engine.trtllm.gpu, []).append((where, engine.trtllm.kv_cache_free_gpu_mem_fraction))
-    for gpu, models in by_gpu.items():
+            by_gpu.setdefault((engine.node, engine.trtllm.gpu), []).append(
+                (where, engine.trtllm.kv_cache_free_gpu_mem_fraction))
+    for (_, gpu), models in by_gpu.items():
         total = sum(fraction for _, fraction in models)
         if total > MAX_SHARED_KV_FRACTION + 1e-9:
             raise SpecError(f"{models[-1][0]}.trtllm.kv_cache_free_gpu_mem_fraction: the TensorRT-LLM models on "
@@ -270,11 +316,14 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
         return out
 
     raw = {"target": engine(spec.target), "drafters": {n: engine(d) for n, d in spec.drafters.items()}}
+    if spec.nodes:
+        raw["nodes"] = {name: {"url": node.url} for name, node in spec.nodes.items()}
     if spec.tokenizer:
         raw["tokenizer"] = rel(spec.tokenizer)
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "speculation_mode",
                  "num_draft_tokens", "adaptive_draft_tokens", "plain_decode_steps", "general_drafter",
-                 "max_inflight_requests", "max_queued_tokens", "queue_timeout_s"):
+                 "max_inflight_requests", "max_queued_tokens", "queue_timeout_s", "drafter_timeout_s",
+                 "drafter_probe_after_s"):
         if getattr(spec, name) is not None:
             raw[name] = getattr(spec, name)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import random
 from typing import Awaitable, Callable
@@ -18,6 +19,8 @@ from ..contract import DEPLOYMENT_SECRET, DEPLOYMENT_SECRET_ENV
 from ..engine.engine import Admission, StepRequest, StepResult
 from ..speculation.tree import DraftTree
 from . import wire
+from .errors import ServingError
+from .health import CircuitBreaker
 from .trust import secret_array
 
 # sends packed steps to an engine model and returns its packed results
@@ -25,12 +28,18 @@ Transport = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 
 
 class CoalescingEngine:
-    def __init__(self, name: str, transport: Transport):
-        self.name, self.transport = name, transport
+    def __init__(self, name: str, transport: Transport, breaker: CircuitBreaker | None = None):
+        """breaker: the engine's health (drafters); its calls go through it."""
+        self.name, self.transport, self.breaker = name, transport, breaker
         # every call carries the deployment's secret (see trust); without one the engines refuse the calls
         self.secret = secret_array(os.environ.get(DEPLOYMENT_SECRET_ENV, ""))
         self.pending: list[tuple[StepRequest, asyncio.Future]] = []
         self.in_flight: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    @property
+    def available(self) -> bool:
+        """Whether requests may plan to use this engine (its circuit is closed, or a probe is due)."""
+        return self.breaker is None or self.breaker.admits()
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
                    candidates=0, score_input=False, draft_q=None, return_q=False) -> StepResult:
@@ -68,9 +77,16 @@ class CoalescingEngine:
         steps = [step for step, _ in batch]
         try:
             arrays = dict(wire.pack_steps(steps), **{DEPLOYMENT_SECRET: self.secret})
-            results = wire.unpack_results(await self.transport(arrays), steps, self.name)
+            send = functools.partial(self.transport, arrays)
+            results = wire.unpack_results(await (self.breaker.call(send) if self.breaker else send()), steps,
+                                          self.name)
         except Exception as error:  # the whole call failed: every sequence in it fails with the same error
             results = [error] * len(batch)
+        except asyncio.CancelledError:  # a caller must never wait on a call that will not answer
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(ServingError(f"{self.name}: call cancelled", ServingError.UNAVAILABLE))
+            raise
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)

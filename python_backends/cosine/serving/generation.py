@@ -84,7 +84,13 @@ def new_sequence_id() -> int:
 
 
 def speculation_plan(request: GenerationRequest, deployment: Deployment) -> tuple[str, int, tuple[str, ...]]:
-    """(mode, draft tokens, drafters) for a request; errors name the offending input."""
+    """(mode, draft tokens, drafters) for a request; errors name the offending input. Drafters that are down are
+    left out (none left: the request decodes plainly)."""
+    mode, k, drafters = _requested_plan(request, deployment)
+    return mode, k, tuple(name for name in drafters if deployment.drafters[name].available)
+
+
+def _requested_plan(request: GenerationRequest, deployment: Deployment) -> tuple[str, int, tuple[str, ...]]:
     mode = request.speculation_mode or deployment.default_mode
     if mode not in MODES:
         raise InvalidRequest("speculation_mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
@@ -109,6 +115,8 @@ def speculation_plan(request: GenerationRequest, deployment: Deployment) -> tupl
 
 def _proposer(plan, deployment: Deployment, sequence_id: int, request: GenerationRequest):
     mode, k, drafters = plan
+    if not drafters:
+        return None
     sessions = [DrafterSession(name, deployment.drafters[name], sequence_id, request) for name in drafters]
     if mode == "vanilla":
         return ChainProposer(sessions[0], k)
@@ -174,12 +182,14 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
     monitor = deployment.monitor
     async with deployment.scheduler.slot(size, value=expected_tokens / size):
         started = time.monotonic()
-        # a round without a draft runs several plain steps per call (never past the request's budget), in every
-        # mode: a speculative mode's controller that chooses plain decoding must decode as fast as plain decoding
+        # a round without a draft runs several steps per call (never past the request's budget), whether the
+        # mode is plain or a speculative mode's controller chose plain decoding (or no drafter answered): a
+        # speculative mode falling back to plain decoding must be as fast as plain decoding, per-call cost included
         extra = 0 if tree else min(deployment.plain_decode_steps - 1, budget)
         emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree, extra_tokens=extra,
                                                 draft_q=draft.q if draft else None)).tokens
-        monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
+        if not extra:  # the verification cost model is of one pass
+            monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
     # the controller's evidence: cosine's rounds against plain ones (exploring rounds buy knowledge, not speed)
     if mode in ("cosine", "autoregressive") and not (proposer and proposer.exploring):
         monitor.observe_round(tree is not None, len(emitted), time.monotonic() - round_started)

@@ -71,6 +71,9 @@ class _Sequence:
 
 
 class TrtllmEngine:
+    # routing may always plan with it: no circuit breaker around TRT-LLM models yet (see CoalescingEngine.available)
+    available = True
+
     def __init__(self, name: str, transport: Transport):
         self.name, self.transport = name, transport
         self.sequences: dict[int, _Sequence] = {}

@@ -30,6 +30,10 @@ class DrafterEngine(Protocol):
 
     async def release(self, sequence_id: int) -> None: ...
 
+    @property
+    def available(self) -> bool:
+        """False while the engine is down: new requests leave it out."""
+
 
 class RouterClient(Protocol):
     async def route(self, prompt_logprobs: dict[str, float], max_drafters: int) -> Route:

@@ -1,5 +1,6 @@
-"""Triton adapter for the top-level `cosine` model: decoupled, one coroutine per request; engines through BLS, one
-call per engine per tick for all requests; text encoded and detokenized in this process."""
+"""Triton adapter for the top-level `cosine` model: decoupled, one coroutine per request; engines through BLS (drafters
+on other nodes through gRPC), one call per engine per tick for all requests, every drafter behind a circuit breaker;
+text encoded and detokenized in this process."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +15,7 @@ from ..deploy.repository import drafter_model_name
 from ..serving.batching import CoalescingEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
+from ..serving.health import CircuitBreaker
 from ..serving.limits import Limits, Overloaded
 from ..serving.request import parse_generation_request
 from ..serving.trtllm import TrtllmEngine
@@ -21,6 +23,7 @@ from ..serving.trust import deployment_secret
 from ..speculation.router import Route
 from .io import (Metrics, bls, engine_transport, error_response, model_parameters, request_inputs, resolve_path,
                  tensors, trtllm_transport)
+from .remote import GrpcEngineTransport
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -58,14 +61,14 @@ class CosineModel:
         kinds = dict(item.split("=", 1) for item in params.get("engine_kinds", "").split(",") if item)
         tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(params["tokenizer_dir"], args)),
                                                   local_files_only=True)
+        remote = dict(entry.split("=", 1) for entry in params.get("remote_drafters", "").split(",") if entry)
         self.deployment = Deployment(
             target=engine_client(params["target_model"], kinds),
             tokenizer=tokenizer,
             max_context=int(params["max_context_tokens"]),
             # empty: the repository was written without the checkpoint at hand; the tokenizer knows its EOS
             end_id=int(params["end_id"]) if params.get("end_id") else tokenizer.eos_token_id,
-            drafters={name: engine_client(drafter_model_name(name), kinds)
-                      for name in drafters},
+            drafters={name: self._drafter(name, remote.get(name), params, kinds) for name in drafters},
             general_drafter=params.get("general_drafter") or None,
             router=BlsRouter(params["router_model"]) if params.get("router_model") else None,
             max_cooperating_drafters=int(params.get("max_cooperating_drafters", "2")),
@@ -90,6 +93,24 @@ class CosineModel:
                                             buckets=[0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120])
         self.output_tokens = Metrics.metric("cosine_output_tokens_total", "Tokens generated")
         self.round_metrics = {}
+
+    @staticmethod
+    def _drafter(name: str, url: str | None, params: dict, kinds: dict[str, str]):
+        """A drafter engine in this server (BLS) or on another node (gRPC), behind its circuit breaker; a TRT-LLM
+        drafter through its adapter (local only, no breaker yet)."""
+        model = drafter_model_name(name)
+        if kinds.get(model) == "trtllm":
+            return engine_client(model, kinds)
+        up = Metrics.metric("cosine_drafter_up", "1 while the drafter takes calls, 0 while it is routed around",
+                            "GAUGE", drafter=name)
+        failures = Metrics.metric("cosine_drafter_failures_total", "Drafter calls that failed or timed out",
+                                  drafter=name)
+        up.set(1)
+        breaker = CircuitBreaker(model if url is None else f"{model} at {url}", float(params["drafter_timeout_s"]),
+                                 float(params["drafter_probe_after_s"]), on_change=lambda is_up: up.set(int(is_up)),
+                                 on_failure=lambda: failures.increment(1))
+        transport = engine_transport(model) if url is None else GrpcEngineTransport(url, model)
+        return CoalescingEngine(model, transport, breaker)
 
     def _count_round(self, report: RoundReport) -> None:
         """Draft length per mode; per drafter: rounds, drafted and accepted tokens, acceptance by position."""
