@@ -452,3 +452,27 @@ def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_spe
     after = asyncio.run(rounds())
     assert monitor.costs().draft_base >= 0.025  # the 30 ms round trip is in the fitted cost, measured
     assert after is None  # drafting costs more than it saves even at full acceptance: plain decoding
+
+
+def test_where_fused_drafting_does_not_pay_the_first_choice_drafts_alone_at_once():
+    """A call per position to remote drafters can cost more than fused drafting brings: exploring would then mean
+    plain decoding until the next probe (measured: cosine 0.9x plain decoding at 2 ms); the first choice drafts."""
+    class Request:
+        params = SamplingParams()
+
+    monitor = LoadMonitor(forgetting=1.0)
+    monitor.active_requests = 1
+    for tokens in (1, 2, 4, 8):
+        monitor.observe_verify(tokens, 0.002 + 0.0001 * tokens)
+    for positions in (2, 4, 8):
+        monitor.observe_draft(positions, 0.05 * positions, fused=True)  # a round trip per position, each 50 ms
+    first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
+    sessions = [DrafterSession(name, engine, 1, Request()) for name, engine in (("a", first), ("b", explorer))]
+    proposer = FusionProposer(sessions, CooperatingRouter(), monitor, k_max=4)
+
+    async def draft():
+        await proposer.start([1, 2, 3])
+        return await proposer.propose([1, 2, 3], budget=10)
+    tree = asyncio.run(draft()).tree
+    assert tree.tokens == (5, 5, 5, 5) and not proposer.exploring
+    assert explorer.calls == 1  # its prompt scoring only

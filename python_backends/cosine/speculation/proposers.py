@@ -210,17 +210,18 @@ class FusionProposer(Proposer):
         return self.monitor.active_requests > self.busy_load
 
     async def propose(self, context: list[int], budget: int) -> Draft | None:
-        if len(self.sessions) > 1 and self.fused_rounds >= self.exploring_rounds:
-            explorers, self.sessions = self.sessions[1:], self.sessions[:1]
-            await asyncio.gather(*(session.close() for session in explorers))
-        active = [s for s in self.sessions if not s.failed]
-        self.exploring = len(active) > 1
         # Sampled drafts are chains: a runner-up is picked knowing the sampled winner, so it would not be an
         # independent draw from any q, and lossless multi-draft acceptance needs independent draws.
         samples = self.all_sessions[0].samples
         siblings = 0 if self._busy() or samples else self.max_siblings
-        costs = self.monitor.costs(fused=len(active) > 1)
         load = self.monitor.active_requests
+        if len(self.sessions) > 1 and (self.fused_rounds >= self.exploring_rounds
+                                       or not self._fused_drafting_pays(load, 1 + siblings)):
+            explorers, self.sessions = self.sessions[1:], self.sessions[:1]
+            await asyncio.gather(*(session.close() for session in explorers))
+        active = [s for s in self.sessions if not s.failed]
+        self.exploring = len(active) > 1
+        costs = self.monitor.costs(fused=len(active) > 1)
         k = min(self.controller.draft_length(costs, load, 1 + siblings, self.monitor.speculation_pays()), budget)
         self.top_tokens = []
         if k <= 0 or not active:
@@ -239,6 +240,14 @@ class FusionProposer(Proposer):
         # every node a draw from its q, or the draft counts as deterministic (exact either way, see acceptance)
         q = torch.stack(q_rows) if samples and len(q_rows) == len(builder.tokens) else None
         return Draft(builder.tree(), tuple(builder.sources), q)
+
+    def _fused_drafting_pays(self, load: float, tree_factor: float) -> bool:
+        """Whether drafting fused (a call per position, to every cooperating drafter) is measured to pay at all.
+        Where it does not (remote drafters: a round trip per position), exploring would only mean plain decoding
+        until the next probe: the first choice drafts alone instead."""
+        costs = self.monitor.costs(fused=True)
+        return costs is None or costs.best_draft_length(self.controller.acceptance.rate, load, self.controller.k_max,
+                                                        tree_factor) > 0
 
     def _sibling_price(self, costs, load: float, k: int) -> float:
         """The probability of being accepted a sibling needs to pay for its verifier token: one more token in
