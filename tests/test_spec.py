@@ -1,4 +1,6 @@
 """Deployment specs: invalid ones are refused naming the field; valid ones render a repository."""
+import json
+
 import pytest
 
 from cosine.deploy.repository import write_repository
@@ -69,3 +71,12 @@ def test_each_node_gets_its_own_repository(tiny_dir, tmp_path):
     assert sorted(p.name for p in edge.iterdir()) == ["drafter_chat", "drafter_code"]
     with pytest.raises(SpecError, match="node"):
         write_repository(spec, tmp_path / "other", node="other")
+
+
+@pytest.mark.parametrize("eos,expected", [(7, "7"), ([7], "7"), ([7, 8, 9], ""), ([], "")])
+def test_end_id_from_the_checkpoint(tmp_path, eos, expected):
+    """Several EOS ids ("" : the cosine model takes the tokenizer's, which ends a chat turn), one, or none."""
+    from cosine.deploy.repository import _end_id
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    assert _end_id(tmp_path) == expected

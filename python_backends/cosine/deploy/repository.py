@@ -104,13 +104,15 @@ def _max_context(spec: DeploymentSpec) -> int:
 
 
 def _end_id(checkpoint: Path) -> str:
-    """The checkpoint's EOS id (generation_config.json first, as transformers does)."""
+    """The checkpoint's EOS id (generation_config.json first, as transformers does). "" where it lists several
+    (Llama 3 Instruct: end_of_text, eom, eot): the cosine model then takes the tokenizer's EOS, the one that ends a
+    chat turn, where the list's first would never stop a chat answer. The engines take one end id."""
     for name in ("generation_config.json", "config.json"):
         path = checkpoint / name
         if path.is_file():
             eos = json.loads(path.read_text()).get("eos_token_id")
             if isinstance(eos, list):
-                eos = eos[0] if eos else None
+                eos = eos[0] if len(eos) == 1 else None if not eos else ""
             if eos is not None:
                 return str(eos)
     return ""
