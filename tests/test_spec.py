@@ -33,11 +33,15 @@ def test_invalid_specs_name_the_field(tiny_dir, raw, field):
     assert str(caught.value).startswith(field)
 
 
+def assert_round_trips(spec, tmp_path):
+    dump_spec(spec, tmp_path / "deployment.yaml")
+    assert load_spec(tmp_path / "deployment.yaml") == spec
+
+
 def test_spec_round_trips_and_renders_a_repository(tiny_dir, tmp_path):
     spec = parse_spec({"target": {"checkpoint": "llama", "kv_cache_tokens": 1234},
                        "drafters": {"code": {"checkpoint": "llama"}}}, tiny_dir)
-    dump_spec(spec, tmp_path / "deployment.yaml")
-    assert load_spec(tmp_path / "deployment.yaml") == spec
+    assert_round_trips(spec, tmp_path)
     repo = write_repository(spec, tmp_path / "repo", relative_paths=True)
     assert sorted(p.name for p in repo.iterdir()) == ["cosine", "drafter_code", "postprocessing", "preprocessing",
                                                       "router", "target"]
@@ -58,8 +62,7 @@ def test_each_node_gets_its_own_repository(tiny_dir, tmp_path):
                        "drafters": {"code": {"checkpoint": "llama", "node": "edge"}, "math": {"checkpoint": "llama"},
                                     "chat": {"checkpoint": "llama", "node": "edge"}},
                        "drafter_timeout_s": 2.5}, tiny_dir)
-    dump_spec(spec, tmp_path / "deployment.yaml")
-    assert load_spec(tmp_path / "deployment.yaml") == spec
+    assert_round_trips(spec, tmp_path)
     main = write_repository(spec, tmp_path / "main")
     assert sorted(p.name for p in main.iterdir()) == ["cosine", "drafter_math", "postprocessing", "preprocessing",
                                                       "router", "target"]

@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from cosine.contract import SPECULATION_MODES
+
 from .api import grpc_generate, http_generate
 from .plots import write_plots
 from .references import deployment_references
 from .stats import BASELINES, Record, acceptance_by_domain, summarize
 
-MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
 PRESETS = {  # settings not given explicitly come from here
     "full": dict(concurrencies=(1, 8, 16, 32, 64), requests_per_point=32, max_tokens=64, rounds=2,
                  poisson_rates=()),
@@ -168,8 +169,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(url: str, prompts_file, modes=MODES, concurrencies=None, requests_per_point=None, max_tokens=None,
-              protocol: str = "http", quick: bool = False, poisson_rates=None, rounds=None,
+def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=None, requests_per_point=None,
+              max_tokens=None, protocol: str = "http", quick: bool = False, poisson_rates=None, rounds=None,
               out_dir="results/bench", seed: int = 0, metrics_url: str | None = None, spec=None,
               sampling: dict | None = None) -> dict:
     """Runs the sweep, writes results.json, results.md and PNG plots to out_dir, and returns the results.

@@ -24,12 +24,11 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from cosine.contract import COSINE
+from cosine.contract import COSINE, SPECULATION_MODES
 
 TOOLS_BIN_ENV = "COSINE_TOOLS_BIN"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOOLS_BIN = REPO_ROOT / "artifacts" / "tools" / "bin"
-SPECULATION_MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
 
 # perf_analyzer's input-data JSON holds each value as the JSON type of its Triton datatype.
 JSON_TYPES = {"TYPE_STRING": str, "TYPE_BOOL": bool, "TYPE_INT32": int, "TYPE_UINT64": int, "TYPE_FP32": float}

@@ -25,6 +25,15 @@ def _parameters(values: dict) -> str:
     return f"parameters [\n{entries}\n]\n"
 
 
+def mapping_parameter(mapping: dict[str, str]) -> str:
+    """A {name: value} model parameter as `name=value,...` (names and values without ',' or '=')."""
+    return ",".join(f"{name}={value}" for name, value in mapping.items())
+
+
+def read_mapping_parameter(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split(",") if item)
+
+
 def _config(name: str, contract, max_batch_size: int, parameters: dict, *, instances: int = 1, kind: str = "KIND_CPU",
             queue_delay_us: int | None = None, decoupled: bool = False) -> str:
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}"]
@@ -145,8 +154,8 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
             "router_model": ROUTER_MODEL if spec.drafters else "",
             "drafters": ",".join(spec.drafters),
             # drafters on other nodes, called over gRPC: name=host:port,...
-            "remote_drafters": ",".join(f"{name}={spec.nodes[drafter.node].url}"
-                                        for name, drafter in spec.drafters.items() if drafter.node != MAIN_NODE),
+            "remote_drafters": mapping_parameter({name: spec.nodes[drafter.node].url for name, drafter
+                                                  in spec.drafters.items() if drafter.node != MAIN_NODE}),
             "drafter_timeout_s": spec.drafter_timeout_s,
             "drafter_probe_after_s": spec.drafter_probe_after_s,
             "general_drafter": spec.vanilla_drafter or "",
@@ -162,7 +171,7 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
             # "": the tokenizer's EOS (a TRT-LLM target's checkpoint may not be here when the repository is written)
             "end_id": _end_id(spec.target.checkpoint),
             # model=kind for every engine: the cosine model picks the adapter that speaks its contract
-            "engine_kinds": ",".join(f"{model}={kind}" for model, kind in engine_kinds(spec).items()),
+            "engine_kinds": mapping_parameter(engine_kinds(spec)),
             "default_max_tokens": spec.default_max_tokens,
             "max_inflight_requests": spec.max_inflight_requests,
             "max_queued_tokens": spec.max_queued_tokens,

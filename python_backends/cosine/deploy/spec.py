@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from ..contract import SPECULATION_MODES
 from ..serving.limits import Limits
 
 
@@ -253,8 +254,8 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
             values[name] = _positive_number(name, values[name])
     if "tokenizer" in values:
         values["tokenizer"] = (base / str(values["tokenizer"])).resolve()
-    if values.get("speculation_mode", "autoregressive") not in ("autoregressive", "vanilla", "specinfer", "cosine"):
-        raise SpecError(f"speculation_mode: must be autoregressive, vanilla, specinfer or cosine, "
+    if values.get("speculation_mode", SPECULATION_MODES[0]) not in SPECULATION_MODES:
+        raise SpecError(f"speculation_mode: must be one of {', '.join(SPECULATION_MODES)}, "
                         f"got {values['speculation_mode']!r}")
     if values.get("general_drafter") is not None and values["general_drafter"] not in drafters:
         raise SpecError(f"general_drafter: {values['general_drafter']!r} is not one of the drafters")

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
+from ..contract import SPECULATION_MODES
 from ..speculation.control import LoadMonitor
 from ..speculation.proposers import (ChainProposer, Draft, DrafterEngine, DrafterSession, FusionProposer,
                                      MergedChainsProposer, RouterClient)
@@ -22,7 +23,6 @@ from .limits import Limits, Overloaded
 from .request import GenerationRequest
 from .text import DetokenizerOffsets, StopStrings, decode_increment
 
-MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
 log = logging.getLogger(__name__)
 
 
@@ -92,8 +92,8 @@ def speculation_plan(request: GenerationRequest, deployment: Deployment) -> tupl
 
 def _requested_plan(request: GenerationRequest, deployment: Deployment) -> tuple[str, int, tuple[str, ...]]:
     mode = request.speculation_mode or deployment.default_mode
-    if mode not in MODES:
-        raise InvalidRequest("speculation_mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in SPECULATION_MODES:
+        raise InvalidRequest("speculation_mode", f"must be one of {', '.join(SPECULATION_MODES)}, got {mode!r}")
     default_k = deployment.adaptive_draft_tokens if mode == "cosine" else deployment.default_draft_tokens
     k = min(default_k, deployment.max_draft_tokens) if request.num_draft_tokens is None else request.num_draft_tokens
     if not 1 <= k <= deployment.max_draft_tokens:

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from ..contract import COSINE, ROUTER
-from ..deploy.repository import drafter_model_name
+from ..deploy.repository import drafter_model_name, read_mapping_parameter
 from ..serving.batching import CoalescingEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
@@ -58,10 +58,10 @@ class CosineModel:
     def initialize(self, args):
         params = model_parameters(args)
         drafters = [name for name in params["drafters"].split(",") if name]
-        kinds = dict(item.split("=", 1) for item in params.get("engine_kinds", "").split(",") if item)
+        kinds = read_mapping_parameter(params.get("engine_kinds", ""))
         tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(params["tokenizer_dir"], args)),
                                                   local_files_only=True)
-        remote = dict(entry.split("=", 1) for entry in params.get("remote_drafters", "").split(",") if entry)
+        remote = read_mapping_parameter(params.get("remote_drafters", ""))
         self.deployment = Deployment(
             target=engine_client(params["target_model"], kinds),
             tokenizer=tokenizer,
