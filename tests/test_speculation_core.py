@@ -157,6 +157,35 @@ def test_a_fixed_drafting_call_cost_favours_longer_drafts():
     assert with_call_cost.round_time(0, 1) == pytest.approx(0.008 + 0.0003)  # plain decoding drafts nothing
 
 
+def test_plain_decoding_is_costed_from_its_own_multi_step_calls():
+    one_pass_per_token = CostModel(verify_base=0.008, verify_per_token=0.0003, draft_per_token=0.002,
+                                   draft_base=0.003)
+    assert one_pass_per_token.best_draft_length(0.7, 8, 8) > 0
+    # several steps per call spread the call's cost: measured, plain decoding beats any draft at this load
+    multi_step = CostModel(verify_base=0.008, verify_per_token=0.0003, draft_per_token=0.002, draft_base=0.003,
+                           plain=(0.002, 0.0003))
+    assert multi_step.round_time(0, 8) == pytest.approx(0.002 + 0.0003 * 8)
+    assert multi_step.best_draft_length(0.7, 8, 8) == 0
+
+
+def measured_monitor(plain_seconds_per_token: float, probe_every: int = 4) -> LoadMonitor:
+    monitor = LoadMonitor(probe_every=probe_every)
+    monitor.active_requests = 8
+    for k in (1, 2, 4, 6):
+        monitor.observe_verify(8 * (1 + k), 0.008 + 0.0003 * 8 * (1 + k))
+        monitor.observe_draft(k, 0.003 + 0.002 * k)
+        monitor.observe_plain(plain_seconds_per_token)
+        monitor.acceptance.observe(4, 4)  # good drafts: with one pass per plain token, speculation would pay
+    return monitor
+
+
+def test_requests_start_plainly_where_plain_decoding_is_measured_faster_and_some_probe():
+    cheap_plain = measured_monitor(0.0044)
+    assert [cheap_plain.speculation_may_pay(8) for _ in range(8)] == [False, False, False, True] * 2
+    assert all(measured_monitor(0.05).speculation_may_pay(8) for _ in range(8))
+    assert all(LoadMonitor().speculation_may_pay(8) for _ in range(8))  # nothing measured: speculate
+
+
 # ---- routing ----------------------------------------------------------------------------------------------------
 NAMES = ("code", "math", "chat")
 

@@ -35,10 +35,10 @@ def read_mapping_parameter(text: str) -> dict[str, str]:
 
 
 def _config(name: str, contract, max_batch_size: int, parameters: dict, *, instances: int = 1, kind: str = "KIND_CPU",
-            queue_delay_us: int | None = None, decoupled: bool = False) -> str:
+            dynamic_batching: str | None = None, decoupled: bool = False) -> str:
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}"]
-    if queue_delay_us is not None:
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
+    if dynamic_batching is not None:
+        lines.append(f"dynamic_batching {{ {dynamic_batching} }}")
     if decoupled:
         lines.append("model_transaction_policy { decoupled: true }")
     lines.append(f"instance_group [ {{ kind: {kind} count: {instances} }} ]")
@@ -55,7 +55,7 @@ def _engine_config(name: str, engine: EngineSpec, path, is_target: bool) -> str:
         "dtype": engine.dtype,
         "idle_timeout_s": engine.idle_timeout_s,
     }, instances=engine.instances, kind="KIND_GPU" if engine.device == "gpu" else "KIND_CPU",
-        queue_delay_us=engine.max_queue_delay_us)
+        dynamic_batching=f"max_queue_delay_microseconds: {engine.max_queue_delay_us}")
 
 
 def _trtllm_config(name: str, engine: EngineSpec, is_target: bool) -> str:
@@ -144,11 +144,12 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
     tokenizer = {"tokenizer_dir": path(spec.tokenizer_dir)}
     configs = {
         PREPROCESSING_MODEL: (PREPROCESSING_MODEL, _config(PREPROCESSING_MODEL, PREPROCESSING, 64, tokenizer,
-                                                           queue_delay_us=500)),
+                                                           dynamic_batching="max_queue_delay_microseconds: 500")),
         POSTPROCESSING_MODEL: (POSTPROCESSING_MODEL, _config(POSTPROCESSING_MODEL, POSTPROCESSING, 64, tokenizer,
-                                                             queue_delay_us=500)),
+                                                             dynamic_batching="max_queue_delay_microseconds: 500")),
         TARGET: _model_config(TARGET, spec.target, path, is_target=True),
-        COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
+        # one request per execute call: at its limits the model blocks it, the rest wait in Triton's queue
+        COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 1, {
             "target_model": TARGET,
             "tokenizer_dir": path(spec.tokenizer_dir),
             "router_model": ROUTER_MODEL if spec.drafters else "",
@@ -175,8 +176,11 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
             "default_max_tokens": spec.default_max_tokens,
             "max_inflight_requests": spec.max_inflight_requests,
             "max_queued_tokens": spec.max_queued_tokens,
+            "max_queued_requests": spec.max_queued_requests,
             "queue_timeout_s": spec.queue_timeout_s,
-        }, decoupled=True)),
+        }, decoupled=True, dynamic_batching=(
+            f"default_queue_policy {{ max_queue_size: {spec.max_queued_requests} default_timeout_microseconds: "
+            f"{round(spec.queue_timeout_s * 1e6)} timeout_action: REJECT }}"))),
     }
     configs.update(drafters)
     if spec.drafters:

@@ -91,9 +91,11 @@ class DeploymentSpec:
     # the batch between calls, so larger values delay their first steps.
     plain_decode_steps: int = 4
     general_drafter: str | None = None  # vanilla's drafter; default: one named "general", else the first
-    # overload protection (serving.limits): beyond these a request is refused at once with UNAVAILABLE
+    # overload protection (serving.limits): a request waits in Triton's queue while the model is at these limits;
+    # beyond max_queued_requests Triton refuses it at once (503 / UNAVAILABLE)
     max_inflight_requests: int = Limits.max_inflight_requests
     max_queued_tokens: int = Limits.max_queued_tokens
+    max_queued_requests: int = Limits.max_queued_requests
     queue_timeout_s: float = Limits.queue_timeout_s
     # Drafter health (every drafter, local or remote): a call that fails or takes longer than this takes the
     # drafter out of routing (the requests drafting with it go on without it) ...
@@ -261,7 +263,8 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
         raise SpecError(f"general_drafter: {values['general_drafter']!r} is not one of the drafters")
     ports = []
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "num_draft_tokens",
-                 "adaptive_draft_tokens", "plain_decode_steps", "max_inflight_requests", "max_queued_tokens"):
+                 "adaptive_draft_tokens", "plain_decode_steps", "max_inflight_requests", "max_queued_tokens",
+                 "max_queued_requests"):
         if name in values:
             _positive_int(name, values[name])
     for name in ("http_port", "grpc_port", "metrics_port"):
@@ -323,7 +326,8 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
         raw["tokenizer"] = rel(spec.tokenizer)
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "speculation_mode",
                  "num_draft_tokens", "adaptive_draft_tokens", "plain_decode_steps", "general_drafter",
-                 "max_inflight_requests", "max_queued_tokens", "queue_timeout_s", "drafter_timeout_s",
+                 "max_inflight_requests", "max_queued_tokens", "max_queued_requests", "queue_timeout_s",
+                 "drafter_timeout_s",
                  "drafter_probe_after_s"):
         if getattr(spec, name) is not None:
             raw[name] = getattr(spec, name)

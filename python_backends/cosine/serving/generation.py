@@ -19,7 +19,7 @@ from ..speculation.proposers import (ChainProposer, Draft, DrafterEngine, Drafte
                                      MergedChainsProposer, RouterClient)
 from ..speculation.scheduler import VerificationScheduler
 from .errors import InvalidRequest, ServingError
-from .limits import Limits, Overloaded
+from .limits import AdmissionGate, Limits
 from .request import GenerationRequest
 from .text import DetokenizerOffsets, StopStrings, decode_increment
 
@@ -51,8 +51,7 @@ class Deployment:
     plain_decode_steps: int = 1  # target steps per call for autoregressive requests (the spec sets it)
     max_draft_tokens: int = 64
     max_cooperating_drafters: int = 2
-    limits: Limits = field(default_factory=Limits)
-    queued_tokens: int = 0  # of the requests waiting for the target's KV cache now
+    gate: AdmissionGate = field(default_factory=lambda: AdmissionGate(Limits()))  # the adapter lets requests in
     monitor: LoadMonitor = field(default_factory=LoadMonitor)
     scheduler: VerificationScheduler | None = None  # default: one that gathers the monitor's active requests
     on_round: Callable[[RoundReport], None] = lambda report: None
@@ -130,9 +129,9 @@ def _proposer(plan, deployment: Deployment, sequence_id: int, request: Generatio
 
 
 async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int], request: GenerationRequest):
-    """First step of a sequence; waits while the engine's KV cache is full (admission control), within the
-    deployment's queue limits."""
-    limits = deployment.limits
+    """First step of a sequence; waits while the engine's KV cache is full (admission control), at most the
+    deployment's queue timeout."""
+    timeout_s = deployment.gate.limits.queue_timeout_s
     tokens = len(prompt_ids) + request.max_tokens
     started = time.monotonic()
     queued, delay = False, 0.01
@@ -146,22 +145,17 @@ async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int]
                 if error.kind != ServingError.UNAVAILABLE:
                     raise
                 waited = time.monotonic() - started
-                if waited + delay > limits.queue_timeout_s:
+                if waited + delay > timeout_s:
                     raise ServingError(f"waited {waited:.1f} s for the target's KV cache (queue_timeout_s = "
-                                       f"{limits.queue_timeout_s:g}); last refusal: {error}",
-                                       ServingError.UNAVAILABLE) from None
+                                       f"{timeout_s:g}); last refusal: {error}", ServingError.UNAVAILABLE) from None
             if not queued:
-                if deployment.queued_tokens + tokens > limits.max_queued_tokens:
-                    raise Overloaded("max_queued_tokens", limits.max_queued_tokens,
-                                     f"{deployment.queued_tokens} tokens already wait for the KV cache, this "
-                                     f"request needs {tokens}")
-                deployment.queued_tokens += tokens
+                deployment.gate.queue_tokens(tokens)
                 queued = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
     finally:
         if queued:
-            deployment.queued_tokens -= tokens
+            deployment.gate.queue_tokens(-tokens)
 
 
 async def _start_drafting(proposer, prompt_ids: list[int], stats: Stats) -> None:
@@ -188,7 +182,9 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
         extra = 0 if tree else min(deployment.plain_decode_steps - 1, budget)
         emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree, extra_tokens=extra,
                                                 draft_q=draft.q if draft else None)).tokens
-        if not extra:  # the verification cost model is of one pass
+        if extra:
+            monitor.observe_plain((time.monotonic() - started) / (1 + extra))
+        else:  # the verification cost model is of one pass
             monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
     # the controller's evidence: cosine's rounds against plain ones (exploring rounds buy knowledge, not speed)
     if mode in ("cosine", "autoregressive") and not (proposer and proposer.exploring):
@@ -222,9 +218,6 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     generated: list[int] = []
     text, shown = "", 0
     prefix = "" if request.exclude_input_in_output else request.prompt
-    in_flight, limit = deployment.monitor.active_requests, deployment.limits.max_inflight_requests
-    if in_flight >= limit:  # checked and counted below without an await between: no race
-        raise Overloaded("max_inflight_requests", limit, f"{in_flight} requests in flight")
     stats = Stats()
     sequence_id = new_sequence_id()
     proposer = _proposer(plan, deployment, sequence_id, request)

@@ -1,24 +1,56 @@
-"""Overload protection for one deployment: beyond its limits a request is refused at once (UNAVAILABLE, naming the
-limit) rather than accepted and left to wait without bound; an accepted request runs to its end or fails with a
-clear error, never silently truncated."""
+"""Overload protection for one deployment. A request enters the `cosine` model only while the deployment can take it;
+until then it waits in Triton's queue in front of the model, which refuses requests beyond its size with HTTP 503 /
+gRPC UNAVAILABLE before any model sees them (a model's own errors reach an HTTP client as 400 on /generate, see
+the README's status-code table). An accepted request runs to its end or fails with a clear error, never silently
+truncated."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-
-from .errors import ServingError
 
 
 @dataclass(frozen=True)
 class Limits:
     # requests the `cosine` model serves at once, generating or waiting for the target's KV cache
     max_inflight_requests: int = 256
-    # prompt + max_tokens, summed over the requests waiting for the target's KV cache
+    # prompt + max_tokens, summed over the requests waiting for the target's KV cache: no new request enters the
+    # model while this many wait (a soft limit: the request that crosses it is served)
     max_queued_tokens: int = 262144
-    # how long a request may wait for the target's KV cache before it fails
+    # requests Triton holds in front of the model while it cannot take more; beyond: 503 "Exceeds maximum queue size"
+    max_queued_requests: int = 1024
+    # how long a request may wait in Triton's queue, and again for the target's KV cache, before it fails
     queue_timeout_s: float = 60.0
 
 
-class Overloaded(ServingError):
-    def __init__(self, limit: str, value, situation: str):
-        super().__init__(f"server busy: {situation} ({limit} = {value}); retry later", ServingError.UNAVAILABLE)
-        self.limit = limit
+class AdmissionGate:
+    """Counts the requests inside the model and the tokens waiting for KV cache; `enter` blocks the calling thread
+    (the Python backend's execute thread) until both are under their limits, so that the backlog stays in Triton's
+    queue, where its size and timeout apply."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.in_flight = 0
+        self.queued_tokens = 0
+        self._changed = threading.Condition()
+
+    def _has_room(self) -> bool:
+        return (self.in_flight < self.limits.max_inflight_requests
+                and self.queued_tokens < self.limits.max_queued_tokens)
+
+    def enter(self) -> None:
+        with self._changed:
+            self._changed.wait_for(self._has_room)
+            self.in_flight += 1
+
+    def leave(self) -> None:
+        self._update(in_flight=-1)
+
+    def queue_tokens(self, tokens: int) -> None:
+        """tokens > 0: a request starts waiting for KV cache; < 0: it stops."""
+        self._update(queued_tokens=tokens)
+
+    def _update(self, in_flight: int = 0, queued_tokens: int = 0) -> None:
+        with self._changed:
+            self.in_flight += in_flight
+            self.queued_tokens += queued_tokens
+            self._changed.notify_all()

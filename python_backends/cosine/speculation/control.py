@@ -3,8 +3,9 @@
 Cost model. With per-token acceptance rate a, a draft of k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens per
 round (accepted + the target's own). A round costs drafting, one call plus k drafter steps: t_draft = base + k * step,
 plus verification; the verifier's batch holds every active request's tokens, so its time grows with load:
-t_verify = base + per_token * load * (k + 1).
-The controller drafts the k in [0, k_max] that maximises E(k) / round time; k = 0 is plain decoding, which it falls
+t_verify = base + per_token * load * (k + 1). Plain decoding (k = 0) runs several target steps per call, so its cost
+per token is fitted apart from its own calls: t_plain = base + per_request * load.
+The controller drafts the k in [0, k_max] that maximises tokens per second; k = 0 is plain decoding, which it falls
 back to when the verifier is saturated or acceptance is poor, so speculation never costs more than it brings."""
 from __future__ import annotations
 
@@ -26,8 +27,14 @@ class CostModel:
     verify_per_token: float  # each token in the verifier's batch
     draft_per_token: float  # one drafting step (drafters of a request run in parallel)
     draft_base: float = 0.0  # a drafting call, whatever its length
+    # seconds per token of plain decoding = base + per_request * load; None before plain calls were measured (then:
+    # one verification pass per token)
+    plain: tuple[float, float] | None = None
 
     def round_time(self, k: int, load: float, tree_factor: float = 1.0) -> float:
+        """Seconds of one round drafting k tokens; k = 0: of one plainly decoded token."""
+        if not k and self.plain is not None:
+            return self.plain[0] + self.plain[1] * load
         tokens_per_request = 1 + k * tree_factor
         drafting = self.draft_base + k * self.draft_per_token if k else 0.0
         return drafting + self.verify_base + self.verify_per_token * load * tokens_per_request
@@ -85,15 +92,20 @@ class LinearFit:
 
 
 class LoadMonitor:
-    """Deployment-wide costs, fitted online: verification latency against the verifier's load in tokens, and drafting
-    time against draft length (apart for cooperating drafters, which make a call per position); and how many
-    requests are active."""
+    """Deployment-wide costs, fitted online: verification latency against the verifier's load in tokens, plain
+    decoding's time per token against the number of active requests, and drafting time against draft length (apart
+    for cooperating drafters, which make a call per position); how many requests are active; and the acceptance
+    rate of all speculative rounds (what a new request can expect before its drafters are chosen)."""
 
-    def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05):
+    def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05, probe_every: int = 8):
         self.smoothing = smoothing
         self.verify_fit = LinearFit(forgetting)
+        self.plain_fit = LinearFit(forgetting)
         self.draft_fits = {fused: LinearFit(forgetting) for fused in (False, True)}
         self.active_requests = 0
+        self.acceptance = AcceptanceTracker(decay=0.98)
+        self.probe_every = probe_every
+        self.plain_starts = 0
         # (speculative?, load bucket) -> [measured tokens per second of a request's round, rounds measured]
         self.round_rates: dict[tuple[bool, int], list[float]] = {}
 
@@ -117,8 +129,23 @@ class LoadMonitor:
         speculative, plain = self.round_rates.get((True, bucket)), self.round_rates.get((False, bucket))
         return speculative is None or plain is None or speculative[0] >= plain[0]
 
+    def speculation_may_pay(self, k_max: int) -> bool:
+        """At a request's start: whether the costs measured at this load leave speculation a chance. Where they do
+        not, the request decodes plainly from the start, and its drafters do not even score the prompt (a prefill
+        for each of them); one such request in probe_every speculates anyway, so the measurements follow the load."""
+        costs = self.costs()
+        if costs is None or (self.speculation_pays()
+                             and costs.best_draft_length(self.acceptance.rate, self.active_requests, k_max) > 0):
+            return True
+        self.plain_starts += 1
+        return self.plain_starts % self.probe_every == 0
+
     def observe_verify(self, tokens_in_flight: float, seconds: float) -> None:
         self.verify_fit.observe(tokens_in_flight, seconds)
+
+    def observe_plain(self, seconds_per_token: float) -> None:
+        """A plain decoding call (several steps) under the current load."""
+        self.plain_fit.observe(self.active_requests, seconds_per_token)
 
     def observe_draft(self, positions: int, seconds: float, fused: bool = False) -> None:
         """One round's drafting of `positions` tokens: by a lone drafter, or fused across cooperating drafters."""
@@ -130,7 +157,7 @@ class LoadMonitor:
         if verify is None or draft is None:
             return None
         return CostModel(verify_base=verify[0], verify_per_token=verify[1], draft_per_token=draft[1],
-                         draft_base=draft[0])
+                         draft_base=draft[0], plain=self.plain_fit.fitted())
 
 
 class SpeculationController:

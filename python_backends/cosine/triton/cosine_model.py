@@ -16,7 +16,7 @@ from ..serving.batching import CoalescingEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
 from ..serving.health import CircuitBreaker
-from ..serving.limits import Limits, Overloaded
+from ..serving.limits import AdmissionGate, Limits
 from ..serving.request import parse_generation_request
 from ..serving.trtllm import TrtllmEngine
 from ..serving.trust import deployment_secret
@@ -78,16 +78,15 @@ class CosineModel:
             plain_decode_steps=int(params["plain_decode_steps"]),
             max_draft_tokens=int(params["max_draft_tokens"]),
             on_round=self._count_round,
-            limits=Limits(int(params["max_inflight_requests"]), int(params["max_queued_tokens"]),
-                          float(params["queue_timeout_s"])),
+            gate=AdmissionGate(Limits(int(params["max_inflight_requests"]), int(params["max_queued_tokens"]),
+                                      int(params["max_queued_requests"]), float(params["queue_timeout_s"]))),
             on_admitted=lambda queued_s: self.queue_seconds.observe(queued_s),
         )
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
         self.requests = {status: Metrics.metric("cosine_requests_total", "Finished requests by status", status=status)
-                         for status in ("success", "invalid", "cancelled", "rejected", "error")}
-        self.rejections = {limit: Metrics.metric("cosine_rejected_requests_total", "Requests refused at a limit "
-                                                 "(UNAVAILABLE)", limit=limit)
-                           for limit in ("max_inflight_requests", "max_queued_tokens")}
+                         for status in ("success", "invalid", "cancelled", "error")}
+        self.in_flight = Metrics.metric("cosine_inflight_requests", "Requests inside the cosine model (generating or "
+                                        "waiting for the target's KV cache)", "GAUGE")
         self.queue_seconds = Metrics.metric("cosine_queue_seconds", "Seconds a request waited for the target's KV "
                                             "cache before its first step", "HISTOGRAM",
                                             buckets=[0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120])
@@ -141,23 +140,32 @@ class CosineModel:
                                                      **labels)
         return self.round_metrics[key]
 
-    async def execute(self, requests):
+    def execute(self, requests):
+        """Returns at once while the deployment has room (the backend runs the returned coroutine in the background,
+        as for an async execute); at its limits it blocks, so new requests wait in Triton's queue, which refuses
+        them with 503 beyond max_queued_requests (max_batch_size 1: one request per call, none held here unseen)."""
+        gate = self.deployment.gate
+        for _ in requests:
+            gate.enter()
+        self.in_flight.set(gate.in_flight)
+        return self._serve_all(requests)
+
+    async def _serve_all(self, requests):
         await asyncio.gather(*(self._serve(request) for request in requests))
 
     async def _serve(self, request):
         sender = request.get_response_sender()
         try:
             status = await self._generate(request, sender)
-        except Overloaded as error:
-            sender.send(error_response(error), flags=FINAL)
-            self.rejections[error.limit].increment(1)
-            status = "rejected"
         except ServingError as error:
             sender.send(error_response(error), flags=FINAL)
             status = "invalid" if error.kind == ServingError.INVALID else "error"
         except Exception as error:  # a bug must fail this request, not the model
             sender.send(error_response(ServingError(f"internal error: {error!r}")), flags=FINAL)
             status = "error"
+        finally:
+            self.deployment.gate.leave()
+            self.in_flight.set(self.deployment.gate.in_flight)
         self.requests[status].increment(1)
 
     async def _generate(self, request, sender) -> str:

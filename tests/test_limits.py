@@ -1,0 +1,32 @@
+"""The admission gate in front of the `cosine` model (Triton-free): it holds the calling thread while the deployment
+is at a limit and lets it in once there is room (end to end: tests/test_faults.py)."""
+import threading
+
+from cosine.serving.limits import AdmissionGate, Limits
+
+
+def entering(gate: AdmissionGate) -> threading.Event:
+    entered = threading.Event()
+    threading.Thread(target=lambda: (gate.enter(), entered.set()), daemon=True).start()
+    return entered
+
+
+def test_gate_holds_a_request_beyond_max_inflight_until_one_leaves():
+    gate = AdmissionGate(Limits(max_inflight_requests=2))
+    gate.enter()
+    gate.enter()
+    held = entering(gate)
+    assert not held.wait(0.3)
+    gate.leave()
+    assert held.wait(5) and gate.in_flight == 2
+
+
+def test_gate_holds_new_requests_while_max_queued_tokens_wait_for_kv_cache():
+    gate = AdmissionGate(Limits(max_inflight_requests=10, max_queued_tokens=100))
+    gate.queue_tokens(60)
+    gate.enter()  # under the limit: the request that crosses it is served
+    gate.queue_tokens(60)
+    held = entering(gate)
+    assert not held.wait(0.3)
+    gate.queue_tokens(-60)
+    assert held.wait(5) and gate.in_flight == 2
