@@ -154,9 +154,8 @@ def test_beyond_the_limits_requests_are_refused_cleanly(faults_server):
     served = [answer for status, answer in answers if status == 200]
     refused = [(status, answer["error"]) for status, answer in answers if status != 200]
     assert all(as_list(answer["output_ids"]) == expected for answer in served)  # accepted: complete
-    # at most: the model's share (a KV cache's worth and max_queued_tokens waiting), one held at the gate, the queue
-    held = LIMITS["max_inflight_requests"] + 1 + LIMITS["max_queued_requests"]
-    assert 7 + LIMITS["max_queued_requests"] <= len(served) <= held, len(served)
+    # the model's share (a KV cache's worth, max_queued_tokens waiting) and Triton's queue are served, not the rest
+    assert 7 + LIMITS["max_queued_requests"] <= len(served) < len(answers)
     assert refused and all(status == 503 and "Exceeds maximum queue size" in error for status, error in refused), \
         refused
     assert wait_for(lambda: metric(faults_server, "cosine_kv_cache_reserved_tokens", model="target") == 0)

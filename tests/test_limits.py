@@ -1,5 +1,6 @@
 """The admission gate in front of the `cosine` model (Triton-free): it holds the calling thread while the deployment
 is at a limit and lets it in once there is room (end to end: tests/test_faults.py)."""
+import asyncio
 import threading
 
 from cosine.serving.limits import AdmissionGate, Limits
@@ -30,3 +31,11 @@ def test_gate_holds_new_requests_while_max_queued_tokens_wait_for_kv_cache():
     assert not held.wait(0.3)
     gate.queue_tokens(-60)
     assert held.wait(5) and gate.in_flight == 2
+
+
+def test_a_batch_enters_as_far_as_there_is_room_and_the_rest_waits_inside_up_to_the_timeout():
+    gate = AdmissionGate(Limits(max_inflight_requests=3, queue_timeout_s=0.5))
+    assert gate.enter(5) == 3
+    assert not asyncio.run(gate.enter_later())  # timed out: still full
+    gate.leave()
+    assert asyncio.run(gate.enter_later()) and gate.in_flight == 3

@@ -148,8 +148,8 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
         POSTPROCESSING_MODEL: (POSTPROCESSING_MODEL, _config(POSTPROCESSING_MODEL, POSTPROCESSING, 64, tokenizer,
                                                              dynamic_batching="max_queue_delay_microseconds: 500")),
         TARGET: _model_config(TARGET, spec.target, path, is_target=True),
-        # one request per execute call: at its limits the model blocks it, the rest wait in Triton's queue
-        COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 1, {
+        # at its limits the model blocks execute: the backlog waits in Triton's queue (serving/limits.py)
+        COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
             "target_model": TARGET,
             "tokenizer_dir": path(spec.tokenizer_dir),
             "router_model": ROUTER_MODEL if spec.drafters else "",

@@ -5,7 +5,9 @@ the README's status-code table). An accepted request runs to its end or fails wi
 truncated."""
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -23,7 +25,7 @@ class Limits:
 
 
 class AdmissionGate:
-    """Counts the requests inside the model and the tokens waiting for KV cache; `enter` blocks the calling thread
+    """Counts the requests inside the model and the tokens waiting for KV cache. `enter` blocks the calling thread
     (the Python backend's execute thread) until both are under their limits, so that the backlog stays in Triton's
     queue, where its size and timeout apply."""
 
@@ -33,14 +35,32 @@ class AdmissionGate:
         self.queued_tokens = 0
         self._changed = threading.Condition()
 
-    def _has_room(self) -> bool:
-        return (self.in_flight < self.limits.max_inflight_requests
-                and self.queued_tokens < self.limits.max_queued_tokens)
+    def _room(self) -> int:
+        """How many requests may enter now."""
+        if self.queued_tokens >= self.limits.max_queued_tokens:
+            return 0
+        return max(self.limits.max_inflight_requests - self.in_flight, 0)
 
-    def enter(self) -> None:
+    def enter(self, requests: int = 1) -> int:
+        """Waits until at least one request fits; lets in as many of `requests` as fit and returns how many."""
         with self._changed:
-            self._changed.wait_for(self._has_room)
-            self.in_flight += 1
+            self._changed.wait_for(self._room)
+            admitted = min(requests, self._room())
+            self.in_flight += admitted
+            return admitted
+
+    async def enter_later(self) -> bool:
+        """For a request handed over in a batch beyond the limits: waits (polling; the counts change on other threads
+        too) up to queue_timeout_s; False if it timed out."""
+        deadline = time.monotonic() + self.limits.queue_timeout_s
+        while True:
+            with self._changed:
+                if self._room():
+                    self.in_flight += 1
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
 
     def leave(self) -> None:
         self._update(in_flight=-1)

@@ -142,18 +142,30 @@ class CosineModel:
 
     def execute(self, requests):
         """Returns at once while the deployment has room (the backend runs the returned coroutine in the background,
-        as for an async execute); at its limits it blocks, so new requests wait in Triton's queue, which refuses
-        them with 503 beyond max_queued_requests (max_batch_size 1: one request per call, none held here unseen)."""
-        gate = self.deployment.gate
-        for _ in requests:
-            gate.enter()
-        self.in_flight.set(gate.in_flight)
-        return self._serve_all(requests)
+        as for an async execute); at its limits it blocks, so new requests wait in Triton's queue, which refuses them
+        with 503 beyond max_queued_requests. Requests of this batch beyond the room wait here, within the queue
+        timeout (at most max_batch_size - 1 of them)."""
+        admitted = self.deployment.gate.enter(len(requests))
+        return self._serve_all(requests[:admitted], requests[admitted:])
 
-    async def _serve_all(self, requests):
-        await asyncio.gather(*(self._serve(request) for request in requests))
+    async def _serve_all(self, admitted, beyond):
+        await asyncio.gather(*(self._serve(request) for request in admitted),
+                             *(self._serve_when_admitted(request) for request in beyond))
+
+    async def _serve_when_admitted(self, request):
+        if await self.deployment.gate.enter_later():
+            await self._serve(request)
+            return
+        timeout_s = self.deployment.gate.limits.queue_timeout_s
+        request.get_response_sender().send(error_response(ServingError(
+            f"waited {timeout_s:g} s for room in the deployment (queue_timeout_s = {timeout_s:g})",
+            ServingError.UNAVAILABLE)), flags=FINAL)
+        self.requests["error"].increment(1)
 
     async def _serve(self, request):
+        """Serves an admitted request; it leaves the gate at its end."""
+        gate = self.deployment.gate
+        self.in_flight.set(gate.in_flight)
         sender = request.get_response_sender()
         try:
             status = await self._generate(request, sender)
@@ -164,8 +176,8 @@ class CosineModel:
             sender.send(error_response(ServingError(f"internal error: {error!r}")), flags=FINAL)
             status = "error"
         finally:
-            self.deployment.gate.leave()
-            self.in_flight.set(self.deployment.gate.in_flight)
+            gate.leave()
+            self.in_flight.set(gate.in_flight)
         self.requests[status].increment(1)
 
     async def _generate(self, request, sender) -> str:
