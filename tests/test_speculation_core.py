@@ -168,22 +168,16 @@ def test_plain_decoding_is_costed_from_its_own_multi_step_calls():
     assert multi_step.best_draft_length(0.7, 8, 8) == 0
 
 
-def measured_monitor(plain_seconds_per_token: float, probe_every: int = 4) -> LoadMonitor:
-    monitor = LoadMonitor(probe_every=probe_every)
+def test_requests_start_plainly_where_speculative_rounds_are_measured_slower_and_some_probe():
+    monitor = LoadMonitor(probe_every=4)
     monitor.active_requests = 8
-    for k in (1, 2, 4, 6):
-        monitor.observe_verify(8 * (1 + k), 0.008 + 0.0003 * 8 * (1 + k))
-        monitor.observe_draft(k, 0.003 + 0.002 * k)
-        monitor.observe_plain(plain_seconds_per_token)
-        monitor.acceptance.observe(4, 4)  # good drafts: with one pass per plain token, speculation would pay
-    return monitor
-
-
-def test_requests_start_plainly_where_plain_decoding_is_measured_faster_and_some_probe():
-    cheap_plain = measured_monitor(0.0044)
-    assert [cheap_plain.speculation_may_pay(8) for _ in range(8)] == [False, False, False, True] * 2
-    assert all(measured_monitor(0.05).speculation_may_pay(8) for _ in range(8))
-    assert all(LoadMonitor().speculation_may_pay(8) for _ in range(8))  # nothing measured: speculate
+    assert all(monitor.start_speculating() for _ in range(8))  # nothing measured: speculate
+    for _ in range(3):
+        monitor.observe_round(speculative=True, tokens=3, seconds=0.1)
+        monitor.observe_round(speculative=False, tokens=4, seconds=0.1)
+    assert [monitor.start_speculating() for _ in range(8)] == [False, False, False, True] * 2
+    monitor.active_requests = 1  # another load: nothing measured there
+    assert all(monitor.start_speculating() for _ in range(8))
 
 
 # ---- routing ----------------------------------------------------------------------------------------------------

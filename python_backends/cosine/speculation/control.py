@@ -94,8 +94,8 @@ class LinearFit:
 class LoadMonitor:
     """Deployment-wide costs, fitted online: verification latency against the verifier's load in tokens, plain
     decoding's time per token against the number of active requests, and drafting time against draft length (apart
-    for cooperating drafters, which make a call per position); how many requests are active; and the acceptance
-    rate of all speculative rounds (what a new request can expect before its drafters are chosen)."""
+    for cooperating drafters, which make a call per position); how many requests are active; and what rounds really
+    delivered, speculative and plain, per load."""
 
     def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05, probe_every: int = 8):
         self.smoothing = smoothing
@@ -103,7 +103,6 @@ class LoadMonitor:
         self.plain_fit = LinearFit(forgetting)
         self.draft_fits = {fused: LinearFit(forgetting) for fused in (False, True)}
         self.active_requests = 0
-        self.acceptance = AcceptanceTracker(decay=0.98)
         self.probe_every = probe_every
         self.plain_starts = 0
         # (speculative?, load bucket) -> [measured tokens per second of a request's round, rounds measured]
@@ -129,13 +128,11 @@ class LoadMonitor:
         speculative, plain = self.round_rates.get((True, bucket)), self.round_rates.get((False, bucket))
         return speculative is None or plain is None or speculative[0] >= plain[0]
 
-    def speculation_may_pay(self, k_max: int) -> bool:
-        """At a request's start: whether the costs measured at this load leave speculation a chance. Where they do
-        not, the request decodes plainly from the start, and its drafters do not even score the prompt (a prefill
-        for each of them); one such request in probe_every speculates anyway, so the measurements follow the load."""
-        costs = self.costs()
-        if costs is None or (self.speculation_pays()
-                             and costs.best_draft_length(self.acceptance.rate, self.active_requests, k_max) > 0):
+    def start_speculating(self) -> bool:
+        """At a request's start: False where speculative rounds are measured slower than plain ones at this load;
+        the request then decodes plainly from the start, and its drafters do not even score the prompt (a prefill
+        for each of them). One such request in probe_every speculates anyway, so the measurements follow the load."""
+        if self.speculation_pays():
             return True
         self.plain_starts += 1
         return self.plain_starts % self.probe_every == 0

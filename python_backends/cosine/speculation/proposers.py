@@ -192,7 +192,7 @@ class FusionProposer(Proposer):
     async def start(self, prompt_ids: list[int]) -> None:
         """Every drafter prefills the prompt and scores it; the router picks who cooperates; the rest are freed.
         Where speculation does not pay at this load, none does: the request decodes plainly."""
-        if self.controller.adaptive and not self.monitor.speculation_may_pay(self.controller.k_max):
+        if self.controller.adaptive and not self.monitor.start_speculating():
             return
         results = await asyncio.gather(*(s.try_draft(prompt_ids, 1, score_input=True) for s in self.all_sessions))
         logprobs = {s.name: r.input_logprob for s, r in zip(self.all_sessions, results) if r is not None}
@@ -299,7 +299,6 @@ class FusionProposer(Proposer):
 
     def observe(self, draft: Draft, accepted: list[int], emitted: list[int]) -> None:
         self.controller.observe(len(self.top_tokens), len(accepted))
-        self.monitor.acceptance.observe(len(self.top_tokens), len(accepted))
         # each drafter's top token at every position the target settled, for the router
         for depth, tops in enumerate(self.top_tokens[:len(emitted)]):
             for drafter, token in tops.items():
