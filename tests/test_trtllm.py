@@ -28,6 +28,7 @@ from cosine.deploy.trtllm_build import engine_builds, input_hash
 from cosine.engine.sampling import SamplingParams
 from cosine.launcher import TritonServer, free_port
 from cosine.serving.errors import ServingError
+from cosine.serving.health import CircuitBreaker
 from cosine.serving.request import GenerationRequest
 from cosine.serving.trtllm import TrtllmEngine, best_path
 from cosine.speculation.tree import DraftTree
@@ -251,6 +252,33 @@ def test_adapter_resends_the_sequence_verifies_the_best_path_and_returns_end_id(
     assert second["request_output_len"] == [3]
     assert third["input_ids"] == [10, 11, 3, 5, 6, 4] and third["request_output_len"] == [4]
     assert "generation_logits" in outputs
+
+
+def test_a_failing_trtllm_drafter_leaves_routing_until_a_probe_succeeds():
+    clock = [0.0]
+
+    async def scenario():
+        fake = FakeTensorrtLlm([3], [4])
+        calls = []
+
+        async def flaky(arrays, outputs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise ServingError("drafter_x: Stub process is not healthy", ServingError.INTERNAL)
+            return await fake(arrays, outputs)
+
+        engine = TrtllmEngine("drafter_x", flaky, CircuitBreaker("drafter_x", 1.0, 2.0, clock=lambda: clock[0]))
+        request = GenerationRequest(prompt="", max_tokens=8, params=SamplingParams())
+        with pytest.raises(ServingError, match="not healthy"):
+            await engine.step(1, [10], request=request)
+        assert not engine.available
+        with pytest.raises(ServingError, match="is down"):  # refused at once, the model is not called
+            await engine.step(2, [10], request=request)
+        clock[0] = 2.5
+        assert engine.available and (await engine.step(3, [10], request=request)).tokens == [3]
+        return len(calls)
+
+    assert asyncio.run(scenario()) == 2
 
 
 def test_adapter_seeds_every_sampling_round_apart():

@@ -20,14 +20,14 @@ from ..engine.engine import Admission, StepRequest, StepResult
 from ..speculation.tree import DraftTree
 from . import wire
 from .errors import ServingError
-from .health import CircuitBreaker
+from .health import BreakerGuarded, CircuitBreaker
 from .trust import secret_array
 
 # sends packed steps to an engine model and returns its packed results
 Transport = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 
 
-class CoalescingEngine:
+class CoalescingEngine(BreakerGuarded):
     def __init__(self, name: str, transport: Transport, breaker: CircuitBreaker | None = None):
         """breaker: the engine's health (drafters); its calls go through it."""
         self.name, self.transport, self.breaker = name, transport, breaker
@@ -35,11 +35,6 @@ class CoalescingEngine:
         self.secret = secret_array(os.environ.get(DEPLOYMENT_SECRET_ENV, ""))
         self.pending: list[tuple[StepRequest, asyncio.Future]] = []
         self.in_flight: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
-
-    @property
-    def available(self) -> bool:
-        """Whether requests may plan to use this engine (its circuit is closed, or a probe is due)."""
-        return self.breaker is None or self.breaker.admits()
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
                    candidates=0, score_input=False, draft_q=None, return_q=False) -> StepResult:
@@ -78,8 +73,7 @@ class CoalescingEngine:
         try:
             arrays = dict(wire.pack_steps(steps), **{DEPLOYMENT_SECRET: self.secret})
             send = functools.partial(self.transport, arrays)
-            results = wire.unpack_results(await (self.breaker.call(send) if self.breaker else send()), steps,
-                                          self.name)
+            results = wire.unpack_results(await self._guarded(send), steps, self.name)
         except Exception as error:  # the whole call failed: every sequence in it fails with the same error
             results = [error] * len(batch)
         except asyncio.CancelledError:  # a caller must never wait on a call that will not answer

@@ -67,3 +67,16 @@ class CircuitBreaker:
             self.on_change(False)
         elif probe:
             self.opened_at, self.wait_s = self.clock(), min(2 * self.wait_s, self.max_probe_after_s)
+
+
+class BreakerGuarded:
+    """An engine client whose calls go through its circuit breaker (none: always available, as for the target)."""
+    breaker: CircuitBreaker | None = None
+
+    @property
+    def available(self) -> bool:
+        """Whether requests may plan to use this engine (its circuit is closed, or a probe is due)."""
+        return self.breaker is None or self.breaker.admits()
+
+    async def _guarded(self, send: Callable[[], Awaitable]):
+        return await (self.breaker.call(send) if self.breaker else send())

@@ -29,6 +29,7 @@ return q=None and a draft's q is not sent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from ..engine.engine import StepResult
 from ..engine.sampling import SamplingParams, probabilities
 from ..speculation.tree import DraftTree
 from .errors import ServingError
+from .health import BreakerGuarded, CircuitBreaker
 
 # one request to a `tensorrt_llm` model: packed inputs and the outputs to ask for -> those outputs (no batch dim)
 Transport = Callable[[dict[str, np.ndarray], tuple[str, ...]], Awaitable[dict[str, np.ndarray]]]
@@ -70,12 +72,10 @@ class _Sequence:
     min_end_position: int  # end_id may not be emitted at positions before this
 
 
-class TrtllmEngine:
-    # routing may always plan with it: no circuit breaker around TRT-LLM models yet (see CoalescingEngine.available)
-    available = True
-
-    def __init__(self, name: str, transport: Transport):
-        self.name, self.transport = name, transport
+class TrtllmEngine(BreakerGuarded):
+    def __init__(self, name: str, transport: Transport, breaker: CircuitBreaker | None = None):
+        """breaker: the engine's health (drafters), as for CoalescingEngine."""
+        self.name, self.transport, self.breaker = name, transport, breaker
         self.sequences: dict[int, _Sequence] = {}
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
@@ -98,7 +98,8 @@ class TrtllmEngine:
             ("context_logits",) if score_input else ())
         arrays = dict(TENSORRT_LLM.pack(**self._inputs(sequence, context, chain, wanted, logits_needed,
                                                        score_input)))
-        out = await self.transport(arrays, outputs)
+        send = functools.partial(self.transport, arrays, outputs)
+        out = await self._guarded(send)
         tokens = out["output_ids"][0][:int(out["sequence_length"][0])].tolist()
         generated = len(tokens)
         stopped_at_end = generated < wanted and sequence.end_id is not None

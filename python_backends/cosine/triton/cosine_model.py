@@ -47,11 +47,11 @@ class BlsRouter:
                   feedback_trials=list(trials.values()))
 
 
-def engine_client(model_name: str, kinds: dict[str, str]):
-    """The engine interface to an engine model, by its kind (the engine_kinds parameter; absent: portable)."""
+def engine_client(model_name: str, kinds: dict[str, str], breaker: CircuitBreaker | None = None):
+    """The engine interface to a local engine model, by its kind (the engine_kinds parameter; absent: portable)."""
     if kinds.get(model_name) == "trtllm":
-        return TrtllmEngine(model_name, trtllm_transport(model_name))
-    return CoalescingEngine(model_name, engine_transport(model_name))
+        return TrtllmEngine(model_name, trtllm_transport(model_name), breaker)
+    return CoalescingEngine(model_name, engine_transport(model_name), breaker)
 
 
 class CosineModel:
@@ -95,11 +95,9 @@ class CosineModel:
 
     @staticmethod
     def _drafter(name: str, url: str | None, params: dict, kinds: dict[str, str]):
-        """A drafter engine in this server (BLS) or on another node (gRPC), behind its circuit breaker; a TRT-LLM
-        drafter through its adapter (local only, no breaker yet)."""
+        """A drafter engine in this server (BLS, either kind) or on another node (gRPC), behind its circuit
+        breaker."""
         model = drafter_model_name(name)
-        if kinds.get(model) == "trtllm":
-            return engine_client(model, kinds)
         up = Metrics.metric("cosine_drafter_up", "1 while the drafter takes calls, 0 while it is routed around",
                             "GAUGE", drafter=name)
         failures = Metrics.metric("cosine_drafter_failures_total", "Drafter calls that failed or timed out",
@@ -108,8 +106,9 @@ class CosineModel:
         breaker = CircuitBreaker(model if url is None else f"{model} at {url}", float(params["drafter_timeout_s"]),
                                  float(params["drafter_probe_after_s"]), on_change=lambda is_up: up.set(int(is_up)),
                                  on_failure=lambda: failures.increment(1))
-        transport = engine_transport(model) if url is None else GrpcEngineTransport(url, model)
-        return CoalescingEngine(model, transport, breaker)
+        if url is None:
+            return engine_client(model, kinds, breaker)
+        return CoalescingEngine(model, GrpcEngineTransport(url, model), breaker)
 
     def _count_round(self, report: RoundReport) -> None:
         """Draft length per mode; per drafter: rounds, drafted and accepted tokens, acceptance by position."""
