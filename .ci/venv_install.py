@@ -82,6 +82,26 @@ def find_uv() -> str | None:
     return str(uv) if os.access(uv, os.X_OK) else None
 
 
+# What the tests, the servers' Python-backend stubs and the tools import: their bytecode is written once here.
+WARM_IMPORTS = ["torch", "transformers", "transformers.models.llama.modeling_llama",
+                "transformers.models.qwen2.modeling_qwen2", "transformers.models.mistral.modeling_mistral",
+                "transformers.generation.utils", "numpy", "safetensors.torch", "tokenizers", "yaml", "tqdm",
+                "tritonclient.http", "tritonclient.grpc", "tritonclient.utils", "matplotlib.pyplot", "pytest"]
+
+
+def warm_bytecode() -> None:
+    """uv installs without byte-compiling (pip compiles every file: torch and transformers alone are ~5,000). Where
+    PYTHONDONTWRITEBYTECODE is set, nothing would ever write the bytecode, and every process that imports torch and
+    transformers (each Python-backend stub of each test server) would compile them again, ~5 s each. One import of
+    what the project uses, with writing allowed, caches just that (a few seconds)."""
+    code = ("import importlib\n"
+            f"for name in {WARM_IMPORTS!r}:\n"
+            "    try:\n        importlib.import_module(name)\n"
+            "    except Exception as error:\n        print(f'venv_install: warm-up import {name}: {error}')\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-c", code], env=env)
+
+
 def main(requirements: list[str]) -> int:
     if os.environ.get("VENV_INSTALL") != "pip":
         translated = uv_command(pip_settings())
@@ -91,6 +111,7 @@ def main(requirements: list[str]) -> int:
             command = [uv, "pip", "install", "--python", sys.executable, *args, *requirements]
             print("+", shlex.join(command), flush=True)
             if subprocess.run(command, env={**os.environ, **env}).returncode == 0:
+                warm_bytecode()
                 return 0
             print("venv_install: uv failed; installing with pip", file=sys.stderr)
     command = [*PIP, "install", *requirements]
