@@ -10,13 +10,16 @@ STAMP = $(VENV)/.installed
 
 venv: $(STAMP)
 
-# torch is pinned first on machines without nvidia-smi; nvidia-pytriton (bundled tritonserver,
-# pins numpy<2) only where no tritonserver is on PATH (NGC containers have one).
-$(STAMP): pyproject.toml Makefile
+# One install of: the project with its test extras; torch pinned on machines without nvidia-smi; nvidia-pytriton
+# (bundled tritonserver, pins numpy<2) only where no tritonserver is on PATH (NGC containers have one).
+# .ci/venv_install.py installs with uv under pip's configuration (indexes, find-links, constraints), in seconds;
+# plain pip where it cannot (VENV_INSTALL=pip forces pip).
+$(STAMP): pyproject.toml Makefile .ci/venv_install.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install 'torch==$(TORCH_VERSION)'; fi
-	$(PIP) install -e '.[test]'
-	if ! command -v tritonserver >/dev/null 2>&1; then $(PIP) install nvidia-pytriton 'numpy<2'; fi
+	set -- -e '.[test]'; \
+	if ! command -v nvidia-smi >/dev/null 2>&1; then set -- "$$@" 'torch==$(TORCH_VERSION)'; fi; \
+	if ! command -v tritonserver >/dev/null 2>&1; then set -- "$$@" nvidia-pytriton 'numpy<2'; fi; \
+	$(PY) .ci/venv_install.py "$$@"
 	touch $@
 
 test: venv

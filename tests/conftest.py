@@ -26,11 +26,16 @@ def llama(tiny_dir) -> Path:
     return tiny_dir / "llama"
 
 
+# Test servers stop after at most this long: Triton otherwise waits its full exit timeout (5 s) on the idle
+# keep-alive connections that the tests' clients leave open, at every fixture's teardown.
+FIXTURE_EXIT_TIMEOUT_S = 1
+
+
 def start_server(spec_raw: dict, root: Path, env: dict | None = None) -> TritonServer:
     spec = parse_spec(spec_raw, root)
     repository = write_repository(spec, root / "repository")
     server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=root / "tritonserver.log",
-                          env=env)
+                          env=env, exit_timeout=FIXTURE_EXIT_TIMEOUT_S)
     return server.start(timeout=300)
 
 

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_EXIT_TIMEOUT_S
 from test_server import as_list, generate
 
 from cosine.launcher import TritonServer, free_port
@@ -26,7 +27,8 @@ def zoo_server(tiny_zoo, tmp_path_factory):
     done = build_engines("--demo", "--profile", "tiny", "--zoo-dir", tiny_zoo, "--out-spec", root / "spec.yaml",
                          "--repository", root / "repository")
     assert done.returncode == 0, done.stderr
-    server = TritonServer(root / "repository", free_port(), free_port(), free_port(), log_path=root / "server.log")
+    server = TritonServer(root / "repository", free_port(), free_port(), free_port(), log_path=root / "server.log",
+                          exit_timeout=FIXTURE_EXIT_TIMEOUT_S)
     server.start(timeout=300)
     yield server
     server.stop()

@@ -11,6 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import FIXTURE_EXIT_TIMEOUT_S
 
 from cosine.launcher import TritonServer, free_port
 
@@ -58,7 +59,7 @@ def errors_server(tmp_path_factory):
         (root / "repo" / name / "config.pbtxt").write_text(CONFIG.format(name=name, policy=policy))
         (root / "repo" / name / "1" / "model.py").write_text(MODEL)
     with TritonServer(root / "repo", free_port(), free_port(), free_port(), log_path=root / "triton.log",
-                      restore_models=False) as server:
+                      restore_models=False, exit_timeout=FIXTURE_EXIT_TIMEOUT_S) as server:
         yield server
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import FIXTURE_EXIT_TIMEOUT_S
 from google.protobuf import text_format
 from test_server import as_list, generate, stream_events
 from tiny_models import PROMPTS, reference_generate_all
@@ -319,7 +320,8 @@ def trtllm_server(tiny_dir, tmp_path_factory):
     serve_with_contract_double(spec, repository)
     for unused in ("preprocessing", "postprocessing"):  # clients' tokenizer models: the loop does not call them
         shutil.rmtree(repository / unused)
-    server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=root / "tritonserver.log")
+    server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=root / "tritonserver.log",
+                          exit_timeout=FIXTURE_EXIT_TIMEOUT_S)
     server.start(timeout=300)
     yield server
     server.stop()

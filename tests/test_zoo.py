@@ -89,16 +89,30 @@ def test_second_build_is_a_cache_hit(zoo):
     assert file_mtimes(out_dir) == before  # nothing was rebuilt
 
 
-def test_changed_input_hash_rebuilds_deterministically(zoo, tmp_path):
-    out_dir, manifest = zoo
+# The tiny profile with a few steps of each training and evaluation stage: the same corpora, tokenizer, model shapes,
+# batches and windows, so every stage runs as in `tiny`, in a fraction of its time (the determinism test builds twice).
+SHORT = dataclasses.replace(PROFILE, name="tiny-short", target_steps=4, drafter_steps=4, distill_windows_per_domain=4,
+                            distill_generated_per_domain=1, distill_prefix=PROFILE.context - 16,
+                            eval_prompts_per_domain=1, eval_new_tokens=4, eval_loss_windows=1, step_cost_steps=2)
+
+
+def test_changed_input_hash_rebuilds_deterministically(tmp_path, monkeypatch):
+    from cosine.zoo import build
+
+    monkeypatch.setitem(build.PROFILES, SHORT.name, SHORT)
+    out_dir = tmp_path / "first"
+    manifest = build_zoo(out_dir, SHORT.name, progress=False)
     copy = tmp_path / "zoo"
     shutil.copytree(out_dir, copy)
     stale = dict(manifest, input_hash="stale")
     (copy / "manifest.json").write_text(json.dumps(stale))
-    rebuilt = build_zoo(copy, "tiny", progress=False)
+    before = file_mtimes(copy)
+    rebuilt = build_zoo(copy, SHORT.name, progress=False)
     assert rebuilt["input_hash"] == manifest["input_hash"]
-    for relative in ["target/model.safetensors", "drafters/code/model.safetensors", "tokenizer/tokenizer.json",
-                     "prompts/mixed.jsonl"]:
+    outputs = ["target/model.safetensors", "drafters/code/model.safetensors", "tokenizer/tokenizer.json",
+               "prompts/mixed.jsonl"]
+    for relative in outputs:
+        assert file_mtimes(copy)[relative] != before[relative], f"{relative} was not rebuilt"
         assert (copy / relative).read_bytes() == (out_dir / relative).read_bytes(), relative
 
 
