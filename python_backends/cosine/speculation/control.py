@@ -97,7 +97,7 @@ class LoadMonitor:
     for cooperating drafters, which make a call per position); how many requests are active; and what rounds really
     delivered, speculative and plain, per load."""
 
-    def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05, probe_every: int = 8):
+    def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05, probe_every: int = 32):
         self.smoothing = smoothing
         self.verify_fit = LinearFit(forgetting)
         self.plain_fit = LinearFit(forgetting)
