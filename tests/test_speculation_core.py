@@ -169,12 +169,15 @@ def test_plain_decoding_is_costed_from_its_own_multi_step_calls():
 
 
 def test_requests_start_plainly_where_speculative_rounds_are_measured_slower_and_some_probe():
-    monitor = LoadMonitor(probe_every=4)
+    monitor = LoadMonitor(probe_every=4, start_evidence_rounds=3)
     monitor.active_requests = 8
     assert all(monitor.start_speculating() for _ in range(8))  # nothing measured: speculate
-    for _ in range(3):
+    for _ in range(2):
         monitor.observe_round(speculative=True, tokens=3, seconds=0.1)
         monitor.observe_round(speculative=False, tokens=4, seconds=0.1)
+    assert all(monitor.start_speculating() for _ in range(8))  # two rounds each: not enough to decide
+    monitor.observe_round(speculative=True, tokens=3, seconds=0.1)
+    monitor.observe_round(speculative=False, tokens=4, seconds=0.1)
     assert [monitor.start_speculating() for _ in range(8)] == [False, False, False, True] * 2
     monitor.active_requests = 1  # another load: nothing measured there
     assert all(monitor.start_speculating() for _ in range(8))

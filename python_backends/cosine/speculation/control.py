@@ -97,8 +97,10 @@ class LoadMonitor:
     for cooperating drafters, which make a call per position); how many requests are active; and what rounds really
     delivered, speculative and plain, per load."""
 
-    def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05, probe_every: int = 32):
+    def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05, probe_every: int = 32,
+                 start_evidence_rounds: int = 16):
         self.smoothing = smoothing
+        self.start_evidence_rounds = start_evidence_rounds
         self.verify_fit = LinearFit(forgetting)
         self.plain_fit = LinearFit(forgetting)
         self.draft_fits = {fused: LinearFit(forgetting) for fused in (False, True)}
@@ -121,18 +123,21 @@ class LoadMonitor:
         entry[1] += 1
         entry[0] += (rate - entry[0]) * max(self.smoothing, 1 / entry[1])
 
-    def speculation_pays(self) -> bool:
-        """False once measurements at the current load show speculative rounds delivering tokens slower than plain
-        ones: whatever the cost model says, requests then decode plainly (and keep probing)."""
+    def speculation_pays(self, min_rounds: int = 1) -> bool:
+        """False once measurements at the current load (at least min_rounds of each kind) show speculative rounds
+        delivering tokens slower than plain ones: whatever the cost model says, requests then decode plainly (and
+        keep probing)."""
         bucket = self.load_bucket()
         speculative, plain = self.round_rates.get((True, bucket)), self.round_rates.get((False, bucket))
-        return speculative is None or plain is None or speculative[0] >= plain[0]
+        return (speculative is None or plain is None or min(speculative[1], plain[1]) < min_rounds
+                or speculative[0] >= plain[0])
 
     def start_speculating(self) -> bool:
-        """At a request's start: False where speculative rounds are measured slower than plain ones at this load;
-        the request then decodes plainly from the start, and its drafters do not even score the prompt (a prefill
-        for each of them). One such request in probe_every speculates anyway, so the measurements follow the load."""
-        if self.speculation_pays():
+        """At a request's start: False where speculative rounds are measured slower than plain ones at this load,
+        over enough rounds that a cold process's first slow rounds do not decide; the request then decodes plainly
+        from the start, and its drafters do not even score the prompt (a prefill for each of them). One such request
+        in probe_every speculates anyway, so the measurements follow the load."""
+        if self.speculation_pays(min_rounds=self.start_evidence_rounds):
             return True
         self.plain_starts += 1
         return self.plain_starts % self.probe_every == 0
