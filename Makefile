@@ -1,6 +1,5 @@
 VENV ?= .venv
 PY = $(VENV)/bin/python
-PIP = $(PY) -m pip
 MODEL_REPOSITORY ?= model_repository
 # The CPU build of this version is on CPU machines; an unpinned torch pulls GBs of CUDA wheels.
 TORCH_VERSION ?= 2.13.0

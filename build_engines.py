@@ -27,8 +27,7 @@ sys.path.insert(0, str(ROOT / "python_backends"))
 
 from cosine.deploy.repository import drafter_model_name, write_repository  # noqa: E402
 from cosine.deploy.spec import MAIN_NODE, SpecError, dump_spec, load_spec, parse_spec  # noqa: E402
-from cosine.deploy.trtllm_build import (CONTAINER, build_engines, describe, engine_builds,  # noqa: E402
-                                        missing_engines)
+from cosine.deploy.trtllm_build import CONTAINER, build_engines, describe, engine_builds  # noqa: E402
 
 # Engine settings for a small CPU: one torch thread per engine process. Several processes share the cores, and a
 # multi-threaded torch whose threads get descheduled waits at every barrier (measured on 2 cores: a target step took
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     models += [drafter_model_name(name) for name in spec.drafters_on(args.node)]
     print(f"deployment spec: {spec_path}\nmodel repository ({args.node} node): {repository}\n"
           f"models: {', '.join(models) or 'none'}")
-    for build in missing_engines(builds):
+    for build in (build for build in builds if not build.built):
         print(f"{build.model}: TensorRT-LLM engine not built yet ({build.engine_dir}); the repository refers to it. "
               f"Build it inside {CONTAINER} with: python build_engines.py --spec {spec_path} --build-trtllm "
               f"(--dry-run prints the commands)")

@@ -24,7 +24,7 @@ PIP = [sys.executable, "-m", "pip"]
 # pip settings that do not change what is installed (or that uv is told through the environment below)
 NEUTRAL = {"disable-pip-version-check", "no-input", "progress-bar", "no-color", "quiet", "verbose", "log",
            "root-user-action", "no-cache-dir", "cache-dir", "no-python-version-warning", "require-virtualenv",
-           "break-system-packages", "default-timeout", "timeout", "cert", "retries", "use-feature"}
+           "break-system-packages", "retries", "use-feature"}
 LISTS = {"extra-index-url", "find-links", "constraint", "trusted-host"}
 
 

@@ -15,6 +15,11 @@ from cosine.speculation.scheduler import VerificationScheduler
 from cosine.speculation.tree import DraftTree
 
 
+class GreedyRequest:
+    """What a DrafterSession reads of a request: its sampling parameters."""
+    params = SamplingParams()
+
+
 # ---- fusion -----------------------------------------------------------------------------------------------------
 def test_fusion_picks_the_most_confident_token_and_hangs_runner_ups_as_siblings():
     builder = TreeBuilder(max_siblings=2)
@@ -289,11 +294,8 @@ class CooperatingRouter:
 
 
 def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():
-    class Request:
-        params = SamplingParams()
-
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
-    sessions = [DrafterSession(name, engine, 1, Request()) for name, engine in (("a", first), ("b", explorer))]
+    sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", first), ("b", explorer))]
     proposer = FusionProposer(sessions, CooperatingRouter(), LoadMonitor(), k_max=3, exploring_rounds=2)
 
     async def rounds():
@@ -414,12 +416,9 @@ class CandidatesDrafter(CountingDrafter):
 
 
 def test_fusion_follows_the_more_confident_drafter_and_skips_worthless_siblings():
-    class Request:
-        params = SamplingParams()
-
     unsure = CandidatesDrafter([(6, 0.4), (9, 0.0)])  # ranked first by the router, but unsure
     sure = CandidatesDrafter([(5, 0.9), (8, 0.05)])
-    sessions = [DrafterSession(name, engine, 1, Request()) for name, engine in (("a", unsure), ("b", sure))]
+    sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", unsure), ("b", sure))]
     proposer = FusionProposer(sessions, CooperatingRouter(), LoadMonitor(), k_max=2, exploring_rounds=2)
 
     async def draft():
@@ -452,9 +451,6 @@ class DistantDrafter(CountingDrafter):
 
 
 def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_speculation_off():
-    class Request:
-        params = SamplingParams()
-
     class OnlyRouter:
         async def route(self, prompt_logprobs, max_drafters):
             return Route(context="far", ranking=["far"], cooperate=1, acceptance=0.9)
@@ -466,7 +462,7 @@ def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_spe
     monitor.active_requests = 1
     for tokens in (1, 2, 4, 8):
         monitor.observe_verify(tokens, 0.002 + 0.0001 * tokens)  # a fast verifier: 2 ms a pass
-    session = DrafterSession("far", DistantDrafter(5, 0.9, round_trip_s=0.03), 1, Request())
+    session = DrafterSession("far", DistantDrafter(5, 0.9, round_trip_s=0.03), 1, GreedyRequest())
     proposer = FusionProposer([session], OnlyRouter(), monitor, k_max=4)
 
     async def rounds():
@@ -483,9 +479,6 @@ def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_spe
 def test_where_fused_drafting_does_not_pay_the_first_choice_drafts_alone_at_once():
     """A call per position to remote drafters can cost more than fused drafting brings: exploring would then mean
     plain decoding until the next probe (measured: cosine 0.9x plain decoding at 2 ms); the first choice drafts."""
-    class Request:
-        params = SamplingParams()
-
     monitor = LoadMonitor(forgetting=1.0)
     monitor.active_requests = 1
     for tokens in (1, 2, 4, 8):
@@ -493,7 +486,7 @@ def test_where_fused_drafting_does_not_pay_the_first_choice_drafts_alone_at_once
     for positions in (2, 4, 8):
         monitor.observe_draft(positions, 0.05 * positions, fused=True)  # a round trip per position, each 50 ms
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
-    sessions = [DrafterSession(name, engine, 1, Request()) for name, engine in (("a", first), ("b", explorer))]
+    sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", first), ("b", explorer))]
     proposer = FusionProposer(sessions, CooperatingRouter(), monitor, k_max=4)
 
     async def draft():

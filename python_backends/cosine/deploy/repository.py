@@ -176,7 +176,6 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
             "default_max_tokens": spec.default_max_tokens,
             "max_inflight_requests": spec.max_inflight_requests,
             "max_queued_tokens": spec.max_queued_tokens,
-            "max_queued_requests": spec.max_queued_requests,
             "queue_timeout_s": spec.queue_timeout_s,
         }, decoupled=True, dynamic_batching=(
             f"default_queue_policy {{ max_queue_size: {spec.max_queued_requests} default_timeout_microseconds: "

@@ -101,10 +101,6 @@ def describe(builds: list[EngineBuild]) -> str:
     return "\n".join(lines)
 
 
-def missing_engines(builds: list[EngineBuild]) -> list[EngineBuild]:
-    return [build for build in builds if not build.built]
-
-
 def build_engines(builds: list[EngineBuild], progress=print) -> None:
     """Builds every engine whose inputs changed, showing each step and its time; raises SpecError naming the
     field of a checkpoint that is not there, RuntimeError when TensorRT-LLM is not installed or a step fails."""

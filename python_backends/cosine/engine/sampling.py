@@ -1,7 +1,9 @@
 """Sampling parameters and the logits -> distribution transform shared by target and drafters."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,11 @@ class SamplingParams:
             raise InvalidParameter("top_k", f"must be >= 0 (0 = disabled), got {self.top_k}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise InvalidParameter("top_p", f"must be in (0, 1], got {self.top_p}")
+
+    def seeded(self) -> "SamplingParams":
+        """These parameters with a seed: a fresh random one when the request named none (an engine always gets one,
+        so a request's rounds draw from its own stream)."""
+        return self if self.seed is not None else dataclasses.replace(self, seed=random.getrandbits(63))
 
     def generator(self) -> torch.Generator:
         generator = torch.Generator()

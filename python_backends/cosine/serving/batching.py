@@ -7,10 +7,8 @@ that arrive from other `cosine` instances while the engine is busy."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import os
-import random
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -40,10 +38,7 @@ class CoalescingEngine(BreakerGuarded):
                    candidates=0, score_input=False, draft_q=None, return_q=False) -> StepResult:
         admission = None
         if request is not None:
-            params = request.params
-            if params.seed is None:  # the engine always gets a seed: unseeded requests get a fresh one
-                params = dataclasses.replace(params, seed=random.getrandbits(63))
-            admission = Admission(request.max_tokens, params, request.end_id if request.min_length else None,
+            admission = Admission(request.max_tokens, request.params.seeded(), request.end_id if request.min_length else None,
                                   request.min_length)
         step = StepRequest(sequence_id, list(input_ids), draft or DraftTree(), admission, keep_length, extra_tokens,
                            candidates, score_input, draft_q=draft_q, return_q=return_q)

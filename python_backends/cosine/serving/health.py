@@ -42,7 +42,8 @@ class CircuitBreaker:
             raise ServingError(f"{self.name} is down (its calls failed); probed again in "
                                f"{self.opened_at + self.wait_s - self.clock():.1f} s", ServingError.UNAVAILABLE)
         probe = not self.up
-        self.probing = self.probing or probe
+        if probe:  # admits() let it through: no other probe is out
+            self.probing = True
         try:
             result = await asyncio.wait_for(send(), self.timeout_s)
         except Exception as error:

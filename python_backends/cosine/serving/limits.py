@@ -9,6 +9,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,12 @@ class AdmissionGate:
     (the Python backend's execute thread) until both are under their limits, so that the backlog stays in Triton's
     queue, where its size and timeout apply."""
 
-    def __init__(self, limits: Limits):
-        self.limits = limits
+    def __init__(self, limits: Limits, on_change: Callable[[int], None] = lambda in_flight: None):
+        """on_change: told the number of requests inside after every change of it (a gauge)."""
+        self.limits, self.on_change = limits, on_change
         self.in_flight = 0
         self.queued_tokens = 0
-        self._changed = threading.Condition()
+        self._changed = threading.Condition()  # reentrant: _update runs under it too
 
     def _room(self) -> int:
         """How many requests may enter now."""
@@ -46,7 +48,7 @@ class AdmissionGate:
         with self._changed:
             self._changed.wait_for(self._room)
             admitted = min(requests, self._room())
-            self.in_flight += admitted
+            self._update(in_flight=admitted)
             return admitted
 
     async def enter_later(self) -> bool:
@@ -56,7 +58,7 @@ class AdmissionGate:
         while True:
             with self._changed:
                 if self._room():
-                    self.in_flight += 1
+                    self._update(in_flight=1)
                     return True
             if time.monotonic() > deadline:
                 return False
@@ -74,3 +76,5 @@ class AdmissionGate:
             self.in_flight += in_flight
             self.queued_tokens += queued_tokens
             self._changed.notify_all()
+            if in_flight:
+                self.on_change(self.in_flight)

@@ -28,10 +28,8 @@ return q=None and a draft's q is not sent.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import random
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -131,10 +129,7 @@ class TrtllmEngine(BreakerGuarded):
                 raise ServingError(f"{self.name}: sequence {sequence_id} is not active (finished or released)",
                                    ServingError.INVALID)
             return self.sequences[sequence_id]
-        params = request.params
-        if params.seed is None:  # every request gets a seed: its rounds then draw from independent streams
-            params = dataclasses.replace(params, seed=random.getrandbits(63))
-        sequence = _Sequence([], params, request.end_id, input_length + request.min_length)
+        sequence = _Sequence([], request.params.seeded(), request.end_id, input_length + request.min_length)
         self.sequences[sequence_id] = sequence
         return sequence
 

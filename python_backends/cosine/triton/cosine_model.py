@@ -62,6 +62,8 @@ class CosineModel:
         tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(params["tokenizer_dir"], args)),
                                                   local_files_only=True)
         remote = read_mapping_parameter(params.get("remote_drafters", ""))
+        in_flight = Metrics.metric("cosine_inflight_requests", "Requests inside the cosine model (generating or "
+                                        "waiting for the target's KV cache)", "GAUGE")
         self.deployment = Deployment(
             target=engine_client(params["target_model"], kinds),
             tokenizer=tokenizer,
@@ -78,15 +80,15 @@ class CosineModel:
             plain_decode_steps=int(params["plain_decode_steps"]),
             max_draft_tokens=int(params["max_draft_tokens"]),
             on_round=self._count_round,
-            gate=AdmissionGate(Limits(int(params["max_inflight_requests"]), int(params["max_queued_tokens"]),
-                                      int(params["max_queued_requests"]), float(params["queue_timeout_s"]))),
+            # max_queued_requests is Triton's queue policy (the repository writes it), not this model's business
+            gate=AdmissionGate(Limits(max_inflight_requests=int(params["max_inflight_requests"]),
+                                      max_queued_tokens=int(params["max_queued_tokens"]),
+                                      queue_timeout_s=float(params["queue_timeout_s"])), on_change=in_flight.set),
             on_admitted=lambda queued_s: self.queue_seconds.observe(queued_s),
         )
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
         self.requests = {status: Metrics.metric("cosine_requests_total", "Finished requests by status", status=status)
                          for status in ("success", "invalid", "cancelled", "error")}
-        self.in_flight = Metrics.metric("cosine_inflight_requests", "Requests inside the cosine model (generating or "
-                                        "waiting for the target's KV cache)", "GAUGE")
         self.queue_seconds = Metrics.metric("cosine_queue_seconds", "Seconds a request waited for the target's KV "
                                             "cache before its first step", "HISTOGRAM",
                                             buckets=[0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120])
@@ -163,8 +165,6 @@ class CosineModel:
 
     async def _serve(self, request):
         """Serves an admitted request; it leaves the gate at its end."""
-        gate = self.deployment.gate
-        self.in_flight.set(gate.in_flight)
         sender = request.get_response_sender()
         try:
             status = await self._generate(request, sender)
@@ -175,8 +175,7 @@ class CosineModel:
             sender.send(error_response(ServingError(f"internal error: {error!r}")), flags=FINAL)
             status = "error"
         finally:
-            gate.leave()
-            self.in_flight.set(gate.in_flight)
+            self.deployment.gate.leave()
         self.requests[status].increment(1)
 
     async def _generate(self, request, sender) -> str:
