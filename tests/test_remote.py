@@ -128,12 +128,13 @@ def test_remote_drafters_keep_greedy_outputs_exact(nodes):
     for prompt in PROMPTS[:2]:
         plain, _ = run(nodes.main, prompt, speculation_mode="autoregressive")
         for mode in accepted:
-            ids, (_, _, accepted_tokens) = run(nodes.main, prompt, speculation_mode=mode, num_draft_tokens=4)
+            # fixed length: adaptive cosine may measure that a drafter as large as the target, 2 ms away, does not
+            # pay, and decode plainly
+            ids, (_, _, accepted_tokens) = run(nodes.main, prompt, speculation_mode=mode, num_draft_tokens=4,
+                                               adaptive_draft_length=False)
             assert ids == plain, mode
             accepted[mode].append(accepted_tokens)
-    # drafted on the other node, over gRPC. Cosine drafts until its controller has measured what drafting costs
-    # (a drafter as large as the target, 2 ms away, may not pay: then it decodes plainly).
-    assert all(accepted["vanilla"]) and accepted["cosine"][0] > 0, accepted
+    assert all(accepted["vanilla"]) and all(accepted["cosine"]), accepted  # drafted on the other node, over gRPC
     assert metric(nodes.main, "cosine_drafter_up", drafter="itself") == 1
 
 

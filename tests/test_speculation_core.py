@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from cosine.speculation.control import (CostModel, LoadMonitor, SpeculationController, AcceptanceTracker,
-                                        expected_tokens)
+from cosine.speculation.control import (AcceptanceTracker, CostModel, LoadMonitor, SpeculationController,
+                                        SpeculationWindows, expected_tokens)
 from cosine.speculation.fusion import Candidate, TreeBuilder, merge_chains
 from cosine.engine.engine import StepResult
 from cosine.speculation.proposers import DrafterSession, FusionProposer
@@ -92,38 +92,6 @@ def test_controller_probes_now_and_then_while_plain():
     assert lengths.count(1) == 2 and lengths.count(0) == 6
 
 
-def test_measured_slow_speculation_falls_back_to_plain_decoding():
-    monitor = LoadMonitor()
-    monitor.active_requests = 1
-    assert monitor.speculation_pays()  # nothing measured yet
-    monitor.observe_round(False, tokens=1, seconds=0.010)  # plain: 100 tokens/s
-    monitor.observe_round(True, tokens=3, seconds=0.050)  # speculative: 60 tokens/s
-    assert not monitor.speculation_pays()
-    controller = SpeculationController(k_max=8, probe_every=4)
-    for _ in range(5):
-        controller.observe(depth=4, accepted=4)  # the model alone would draft long
-    lengths = [controller.draft_length(COSTS, 1, speculation_pays=monitor.speculation_pays()) for _ in range(8)]
-    assert lengths.count(0) == 6 and all(k >= 1 for k in lengths if k)  # plain, with occasional probes
-    monitor.active_requests = 8
-    assert monitor.speculation_pays()  # another load: measured separately
-    monitor.active_requests = 1
-    for _ in range(100):
-        monitor.observe_round(True, tokens=5, seconds=0.025)  # speculation got faster: 200 tokens/s
-    assert monitor.speculation_pays()
-
-
-def test_one_cold_speculative_round_does_not_keep_speculation_off():
-    monitor = LoadMonitor()
-    monitor.active_requests = 1
-    for _ in range(10):
-        monitor.observe_round(False, tokens=1, seconds=0.010)  # plain: 100 tokens/s
-    monitor.observe_round(True, tokens=4, seconds=0.400)  # the first draft hits a cold drafter process
-    assert not monitor.speculation_pays()
-    for _ in range(3):
-        monitor.observe_round(True, tokens=4, seconds=0.020)  # then 200 tokens/s
-    assert monitor.speculation_pays()
-
-
 def test_acceptance_tracker_estimates_the_per_token_rate():
     tracker = AcceptanceTracker(decay=1.0)
     rng = random.Random(0)
@@ -173,19 +141,72 @@ def test_plain_decoding_is_costed_from_its_own_multi_step_calls():
     assert multi_step.best_draft_length(0.7, 8, 8) == 0
 
 
-def test_requests_start_plainly_where_speculative_rounds_are_measured_slower_and_some_probe():
-    monitor = LoadMonitor(probe_every=4, start_evidence_rounds=3)
-    monitor.active_requests = 8
-    assert all(monitor.start_speculating() for _ in range(8))  # nothing measured: speculate
-    for _ in range(2):
-        monitor.observe_round(speculative=True, tokens=3, seconds=0.1)
-        monitor.observe_round(speculative=False, tokens=4, seconds=0.1)
-    assert all(monitor.start_speculating() for _ in range(8))  # two rounds each: not enough to decide
-    monitor.observe_round(speculative=True, tokens=3, seconds=0.1)
-    monitor.observe_round(speculative=False, tokens=4, seconds=0.1)
-    assert [monitor.start_speculating() for _ in range(8)] == [False, False, False, True] * 2
-    monitor.active_requests = 1  # another load: nothing measured there
-    assert all(monitor.start_speculating() for _ in range(8))
+def _run_windows(windows, clock, rate, windows_to_run):
+    """Drives a deployment whose output rate (tokens per second) depends on whether speculation is allowed, with
+    1 s windows; returns whether each window allowed it."""
+    allowed = []
+    for _ in range(windows_to_run):
+        allowed.append(windows.allowed)
+        for _ in range(8):
+            clock.now += 0.125
+            windows.advance(rate(windows.allowed) * 0.125)
+    return allowed
+
+
+def test_speculation_windows_measure_which_pays_at_each_load_and_keep_exploring():
+    clock, active = FakeClock(), [8]
+    changes = []
+    windows = SpeculationWindows(lambda: active[0], seconds=1.0, explore_every=4, min_windows=2,
+                                 on_change=changes.append, clock=clock)
+    # at c8 the drafters slow the deployment down: 150 tokens/s plain, 120 with speculation
+    allowed = _run_windows(windows, clock, lambda on: 120 if on else 150, 16)
+    assert allowed[:4] == [True, False, True, False]  # alternating until both are measured
+    # then plain, with one window in four trying speculation again
+    assert allowed[4:] == [True, False, False, False] * 3
+    assert windows.rates[(True, 3)][0] == pytest.approx(120) and windows.rates[(False, 3)][0] == pytest.approx(150)
+    assert changes[:3] == [False, True, False]
+    active[0] = 1  # another load: measured apart, and there speculation pays
+    allowed = _run_windows(windows, clock, lambda on: 90 if on else 60, 12)
+    assert allowed[4:] == [False, True, True, True] * 2
+    active[0] = 8  # back at c8 the old verdict holds until exploring shows that speculation pays there now
+    allowed = _run_windows(windows, clock, lambda on: 200 if on else 150, 16)
+    assert allowed[:4] == [False] * 4 and allowed[-4:] == [False, True, True, True]
+
+
+def test_idle_time_says_nothing_about_speculation():
+    clock, active = FakeClock(), [0]
+    windows = SpeculationWindows(lambda: active[0], seconds=1.0, clock=clock)
+    for _ in range(5):
+        clock.now += 1.0
+        windows.advance()
+    assert windows.rates == {}
+    active[0] = 1  # one request for a tenth of a window: too little to count
+    windows.advance(5)
+    clock.now += 0.1
+    windows.advance(5)
+    active[0] = 0
+    clock.now += 0.95
+    windows.advance()
+    assert windows.rates == {}
+
+
+def test_a_request_drafts_only_while_speculation_pays_and_starts_late_when_it_does():
+    first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
+    sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", first), ("b", explorer))]
+    monitor = LoadMonitor()
+    monitor.windows.allowed = False
+    proposer = FusionProposer(sessions, CooperatingRouter(), monitor, k_max=3)
+
+    async def rounds():
+        await proposer.start([1, 2, 3])
+        plain = await proposer.propose([1, 2, 3, 4], budget=10)
+        calls_while_off = explorer.calls
+        monitor.windows.allowed = True
+        return plain, calls_while_off, await proposer.propose([1, 2, 3, 4, 7], budget=10)
+    plain, calls_while_off, late = asyncio.run(rounds())
+    assert plain is None and calls_while_off == 0  # no prefill, no scoring, no drafting while speculation is off
+    assert late.sources[0] == "a" and late.tree.tokens[0] == 5  # then routed and drafting at once
+    assert explorer.calls == 1 + 3  # scoring the context so far, then a fused call per position
 
 
 # ---- routing ----------------------------------------------------------------------------------------------------
@@ -302,7 +323,7 @@ def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():
         await proposer.start([1, 2, 3])
         drafts = []
         for _ in range(3):
-            drafts.append((await proposer.propose([1, 2, 3], budget=10), proposer.exploring))
+            drafts.append((await proposer.propose([1, 2, 3], budget=10), len(proposer.sessions) > 1))
         return drafts
     drafts = asyncio.run(rounds())
     # fused: per position both propose, the confident token leads, the other is its sibling
@@ -493,5 +514,5 @@ def test_where_fused_drafting_does_not_pay_the_first_choice_drafts_alone_at_once
         await proposer.start([1, 2, 3])
         return await proposer.propose([1, 2, 3], budget=10)
     tree = asyncio.run(draft()).tree
-    assert tree.tokens == (5, 5, 5, 5) and not proposer.exploring
+    assert tree.tokens == (5, 5, 5, 5) and len(proposer.sessions) == 1
     assert explorer.calls == 1  # its prompt scoring only

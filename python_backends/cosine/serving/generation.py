@@ -158,18 +158,15 @@ async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int]
             deployment.gate.queue_tokens(-tokens)
 
 
-async def _start_drafting(proposer, prompt_ids: list[int], stats: Stats) -> None:
-    await proposer.start(prompt_ids)
-    stats.drafters = proposer.drafter_names
-
-
 async def _round(deployment: Deployment, mode: str, proposer, drafting_started: asyncio.Future | None,
                  sequence_id: int, context: list[int], budget: int, stats: Stats) -> list[int]:
     """One round: draft (if speculating), wait for a verification slot, verify; returns the emitted tokens."""
     if drafting_started is not None:
         await drafting_started
-    round_started = time.monotonic()
-    draft = await proposer.propose(context, budget) if proposer is not None else None
+    draft = None
+    if proposer is not None:
+        draft = await proposer.propose(context, budget)
+        stats.drafters = proposer.drafter_names  # a request may start drafting late (SpeculationWindows)
     tree = draft.tree if draft else None
     size = 1 + (len(tree) if tree else 0)
     expected_tokens = 1 + stats.accepted_tokens / max(1, stats.rounds - 1)  # this request's running mean
@@ -186,9 +183,6 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
             monitor.observe_plain((time.monotonic() - started) / (1 + extra))
         else:  # the verification cost model is of one pass
             monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
-    # the controller's evidence: cosine's rounds against plain ones (exploring rounds buy knowledge, not speed)
-    if mode in ("cosine", "autoregressive") and not (proposer and proposer.exploring):
-        monitor.observe_round(tree is not None, len(emitted), time.monotonic() - round_started)
     if proposer is not None:
         accepted = tree.accepted_path(emitted) if tree else []
         if draft is not None:
@@ -221,10 +215,10 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     stats = Stats()
     sequence_id = new_sequence_id()
     proposer = _proposer(plan, deployment, sequence_id, request)
-    deployment.monitor.active_requests += 1
+    deployment.monitor.request_started()
     next_round = None
     # the drafters prefill and the router chooses while the target prefills; the first token does not wait for them
-    drafting_started = asyncio.ensure_future(_start_drafting(proposer, prompt_ids, stats)) if proposer else None
+    drafting_started = asyncio.ensure_future(proposer.start(prompt_ids)) if proposer else None
     try:
         emitted = (await _admit(deployment, sequence_id, prompt_ids, request)).tokens
         while True:
@@ -239,6 +233,7 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
                     finished = True
                     break
             generated += new_ids
+            deployment.monitor.observe_tokens(len(new_ids))
             if not finished:
                 next_round = asyncio.ensure_future(_round(deployment, plan[0], proposer, drafting_started,
                                                           sequence_id, prompt_ids + generated,
@@ -260,7 +255,7 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
             await asyncio.gather(next_round, return_exceptions=True)
         if drafting_started is not None:  # the drafters' caches are released once their prefill is done
             await asyncio.gather(drafting_started, return_exceptions=True)
-        deployment.monitor.active_requests -= 1
+        deployment.monitor.request_finished()
         try:
             await deployment.target.release(sequence_id)
         except ServingError as error:  # a dead engine holds nothing; a live one reclaims it after its idle timeout

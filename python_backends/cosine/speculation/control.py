@@ -6,10 +6,14 @@ plus verification; the verifier's batch holds every active request's tokens, so 
 t_verify = base + per_token * load * (k + 1). Plain decoding (k = 0) runs several target steps per call, so its cost
 per token is fitted apart from its own calls: t_plain = base + per_request * load.
 The controller drafts the k in [0, k_max] that maximises tokens per second; k = 0 is plain decoding, which it falls
-back to when the verifier is saturated or acceptance is poor, so speculation never costs more than it brings."""
+back to when the verifier is saturated or acceptance is poor. What the cost model cannot see (drafters slowing the
+target for every request) SpeculationWindows measures: speculation is allowed only where it pays the deployment."""
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -91,56 +95,99 @@ class LinearFit:
         return max((sy - slope * sx) / n, 0.0), slope
 
 
+class SpeculationWindows:
+    """Whether speculation pays the deployment, by experiment. Time is cut into windows: in some, adaptive requests
+    may speculate; in the others none drafts (drafters neither prefill nor draft). Each window's output tokens per
+    busy second, at its mean load, say which pays at that load; the next window follows the better, and one in
+    explore_every tries the other, so the verdict follows the load and a cold start does not decide for good.
+
+    Why the whole deployment's throughput and not each request's rounds: a speculating request's drafters take
+    processor time from the target, which slows every request in its batch; only the deployment's output sees that
+    (measured on two shared cores: per-request round rates kept cosine at 0.85-0.93x plain decoding at c8)."""
+
+    def __init__(self, active_requests: Callable[[], int], seconds: float = 1.0, explore_every: int = 8,
+                 min_windows: int = 3, smoothing: float = 0.25, on_change: Callable[[bool], None] = lambda on: None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.active_requests, self.clock, self.on_change = active_requests, clock, on_change
+        self.seconds, self.explore_every, self.min_windows, self.smoothing = seconds, explore_every, min_windows, smoothing
+        self.allowed = True
+        self.closed = 0
+        # (speculation allowed?, load bucket) -> [tokens per busy second, windows measured]
+        self.rates: dict[tuple[bool, int], list[float]] = {}
+        self._open(clock())
+
+    @staticmethod
+    def load_bucket(load: float) -> int:
+        """Powers of two of the mean number of active requests, each bucket centred on one (c8: 5.7 to 11.3)."""
+        return min(round(math.log2(max(load, 1.0))), 6)
+
+    def _open(self, now: float) -> None:
+        self.started = self.last_event = now
+        self.tokens, self.busy_s, self.request_s = 0, 0.0, 0.0  # request_s: active requests integrated over time
+
+    def advance(self, tokens: int = 0) -> None:
+        """Call with the tokens emitted since the last call, before the number of active requests changes, and
+        whenever the window is read."""
+        now = self.clock()
+        active, elapsed = self.active_requests(), now - self.last_event
+        if active:
+            self.busy_s += elapsed
+            self.request_s += elapsed * active
+        self.last_event = now
+        self.tokens += tokens
+        if now - self.started >= self.seconds:
+            self._close(now)
+
+    def _close(self, now: float) -> None:
+        if self.tokens and self.busy_s >= 0.5 * (now - self.started):  # mostly idle windows say nothing
+            entry = self.rates.setdefault((self.allowed, self.load_bucket(self.request_s / self.busy_s)), [0.0, 0])
+            entry[1] += 1
+            entry[0] += (self.tokens / self.busy_s - entry[0]) * max(self.smoothing, 1 / entry[1])
+        self.closed += 1
+        allowed = self._next_allowed()
+        if allowed != self.allowed:
+            self.allowed = allowed
+            self.on_change(allowed)
+        self._open(now)
+
+    def _next_allowed(self) -> bool:
+        bucket = self.load_bucket(self.active_requests())
+        on, off = self.rates.get((True, bucket)), self.rates.get((False, bucket))
+        if on is None or off is None or min(on[1], off[1]) < self.min_windows:
+            return not self.allowed  # alternate until both are measured at this load
+        exploring = self.closed % self.explore_every == 0
+        return (on[0] >= off[0]) != exploring
+
+
 class LoadMonitor:
     """Deployment-wide costs, fitted online: verification latency against the verifier's load in tokens, plain
     decoding's time per token against the number of active requests, and drafting time against draft length (apart
-    for cooperating drafters, which make a call per position); how many requests are active; and what rounds really
-    delivered, speculative and plain, per load."""
+    for cooperating drafters, which make a call per position); how many requests are active; and, by experiment,
+    whether speculation pays the deployment at its load (SpeculationWindows)."""
 
-    def __init__(self, forgetting: float = 0.98, smoothing: float = 0.05, probe_every: int = 32,
-                 start_evidence_rounds: int = 16):
-        self.smoothing = smoothing
-        self.start_evidence_rounds = start_evidence_rounds
+    def __init__(self, forgetting: float = 0.98, on_speculation_change: Callable[[bool], None] = lambda on: None,
+                 clock: Callable[[], float] = time.monotonic):
         self.verify_fit = LinearFit(forgetting)
         self.plain_fit = LinearFit(forgetting)
         self.draft_fits = {fused: LinearFit(forgetting) for fused in (False, True)}
         self.active_requests = 0
-        self.probe_every = probe_every
-        self.plain_starts = 0
-        # (speculative?, load bucket) -> [measured tokens per second of a request's round, rounds measured]
-        self.round_rates: dict[tuple[bool, int], list[float]] = {}
+        self.windows = SpeculationWindows(lambda: self.active_requests, on_change=on_speculation_change, clock=clock)
 
-    def load_bucket(self) -> int:
-        return min(self.active_requests, 32).bit_length()  # 0, 1, 2-3, 4-7, ...: rounds under similar load
+    def request_started(self) -> None:
+        self.windows.advance()
+        self.active_requests += 1
 
-    def observe_round(self, speculative: bool, tokens: int, seconds: float) -> None:
-        """What a round really delivered, drafting, queueing and verification included."""
-        key = (speculative, self.load_bucket())
-        rate = tokens / max(seconds, 1e-6)
-        # a plain mean over the first 1/smoothing rounds, then exponential: one slow first round (a cold process)
-        # must not keep speculation off for long
-        entry = self.round_rates.setdefault(key, [0.0, 0])
-        entry[1] += 1
-        entry[0] += (rate - entry[0]) * max(self.smoothing, 1 / entry[1])
+    def request_finished(self) -> None:
+        self.windows.advance()
+        self.active_requests -= 1
 
-    def speculation_pays(self, min_rounds: int = 1) -> bool:
-        """False once measurements at the current load (at least min_rounds of each kind) show speculative rounds
-        delivering tokens slower than plain ones: whatever the cost model says, requests then decode plainly (and
-        keep probing)."""
-        bucket = self.load_bucket()
-        speculative, plain = self.round_rates.get((True, bucket)), self.round_rates.get((False, bucket))
-        return (speculative is None or plain is None or min(speculative[1], plain[1]) < min_rounds
-                or speculative[0] >= plain[0])
+    def observe_tokens(self, tokens: int) -> None:
+        """Tokens a request emitted (any mode): the deployment's output."""
+        self.windows.advance(tokens)
 
-    def start_speculating(self) -> bool:
-        """At a request's start: False where speculative rounds are measured slower than plain ones at this load,
-        over enough rounds that a cold process's first slow rounds do not decide; the request then decodes plainly
-        from the start, and its drafters do not even score the prompt (a prefill for each of them). One such request
-        in probe_every speculates anyway, so the measurements follow the load."""
-        if self.speculation_pays(min_rounds=self.start_evidence_rounds):
-            return True
-        self.plain_starts += 1
-        return self.plain_starts % self.probe_every == 0
+    def speculation_allowed(self) -> bool:
+        self.windows.advance()
+        return self.windows.allowed
 
     def observe_verify(self, tokens_in_flight: float, seconds: float) -> None:
         self.verify_fit.observe(tokens_in_flight, seconds)
@@ -171,18 +218,13 @@ class SpeculationController:
         self.probe_every = probe_every
         self.plain_rounds = 0
 
-    def draft_length(self, costs: CostModel | None, load: float, tree_factor: float = 1.0,
-                     speculation_pays: bool = True) -> int:
+    def draft_length(self, costs: CostModel | None, load: float, tree_factor: float = 1.0) -> int:
         if costs is None or not self.adaptive:  # nothing measured yet: speculate at full length
             return self.k_max
         k = costs.best_draft_length(self.acceptance.rate, load, self.k_max, tree_factor)
-        if k == 0 or not speculation_pays:
-            # plain decoding learns nothing about acceptance or speed: probe now and then, at the length the
-            # model would choose (so the measured speed is that of real speculation)
+        if k == 0:  # plain decoding learns nothing about acceptance: draft one token now and then
             self.plain_rounds += 1
-            if self.plain_rounds % self.probe_every:
-                return 0
-            return max(k, 1)
+            return 0 if self.plain_rounds % self.probe_every else 1
         return k
 
     def observe(self, depth: int, accepted: int) -> None:

@@ -119,7 +119,6 @@ class Proposer:
     """Base: no start-up work, no learning, releases its drafters at the end."""
 
     sessions: list[DrafterSession] = []
-    exploring = False  # the last draft was (also) an investment in learning, not only in speed
 
     @property
     def drafter_names(self) -> list[str]:
@@ -184,6 +183,7 @@ class FusionProposer(Proposer):
         # to compare them on the same positions; fused drafting costs a call per position, so not for longer.
         self.exploring_rounds = exploring_rounds
         self.fused_rounds = 0
+        self.started = False  # the drafters scored the context and the router chose
         self.route: Route | None = None
         self.top_tokens: list[dict[str, int]] = []  # per depth of the last draft: drafter -> its top token
         self.matches = {session.name: 0.0 for session in sessions}
@@ -191,9 +191,11 @@ class FusionProposer(Proposer):
 
     async def start(self, prompt_ids: list[int]) -> None:
         """Every drafter prefills the prompt and scores it; the router picks who cooperates; the rest are freed.
-        Where speculation does not pay at this load, none does: the request decodes plainly."""
-        if self.controller.adaptive and not self.monitor.start_speculating():
+        While speculation does not pay the deployment, none of this happens: it waits for the first round that may
+        speculate, and then scores the context so far."""
+        if self.controller.adaptive and not self.monitor.speculation_allowed():
             return
+        self.started = True
         results = await asyncio.gather(*(s.try_draft(prompt_ids, 1, score_input=True) for s in self.all_sessions))
         logprobs = {s.name: r.input_logprob for s, r in zip(self.all_sessions, results) if r is not None}
         if not logprobs:
@@ -213,6 +215,11 @@ class FusionProposer(Proposer):
         return self.monitor.active_requests > self.busy_load
 
     async def propose(self, context: list[int], budget: int) -> Draft | None:
+        self.top_tokens = []
+        if self.controller.adaptive and not self.monitor.speculation_allowed():
+            return None
+        if not self.started:
+            await self.start(context)
         # Sampled drafts are chains: a runner-up is picked knowing the sampled winner, so it would not be an
         # independent draw from any q, and lossless multi-draft acceptance needs independent draws.
         samples = self.all_sessions[0].samples
@@ -223,10 +230,8 @@ class FusionProposer(Proposer):
             explorers, self.sessions = self.sessions[1:], self.sessions[:1]
             await asyncio.gather(*(session.close() for session in explorers))
         active = [s for s in self.sessions if not s.failed]
-        self.exploring = len(active) > 1
         costs = self.monitor.costs(fused=len(active) > 1)
-        k = min(self.controller.draft_length(costs, load, 1 + siblings, self.monitor.speculation_pays()), budget)
-        self.top_tokens = []
+        k = min(self.controller.draft_length(costs, load, 1 + siblings), budget)
         if k <= 0 or not active:
             return None
         started = time.monotonic()

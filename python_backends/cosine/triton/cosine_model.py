@@ -20,6 +20,7 @@ from ..serving.limits import AdmissionGate, Limits
 from ..serving.request import parse_generation_request
 from ..serving.trtllm import TrtllmEngine
 from ..serving.trust import deployment_secret
+from ..speculation.control import LoadMonitor
 from ..speculation.router import Route
 from .io import (Metrics, bls, engine_transport, error_response, model_parameters, request_inputs, resolve_path,
                  tensors, trtllm_transport)
@@ -64,6 +65,9 @@ class CosineModel:
         remote = read_mapping_parameter(params.get("remote_drafters", ""))
         in_flight = Metrics.metric("cosine_inflight_requests", "Requests inside the cosine model (generating or "
                                         "waiting for the target's KV cache)", "GAUGE")
+        speculating = Metrics.metric("cosine_speculation_allowed", "1 while adaptive cosine requests may draft, 0 "
+                                     "while speculation is measured not to pay at this load", "GAUGE")
+        speculating.set(1)
         self.deployment = Deployment(
             target=engine_client(params["target_model"], kinds),
             tokenizer=tokenizer,
@@ -85,6 +89,7 @@ class CosineModel:
                                       max_queued_tokens=int(params["max_queued_tokens"]),
                                       queue_timeout_s=float(params["queue_timeout_s"])), on_change=in_flight.set),
             on_admitted=lambda queued_s: self.queue_seconds.observe(queued_s),
+            monitor=LoadMonitor(on_speculation_change=lambda allowed: speculating.set(int(allowed))),
         )
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
         self.requests = {status: Metrics.metric("cosine_requests_total", "Finished requests by status", status=status)
