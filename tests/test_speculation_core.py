@@ -156,7 +156,7 @@ def _run_windows(windows, clock, rate, windows_to_run):
 def test_speculation_windows_measure_which_pays_at_each_load_and_keep_exploring():
     clock, active = FakeClock(), [8]
     changes = []
-    windows = SpeculationWindows(lambda: active[0], seconds=1.0, explore_every=4, min_windows=2,
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], seconds=1.0, explore_every=4, min_windows=2,
                                  on_change=changes.append, clock=clock)
     # at c8 the drafters slow the deployment down: 150 tokens/s plain, 120 with speculation
     allowed = _run_windows(windows, clock, lambda on: 120 if on else 150, 16)
@@ -173,20 +173,25 @@ def test_speculation_windows_measure_which_pays_at_each_load_and_keep_exploring(
     assert allowed[:4] == [False] * 4 and allowed[-4:] == [False, True, True, True]
 
 
-def test_idle_time_says_nothing_about_speculation():
-    clock, active = FakeClock(), [0]
-    windows = SpeculationWindows(lambda: active[0], seconds=1.0, clock=clock)
+def test_idle_time_and_other_modes_say_nothing_about_speculation():
+    clock, active, adaptive = FakeClock(), [0], [0]
+    windows = SpeculationWindows(lambda: active[0], lambda: adaptive[0], seconds=1.0, clock=clock)
     for _ in range(5):
         clock.now += 1.0
         windows.advance()
     assert windows.rates == {}
-    active[0] = 1  # one request for a tenth of a window: too little to count
+    active[0] = adaptive[0] = 1  # one request for a tenth of a window: too little to count
     windows.advance(5)
     clock.now += 0.1
     windows.advance(5)
-    active[0] = 0
+    active[0] = adaptive[0] = 0
     clock.now += 0.95
     windows.advance()
+    assert windows.rates == {}
+    active[0] = 8  # requests that do not follow the windows: whatever the windows allow, they do the same
+    for _ in range(40):
+        clock.now += 0.125
+        windows.advance(20)
     assert windows.rates == {}
 
 

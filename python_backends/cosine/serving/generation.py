@@ -215,7 +215,8 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     stats = Stats()
     sequence_id = new_sequence_id()
     proposer = _proposer(plan, deployment, sequence_id, request)
-    deployment.monitor.request_started()
+    adaptive = proposer is not None and proposer.adaptive
+    deployment.monitor.request_started(adaptive)
     next_round = None
     # the drafters prefill and the router chooses while the target prefills; the first token does not wait for them
     drafting_started = asyncio.ensure_future(proposer.start(prompt_ids)) if proposer else None
@@ -255,7 +256,7 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
             await asyncio.gather(next_round, return_exceptions=True)
         if drafting_started is not None:  # the drafters' caches are released once their prefill is done
             await asyncio.gather(drafting_started, return_exceptions=True)
-        deployment.monitor.request_finished()
+        deployment.monitor.request_finished(adaptive)
         try:
             await deployment.target.release(sequence_id)
         except ServingError as error:  # a dead engine holds nothing; a live one reclaims it after its idle timeout

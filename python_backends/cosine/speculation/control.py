@@ -100,15 +100,18 @@ class SpeculationWindows:
     may speculate; in the others none drafts (drafters neither prefill nor draft). Each window's output tokens per
     busy second, at its mean load, say which pays at that load; the next window follows the better, and one in
     explore_every tries the other, so the verdict follows the load and a cold start does not decide for good.
+    A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
+    without one, allowed and forbidden windows would measure the same thing.
 
     Why the whole deployment's throughput and not each request's rounds: a speculating request's drafters take
     processor time from the target, which slows every request in its batch; only the deployment's output sees that
     (measured on two shared cores: per-request round rates kept cosine at 0.85-0.93x plain decoding at c8)."""
 
-    def __init__(self, active_requests: Callable[[], int], seconds: float = 1.0, explore_every: int = 8,
-                 min_windows: int = 3, smoothing: float = 0.25, on_change: Callable[[bool], None] = lambda on: None,
-                 clock: Callable[[], float] = time.monotonic):
-        self.active_requests, self.clock, self.on_change = active_requests, clock, on_change
+    def __init__(self, active_requests: Callable[[], int], adaptive_requests: Callable[[], int],
+                 seconds: float = 1.0, explore_every: int = 8, min_windows: int = 3, smoothing: float = 0.25,
+                 on_change: Callable[[bool], None] = lambda on: None, clock: Callable[[], float] = time.monotonic):
+        self.active_requests, self.adaptive_requests = active_requests, adaptive_requests
+        self.clock, self.on_change = clock, on_change
         self.seconds, self.explore_every, self.min_windows, self.smoothing = seconds, explore_every, min_windows, smoothing
         self.allowed = True
         self.closed = 0
@@ -123,18 +126,19 @@ class SpeculationWindows:
 
     def _open(self, now: float) -> None:
         self.started = self.last_event = now
-        self.tokens, self.busy_s, self.request_s = 0, 0.0, 0.0  # request_s: active requests integrated over time
+        # busy_s: seconds with an adaptive request active; request_s: active requests integrated over them
+        self.tokens, self.busy_s, self.request_s = 0, 0.0, 0.0
 
     def advance(self, tokens: int = 0) -> None:
         """Call with the tokens emitted since the last call, before the number of active requests changes, and
         whenever the window is read."""
         now = self.clock()
-        active, elapsed = self.active_requests(), now - self.last_event
-        if active:
+        elapsed = now - self.last_event
+        if self.adaptive_requests():
             self.busy_s += elapsed
-            self.request_s += elapsed * active
+            self.request_s += elapsed * self.active_requests()
+            self.tokens += tokens
         self.last_event = now
-        self.tokens += tokens
         if now - self.started >= self.seconds:
             self._close(now)
 
@@ -171,15 +175,19 @@ class LoadMonitor:
         self.plain_fit = LinearFit(forgetting)
         self.draft_fits = {fused: LinearFit(forgetting) for fused in (False, True)}
         self.active_requests = 0
-        self.windows = SpeculationWindows(lambda: self.active_requests, on_change=on_speculation_change, clock=clock)
+        self.adaptive_requests = 0  # of them, those that speculate only while SpeculationWindows allows it
+        self.windows = SpeculationWindows(lambda: self.active_requests, lambda: self.adaptive_requests,
+                                          on_change=on_speculation_change, clock=clock)
 
-    def request_started(self) -> None:
+    def request_started(self, adaptive: bool) -> None:
         self.windows.advance()
         self.active_requests += 1
+        self.adaptive_requests += adaptive
 
-    def request_finished(self) -> None:
+    def request_finished(self, adaptive: bool) -> None:
         self.windows.advance()
         self.active_requests -= 1
+        self.adaptive_requests -= adaptive
 
     def observe_tokens(self, tokens: int) -> None:
         """Tokens a request emitted (any mode): the deployment's output."""

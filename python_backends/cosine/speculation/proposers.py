@@ -119,6 +119,7 @@ class Proposer:
     """Base: no start-up work, no learning, releases its drafters at the end."""
 
     sessions: list[DrafterSession] = []
+    adaptive = False  # drafts only while the deployment's SpeculationWindows allow it
 
     @property
     def drafter_names(self) -> list[str]:
@@ -189,11 +190,15 @@ class FusionProposer(Proposer):
         self.matches = {session.name: 0.0 for session in sessions}
         self.trials = {session.name: 0.0 for session in sessions}
 
+    @property
+    def adaptive(self) -> bool:
+        return self.controller.adaptive
+
     async def start(self, prompt_ids: list[int]) -> None:
         """Every drafter prefills the prompt and scores it; the router picks who cooperates; the rest are freed.
         While speculation does not pay the deployment, none of this happens: it waits for the first round that may
         speculate, and then scores the context so far."""
-        if self.controller.adaptive and not self.monitor.speculation_allowed():
+        if self.adaptive and not self.monitor.speculation_allowed():
             return
         self.started = True
         results = await asyncio.gather(*(s.try_draft(prompt_ids, 1, score_input=True) for s in self.all_sessions))
@@ -216,7 +221,7 @@ class FusionProposer(Proposer):
 
     async def propose(self, context: list[int], budget: int) -> Draft | None:
         self.top_tokens = []
-        if self.controller.adaptive and not self.monitor.speculation_allowed():
+        if self.adaptive and not self.monitor.speculation_allowed():
             return None
         if not self.started:
             await self.start(context)
