@@ -99,6 +99,8 @@ def test_vanilla_best_k_is_the_fastest_vanilla_variant_at_each_load_point():
         record([0.1 * k for k in range(1, 11)], mode="vanilla:k=2"),  # 10 tokens/s
         record([0.05 * k for k in range(1, 11)], mode="vanilla:k=6"),  # 20 tokens/s
         record([0.04 * k for k in range(1, 11)], mode="cosine"),  # 25 tokens/s
+        # another drafter is another baseline, not a tuning of vanilla's k
+        record([0.01 * k for k in range(1, 11)], mode="vanilla:drafters=itself"),
         record([0.1 * k for k in range(1, 11)], mode="vanilla:k=2", level=4),  # the only vanilla at 4
         record([0.02 * k for k in range(1, 11)], mode="cosine", level=4),
     ])
