@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile .ci/venv_install.py
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 # Builds the demo zoo on first run (about 11 minutes on 2 cores, progress shown; reused afterwards), writes
 # model_repository/ for it, serves it and answers one held-out prompt per domain.
