@@ -6,18 +6,14 @@ import os
 import shutil
 from pathlib import Path
 
-from ..contract import COSINE, DRAFTER_MODEL_PREFIX, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
+from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
 from ..engine.checkpoint import max_context_tokens, read_config
-from .spec import MAIN_NODE, DeploymentSpec, EngineSpec, SpecError
+from .spec import MAIN_NODE, TARGET, DeploymentSpec, EngineSpec, SpecError, drafter_model_name
 
 # The checked-in repository holds the one model.py of each kind of model.
 ADAPTERS = Path(__file__).resolve().parents[3] / "model_repository"
-TARGET, PREPROCESSING_MODEL, POSTPROCESSING_MODEL, COSINE_MODEL = "target", "preprocessing", "postprocessing", "cosine"
+PREPROCESSING_MODEL, POSTPROCESSING_MODEL, COSINE_MODEL = "preprocessing", "postprocessing", "cosine"
 ROUTER_MODEL = "router"
-
-
-def drafter_model_name(name: str) -> str:
-    return f"{DRAFTER_MODEL_PREFIX}{name}"
 
 
 def _parameters(values: dict) -> str:
@@ -129,7 +125,7 @@ def _end_id(checkpoint: Path) -> str:
 
 def engine_kinds(spec: DeploymentSpec) -> dict[str, str]:
     """{engine model name: kind}."""
-    return {TARGET: spec.target.kind, **{drafter_model_name(n): d.kind for n, d in spec.drafters.items()}}
+    return {model: engine.kind for model, (_, engine) in spec.engines().items()}
 
 
 def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str, tuple[str | None, str]]:

@@ -9,12 +9,19 @@ from pathlib import Path
 
 import yaml
 
-from ..contract import SPECULATION_MODES
+from ..contract import DRAFTER_MODEL_PREFIX, SPECULATION_MODES
 from ..serving.limits import Limits
 
 
 class SpecError(ValueError):
     pass
+
+
+TARGET = "target"  # the target's Triton model
+
+
+def drafter_model_name(name: str) -> str:
+    return f"{DRAFTER_MODEL_PREFIX}{name}"
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -41,6 +48,8 @@ class TrtllmSpec:
     gpu: int = 0  # CUDA device the engine runs on (tensor parallelism is not supported here)
     batch_scheduler_policy: str = "guaranteed_no_evict"
     max_queue_size: int = 0  # Triton's queue limit for the model; 0: unlimited
+
+
 MAIN_NODE = "main"  # the node of the target, `cosine`, the router and every drafter that names no other node
 
 
@@ -116,6 +125,11 @@ class DeploymentSpec:
     @property
     def tokenizer_dir(self) -> Path:
         return self.tokenizer or self.target.checkpoint
+
+    def engines(self) -> dict[str, tuple[str, EngineSpec]]:
+        """{Triton model name: (the spec field that sets it, its engine)} of every engine, the target first."""
+        return {TARGET: ("target", self.target),
+                **{drafter_model_name(name): (f"drafters.{name}", drafter) for name, drafter in self.drafters.items()}}
 
     def drafters_on(self, node: str) -> dict[str, EngineSpec]:
         return {name: drafter for name, drafter in self.drafters.items() if drafter.node == node}
@@ -279,8 +293,7 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
 def _check_shared_gpus(spec: DeploymentSpec) -> None:
     # (node, GPU) -> [(spec field of a TRT-LLM model, its KV fraction)]: a node's GPUs are its own
     by_gpu: dict[tuple[str, int], list[tuple[str, float]]] = {}
-    engines = {"target": spec.target, **{f"drafters.{name}": drafter for name, drafter in spec.drafters.items()}}
-    for where, engine in engines.items():
+    for where, engine in spec.engines().values():
         if engine.trtllm is not None:
             by_gpu.setdefault((engine.node, engine.trtllm.gpu), []).append(
                 (where, engine.trtllm.kv_cache_free_gpu_mem_fraction))
