@@ -4,7 +4,7 @@ Errors name the offending field, e.g. "target.kv_cache_tokens: must be a positiv
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -334,15 +334,11 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
 
     raw = {"target": engine(spec.target), "drafters": {n: engine(d) for n, d in spec.drafters.items()}}
     if spec.nodes:
-        raw["nodes"] = {name: {"url": node.url} for name, node in spec.nodes.items()}
+        raw["nodes"] = {name: asdict(node) for name, node in spec.nodes.items()}
     if spec.tokenizer:
         raw["tokenizer"] = rel(spec.tokenizer)
-    for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "speculation_mode",
-                 "num_draft_tokens", "adaptive_draft_tokens", "plain_decode_steps", "general_drafter",
-                 "max_inflight_requests", "max_queued_tokens", "max_queued_requests", "queue_timeout_s",
-                 "drafter_timeout_s",
-                 "drafter_probe_after_s"):
-        if getattr(spec, name) is not None:
-            raw[name] = getattr(spec, name)
+    # every other field is a plain value, written even at its default (None: chosen when the spec is loaded)
+    raw.update((f.name, getattr(spec, f.name)) for f in fields(spec)
+               if f.name not in ("target", "drafters", "nodes", "tokenizer") and getattr(spec, f.name) is not None)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
