@@ -56,8 +56,7 @@ MAIN_NODE = "main"  # the node of the target, `cosine`, the router and every dra
 @dataclass(frozen=True)
 class EngineSpec:
     checkpoint: Path
-    kind: str = "portable"  # portable (PyTorch, Python backend) | trtllm (TensorRT-LLM engine)
-    trtllm: TrtllmSpec | None = None  # kind trtllm: its engine's settings
+    trtllm: TrtllmSpec | None = None  # kind trtllm: its engine's settings; None: kind portable
     instances: int = 1
     device: str = "cpu"  # cpu | gpu
     kv_cache_tokens: int = 32768
@@ -73,6 +72,12 @@ class EngineSpec:
     max_draft_tokens: int = 64
     idle_timeout_s: float = 600.0
     node: str = MAIN_NODE  # a drafter on another Triton server: one of the spec's `nodes`
+
+    @property
+    def kind(self) -> str:
+        """portable (PyTorch, Python backend) | trtllm (TensorRT-LLM engine): the spec's `kind`, known from
+        whether the engine has TensorRT-LLM settings (the spec requires them with kind trtllm, and only then)."""
+        return "portable" if self.trtllm is None else "trtllm"
 
 
 @dataclass(frozen=True)
@@ -152,11 +157,12 @@ def _fraction(where: str, value) -> float:
     return float(value)
 
 
-def _check_fields(where: str, raw, cls, required: str, meaning: str) -> None:
-    """raw: a mapping of `cls`'s fields with at least `required` (what it means, for the error)."""
+def _check_fields(where: str, raw, cls, required: str, meaning: str, also_known: tuple[str, ...] = ()) -> None:
+    """raw: a mapping of `cls`'s fields (and `also_known`) with at least `required` (what it means, for the
+    error)."""
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: must be a mapping with at least '{required}'")
-    known = set(cls.__dataclass_fields__)
+    known = set(cls.__dataclass_fields__) | set(also_known)
     unknown = set(raw) - known
     if unknown:
         raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown field (known: {', '.join(sorted(known))})")
@@ -200,8 +206,8 @@ def _node(where: str, raw) -> NodeSpec:
 
 
 def _engine(where: str, raw, base: Path) -> EngineSpec:
-    _check_fields(where, raw, EngineSpec, "checkpoint", "the model's HF checkpoint directory")
-    kind = raw.get("kind", EngineSpec.kind)
+    _check_fields(where, raw, EngineSpec, "checkpoint", "the model's HF checkpoint directory", also_known=("kind",))
+    kind = raw.get("kind", "portable")
     if kind not in ENGINE_KINDS:
         raise SpecError(f"{where}.kind: must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
     checkpoint = (base / str(raw["checkpoint"])).resolve()
@@ -220,6 +226,7 @@ def _engine(where: str, raw, base: Path) -> EngineSpec:
     elif not (checkpoint / "config.json").is_file():
         raise SpecError(f"{where}.checkpoint: {checkpoint} is not a checkpoint directory (no config.json)")
     values = dict(raw, checkpoint=checkpoint)
+    values.pop("kind", None)  # EngineSpec.kind: whether it has trtllm settings, checked above
     for name in ("instances", "kv_cache_tokens", "max_batch_size", "max_draft_tokens"):
         if name in values:
             _positive_int(f"{where}.{name}", values[name])
@@ -326,11 +333,10 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
         return {k: getattr(obj, k) for k in fields if getattr(obj, k) != fields[k].default}
 
     def engine(e: EngineSpec) -> dict:
-        out = non_default(e)
-        out["checkpoint"] = rel(e.checkpoint)
+        out = {"checkpoint": rel(e.checkpoint)}
         if e.trtllm is not None:
-            out["trtllm"] = dict(non_default(e.trtllm), engine_dir=rel(e.trtllm.engine_dir))
-        return out
+            out.update(kind=e.kind, trtllm=dict(non_default(e.trtllm), engine_dir=rel(e.trtllm.engine_dir)))
+        return dict(out, **{name: value for name, value in non_default(e).items() if name not in out})
 
     raw = {"target": engine(spec.target), "drafters": {n: engine(d) for n, d in spec.drafters.items()}}
     if spec.nodes:
