@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from ..address import split_host_port
 from ..contract import DRAFTER_MODEL_PREFIX, SPECULATION_MODES
 from ..serving.limits import Limits
 
@@ -199,9 +200,10 @@ def _positive_number(where: str, value) -> float:
 def _node(where: str, raw) -> NodeSpec:
     if not isinstance(raw, dict) or set(raw) != {"url"}:
         raise SpecError(f"{where}: must be a mapping with only 'url' (host:port of the node's gRPC endpoint)")
-    host, _, port = str(raw["url"]).rpartition(":")
-    if not host or not port.isdigit():
-        raise SpecError(f"{where}.url: must be host:port, got {raw['url']!r}")
+    try:
+        split_host_port(str(raw["url"]))
+    except ValueError as error:
+        raise SpecError(f"{where}.url: {error}") from None
     return NodeSpec(str(raw["url"]))
 
 
