@@ -15,6 +15,8 @@ COPY python_backends python_backends
 COPY client client
 COPY model_repository model_repository
 COPY examples examples
+# pyyaml and tqdm by name, not `pip install .` with its dependencies: resolving pyproject's whole list would also pull
+# client-only packages (matplotlib), and a pin that disagrees with a container version (numpy<2) would fail the build.
 RUN pip list --format=freeze > /tmp/container-packages.txt \
     && pip install --no-cache-dir --no-deps -e . \
     && pip install --no-cache-dir --constraint /tmp/container-packages.txt pyyaml tqdm \

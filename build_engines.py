@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "python_backends"))
 
-from cosine.deploy.repository import drafter_model_name, write_repository  # noqa: E402
+from cosine.deploy.repository import write_repository  # noqa: E402
 from cosine.deploy.spec import MAIN_NODE, SpecError, dump_spec, load_spec, parse_spec  # noqa: E402
 from cosine.deploy.trtllm_build import CONTAINER, build_engines, describe, engine_builds  # noqa: E402
 
@@ -107,8 +107,7 @@ def main(argv=None) -> int:
     except (SpecError, ValueError, RuntimeError) as error:
         print(f"build_engines: error: {error}", file=sys.stderr)
         return 2
-    models = ["target"] if args.node == MAIN_NODE else []
-    models += [drafter_model_name(name) for name in spec.drafters_on(args.node)]
+    models = [model for model, (_, engine) in spec.engines().items() if engine.node == args.node]
     print(f"deployment spec: {spec_path}\nmodel repository ({args.node} node): {repository}\n"
           f"models: {', '.join(models) or 'none'}")
     for build in (build for build in builds if not build.built):

@@ -55,11 +55,13 @@ def _bench(args) -> int:
 def _relay(args) -> int:
     import asyncio
 
+    from cosine.address import split_host_port
+
     from .relay import serve
 
-    host, _, port = args.listen.rpartition(":")
+    host, port = split_host_port(args.listen, default_host="127.0.0.1")
     try:
-        asyncio.run(serve(args.to, args.delay_ms / 1e3, host or "127.0.0.1", int(port)))
+        asyncio.run(serve(args.to, args.delay_ms / 1e3, host, port))
     except KeyboardInterrupt:
         pass
     return 0

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import threading
 
+from cosine.address import split_host_port
+
 CHUNK = 1 << 16
 
 
@@ -51,8 +53,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
 class Relay:
     def __init__(self, upstream: str, delay_s: float, host: str = "127.0.0.1", port: int = 0):
         """upstream: host:port to forward to; port 0: any free port (see `port` once started)."""
-        upstream_host, _, upstream_port = upstream.rpartition(":")
-        self.upstream = (upstream_host, int(upstream_port))
+        self.upstream = split_host_port(upstream)
         self.delay_s, self.host, self.port = delay_s, host, port
         self.server: asyncio.AbstractServer | None = None
         self.connections: set[asyncio.Task] = set()

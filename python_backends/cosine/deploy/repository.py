@@ -6,18 +6,14 @@ import os
 import shutil
 from pathlib import Path
 
-from ..contract import COSINE, DRAFTER_MODEL_PREFIX, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
+from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
 from ..engine.checkpoint import max_context_tokens, read_config
-from .spec import MAIN_NODE, DeploymentSpec, EngineSpec, SpecError
+from .spec import MAIN_NODE, TARGET, DeploymentSpec, EngineSpec, SpecError, drafter_model_name
 
 # The checked-in repository holds the one model.py of each kind of model.
 ADAPTERS = Path(__file__).resolve().parents[3] / "model_repository"
-TARGET, PREPROCESSING_MODEL, POSTPROCESSING_MODEL, COSINE_MODEL = "target", "preprocessing", "postprocessing", "cosine"
+PREPROCESSING_MODEL, POSTPROCESSING_MODEL, COSINE_MODEL = "preprocessing", "postprocessing", "cosine"
 ROUTER_MODEL = "router"
-
-
-def drafter_model_name(name: str) -> str:
-    return f"{DRAFTER_MODEL_PREFIX}{name}"
 
 
 def _parameters(values: dict) -> str:
@@ -34,9 +30,10 @@ def read_mapping_parameter(text: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in text.split(",") if item)
 
 
-def _config(name: str, contract, max_batch_size: int, parameters: dict, *, instances: int = 1, kind: str = "KIND_CPU",
-            dynamic_batching: str | None = None, decoupled: bool = False) -> str:
-    lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}"]
+def _config(name: str, contract, max_batch_size: int, parameters: dict, *, backend: str = "python",
+            instances: int = 1, kind: str = "KIND_CPU", dynamic_batching: str | None = None,
+            decoupled: bool = False) -> str:
+    lines = [f'name: "{name}"', f'backend: "{backend}"', f"max_batch_size: {max_batch_size}"]
     if dynamic_batching is not None:
         lines.append(f"dynamic_batching {{ {dynamic_batching} }}")
     if decoupled:
@@ -61,8 +58,9 @@ def _engine_config(name: str, engine: EngineSpec, path, is_target: bool) -> str:
 def _trtllm_config(name: str, engine: EngineSpec, is_target: bool) -> str:
     """The tensorrtllm backend's model with the parameters TensorRT-LLM's template (inflight_batcher_llm/
     tensorrt_llm/config.pbtxt) sets for draft-target speculation; unset template parameters keep the backend's
-    defaults. Not decoupled: the adapter sends one sequence per request and reads one response (the backend takes
-    a batch of sequences in one request only when decoupled; the in-flight batcher batches requests anyway)."""
+    defaults. Not decoupled (Triton's default): the adapter sends one sequence per request and reads one response
+    (the backend takes a batch of sequences in one request only when decoupled; the in-flight batcher batches
+    requests anyway)."""
     settings = engine.trtllm
     parameters = {
         "gpt_model_type": "inflight_fused_batching",
@@ -82,15 +80,10 @@ def _trtllm_config(name: str, engine: EngineSpec, is_target: bool) -> str:
     }
     if not is_target:
         parameters["normalize_log_probs"] = "false"
-    lines = [
-        f'name: "{name}"', 'backend: "tensorrtllm"', f"max_batch_size: {engine.max_batch_size}",
-        "model_transaction_policy { decoupled: false }",
-        f"dynamic_batching {{ preferred_batch_size: [ {engine.max_batch_size} ] max_queue_delay_microseconds: "
-        f"{engine.max_queue_delay_us} default_queue_policy: {{ max_queue_size: {settings.max_queue_size} }} }}",
-        # the backend runs the engine on its own GPU (gpu_device_ids); the instance itself is a CPU thread
-        "instance_group [ { kind: KIND_CPU count: 1 } ]",
-    ]
-    return "\n".join(lines) + "\n" + TENSORRT_LLM.pbtxt_io() + _parameters(parameters)
+    # the backend runs the engine on its own GPU (gpu_device_ids); the instance itself is one CPU thread
+    return _config(name, TENSORRT_LLM, engine.max_batch_size, parameters, backend="tensorrtllm", dynamic_batching=(
+        f"preferred_batch_size: [ {engine.max_batch_size} ] max_queue_delay_microseconds: "
+        f"{engine.max_queue_delay_us} default_queue_policy: {{ max_queue_size: {settings.max_queue_size} }}"))
 
 
 def _model_config(name: str, engine: EngineSpec, path, is_target: bool) -> tuple[str | None, str]:
@@ -129,7 +122,7 @@ def _end_id(checkpoint: Path) -> str:
 
 def engine_kinds(spec: DeploymentSpec) -> dict[str, str]:
     """{engine model name: kind}."""
-    return {TARGET: spec.target.kind, **{drafter_model_name(n): d.kind for n, d in spec.drafters.items()}}
+    return {model: engine.kind for model, (_, engine) in spec.engines().items()}
 
 
 def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str, tuple[str | None, str]]:

@@ -4,17 +4,25 @@ Errors name the offending field, e.g. "target.kv_cache_tokens: must be a positiv
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from ..contract import SPECULATION_MODES
+from ..address import split_host_port
+from ..contract import DRAFTER_MODEL_PREFIX, SPECULATION_MODES
 from ..serving.limits import Limits
 
 
 class SpecError(ValueError):
     pass
+
+
+TARGET = "target"  # the target's Triton model
+
+
+def drafter_model_name(name: str) -> str:
+    return f"{DRAFTER_MODEL_PREFIX}{name}"
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -41,14 +49,15 @@ class TrtllmSpec:
     gpu: int = 0  # CUDA device the engine runs on (tensor parallelism is not supported here)
     batch_scheduler_policy: str = "guaranteed_no_evict"
     max_queue_size: int = 0  # Triton's queue limit for the model; 0: unlimited
+
+
 MAIN_NODE = "main"  # the node of the target, `cosine`, the router and every drafter that names no other node
 
 
 @dataclass(frozen=True)
 class EngineSpec:
     checkpoint: Path
-    kind: str = "portable"  # portable (PyTorch, Python backend) | trtllm (TensorRT-LLM engine)
-    trtllm: TrtllmSpec | None = None  # kind trtllm: its engine's settings
+    trtllm: TrtllmSpec | None = None  # kind trtllm: its engine's settings; None: kind portable
     instances: int = 1
     device: str = "cpu"  # cpu | gpu
     kv_cache_tokens: int = 32768
@@ -64,6 +73,12 @@ class EngineSpec:
     max_draft_tokens: int = 64
     idle_timeout_s: float = 600.0
     node: str = MAIN_NODE  # a drafter on another Triton server: one of the spec's `nodes`
+
+    @property
+    def kind(self) -> str:
+        """portable (PyTorch, Python backend) | trtllm (TensorRT-LLM engine): the spec's `kind`, known from
+        whether the engine has TensorRT-LLM settings (the spec requires them with kind trtllm, and only then)."""
+        return "portable" if self.trtllm is None else "trtllm"
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,11 @@ class DeploymentSpec:
     def tokenizer_dir(self) -> Path:
         return self.tokenizer or self.target.checkpoint
 
+    def engines(self) -> dict[str, tuple[str, EngineSpec]]:
+        """{Triton model name: (the spec field that sets it, its engine)} of every engine, the target first."""
+        return {TARGET: ("target", self.target),
+                **{drafter_model_name(name): (f"drafters.{name}", drafter) for name, drafter in self.drafters.items()}}
+
     def drafters_on(self, node: str) -> dict[str, EngineSpec]:
         return {name: drafter for name, drafter in self.drafters.items() if drafter.node == node}
 
@@ -138,11 +158,12 @@ def _fraction(where: str, value) -> float:
     return float(value)
 
 
-def _check_fields(where: str, raw, cls, required: str, meaning: str) -> None:
-    """raw: a mapping of `cls`'s fields with at least `required` (what it means, for the error)."""
+def _check_fields(where: str, raw, cls, required: str, meaning: str, also_known: tuple[str, ...] = ()) -> None:
+    """raw: a mapping of `cls`'s fields (and `also_known`) with at least `required` (what it means, for the
+    error)."""
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: must be a mapping with at least '{required}'")
-    known = set(cls.__dataclass_fields__)
+    known = set(cls.__dataclass_fields__) | set(also_known)
     unknown = set(raw) - known
     if unknown:
         raise SpecError(f"{where}.{sorted(unknown)[0]}: unknown field (known: {', '.join(sorted(known))})")
@@ -179,15 +200,16 @@ def _positive_number(where: str, value) -> float:
 def _node(where: str, raw) -> NodeSpec:
     if not isinstance(raw, dict) or set(raw) != {"url"}:
         raise SpecError(f"{where}: must be a mapping with only 'url' (host:port of the node's gRPC endpoint)")
-    host, _, port = str(raw["url"]).rpartition(":")
-    if not host or not port.isdigit():
-        raise SpecError(f"{where}.url: must be host:port, got {raw['url']!r}")
+    try:
+        split_host_port(str(raw["url"]))
+    except ValueError as error:
+        raise SpecError(f"{where}.url: {error}") from None
     return NodeSpec(str(raw["url"]))
 
 
 def _engine(where: str, raw, base: Path) -> EngineSpec:
-    _check_fields(where, raw, EngineSpec, "checkpoint", "the model's HF checkpoint directory")
-    kind = raw.get("kind", EngineSpec.kind)
+    _check_fields(where, raw, EngineSpec, "checkpoint", "the model's HF checkpoint directory", also_known=("kind",))
+    kind = raw.get("kind", "portable")
     if kind not in ENGINE_KINDS:
         raise SpecError(f"{where}.kind: must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
     checkpoint = (base / str(raw["checkpoint"])).resolve()
@@ -206,6 +228,7 @@ def _engine(where: str, raw, base: Path) -> EngineSpec:
     elif not (checkpoint / "config.json").is_file():
         raise SpecError(f"{where}.checkpoint: {checkpoint} is not a checkpoint directory (no config.json)")
     values = dict(raw, checkpoint=checkpoint)
+    values.pop("kind", None)  # EngineSpec.kind: whether it has trtllm settings, checked above
     for name in ("instances", "kv_cache_tokens", "max_batch_size", "max_draft_tokens"):
         if name in values:
             _positive_int(f"{where}.{name}", values[name])
@@ -279,8 +302,7 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
 def _check_shared_gpus(spec: DeploymentSpec) -> None:
     # (node, GPU) -> [(spec field of a TRT-LLM model, its KV fraction)]: a node's GPUs are its own
     by_gpu: dict[tuple[str, int], list[tuple[str, float]]] = {}
-    engines = {"target": spec.target, **{f"drafters.{name}": drafter for name, drafter in spec.drafters.items()}}
-    for where, engine in engines.items():
+    for where, engine in spec.engines().values():
         if engine.trtllm is not None:
             by_gpu.setdefault((engine.node, engine.trtllm.gpu), []).append(
                 (where, engine.trtllm.kv_cache_free_gpu_mem_fraction))
@@ -313,23 +335,18 @@ def dump_spec(spec: DeploymentSpec, path: str | Path) -> None:
         return {k: getattr(obj, k) for k in fields if getattr(obj, k) != fields[k].default}
 
     def engine(e: EngineSpec) -> dict:
-        out = non_default(e)
-        out["checkpoint"] = rel(e.checkpoint)
+        out = {"checkpoint": rel(e.checkpoint)}
         if e.trtllm is not None:
-            out["trtllm"] = dict(non_default(e.trtllm), engine_dir=rel(e.trtllm.engine_dir))
-        return out
+            out.update(kind=e.kind, trtllm=dict(non_default(e.trtllm), engine_dir=rel(e.trtllm.engine_dir)))
+        return dict(out, **{name: value for name, value in non_default(e).items() if name not in out})
 
     raw = {"target": engine(spec.target), "drafters": {n: engine(d) for n, d in spec.drafters.items()}}
     if spec.nodes:
-        raw["nodes"] = {name: {"url": node.url} for name, node in spec.nodes.items()}
+        raw["nodes"] = {name: asdict(node) for name, node in spec.nodes.items()}
     if spec.tokenizer:
         raw["tokenizer"] = rel(spec.tokenizer)
-    for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "speculation_mode",
-                 "num_draft_tokens", "adaptive_draft_tokens", "plain_decode_steps", "general_drafter",
-                 "max_inflight_requests", "max_queued_tokens", "max_queued_requests", "queue_timeout_s",
-                 "drafter_timeout_s",
-                 "drafter_probe_after_s"):
-        if getattr(spec, name) is not None:
-            raw[name] = getattr(spec, name)
+    # every other field is a plain value, written even at its default (None: chosen when the spec is loaded)
+    raw.update((f.name, getattr(spec, f.name)) for f in fields(spec)
+               if f.name not in ("target", "drafters", "nodes", "tokenizer") and getattr(spec, f.name) is not None)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

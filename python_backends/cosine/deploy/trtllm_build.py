@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract import TENSORRT_LLM
-from .repository import TARGET, drafter_model_name
-from .spec import DeploymentSpec, EngineSpec, SpecError
+from .spec import TARGET, DeploymentSpec, EngineSpec, SpecError
 
 CONVERTER = Path(__file__).resolve().with_name("trtllm_convert.py")
 BUILD_RECORD = "cosine-build.json"  # written last: with the same input hash, the engine is built
@@ -52,10 +51,8 @@ class EngineBuild:
 
 
 def engine_builds(spec: DeploymentSpec) -> list[EngineBuild]:
-    engines = [(TARGET, "target", spec.target, True)] + [
-        (drafter_model_name(name), f"drafters.{name}", drafter, False) for name, drafter in spec.drafters.items()]
-    return [EngineBuild(model, field, engine.checkpoint, engine.trtllm.engine_dir, _commands(engine, is_target))
-            for model, field, engine, is_target in engines if engine.kind == "trtllm"]
+    return [EngineBuild(model, field, engine.checkpoint, engine.trtllm.engine_dir, _commands(engine, model == TARGET))
+            for model, (field, engine) in spec.engines().items() if engine.kind == "trtllm"]
 
 
 def _commands(engine: EngineSpec, is_target: bool) -> tuple[tuple[str, ...], ...]:

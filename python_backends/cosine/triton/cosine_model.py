@@ -11,7 +11,8 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from ..contract import COSINE, ROUTER
-from ..deploy.repository import drafter_model_name, read_mapping_parameter
+from ..deploy.repository import read_mapping_parameter
+from ..deploy.spec import drafter_model_name
 from ..serving.batching import CoalescingEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
