@@ -153,24 +153,42 @@ def _run_windows(windows, clock, rate, windows_to_run):
     return allowed
 
 
-def test_speculation_windows_measure_which_pays_at_each_load_and_keep_exploring():
+def test_speculation_windows_check_the_prediction_by_experiment_at_each_load():
     clock, active = FakeClock(), [8]
     changes = []
-    windows = SpeculationWindows(lambda: active[0], lambda: active[0], seconds=1.0, explore_every=4, min_windows=2,
-                                 on_change=changes.append, clock=clock)
-    # at c8 the drafters slow the deployment down: 150 tokens/s plain, 120 with speculation
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
+                                 explore_every=4, min_windows=2, on_change=changes.append, clock=clock)
+    # the cost model expects speculation to pay, but at c8 the drafters slow the deployment down: 150 tokens/s
+    # plain, 120 with speculation
     allowed = _run_windows(windows, clock, lambda on: 120 if on else 150, 16)
-    assert allowed[:4] == [True, False, True, False]  # alternating until both are measured
-    # then plain, with one window in four trying speculation again
-    assert allowed[4:] == [True, False, False, False] * 3
+    # the prediction, with every fourth window the other way, until both kinds are measured twice; then the
+    # measurements, still exploring
+    assert allowed == [True] * 4 + [False] + [True] * 3 + [False] * 4 + [True] + [False] * 3
     assert windows.rates[(True, 3)][0] == pytest.approx(120) and windows.rates[(False, 3)][0] == pytest.approx(150)
-    assert changes[:3] == [False, True, False]
+    assert changes[:2] == [False, True]
     active[0] = 1  # another load: measured apart, and there speculation pays
     allowed = _run_windows(windows, clock, lambda on: 90 if on else 60, 12)
     assert allowed[4:] == [False, True, True, True] * 2
     active[0] = 8  # back at c8 the old verdict holds until exploring shows that speculation pays there now
     allowed = _run_windows(windows, clock, lambda on: 200 if on else 150, 16)
     assert allowed[:4] == [False] * 4 and allowed[-4:] == [False, True, True, True]
+
+
+def test_before_measurements_the_windows_follow_the_cost_models_prediction():
+    clock, active = FakeClock(), [8]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: load < 4, seconds=1.0,
+                                 explore_every=4, min_windows=100, clock=clock)
+    assert _run_windows(windows, clock, lambda on: 100, 9) == [True, False, False, False, True, False, False, False,
+                                                                True]
+    monitor = LoadMonitor(forgetting=1.0)
+    assert monitor.cost_model_speculates(8)  # nothing measured: speculate
+    for tokens in (1, 8, 16, 64):
+        monitor.observe_verify(tokens, 0.010 + 0.001 * tokens)
+    for positions in (1, 4, 8):
+        monitor.observe_draft(positions, 0.002 + 0.002 * positions)
+    for _ in range(20):
+        monitor.observe_acceptance(depth=4, accepted=2)
+    assert monitor.cost_model_speculates(1) and not monitor.cost_model_speculates(32)
 
 
 def test_idle_time_and_other_modes_say_nothing_about_speculation():

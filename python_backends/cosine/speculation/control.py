@@ -96,10 +96,12 @@ class LinearFit:
 
 
 class SpeculationWindows:
-    """Whether speculation pays the deployment, by experiment. Time is cut into windows: in some, adaptive requests
-    may speculate; in the others none drafts (drafters neither prefill nor draft). Each window's output tokens per
-    busy second, at its mean load, say which pays at that load; the next window follows the better, and one in
-    explore_every tries the other, so the verdict follows the load and a cold start does not decide for good.
+    """Whether speculation pays the deployment: predicted by the cost model, checked by experiment. Time is cut into
+    windows: in some, adaptive requests may speculate; in the others none drafts (drafters neither prefill nor
+    draft). A window follows the cost model's prediction for the current load until both kinds of window have
+    min_windows measurements there; then it follows the measurements (output tokens per busy second at that mean
+    load). One window in explore_every does the opposite, so the measurements exist and follow the load. Windows
+    are long enough to average over requests' starts (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
 
@@ -108,9 +110,11 @@ class SpeculationWindows:
     (measured on two shared cores: per-request round rates kept cosine at 0.85-0.93x plain decoding at c8)."""
 
     def __init__(self, active_requests: Callable[[], int], adaptive_requests: Callable[[], int],
-                 seconds: float = 1.0, explore_every: int = 8, min_windows: int = 3, smoothing: float = 0.25,
-                 on_change: Callable[[bool], None] = lambda on: None, clock: Callable[[], float] = time.monotonic):
-        self.active_requests, self.adaptive_requests = active_requests, adaptive_requests
+                 predicted: Callable[[int], bool] = lambda load: True, seconds: float = 3.0, explore_every: int = 8,
+                 min_windows: int = 3, smoothing: float = 0.25, on_change: Callable[[bool], None] = lambda on: None,
+                 clock: Callable[[], float] = time.monotonic):
+        """predicted(load): whether the cost model expects speculation to pay with `load` requests active."""
+        self.active_requests, self.adaptive_requests, self.predicted = active_requests, adaptive_requests, predicted
         self.clock, self.on_change = clock, on_change
         self.seconds, self.explore_every, self.min_windows, self.smoothing = seconds, explore_every, min_windows, smoothing
         self.allowed = True
@@ -155,12 +159,13 @@ class SpeculationWindows:
         self._open(now)
 
     def _next_allowed(self) -> bool:
-        bucket = self.load_bucket(self.active_requests())
-        on, off = self.rates.get((True, bucket)), self.rates.get((False, bucket))
+        load = self.active_requests()
+        on, off = (self.rates.get((allowed, self.load_bucket(load))) for allowed in (True, False))
         if on is None or off is None or min(on[1], off[1]) < self.min_windows:
-            return not self.allowed  # alternate until both are measured at this load
-        exploring = self.closed % self.explore_every == 0
-        return (on[0] >= off[0]) != exploring
+            pays = self.predicted(load)
+        else:
+            pays = on[0] >= off[0]
+        return pays != (self.closed % self.explore_every == 0)
 
 
 class LoadMonitor:
@@ -176,8 +181,11 @@ class LoadMonitor:
         self.draft_fits = {fused: LinearFit(forgetting) for fused in (False, True)}
         self.active_requests = 0
         self.adaptive_requests = 0  # of them, those that speculate only while SpeculationWindows allows it
+        # every adaptive request's rounds: what the cost model expects at a load where nothing was measured yet
+        self.acceptance = AcceptanceTracker(decay=0.99)
+        self.deepest_draft = 0
         self.windows = SpeculationWindows(lambda: self.active_requests, lambda: self.adaptive_requests,
-                                          on_change=on_speculation_change, clock=clock)
+                                          self.cost_model_speculates, on_change=on_speculation_change, clock=clock)
 
     def request_started(self, adaptive: bool) -> None:
         self.windows.advance()
@@ -192,6 +200,16 @@ class LoadMonitor:
     def observe_tokens(self, tokens: int) -> None:
         """Tokens a request emitted (any mode): the deployment's output."""
         self.windows.advance(tokens)
+
+    def observe_acceptance(self, depth: int, accepted: int) -> None:
+        self.acceptance.observe(depth, accepted)
+        self.deepest_draft = max(self.deepest_draft, depth)
+
+    def cost_model_speculates(self, load: float) -> bool:
+        """Whether the cost model expects some draft length to beat plain decoding at this load (nothing measured
+        yet: yes)."""
+        costs = self.costs()
+        return costs is None or costs.best_draft_length(self.acceptance.rate, load, self.deepest_draft) > 0
 
     def speculation_allowed(self) -> bool:
         self.windows.advance()

@@ -309,6 +309,7 @@ class FusionProposer(Proposer):
 
     def observe(self, draft: Draft, accepted: list[int], emitted: list[int]) -> None:
         self.controller.observe(len(self.top_tokens), len(accepted))
+        self.monitor.observe_acceptance(len(self.top_tokens), len(accepted))
         # each drafter's top token at every position the target settled, for the router
         for depth, tops in enumerate(self.top_tokens[:len(emitted)]):
             for drafter, token in tops.items():
