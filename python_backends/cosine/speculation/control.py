@@ -96,12 +96,12 @@ class LinearFit:
 
 
 class SpeculationWindows:
-    """Whether speculation pays the deployment: predicted by the cost model, checked by experiment. Time is cut into
-    windows: in some, adaptive requests may speculate; in the others none drafts (drafters neither prefill nor
-    draft). A window follows the cost model's prediction for the current load until both kinds of window have
-    min_windows measurements there; then it follows the measurements (output tokens per busy second at that mean
-    load). One window in explore_every does the opposite, so the measurements exist and follow the load. Windows
-    are long enough to average over requests' starts (prefill bursts) on a closed-loop load.
+    """Whether speculation pays the deployment, by experiment. Time is cut into windows: in some, adaptive requests
+    may speculate; in the others none drafts (drafters neither prefill nor draft). At a load never measured, the
+    first window follows the cost model's prediction; windows of both kinds follow until each has min_windows
+    measurements there (output tokens per busy second at that mean load); then windows follow the faster kind,
+    and one in explore_every does the opposite, so the verdict follows the load. Windows are long enough to
+    average over requests' starts (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
 
@@ -111,7 +111,7 @@ class SpeculationWindows:
 
     def __init__(self, active_requests: Callable[[], int], adaptive_requests: Callable[[], int],
                  predicted: Callable[[int], bool] = lambda load: True, seconds: float = 3.0, explore_every: int = 8,
-                 min_windows: int = 3, smoothing: float = 0.25, on_change: Callable[[bool], None] = lambda on: None,
+                 min_windows: int = 2, smoothing: float = 0.25, on_change: Callable[[bool], None] = lambda on: None,
                  clock: Callable[[], float] = time.monotonic):
         """predicted(load): whether the cost model expects speculation to pay with `load` requests active."""
         self.active_requests, self.adaptive_requests, self.predicted = active_requests, adaptive_requests, predicted
@@ -160,12 +160,12 @@ class SpeculationWindows:
 
     def _next_allowed(self) -> bool:
         load = self.active_requests()
-        on, off = (self.rates.get((allowed, self.load_bucket(load))) for allowed in (True, False))
-        if on is None or off is None or min(on[1], off[1]) < self.min_windows:
-            pays = self.predicted(load)
-        else:
-            pays = on[0] >= off[0]
-        return pays != (self.closed % self.explore_every == 0)
+        on, off = (self.rates.get((allowed, self.load_bucket(load)), (0.0, 0)) for allowed in (True, False))
+        if not on[1] and not off[1]:
+            return self.predicted(load)  # a load never measured: the cost model's guess first
+        if min(on[1], off[1]) < self.min_windows:
+            return on[1] <= off[1]  # measure the kind measured less
+        return (on[0] >= off[0]) != (self.closed % self.explore_every == 0)
 
 
 class LoadMonitor:
