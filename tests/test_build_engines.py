@@ -1,5 +1,5 @@
 """build_engines.py as a user runs it: the tiny zoo becomes a repository a real tritonserver serves; routing works
-after warm-up; drafters with another tokenizer are refused."""
+after warm-up (judged by measured acceptance); drafters with another tokenizer are refused."""
 import json
 import shutil
 import subprocess
@@ -52,23 +52,34 @@ def test_the_generated_repository_serves_every_mode_exactly(zoo_server, tiny_zoo
     assert len(set(map(tuple, outputs.values()))) == 1 and len(outputs["cosine"]) > 0
 
 
-def test_router_mostly_picks_the_domain_specialist_after_warm_up(zoo_server, tiny_zoo):
-    """Chance is 1 in 5 drafters. The tiny zoo's drafters are barely trained: their acceptance feedback is noise
-    the router must not let override what the prompt's likelihood says."""
-    prompts = held_out(tiny_zoo)
+def test_router_picks_drafters_that_draft_well_after_warm_up(zoo_server, tiny_zoo):
+    """The router's objective is acceptance. Measured per prompt with each drafter alone (vanilla), its first choices
+    after warm-up must draft better than chance (a drafter at random) and no worse than routing every prompt to its
+    domain's specialist. The tiny zoo's drafters are barely trained: a specialist is not always the best drafter of
+    its own domain here, which is what verification feedback teaches the router."""
+    prompts = held_out(tiny_zoo, max_tokens=16)
     assert len(prompts) >= 12
+    drafters = ("code", "math", "records", "dialogue", "general")
+
+    def acceptance(prompt, drafter):
+        rounds, drafted, accepted = generate(zoo_server, text_input=prompt, max_tokens=16, return_stats=True,
+                                             speculation_mode="vanilla", drafters=[drafter],
+                                             num_draft_tokens=4)["speculation_stats"]
+        return accepted / max(drafted, 1)
+    measured = {(prompt, drafter): acceptance(prompt, drafter) for prompt, _ in prompts for drafter in drafters}
     # fixed length: an adaptive request may decode plainly, unrouted, in a window where speculation is off
     routed = dict(speculation_mode="cosine", adaptive_draft_length=False)
     for prompt, _ in prompts * 2:  # warm-up: verification feedback reaches the router
         generate(zoo_server, text_input=prompt, max_tokens=8, **routed)
-    picks = Counter()
-    for prompt, domain in prompts:
-        out = generate(zoo_server, text_input=prompt, max_tokens=4, return_stats=True, **routed)
-        picks[domain, as_list(out["routed_drafters"])[0]] += 1
-    right = sum(count for (domain, drafter), count in picks.items() if domain == drafter)
-    # 0.9 before the batched serving core; 0.70-0.75 since (5 runs): dialogue prompts, nearly as likely under the
-    # math and general drafters in this zoo, follow noisy feedback. Still three times chance.
-    assert right / len(prompts) >= 0.6, picks
+    picks = {prompt: as_list(generate(zoo_server, text_input=prompt, max_tokens=4, return_stats=True,
+                                      **routed)["routed_drafters"])[0] for prompt, _ in prompts}
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    routed_rate = mean([measured[prompt, picks[prompt]] for prompt, _ in prompts])
+    specialist_rate = mean([measured[prompt, domain] for prompt, domain in prompts])
+    chance_rate = mean(list(measured.values()))
+    print(f"\nacceptance per draft token: routed {routed_rate:.2f}, specialists {specialist_rate:.2f}, "
+          f"chance {chance_rate:.2f}; picks {Counter((d, picks[p]) for p, d in prompts)}")
+    assert routed_rate >= chance_rate + 0.02 and routed_rate >= specialist_rate - 0.05
 
 
 def test_a_drafter_with_another_tokenizer_is_refused(tiny_zoo, tmp_path):
