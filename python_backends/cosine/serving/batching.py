@@ -38,8 +38,8 @@ class CoalescingEngine(BreakerGuarded):
                    candidates=0, score_input=False, draft_q=None, return_q=False) -> StepResult:
         admission = None
         if request is not None:
-            admission = Admission(request.max_tokens, request.params.seeded(), request.end_id if request.min_length else None,
-                                  request.min_length)
+            admission = Admission(request.max_tokens, request.params.seeded(),
+                                  request.end_id if request.min_length else None, request.min_length)
         step = StepRequest(sequence_id, list(input_ids), draft or DraftTree(), admission, keep_length, extra_tokens,
                            candidates, score_input, draft_q=draft_q, return_q=return_q)
         return await self._submit(step)

@@ -116,7 +116,8 @@ class SpeculationWindows:
         """predicted(load): whether the cost model expects speculation to pay with `load` requests active."""
         self.active_requests, self.adaptive_requests, self.predicted = active_requests, adaptive_requests, predicted
         self.clock, self.on_change = clock, on_change
-        self.seconds, self.explore_every, self.min_windows, self.smoothing = seconds, explore_every, min_windows, smoothing
+        self.seconds, self.explore_every = seconds, explore_every
+        self.min_windows, self.smoothing = min_windows, smoothing
         self.allowed = True
         self.closed = 0
         # (speculation allowed?, load bucket) -> [tokens per busy second, windows measured]
