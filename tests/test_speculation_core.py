@@ -173,6 +173,19 @@ def test_speculation_windows_check_the_prediction_by_experiment_at_each_load():
     assert allowed[:4] == [False] * 4 and allowed[-4:] == [False, True, True, True]
 
 
+def test_a_load_above_one_where_speculation_did_not_pay_starts_without_it():
+    """Speculation pays less as load grows: learning each new load from scratch cost cosine 0.80x plain decoding at
+    c16 (measured) after c8 had shown that it does not pay."""
+    clock, active = FakeClock(), [8]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
+                                 explore_every=4, min_windows=2, clock=clock)
+    _run_windows(windows, clock, lambda on: 120 if on else 150, 8)
+    assert windows.verdicts() == {3: False}
+    active[0] = 16  # the first window was set at c8 (an exploring one); then forbidden, exploring one in four
+    assert _run_windows(windows, clock, lambda on: 150 if on else 250, 8) == [True, False, False, False] * 2
+    assert windows.verdicts() == {3: False, 4: False}  # measured at c16 too now, by the exploring windows
+
+
 def test_at_a_load_never_measured_the_windows_start_from_the_cost_models_prediction():
     clock, active = FakeClock(), [0]
     windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: load < 4, seconds=1.0,

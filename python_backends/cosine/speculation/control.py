@@ -97,10 +97,11 @@ class LinearFit:
 
 class SpeculationWindows:
     """Whether speculation pays the deployment, by experiment. Time is cut into windows: in some, adaptive requests
-    may speculate; in the others none drafts (drafters neither prefill nor draft). At a load never measured, the
-    first window follows the cost model's prediction; windows of both kinds follow until each has min_windows
-    measurements there (output tokens per busy second at that mean load); then windows follow the faster kind,
-    and one in explore_every does the opposite, so the verdict follows the load. Windows are long enough to
+    may speculate; in the others none drafts (drafters neither prefill nor draft). Where both kinds have min_windows
+    measurements at the current load (output tokens per busy second at that mean load), windows follow the faster
+    kind, and one in explore_every does the opposite, so the verdict follows the load. At a load not measured yet,
+    a measured lower load where speculation did not pay (or a higher one where it did) decides; else the cost
+    model's prediction goes first and windows of both kinds follow until each is measured. Windows are long enough to
     average over requests' starts (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
@@ -159,14 +160,34 @@ class SpeculationWindows:
             self.on_change(allowed)
         self._open(now)
 
+    def verdicts(self) -> dict[int, bool]:
+        """Load bucket -> whether speculation was measured to pay there, where both kinds have min_windows."""
+        buckets = {bucket for _, bucket in self.rates}
+        measured = {bucket: (self.rates.get((True, bucket), (0.0, 0)), self.rates.get((False, bucket), (0.0, 0)))
+                    for bucket in buckets}
+        return {bucket: on[0] >= off[0] for bucket, (on, off) in measured.items()
+                if min(on[1], off[1]) >= self.min_windows}
+
     def _next_allowed(self) -> bool:
         load = self.active_requests()
-        on, off = (self.rates.get((allowed, self.load_bucket(load)), (0.0, 0)) for allowed in (True, False))
+        bucket = self.load_bucket(load)
+        exploring = self.closed % self.explore_every == 0
+        verdicts = self.verdicts()
+        if bucket in verdicts:
+            return verdicts[bucket] != exploring
+        # Not measured here yet. Speculation pays less as load grows (the verifier saturates, drafters compete for
+        # the processors): a lower load where it did not pay, or a higher one where it did, decides, and exploring
+        # measures this load meanwhile.
+        lower = [pays for measured, pays in sorted(verdicts.items()) if measured < bucket]
+        higher = [pays for measured, pays in sorted(verdicts.items()) if measured > bucket]
+        if lower and not lower[-1]:
+            return exploring
+        if higher and higher[0]:
+            return not exploring
+        on, off = (self.rates.get((allowed, bucket), (0.0, 0)) for allowed in (True, False))
         if not on[1] and not off[1]:
             return self.predicted(load)  # a load never measured: the cost model's guess first
-        if min(on[1], off[1]) < self.min_windows:
-            return on[1] <= off[1]  # measure the kind measured less
-        return (on[0] >= off[0]) != (self.closed % self.explore_every == 0)
+        return on[1] <= off[1]  # measure the kind measured less
 
 
 class LoadMonitor:
