@@ -153,7 +153,7 @@ def _run_windows(windows, clock, rate, windows_to_run):
     return allowed
 
 
-def test_speculation_windows_check_the_prediction_by_experiment_at_each_load():
+def test_speculation_windows_follow_the_kind_measured_faster_at_each_load_and_keep_exploring():
     clock, active = FakeClock(), [8]
     changes = []
     windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
