@@ -25,7 +25,7 @@ from cosine.contract import SPECULATION_MODES
 from .api import grpc_generate, http_generate
 from .plots import write_plots
 from .references import deployment_references
-from .stats import BASELINES, Record, acceptance_by_domain, summarize
+from .stats import BASELINES, Record, acceptance_by_domain, summarize, variant_inputs
 
 PRESETS = {  # settings not given explicitly come from here
     "full": dict(concurrencies=(1, 8, 16, 32, 64), requests_per_point=32, max_tokens=64, rounds=2,
@@ -93,30 +93,6 @@ def engine_activity(before: dict, after: dict, wall: float) -> dict[str, dict[st
 
 
 # variant option -> (request input, parse)
-VARIANT_OPTIONS = {"k": ("num_draft_tokens", int), "drafters": ("drafters", lambda v: v.split("+")),
-                   "max_drafters": ("max_drafters", int),
-                   "adaptive": ("adaptive_draft_length", lambda v: {"on": True, "off": False}[v])}
-
-
-def variant_inputs(variant: str) -> dict:
-    """A mode, or a variant of one: `MODE[:option=value]...`. The ablations of cosine: `cosine:drafters=general`
-    (no routing), `cosine:max_drafters=1` (no fusion: the routed drafter alone), `cosine:k=6:adaptive=off` (no
-    adaptive length: 6 tokens every round); `vanilla:k=6` is vanilla at draft length 6. Returns the request
-    inputs it stands for."""
-    mode, *options = variant.split(":")
-    inputs = {"speculation_mode": mode}
-    for option in options:
-        key, _, value = option.partition("=")
-        if key not in VARIANT_OPTIONS:
-            raise ValueError(f"{variant}: unknown option {key!r} ({', '.join(VARIANT_OPTIONS)})")
-        name, parse = VARIANT_OPTIONS[key]
-        try:
-            inputs[name] = parse(value)
-        except (KeyError, ValueError):
-            raise ValueError(f"{variant}: bad value {value!r} for {key}") from None
-    return inputs
-
-
 def _request(call, url: str, prompt: dict, mode: str, max_tokens: int, sampling: dict, **record) -> Record:
     """mode: a mode or variant (see variant_inputs); sampling: temperature/top_p inputs (empty: greedy)."""
     start = time.perf_counter()

@@ -8,6 +8,29 @@ import numpy as np
 
 VANILLA_BEST = "vanilla (best k)"  # per load point, the fastest of the vanilla variants run (vanilla:k=N)
 BASELINES = ("autoregressive", "vanilla", VANILLA_BEST)
+# the options of a variant, `MODE[:option=value]...` -> (request input, parser of the value)
+VARIANT_OPTIONS = {"k": ("num_draft_tokens", int), "drafters": ("drafters", lambda v: v.split("+")),
+                   "max_drafters": ("max_drafters", int),
+                   "adaptive": ("adaptive_draft_length", lambda v: {"on": True, "off": False}[v])}
+
+
+def variant_inputs(variant: str) -> dict:
+    """A mode, or a variant of one: `MODE[:option=value]...`. The ablations of cosine: `cosine:drafters=general`
+    (no routing), `cosine:max_drafters=1` (no fusion: the routed drafter alone), `cosine:k=6:adaptive=off` (no
+    adaptive length: 6 tokens every round); `vanilla:k=6` is vanilla at draft length 6. Returns the request
+    inputs it stands for."""
+    mode, *options = variant.split(":")
+    inputs = {"speculation_mode": mode}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in VARIANT_OPTIONS:
+            raise ValueError(f"{variant}: unknown option {key!r} ({', '.join(VARIANT_OPTIONS)})")
+        name, parse = VARIANT_OPTIONS[key]
+        try:
+            inputs[name] = parse(value)
+        except (KeyError, ValueError):
+            raise ValueError(f"{variant}: bad value {value!r} for {key}") from None
+    return inputs
 
 
 @dataclass
@@ -84,8 +107,8 @@ def summarize(records: list[Record]) -> list[dict]:
     rows = {key: {"load": key[0], "level": key[1], "mode": key[2], **summarize_point(group)}
             for key, group in groups.items()}
     for (load, level, mode), row in list(rows.items()):
-        name, *options = mode.split(":")
-        if name == "vanilla" and all(option.startswith("k=") for option in options):  # vanilla as configured, any k
+        inputs = variant_inputs(mode)
+        if inputs.pop("speculation_mode") == "vanilla" and set(inputs) <= {"num_draft_tokens"}:  # vanilla at any k
             best = rows.get((load, level, VANILLA_BEST))
             if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
                 rows[load, level, VANILLA_BEST] = row

@@ -74,7 +74,8 @@ def _demo(args: argparse.Namespace) -> int:
                 print(event.text, end="", flush=True)
                 stats = event.stats or stats
             rounds, drafted, accepted = stats
-            note = "" if drafted else " (decoded plainly: a window where the deployment measures plain decoding)"
+            # nothing drafted: speculation was off for the load (cosine_speculation_allowed), or no drafter answered
+            note = "" if drafted else ", decoded plainly"
             print(f"\n[cosine: {rounds} rounds, {accepted} of {drafted} drafted tokens accepted{note}]")
         print(f"\nTry it:\n  curl -s localhost:{args.http_port}/v2/models/cosine/generate "
               f"-d '{{\"text_input\": \"def add(a, b):\", \"max_tokens\": 32}}'\n")

@@ -160,13 +160,19 @@ class SpeculationWindows:
             self.on_change(allowed)
         self._open(now)
 
+    def _measured(self, bucket: int) -> tuple[list[float], list[float]]:
+        """[rate, windows] with speculation allowed and forbidden at this load bucket ([0, 0]: never)."""
+        return self.rates.get((True, bucket), [0.0, 0]), self.rates.get((False, bucket), [0.0, 0])
+
     def verdicts(self) -> dict[int, bool]:
-        """Load bucket -> whether speculation was measured to pay there, where both kinds have min_windows."""
-        buckets = {bucket for _, bucket in self.rates}
-        measured = {bucket: (self.rates.get((True, bucket), (0.0, 0)), self.rates.get((False, bucket), (0.0, 0)))
-                    for bucket in buckets}
-        return {bucket: on[0] >= off[0] for bucket, (on, off) in measured.items()
-                if min(on[1], off[1]) >= self.min_windows}
+        """Load bucket -> whether speculation was measured to pay there, where both kinds have min_windows; by
+        load, lowest first."""
+        verdicts = {}
+        for bucket in sorted({bucket for _, bucket in self.rates}):
+            on, off = self._measured(bucket)
+            if min(on[1], off[1]) >= self.min_windows:
+                verdicts[bucket] = on[0] >= off[0]
+        return verdicts
 
     def _next_allowed(self) -> bool:
         load = self.active_requests()
@@ -178,13 +184,13 @@ class SpeculationWindows:
         # Not measured here yet. Speculation pays less as load grows (the verifier saturates, drafters compete for
         # the processors): a lower load where it did not pay, or a higher one where it did, decides, and exploring
         # measures this load meanwhile.
-        lower = [pays for measured, pays in sorted(verdicts.items()) if measured < bucket]
-        higher = [pays for measured, pays in sorted(verdicts.items()) if measured > bucket]
+        lower = [pays for measured, pays in verdicts.items() if measured < bucket]
+        higher = [pays for measured, pays in verdicts.items() if measured > bucket]
         if lower and not lower[-1]:
             return exploring
         if higher and higher[0]:
             return not exploring
-        on, off = (self.rates.get((allowed, bucket), (0.0, 0)) for allowed in (True, False))
+        on, off = self._measured(bucket)
         if not on[1] and not off[1]:
             return self.predicted(load)  # a load never measured: the cost model's guess first
         return on[1] <= off[1]  # measure the kind measured less

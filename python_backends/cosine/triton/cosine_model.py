@@ -68,7 +68,8 @@ class CosineModel:
                                         "waiting for the target's KV cache)", "GAUGE")
         speculating = Metrics.metric("cosine_speculation_allowed", "1 while adaptive cosine requests may draft, 0 "
                                      "while speculation is measured not to pay at this load", "GAUGE")
-        speculating.set(1)
+        monitor = LoadMonitor(on_speculation_change=lambda allowed: speculating.set(int(allowed)))
+        speculating.set(int(monitor.windows.allowed))
         self.deployment = Deployment(
             target=engine_client(params["target_model"], kinds),
             tokenizer=tokenizer,
@@ -90,7 +91,7 @@ class CosineModel:
                                       max_queued_tokens=int(params["max_queued_tokens"]),
                                       queue_timeout_s=float(params["queue_timeout_s"])), on_change=in_flight.set),
             on_admitted=lambda queued_s: self.queue_seconds.observe(queued_s),
-            monitor=LoadMonitor(on_speculation_change=lambda allowed: speculating.set(int(allowed))),
+            monitor=monitor,
         )
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
         self.requests = {status: Metrics.metric("cosine_requests_total", "Finished requests by status", status=status)
