@@ -9,9 +9,10 @@ import inspect
 import time
 
 import torch
+from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
 
-from cosine.engine.engine import Admission, CausalLMEngine, StepRequest
+from cosine.engine.engine import STEP_ATTENTION, Admission, CausalLMEngine, StepRequest
 from cosine.engine.sampling import SamplingParams
 
 WARMUP_TOKENS = 4  # enough to run prefill and decode steps once before timing
@@ -66,6 +67,7 @@ def engine_decode_rate(model, batch: int, new_tokens: int, prompt_len: int, max_
 
 
 @torch.inference_mode()
+@sdpa_kernel(STEP_ATTENTION)  # the engine's attention kernels: the comparison is of the steps around them
 def _transformers_decode(model, prompts: list[list[int]], new_tokens: int) -> float:
     """Seconds of transformers' greedy batched decode loop (after prefill) over equal-length prompts."""
     # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
@@ -91,6 +93,7 @@ def transformers_decode_rate(model, batch: int, new_tokens: int, prompt_len: int
 
 
 @torch.inference_mode()
+@sdpa_kernel(STEP_ATTENTION)
 def assisted_generation_rate(target, drafter, prompts_ids: list[list[int]], new_tokens: int) -> float:
     """Tokens/s of transformers' assisted generation (greedy, the assistant's default settings), one prompt at a
     time. Counts the tokens actually generated: generate() stops early at an end token."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..speculation.acceptance import FlatDrafts, accept
@@ -19,6 +20,11 @@ from ..speculation.tree import DraftTree
 from .checkpoint import max_context_tokens
 from .kv_cache import AdmissionError, KVCachePool, SequenceCache
 from .sampling import InvalidParameter, SamplingParams, probabilities
+
+# SDPA kernels for steps whose key length changes every call. Not cuDNN's (torch's first pick for half precision on
+# Hopper): it builds a plan per new shape, which made each decode step 3-10x slower on an H100 until every length had
+# been seen (measured with `make gpu-check`, bfloat16).
+STEP_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # Sequences appending more tokens than this (prefills) attend in a group of their own, so that a prompt does not
 # pad every decoding sequence's queries to its length.
@@ -377,6 +383,7 @@ class CausalLMEngine:
         """A boolean attention mask as SDPA's additive one, built once per step rather than converted per layer."""
         return torch.zeros(mask.shape, dtype=self.kv.dtype, device=self.device).masked_fill(~mask, float("-inf"))
 
+    @sdpa_kernel(STEP_ATTENTION)
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, store_slots: torch.Tensor,
                  groups: list[_AttentionGroup]) -> torch.Tensor:
         """Final hidden states [tokens, hidden] of the new tokens; writes their K/V to store_slots first."""
