@@ -169,6 +169,11 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
         raise ValueError("no prompt fits; lower --max-tokens")
     prompts = fitting
     rng.shuffle(prompts)
+    try:
+        engine_counters(metrics_url)
+    except OSError as error:  # busy fractions are extras: the run goes on without them
+        print(f"no engine busy fractions: metrics at {metrics_url} unreachable ({error}); pass --metrics-url")
+        metrics_url = None
     call = grpc_generate if protocol == "grpc" else http_generate
     points = [("concurrency", c) for c in settings["concurrencies"]] + \
              [("poisson", rate) for rate in settings["poisson_rates"]]

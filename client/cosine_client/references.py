@@ -9,10 +9,9 @@ import inspect
 import time
 
 import torch
-from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache
 
-from cosine.engine.engine import STEP_ATTENTION, Admission, CausalLMEngine, StepRequest
+from cosine.engine.engine import Admission, CausalLMEngine, StepRequest, use_step_attention
 from cosine.engine.sampling import SamplingParams
 
 WARMUP_TOKENS = 4  # enough to run prefill and decode steps once before timing
@@ -67,9 +66,9 @@ def engine_decode_rate(model, batch: int, new_tokens: int, prompt_len: int, max_
 
 
 @torch.inference_mode()
-@sdpa_kernel(STEP_ATTENTION)  # the engine's attention kernels: the comparison is of the steps around them
 def _transformers_decode(model, prompts: list[list[int]], new_tokens: int) -> float:
     """Seconds of transformers' greedy batched decode loop (after prefill) over equal-length prompts."""
+    use_step_attention(model.device)  # the engine's attention kernels: the comparison is of the steps around them
     # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache_kwarg = {name: DynamicCache()}
@@ -93,10 +92,11 @@ def transformers_decode_rate(model, batch: int, new_tokens: int, prompt_len: int
 
 
 @torch.inference_mode()
-@sdpa_kernel(STEP_ATTENTION)
 def assisted_generation_rate(target, drafter, prompts_ids: list[list[int]], new_tokens: int) -> float:
     """Tokens/s of transformers' assisted generation (greedy, the assistant's default settings), one prompt at a
     time. Counts the tokens actually generated: generate() stops early at an end token."""
+    use_step_attention(target.device)
+
     def generate(prompt: list[int]) -> int:
         ids = torch.tensor([prompt], device=target.device)
         out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=drafter, do_sample=False,

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..speculation.acceptance import FlatDrafts, accept
@@ -21,10 +20,12 @@ from .checkpoint import max_context_tokens
 from .kv_cache import AdmissionError, KVCachePool, SequenceCache
 from .sampling import InvalidParameter, SamplingParams, probabilities
 
-# SDPA kernels for steps whose key length changes every call. Not cuDNN's (torch's first pick for half precision on
-# Hopper): it builds a plan per new shape, which made each decode step 3-10x slower on an H100 until every length had
-# been seen (measured with `make gpu-check`, bfloat16).
-STEP_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+def use_step_attention(device: torch.device | str) -> None:
+    """SDPA kernels for steps whose key length changes every call, process-wide: not cuDNN's (torch's first pick
+    for half precision on Hopper), which builds a plan per new shape and so made every bfloat16 decode step 3-10x
+    slower on an H100 until each length had been seen (measured with `make gpu-check`). A no-op off CUDA."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 # Sequences appending more tokens than this (prefills) attend in a group of their own, so that a prompt does not
 # pad every decoding sequence's queries to its length.
@@ -132,6 +133,7 @@ class CausalLMEngine:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         param = next(model.parameters())
         self.device = param.device
+        use_step_attention(self.device)
         self.kv = KVCachePool(config.num_hidden_layers, config.num_key_value_heads, head_dim, kv_cache_tokens,
                               param.dtype, param.device)
         self.layers = [_Layer.fuse(layer) for layer in model.model.layers]
@@ -383,7 +385,6 @@ class CausalLMEngine:
         """A boolean attention mask as SDPA's additive one, built once per step rather than converted per layer."""
         return torch.zeros(mask.shape, dtype=self.kv.dtype, device=self.device).masked_fill(~mask, float("-inf"))
 
-    @sdpa_kernel(STEP_ATTENTION)
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, store_slots: torch.Tensor,
                  groups: list[_AttentionGroup]) -> torch.Tensor:
         """Final hidden states [tokens, hidden] of the new tokens; writes their K/V to store_slots first."""
