@@ -116,15 +116,14 @@ def deployment_references(spec_path, concurrencies, prompts: list[str], max_toke
     engine's torch threads: the engine's batched decode rate and transformers' batched decode at every concurrency
     (batch = concurrency), and at concurrency 1 transformers' assisted generation with the general drafter on the
     same prompts."""
-    import os
 
     from transformers import AutoTokenizer
 
-    from cosine.deploy.spec import load_spec
+    from cosine.deploy.spec import engine_threads, load_spec
     from cosine.engine.checkpoint import load_causal_lm
 
     spec = load_spec(spec_path)
-    threads = spec.target.num_threads or len(os.sched_getaffinity(0))  # what the served target uses
+    threads = engine_threads(spec.target.num_threads or 0)  # what the served target uses
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

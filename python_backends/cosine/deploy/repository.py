@@ -47,7 +47,7 @@ def _engine_config(name: str, engine: EngineSpec, path, is_target: bool) -> str:
         "checkpoint_dir": path(engine.checkpoint),
         "kv_cache_tokens": engine.kv_cache_tokens,
         "max_draft_tokens": engine.max_draft_tokens,
-        # 0: every core usable by the engine process, counted where it runs (see EngineSpec.num_threads)
+        # 0: counted where the engine runs (spec.engine_threads)
         "num_threads": engine.num_threads or (0 if is_target else 1),
         "dtype": engine.dtype,
         "idle_timeout_s": engine.idle_timeout_s,

@@ -1,13 +1,13 @@
 """Triton adapter for an engine model (the target, or a drafter): batched stateful steps over the portable engine."""
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import triton_python_backend_utils as pb_utils
 
 from ..contract import ENGINE
+from ..deploy.spec import engine_threads
 from ..engine.checkpoint import load_causal_lm
 from ..engine.engine import CausalLMEngine
 from ..serving.errors import ServingError
@@ -20,7 +20,7 @@ class EngineModel:
     def initialize(self, args):
         params = model_parameters(args)
         self.secret = deployment_secret()
-        torch.set_num_threads(int(params["num_threads"]) or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(engine_threads(int(params["num_threads"])))
         device = "cuda" if args["model_instance_kind"] == "GPU" and torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, params["dtype"])
         model = load_causal_lm(resolve_path(params["checkpoint_dir"], args), device, dtype)
