@@ -63,9 +63,9 @@ def test_controller_speculates_when_idle_and_decodes_plainly_under_saturation():
     controller = SpeculationController(k_max=8)
     for _ in range(5):
         controller.observe(depth=4, accepted=3)  # good acceptance
-    assert controller.draft_length(COSTS, load=1) >= 3
+    assert controller.draft_length(COSTS, load=1) >= 2
     assert controller.draft_length(COSTS, load=64) == 0  # verifier saturated: extra tokens cost too much
-    assert controller.draft_length(COSTS, load=1) >= 3  # back to speculation when the load goes away
+    assert controller.draft_length(COSTS, load=1) >= 2  # back to speculation when the load goes away
 
 
 def test_fixed_length_controller_ignores_load_and_acceptance():
@@ -90,6 +90,19 @@ def test_controller_probes_now_and_then_while_plain():
         controller.observe(depth=4, accepted=0)
     lengths = [controller.draft_length(COSTS, load=1) for _ in range(8)]
     assert lengths.count(1) == 2 and lengths.count(0) == 6
+
+
+def test_acceptance_tracker_is_anchored_by_its_prior():
+    """Two rejected rounds of a drafter the router rates 0.8 leave it worth drafting (they are noise at that
+    rate), which a tracker without the anchor reads as a rate near 0."""
+    anchored = AcceptanceTracker.starting_at(0.8)
+    for _ in range(2):
+        anchored.observe(6, 0)
+    assert anchored.rate > 0.5
+    for _ in range(20):  # a drafter that keeps failing does go down
+        anchored.observe(6, 0)
+    assert anchored.rate < 0.3
+    assert SpeculationController(k_max=8).draft_length(COSTS, load=1) > 0
 
 
 def test_acceptance_tracker_estimates_the_per_token_rate():
@@ -554,3 +567,58 @@ def test_where_fused_drafting_does_not_pay_the_first_choice_drafts_alone_at_once
     tree = asyncio.run(draft()).tree
     assert tree.tokens == (5, 5, 5, 5) and len(proposer.sessions) == 1
     assert explorer.calls == 1  # its prompt scoring only
+
+
+class RecordingDrafter(CountingDrafter):
+    """Drafts token 5 at every position; records each call's (keep_length, input_ids, tokens drafted)."""
+
+    def __init__(self):
+        super().__init__(5, 0.9)
+        self.log = []
+
+    async def step(self, sequence_id, input_ids, draft=None, *, keep_length=None, extra_tokens=0, **kwargs):
+        self.log.append((keep_length, list(input_ids), extra_tokens + 1))
+        return await super().step(sequence_id, input_ids, extra_tokens=extra_tokens, **kwargs)
+
+
+class OneDrafterRouter:
+    async def route(self, prompt_logprobs, max_drafters):
+        return Route(context="a", ranking=["a"], cooperate=1, acceptance=0.9)
+
+    async def feedback(self, context, matches, trials):
+        pass
+
+
+@pytest.mark.parametrize("pipelined,busy", [(True, False), (False, False), (True, True)])
+def test_pipelined_drafting_drafts_the_next_round_during_verification(pipelined, busy):
+    """While the target verifies a chain, the drafter drafts the round after it, assuming the whole chain is
+    accepted and the target's token is the drafter's own next one; that draft is used only when this happened, and
+    only while the deployment is not busy."""
+    drafter = RecordingDrafter()
+    monitor = LoadMonitor()
+    monitor.active_requests = 3 if busy else 1
+    proposer = FusionProposer([DrafterSession("a", drafter, 1, GreedyRequest())], OneDrafterRouter(), monitor,
+                              k_max=3, pipelined=pipelined)
+    prompt = [1, 2, 3]
+    first_round = prompt + [9]  # the target's first token
+
+    async def rounds():
+        await proposer.start(prompt)
+        drafts = [await proposer.propose(first_round, budget=20)]
+        proposer.draft_ahead(first_round, budget=20)
+        hit = first_round + [5, 5, 5, 5]  # the chain accepted, and the target's own token was 5
+        drafts.append(await proposer.propose(hit, budget=16))
+        proposer.draft_ahead(hit, budget=16)
+        drafts.append(await proposer.propose(hit + [5, 7], budget=14))  # one accepted, then the target's 7
+        await proposer.close()
+        return drafts
+    drafts = asyncio.run(rounds())
+    assert [draft.tree.tokens for draft in drafts] == [(5, 5, 5)] * 3
+    # each call: (tokens the drafter keeps, tokens fed, tokens drafted)
+    assert drafter.log[:2] == [(None, prompt, 1), (3, [9], 3)]  # prompt scored, first chain drafted
+    if pipelined and not busy:
+        assert drafter.log[2:] == [(6, [5], 4),  # during verification: the assumed token, then the next chain
+                                   (10, [5], 4),  # the hit used that draft and drafted ahead again
+                                   (9, [7], 3)]  # the miss drafts anew, rolled back to what the target kept
+    else:
+        assert drafter.log[2:] == [(6, [5, 5], 3), (9, [7], 3)]  # a call per round, after verification

@@ -11,13 +11,14 @@ BASELINES = ("autoregressive", "vanilla", VANILLA_BEST)
 # the options of a variant, `MODE[:option=value]...` -> (request input, parser of the value)
 VARIANT_OPTIONS = {"k": ("num_draft_tokens", int), "drafters": ("drafters", lambda v: v.split("+")),
                    "max_drafters": ("max_drafters", int),
-                   "adaptive": ("adaptive_draft_length", lambda v: {"on": True, "off": False}[v])}
+                   "adaptive": ("adaptive_draft_length", lambda v: {"on": True, "off": False}[v]),
+                   "pipeline": ("pipelined_drafting", lambda v: {"on": True, "off": False}[v])}
 
 
 def variant_inputs(variant: str) -> dict:
     """A mode, or a variant of one: `MODE[:option=value]...`. The ablations of cosine: `cosine:drafters=general`
     (no routing), `cosine:max_drafters=1` (no fusion: the routed drafter alone), `cosine:k=6:adaptive=off` (no
-    adaptive length: 6 tokens every round); `vanilla:k=6` is vanilla at draft length 6. Returns the request
+    adaptive length: 6 tokens every round), `cosine:pipeline=off` (no pipelined drafting); `vanilla:k=6` is vanilla at draft length 6. Returns the request
     inputs it stands for."""
     mode, *options = variant.split(":")
     inputs = {"speculation_mode": mode}

@@ -113,9 +113,11 @@ COSINE = ModelContract(
         _scalar("num_draft_tokens", "TYPE_INT32"),
         TensorSpec("drafters", "TYPE_STRING", (-1,), optional=True),
         # cosine's ablation switches: routed drafters that may cooperate (1: no fusion; default: the deployment's),
-        # and false to draft num_draft_tokens every round instead of the controller's choice
+        # false to draft num_draft_tokens every round instead of the controller's choice, and false to draft only
+        # after each verification instead of during it
         _scalar("max_drafters", "TYPE_INT32"),
         _scalar("adaptive_draft_length", "TYPE_BOOL"),
+        _scalar("pipelined_drafting", "TYPE_BOOL"),
     ),
     outputs=(
         TensorSpec("text_output", "TYPE_STRING", (-1,)),

@@ -124,7 +124,7 @@ def _proposer(plan, deployment: Deployment, sequence_id: int, request: Generatio
     if mode == "cosine":
         return FusionProposer(sessions, deployment.router, deployment.monitor, k_max=k,
                               max_drafters=request.max_drafters or deployment.max_cooperating_drafters,
-                              adaptive=request.adaptive_draft_length)
+                              adaptive=request.adaptive_draft_length, pipelined=request.pipelined_drafting)
     return None
 
 
@@ -167,6 +167,8 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
     if proposer is not None:
         draft = await proposer.propose(context, budget)
         stats.drafters = proposer.drafter_names  # a request may start drafting late (SpeculationWindows)
+        if draft is not None:
+            proposer.draft_ahead(context, budget)
     tree = draft.tree if draft else None
     size = 1 + (len(tree) if tree else 0)
     expected_tokens = 1 + stats.accepted_tokens / max(1, stats.rounds - 1)  # this request's running mean

@@ -25,6 +25,7 @@ class GenerationRequest:
     drafters: tuple[str, ...] = ()
     max_drafters: int | None = None  # cosine: None, the deployment's
     adaptive_draft_length: bool = True
+    pipelined_drafting: bool = True
 
 
 def decode_utf8(field_name: str, value) -> str:
@@ -97,4 +98,5 @@ def parse_generation_request(inputs: dict[str, np.ndarray], default_max_tokens: 
         drafters=tuple(decode_utf8("drafters", name) for name in inputs.get("drafters", np.empty(0)).reshape(-1)),
         max_drafters=max_drafters,
         adaptive_draft_length=_scalar(inputs, "adaptive_draft_length", True, bool),
+        pipelined_drafting=_scalar(inputs, "pipelined_drafting", True, bool),
     )

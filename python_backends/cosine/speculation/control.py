@@ -50,20 +50,31 @@ class CostModel:
 
 @dataclass
 class AcceptanceTracker:
-    """Per-token acceptance rate of one request, exponentially weighted over its recent rounds."""
-    successes: float = 1.2  # prior: rate 0.6, worth two observations; speculate until evidence says otherwise
-    trials: float = 2.0
-    decay: float = 0.8
+    """Per-token acceptance rate of one request: its recent rounds (exponentially weighted) shrunk towards a prior
+    that does not decay. Without that anchor, two unlucky rounds of a good drafter read as a poor one, the request
+    turns to plain decoding and its one-token probes hardly move the estimate back (measured at c1: the adaptive
+    controller then accepted 2.7 tokens per round where a fixed k of 6 accepted 3.8, and was 10-20% slower)."""
+    prior_rate: float = 0.6  # speculate until evidence says otherwise
+    prior_trials: float = 2.0
+    decay: float = 0.9  # about ten rounds of memory
+    successes: float = 0.0
+    trials: float = 0.0
 
     @classmethod
-    def starting_at(cls, rate: float) -> "AcceptanceTracker":
-        """A prior worth two observations at a rate known beforehand (the router's estimate for the drafter)."""
-        rate = min(max(rate, 0.05), 0.95)
-        return cls(successes=2 * rate, trials=2.0)
+    def starting_at(cls, rate: float, trials: float = 4.0) -> "AcceptanceTracker":
+        """A prior worth `trials` positions at a rate known beforehand (the router's estimate for the drafter)."""
+        return cls(prior_rate=min(max(rate, 0.05), 0.95), prior_trials=trials)
 
     @property
     def rate(self) -> float:
-        return self.successes / self.trials
+        return (self.successes + self.prior_rate * self.prior_trials) / (self.trials + self.prior_trials)
+
+    @property
+    def optimistic_rate(self) -> float:
+        """The rate plus one standard error: while evidence is thin, a request drafts and so gathers it, instead of
+        decoding plainly on a guess (a plain round teaches nothing about acceptance)."""
+        rate = self.rate
+        return min(rate + math.sqrt(rate * (1 - rate) / (self.trials + self.prior_trials)), 0.99)
 
     def observe(self, depth: int, accepted: int) -> None:
         """A round drafted `depth` positions and `accepted` of them passed: each passed position is a success,
@@ -275,7 +286,7 @@ class SpeculationController:
     def draft_length(self, costs: CostModel | None, load: float, tree_factor: float = 1.0) -> int:
         if costs is None or not self.adaptive:  # nothing measured yet: speculate at full length
             return self.k_max
-        k = costs.best_draft_length(self.acceptance.rate, load, self.k_max, tree_factor)
+        k = costs.best_draft_length(self.acceptance.optimistic_rate, load, self.k_max, tree_factor)
         if k == 0:  # plain decoding learns nothing about acceptance: draft one token now and then
             self.plain_rounds += 1
             return 0 if self.plain_rounds % self.probe_every else 1

@@ -131,6 +131,9 @@ class Proposer:
     def observe(self, draft: Draft, accepted: list[int], emitted: list[int]) -> None:
         pass
 
+    def draft_ahead(self, context: list[int], budget: int) -> None:
+        """Called while the target verifies this round's draft (see FusionProposer)."""
+
     async def close(self) -> None:
         await asyncio.gather(*(session.close() for session in self.sessions))
 
@@ -170,7 +173,7 @@ class FusionProposer(Proposer):
 
     def __init__(self, sessions: list[DrafterSession], router: RouterClient, monitor: LoadMonitor, k_max: int,
                  max_drafters: int = 2, busy_load: int = 2, max_siblings: int = 1, exploring_rounds: int = 2,
-                 adaptive: bool = True):
+                 adaptive: bool = True, pipelined: bool = True):
         self.all_sessions, self.sessions = sessions, []
         self.router, self.monitor = router, monitor
         self.controller = SpeculationController(k_max, adaptive)
@@ -187,6 +190,10 @@ class FusionProposer(Proposer):
         self.started = False  # the drafters scored the context and the router chose
         self.route: Route | None = None
         self.top_tokens: list[dict[str, int]] = []  # per depth of the last draft: drafter -> its top token
+        self.pipelined = pipelined
+        self.chain: list[int] = []  # the last draft's main chain, when a lone drafter drafted it
+        # pipelined drafting: (the context it assumed, the drafting call) of a draft made while the target verified
+        self.ahead: tuple[list[int], asyncio.Task] | None = None
         self.matches = {session.name: 0.0 for session in sessions}
         self.trials = {session.name: 0.0 for session in sessions}
 
@@ -220,7 +227,7 @@ class FusionProposer(Proposer):
         return self.monitor.active_requests > self.busy_load
 
     async def propose(self, context: list[int], budget: int) -> Draft | None:
-        self.top_tokens = []
+        self.top_tokens, self.chain = [], []
         if self.adaptive and not self.monitor.speculation_allowed():
             return None
         if not self.started:
@@ -234,6 +241,7 @@ class FusionProposer(Proposer):
                                        or not self._fused_drafting_pays(load, 1 + siblings)):
             explorers, self.sessions = self.sessions[1:], self.sessions[:1]
             await asyncio.gather(*(session.close() for session in explorers))
+        drafted_ahead = await self._drafted_ahead(context)  # awaited first: a session takes one call at a time
         active = [s for s in self.sessions if not s.failed]
         costs = self.monitor.costs(fused=len(active) > 1)
         k = min(self.controller.draft_length(costs, load, 1 + siblings), budget)
@@ -242,14 +250,18 @@ class FusionProposer(Proposer):
         started = time.monotonic()
         builder = TreeBuilder(siblings, min_sibling_value=self._sibling_price(costs, load, k))
         q_rows = []
-        if len(active) == 1:
-            await self._draft_alone(active[0], context, k, builder, q_rows)
+        if drafted_ahead is not None and len(active) == 1:
+            self._add_chain(active[0], drafted_ahead, 1, k, builder, q_rows)  # position 0 was the assumed token
+        elif len(active) == 1:
+            self._add_chain(active[0], await active[0].try_draft(context, k, candidates=1 + builder.max_siblings),
+                            0, k, builder, q_rows)
+            self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started)
         else:
             self.fused_rounds += 1
             await self._draft_fused(active, context, k, builder, q_rows)
+            self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started, fused=True)
         if not builder.tokens:
             return None
-        self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started, fused=len(active) > 1)
         # every node a draw from its q, or the draft counts as deterministic (exact either way, see acceptance)
         q = torch.stack(q_rows) if samples and len(q_rows) == len(builder.tokens) else None
         return Draft(builder.tree(), tuple(builder.sources), q)
@@ -272,19 +284,47 @@ class FusionProposer(Proposer):
         seconds_per_token = costs.round_time(k, load) / expected_tokens(rate, k)
         return costs.verify_per_token * load / seconds_per_token
 
-    async def _draft_alone(self, session: DrafterSession, context, k, builder: TreeBuilder, q_rows) -> None:
-        """One drafter: its k tokens in one call; its runner-up candidates become siblings (greedy)."""
-        result = await session.try_draft(context, k, candidates=1 + builder.max_siblings)
+    def _add_chain(self, session: DrafterSession, result, first: int, k: int, builder: TreeBuilder, q_rows) -> None:
+        """A lone drafter's call (None: it failed), positions first to first + k, into the tree; its runner-up
+        candidates become siblings (greedy)."""
         if result is None:
             return
-        for token, top_ids, top_probs in zip(result.tokens, result.top_ids, result.top_probs):
+        positions = slice(first, first + k)
+        for token, top_ids, top_probs in zip(result.tokens[positions], result.top_ids[positions],
+                                             result.top_probs[positions]):
             candidates = [Candidate(t, p, session.name) for t, p in zip(top_ids, top_probs)]
             # greedy: the winner is the top candidate; sampling: the drafter's own draw from q
             builder.add_step(candidates, winner=next((c for c in candidates if c.token == token),
                                                      Candidate(token, 0.0, session.name)))
             self.top_tokens.append({session.name: top_ids[0]})
+            self.chain.append(token)
         if result.q is not None:
-            q_rows += list(result.q)
+            q_rows += list(result.q[positions])
+
+    def draft_ahead(self, context: list[int], budget: int) -> None:
+        """Pipelined drafting, called while the target verifies the last draft: the lone drafter drafts the next
+        round as if the target accepts the draft's whole main chain and then emits the drafter's own next token
+        (position 0 of this call); the next round uses it only if that is what happened. Only while the
+        deployment is not busy: the drafter then runs on a core the verifier leaves idle, and a wasted draft costs
+        nobody. Exact either way: a draft only ever proposes (under sampling, its tokens are draws from q given the
+        context that did happen, and its draws are independent of the target's)."""
+        budget -= len(self.chain) + 1  # what is left after a fully accepted round
+        if not (self.pipelined and self.chain and budget > 0 and not self._busy()):
+            return
+        session, assumed = self.sessions[0], context + self.chain
+        task = asyncio.ensure_future(session.try_draft(
+            assumed, 1 + min(len(self.chain), budget), candidates=1 + self.max_siblings))
+        self.ahead = (assumed, task)
+
+    async def _drafted_ahead(self, context: list[int]):
+        """The pipelined draft (a drafter call's result, position 0 the assumed token) if it assumed this context."""
+        if self.ahead is None:
+            return None
+        (assumed, task), self.ahead = self.ahead, None
+        result = await task
+        if result is None or context != assumed + result.tokens[:1]:
+            return None
+        return result
 
     async def _draft_fused(self, active: list[DrafterSession], context, k, builder: TreeBuilder, q_rows) -> None:
         """Several drafters, step by step: all propose in parallel; the most confident drafter leads and its token
@@ -317,6 +357,8 @@ class FusionProposer(Proposer):
                 self.matches[drafter] += token == emitted[depth]
 
     async def close(self) -> None:
+        if self.ahead is not None:  # its call must end before the sessions release their caches
+            await asyncio.gather(self.ahead[1], return_exceptions=True)
         tried = [name for name, trials in self.trials.items() if trials]
         if self.route is not None and tried:
             try:
