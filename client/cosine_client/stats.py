@@ -18,8 +18,8 @@ VARIANT_OPTIONS = {"k": ("num_draft_tokens", int), "drafters": ("drafters", lamb
 def variant_inputs(variant: str) -> dict:
     """A mode, or a variant of one: `MODE[:option=value]...`. The ablations of cosine: `cosine:drafters=general`
     (no routing), `cosine:max_drafters=1` (no fusion: the routed drafter alone), `cosine:k=6:adaptive=off` (no
-    adaptive length: 6 tokens every round), `cosine:pipeline=off` (no pipelined drafting); `vanilla:k=6` is vanilla at draft length 6. Returns the request
-    inputs it stands for."""
+    adaptive length: 6 tokens every round), `cosine:pipeline=off` (no pipelined drafting); `vanilla:k=6` is
+    vanilla at draft length 6. Returns the request inputs it stands for."""
     mode, *options = variant.split(":")
     inputs = {"speculation_mode": mode}
     for option in options:

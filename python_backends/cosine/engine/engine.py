@@ -20,12 +20,14 @@ from .checkpoint import max_context_tokens
 from .kv_cache import AdmissionError, KVCachePool, SequenceCache
 from .sampling import InvalidParameter, SamplingParams, probabilities
 
+
 def use_step_attention(device: torch.device | str) -> None:
     """SDPA kernels for steps whose key length changes every call, process-wide: not cuDNN's (torch's first pick
     for half precision on Hopper), which builds a plan per new shape and so made every bfloat16 decode step 3-10x
     slower on an H100 until each length had been seen (measured with `make gpu-check`). A no-op off CUDA."""
     if torch.device(device).type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
+
 
 # Sequences appending more tokens than this (prefills) attend in a group of their own, so that a prompt does not
 # pad every decoding sequence's queries to its length.

@@ -53,7 +53,7 @@ class AcceptanceTracker:
     """Per-token acceptance rate of one request: its recent rounds (exponentially weighted) shrunk towards a prior
     that does not decay. Without that anchor, two unlucky rounds of a good drafter read as a poor one, the request
     turns to plain decoding and its one-token probes hardly move the estimate back (measured at c1: the adaptive
-    controller then accepted 2.7 tokens per round where a fixed k of 6 accepted 3.8, and was 10-20% slower)."""
+    controller then accepted 2.3-2.7 tokens per round where a fixed k of 6 accepted 3.8, and was 10-20% slower)."""
     prior_rate: float = 0.6  # speculate until evidence says otherwise
     prior_trials: float = 2.0
     decay: float = 0.9  # about ten rounds of memory
