@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
 from ..engine.checkpoint import max_context_tokens, read_config
-from .spec import MAIN_NODE, TARGET, DeploymentSpec, EngineSpec, SpecError, drafter_model_name
+from .spec import MAIN_NODE, TARGET, TRTLLM, DeploymentSpec, EngineSpec, SpecError, drafter_model_name
 
 # The checked-in repository holds the one model.py of each kind of model.
 ADAPTERS = Path(__file__).resolve().parents[3] / "model_repository"
@@ -88,21 +88,21 @@ def _trtllm_config(name: str, engine: EngineSpec, is_target: bool) -> str:
 
 def _model_config(name: str, engine: EngineSpec, path, is_target: bool) -> tuple[str | None, str]:
     """(adapter folder to copy model.py from, or None for the tensorrtllm backend; config.pbtxt text)."""
-    if engine.kind == "trtllm":
+    if engine.kind == TRTLLM:
         return None, _trtllm_config(name, engine, is_target)
     return TARGET, _engine_config(name, engine, path, is_target)
 
 
 def _verifiable_draft(engine: EngineSpec, is_target: bool) -> int | None:
     """The longest draft (nodes) the engine can verify; None: no limit from it (a TRT-LLM drafter only drafts)."""
-    if engine.kind == "trtllm":
+    if engine.kind == TRTLLM:
         return engine.trtllm.max_draft_len if is_target else None
     return engine.max_draft_tokens
 
 
 def _max_context(spec: DeploymentSpec) -> int:
     target = spec.target
-    return target.trtllm.max_seq_len if target.kind == "trtllm" else max_context_tokens(read_config(target.checkpoint))
+    return target.trtllm.max_seq_len if target.kind == TRTLLM else max_context_tokens(read_config(target.checkpoint))
 
 
 def _end_id(checkpoint: Path) -> str:

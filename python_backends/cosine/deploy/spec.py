@@ -26,7 +26,7 @@ def drafter_model_name(name: str) -> str:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
-ENGINE_KINDS = ("portable", "trtllm")
+ENGINE_KINDS = PORTABLE, TRTLLM = ("portable", "trtllm")
 TRTLLM_DTYPES = ("float16", "bfloat16")
 BATCH_SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 # kv_cache_free_gpu_mem_fraction is a fraction of the memory free when a model loads; the TRT-LLM models sharing a
@@ -77,7 +77,7 @@ class EngineSpec:
     def kind(self) -> str:
         """portable (PyTorch, Python backend) | trtllm (TensorRT-LLM engine): the spec's `kind`, known from
         whether the engine has TensorRT-LLM settings (the spec requires them with kind trtllm, and only then)."""
-        return "portable" if self.trtllm is None else "trtllm"
+        return PORTABLE if self.trtllm is None else TRTLLM
 
 
 @dataclass(frozen=True)
@@ -217,11 +217,11 @@ def _node(where: str, raw) -> NodeSpec:
 
 def _engine(where: str, raw, base: Path) -> EngineSpec:
     _check_fields(where, raw, EngineSpec, "checkpoint", "the model's HF checkpoint directory", also_known=("kind",))
-    kind = raw.get("kind", "portable")
+    kind = raw.get("kind", PORTABLE)
     if kind not in ENGINE_KINDS:
         raise SpecError(f"{where}.kind: must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
     checkpoint = (base / str(raw["checkpoint"])).resolve()
-    if kind == "trtllm":
+    if kind == TRTLLM:
         # The HF checkpoint is read when its engine is built and (its tokenizer) when the target serves, not to
         # write the repository: build_engines.py reports a missing one then.
         misplaced = [name for name in PORTABLE_ONLY if name in raw]
@@ -275,7 +275,7 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
         if drafters[str(name)].node not in (MAIN_NODE, *nodes):
             raise SpecError(f"drafters.{name}.node: {drafters[str(name)].node!r} is not one of the nodes "
                             f"({', '.join([MAIN_NODE, *nodes])})")
-        if drafters[str(name)].node != MAIN_NODE and drafters[str(name)].kind == "trtllm":
+        if drafters[str(name)].node != MAIN_NODE and drafters[str(name)].kind == TRTLLM:
             raise SpecError(f"drafters.{name}.node: TensorRT-LLM drafters run on the '{MAIN_NODE}' node (the "
                             f"adapter reaches them through BLS only)")
     target = _engine("target", raw["target"], base)

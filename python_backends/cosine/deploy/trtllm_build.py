@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract import TENSORRT_LLM
-from .spec import TARGET, DeploymentSpec, EngineSpec, SpecError
+from .spec import TARGET, TRTLLM, DeploymentSpec, EngineSpec, SpecError
 
 CONVERTER = Path(__file__).resolve().with_name("trtllm_convert.py")
 BUILD_RECORD = "cosine-build.json"  # written last: with the same input hash, the engine is built
@@ -52,7 +52,7 @@ class EngineBuild:
 
 def engine_builds(spec: DeploymentSpec) -> list[EngineBuild]:
     return [EngineBuild(model, field, engine.checkpoint, engine.trtllm.engine_dir, _commands(engine, model == TARGET))
-            for model, (field, engine) in spec.engines().items() if engine.kind == "trtllm"]
+            for model, (field, engine) in spec.engines().items() if engine.kind == TRTLLM]
 
 
 def _commands(engine: EngineSpec, is_target: bool) -> tuple[tuple[str, ...], ...]:

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from ..contract import COSINE, ROUTER
 from ..deploy.repository import read_mapping_parameter
-from ..deploy.spec import drafter_model_name
+from ..deploy.spec import TRTLLM, drafter_model_name
 from ..serving.batching import CoalescingEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
@@ -51,7 +51,7 @@ class BlsRouter:
 
 def engine_client(model_name: str, kinds: dict[str, str], breaker: CircuitBreaker | None = None):
     """The engine interface to a local engine model, by its kind (the engine_kinds parameter; absent: portable)."""
-    if kinds.get(model_name) == "trtllm":
+    if kinds.get(model_name) == TRTLLM:
         return TrtllmEngine(model_name, trtllm_transport(model_name), breaker)
     return CoalescingEngine(model_name, engine_transport(model_name), breaker)
 
