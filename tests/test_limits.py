@@ -39,3 +39,17 @@ def test_a_batch_enters_as_far_as_there_is_room_and_the_rest_waits_inside_up_to_
     assert not asyncio.run(gate.enter_later())  # timed out: still full
     gate.leave()
     assert asyncio.run(gate.enter_later()) and gate.in_flight == 3
+
+
+def test_a_request_waiting_inside_is_woken_by_a_leave_on_another_thread():
+    gate = AdmissionGate(Limits(max_inflight_requests=1, queue_timeout_s=30))
+    gate.enter()
+    threading.Timer(0.2, gate.leave).start()  # the execute thread of another batch
+
+    async def wait():
+        started = asyncio.get_running_loop().time()
+        entered = await gate.enter_later()
+        return entered, asyncio.get_running_loop().time() - started
+    entered, waited = asyncio.run(wait())
+    assert entered and gate.in_flight == 1
+    assert 0.15 < waited < 5  # woken by the leave, long before the timeout

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +35,7 @@ class AdmissionGate:
         self.in_flight = 0
         self.queued_tokens = 0
         self._changed = threading.Condition()  # reentrant: _update runs under it too
+        self._waiting: set[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = set()  # enter_later's, woken by _update
 
     def _room(self) -> int:
         """How many requests may enter now."""
@@ -52,17 +52,24 @@ class AdmissionGate:
             return admitted
 
     async def enter_later(self) -> bool:
-        """For a request handed over in a batch beyond the limits: waits (polling; the counts change on other threads
-        too) up to queue_timeout_s; False if it timed out."""
-        deadline = time.monotonic() + self.limits.queue_timeout_s
+        """For a request handed over in a batch beyond the limits: waits without holding the thread, woken by every
+        change of the counts (made on any thread), up to queue_timeout_s; False if it timed out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.queue_timeout_s
         while True:
+            waiter = (loop, loop.create_future())
             with self._changed:
                 if self._room():
                     self._update(in_flight=1)
                     return True
-            if time.monotonic() > deadline:
+                self._waiting.add(waiter)
+            try:
+                await asyncio.wait_for(waiter[1], max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
                 return False
-            await asyncio.sleep(0.01)
+            finally:
+                with self._changed:
+                    self._waiting.discard(waiter)
 
     def leave(self) -> None:
         self._update(in_flight=-1)
@@ -76,5 +83,7 @@ class AdmissionGate:
             self.in_flight += in_flight
             self.queued_tokens += queued_tokens
             self._changed.notify_all()
+            for loop, changed in self._waiting:
+                loop.call_soon_threadsafe(lambda f=changed: f.done() or f.set_result(None))
             if in_flight:
                 self.on_change(self.in_flight)
