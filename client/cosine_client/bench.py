@@ -92,7 +92,6 @@ def engine_activity(before: dict, after: dict, wall: float) -> dict[str, dict[st
     return activity
 
 
-# variant option -> (request input, parse)
 def _request(call, url: str, prompt: dict, mode: str, max_tokens: int, sampling: dict, **record) -> Record:
     """mode: a mode or variant (see variant_inputs); sampling: temperature/top_p inputs (empty: greedy)."""
     start = time.perf_counter()

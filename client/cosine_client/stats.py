@@ -8,11 +8,11 @@ import numpy as np
 
 VANILLA_BEST = "vanilla (best k)"  # per load point, the fastest of the vanilla variants run (vanilla:k=N)
 BASELINES = ("autoregressive", "vanilla", VANILLA_BEST)
+_ON_OFF = {"on": True, "off": False}.__getitem__
 # the options of a variant, `MODE[:option=value]...` -> (request input, parser of the value)
 VARIANT_OPTIONS = {"k": ("num_draft_tokens", int), "drafters": ("drafters", lambda v: v.split("+")),
-                   "max_drafters": ("max_drafters", int),
-                   "adaptive": ("adaptive_draft_length", lambda v: {"on": True, "off": False}[v]),
-                   "pipeline": ("pipelined_drafting", lambda v: {"on": True, "off": False}[v])}
+                   "max_drafters": ("max_drafters", int), "adaptive": ("adaptive_draft_length", _ON_OFF),
+                   "pipeline": ("pipelined_drafting", _ON_OFF)}
 
 
 def variant_inputs(variant: str) -> dict:

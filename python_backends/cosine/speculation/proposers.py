@@ -226,16 +226,20 @@ class FusionProposer(Proposer):
     def _busy(self) -> bool:
         return self.monitor.active_requests > self.busy_load
 
+    def _siblings(self) -> int:
+        """Runner-ups per depth the next draft may hang. Sampled drafts are chains: a runner-up is picked knowing the
+        sampled winner, so it would not be an independent draw from any q, and lossless multi-draft acceptance needs
+        independent draws."""
+        return 0 if self._busy() or self.all_sessions[0].samples else self.max_siblings
+
     async def propose(self, context: list[int], budget: int) -> Draft | None:
         self.top_tokens, self.chain = [], []
         if self.adaptive and not self.monitor.speculation_allowed():
             return None
         if not self.started:
             await self.start(context)
-        # Sampled drafts are chains: a runner-up is picked knowing the sampled winner, so it would not be an
-        # independent draw from any q, and lossless multi-draft acceptance needs independent draws.
         samples = self.all_sessions[0].samples
-        siblings = 0 if self._busy() or samples else self.max_siblings
+        siblings = self._siblings()
         load = self.monitor.active_requests
         if len(self.sessions) > 1 and (self.fused_rounds >= self.exploring_rounds
                                        or not self._fused_drafting_pays(load, 1 + siblings)):
@@ -313,7 +317,7 @@ class FusionProposer(Proposer):
             return
         session, assumed = self.sessions[0], context + self.chain
         task = asyncio.ensure_future(session.try_draft(
-            assumed, 1 + min(len(self.chain), budget), candidates=1 + self.max_siblings))
+            assumed, 1 + min(len(self.chain), budget), candidates=1 + self._siblings()))
         self.ahead = (assumed, task)
 
     async def _drafted_ahead(self, context: list[int]):
