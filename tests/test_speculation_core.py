@@ -172,7 +172,8 @@ def test_speculation_windows_follow_the_kind_measured_faster_at_each_load_and_ke
     clock, active = FakeClock(), [8]
     changes = []
     windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
-                                 explore_every=4, min_windows=2, on_change=changes.append, clock=clock)
+                                 explore_every=4, exploring_cost=1.0, min_windows=2, on_change=changes.append,
+                                 clock=clock)
     # the cost model expects speculation to pay, but at c8 the drafters slow the deployment down: 150 tokens/s
     # plain, 120 with speculation
     allowed = _run_windows(windows, clock, lambda on: 120 if on else 150, 16)
@@ -188,12 +189,24 @@ def test_speculation_windows_follow_the_kind_measured_faster_at_each_load_and_ke
     assert allowed[:4] == [False] * 4 and allowed[-4:] == [False, True, True, True]
 
 
+def test_exploring_is_rarer_where_the_kinds_differ_widely():
+    """An exploring window loses the gap between the kinds: at most exploring_cost of the output, on average."""
+    clock, active = FakeClock(), [1]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], seconds=1.0, explore_every=4,
+                                 exploring_cost=0.05, max_exploring_period=12, min_windows=2, clock=clock)
+    pattern = lambda allowed: "".join("S" if on else "." for on in allowed)  # noqa: E731 (S: may speculate)
+    # both kinds measured twice, then a gap of 1/3: every 7th window explores (4 would have cost 8% of the output)
+    assert pattern(_run_windows(windows, clock, lambda on: 120 if on else 80, 24)) == "S.S.SSS.SSSSSS.SSSSSS.SS"
+    # a gap of 3/4 would take 15 windows; capped at 12, so that a change is still seen
+    assert pattern(_run_windows(windows, clock, lambda on: 200 if on else 50, 24)) == "SSSSSSSSS.SSSSSSSSSSS.SS"
+
+
 def test_a_load_above_one_where_speculation_did_not_pay_starts_without_it():
     """Speculation pays less as load grows: learning each new load from scratch cost cosine 0.80x plain decoding at
     c16 (measured) after c8 had shown that it does not pay."""
     clock, active = FakeClock(), [8]
     windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
-                                 explore_every=4, min_windows=2, clock=clock)
+                                 explore_every=4, exploring_cost=1.0, min_windows=2, clock=clock)
     _run_windows(windows, clock, lambda on: 120 if on else 150, 8)
     assert windows.verdicts() == {3: False}
     active[0] = 16  # the first window was set at c8 (an exploring one); then forbidden, exploring one in four

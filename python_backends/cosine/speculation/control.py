@@ -110,7 +110,9 @@ class SpeculationWindows:
     """Whether speculation pays the deployment, by experiment. Time is cut into windows: in some, adaptive requests
     may speculate; in the others none drafts (drafters neither prefill nor draft). Where both kinds have min_windows
     measurements at the current load (output tokens per busy second at that mean load), windows follow the faster
-    kind, and one in explore_every does the opposite, so the verdict follows the load. At a load not measured yet,
+    kind, and one in explore_every does the opposite, so the verdict follows the load; where the kinds differ widely,
+    exploring is rarer, so that it costs at most exploring_cost of the output (the gap over the period between
+    exploring windows, at most max_exploring_period: at c1, plain windows one in eight cost cosine 5-8%). At a load not measured yet,
     a measured lower load where speculation did not pay (or a higher one where it did) decides; else the cost
     model's prediction goes first and windows of both kinds follow until each is measured. Windows are long enough to
     average over requests' starts (prefill bursts) on a closed-loop load.
@@ -123,15 +125,18 @@ class SpeculationWindows:
 
     def __init__(self, active_requests: Callable[[], int], adaptive_requests: Callable[[], int],
                  predicted: Callable[[int], bool] = lambda load: True, seconds: float = 3.0, explore_every: int = 8,
-                 min_windows: int = 2, smoothing: float = 0.25, on_change: Callable[[bool], None] = lambda on: None,
+                 exploring_cost: float = 0.02, max_exploring_period: int = 32, min_windows: int = 2,
+                 smoothing: float = 0.25, on_change: Callable[[bool], None] = lambda on: None,
                  clock: Callable[[], float] = time.monotonic):
         """predicted(load): whether the cost model expects speculation to pay with `load` requests active."""
         self.active_requests, self.adaptive_requests, self.predicted = active_requests, adaptive_requests, predicted
         self.clock, self.on_change = clock, on_change
         self.seconds, self.explore_every = seconds, explore_every
+        self.exploring_cost, self.max_exploring_period = exploring_cost, max_exploring_period
         self.min_windows, self.smoothing = min_windows, smoothing
         self.allowed = True
         self.closed = 0
+        self.last_exploring = 0  # the window count when a window last went against the verdict
         # (speculation allowed?, load bucket) -> [tokens per busy second, windows measured]
         self.rates: dict[tuple[bool, int], list[float]] = {}
         self._open(clock())
@@ -185,10 +190,20 @@ class SpeculationWindows:
                 verdicts[bucket] = on[0] >= off[0]
         return verdicts
 
+    def _exploring_period(self, bucket: int) -> int:
+        """Windows from one exploring window to the next at this load."""
+        on, off = self._measured(bucket)
+        if min(on[1], off[1]) < self.min_windows:
+            return self.explore_every
+        gap = 1.0 - min(on[0], off[0]) / max(on[0], off[0], 1e-9)  # what an exploring window loses
+        return min(max(self.explore_every, math.ceil(gap / self.exploring_cost)), self.max_exploring_period)
+
     def _next_allowed(self) -> bool:
         load = self.active_requests()
         bucket = self.load_bucket(load)
-        exploring = self.closed % self.explore_every == 0
+        exploring = self.closed - self.last_exploring >= self._exploring_period(bucket)
+        if exploring:
+            self.last_exploring = self.closed
         verdicts = self.verdicts()
         if bucket in verdicts:
             return verdicts[bucket] != exploring
