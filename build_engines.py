@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "python_backends"))
 
+from cosine.contract import GENERAL_DRAFTER  # noqa: E402
 from cosine.deploy.repository import write_repository  # noqa: E402
 from cosine.deploy.spec import MAIN_NODE, SpecError, dump_spec, load_spec, parse_spec  # noqa: E402
 from cosine.deploy.trtllm_build import CONTAINER, build_engines, describe, engine_builds  # noqa: E402
@@ -45,7 +46,7 @@ def demo_spec(zoo_dir: Path, profile: str, spec_path: Path) -> None:
         "drafters": {name: dict(DRAFTER_ENGINE, checkpoint=str(zoo_dir / drafter["path"]))
                      for name, drafter in manifest["drafters"].items()},
         "speculation_mode": "cosine",
-        "general_drafter": "general",
+        "general_drafter": GENERAL_DRAFTER,
     }
     dump_spec(parse_spec(raw, Path(".")), spec_path)
 

@@ -256,6 +256,20 @@ def test_idle_time_and_other_modes_say_nothing_about_speculation():
     assert windows.rates == {}
 
 
+def test_windows_without_adaptive_requests_do_not_bring_exploring_closer():
+    """Else the first adaptive requests after a while of other modes always meet an exploring window."""
+    clock, active, adaptive = FakeClock(), [1], [1]
+    windows = SpeculationWindows(lambda: active[0], lambda: adaptive[0], seconds=1.0, explore_every=4,
+                                 exploring_cost=1.0, min_windows=2, clock=clock)
+    rate = lambda on: 120 if on else 80  # noqa: E731
+    pattern = lambda allowed: "".join("S" if on else "." for on in allowed)  # noqa: E731 (S: may speculate)
+    assert pattern(_run_windows(windows, clock, rate, 6)) == "S.S..S"  # both measured twice, one exploring
+    adaptive[0] = 0  # eighteen windows of another mode's requests
+    _run_windows(windows, clock, rate, 18)
+    # the cadence goes on where it stopped (counting them, the first window back would explore)
+    assert pattern(_run_windows(windows, clock, rate, 6)) == "SS.SSS"
+
+
 def test_a_request_drafts_only_while_speculation_pays_and_starts_late_when_it_does():
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
     sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", first), ("b", explorer))]

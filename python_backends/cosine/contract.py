@@ -80,6 +80,8 @@ DEPLOYMENT_SECRET = "deployment_secret"
 _DEPLOYMENT_SECRET_INPUT = TensorSpec(DEPLOYMENT_SECRET, "TYPE_STRING", (1,), optional=True)
 # Drafter engine models are named with this prefix; the deployment serves without them (degraded) if it must.
 DRAFTER_MODEL_PREFIX = "drafter_"
+# The drafter trained on every domain: vanilla's drafter and the router's fallback unless a spec names another.
+GENERAL_DRAFTER = "general"
 # the values of `cosine`'s speculation_mode input
 SPECULATION_MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..address import split_host_port
-from ..contract import DRAFTER_MODEL_PREFIX, SPECULATION_MODES
+from ..contract import DRAFTER_MODEL_PREFIX, GENERAL_DRAFTER, SPECULATION_MODES
 from ..serving.generation import Deployment
 from ..serving.limits import Limits
 
@@ -105,7 +105,7 @@ class DeploymentSpec:
     # the engine's batch set-up; a few ms on a small CPU) is paid once per this many tokens. New requests join
     # the batch between calls, so larger values delay their first steps.
     plain_decode_steps: int = 4
-    general_drafter: str | None = None  # vanilla's drafter; default: one named "general", else the first
+    general_drafter: str | None = None  # vanilla's drafter; default: one named GENERAL_DRAFTER, else the first
     # overload protection (serving.limits): a request waits in Triton's queue while the model is at these limits;
     # beyond max_queued_requests Triton refuses it at once (503 / UNAVAILABLE)
     max_inflight_requests: int = Limits.max_inflight_requests
@@ -126,7 +126,7 @@ class DeploymentSpec:
     def vanilla_drafter(self) -> str | None:
         if self.general_drafter or not self.drafters:
             return self.general_drafter
-        return "general" if "general" in self.drafters else next(iter(self.drafters))
+        return GENERAL_DRAFTER if GENERAL_DRAFTER in self.drafters else next(iter(self.drafters))
 
     @property
     def tokenizer_dir(self) -> Path:

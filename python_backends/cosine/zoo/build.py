@@ -24,11 +24,12 @@ import tokenizers
 import torch
 import transformers
 
+from ..contract import GENERAL_DRAFTER
 from .checkpoints import save_checkpoint
 from .corpus import DOMAINS, DomainCorpus, build_corpora
 from .evaluation import DomainEvalSet, quality_report
 from .profiles import PROFILES, Profile
-from .report import GENERAL, check_bars, write_report
+from .report import check_bars, write_report
 from .tokenizer import encode_documents, train_tokenizer
 from .training import (SoftLabels, consecutive_windows, continue_greedily, distill_drafter, label_with_target,
                        new_model, pack, parameter_count, train_target)
@@ -98,7 +99,7 @@ def _build(out_dir: Path, profile: Profile, progress: bool) -> dict:
         "context": profile.context, "tokenizer": "tokenizer",
         "target": {"path": "target", "parameters": parameter_count(target), "trained_on": list(DOMAINS)},
         "drafters": {name: {"path": f"drafters/{name}", "parameters": parameter_count(drafter),
-                            "trained_on": list(DOMAINS) if name == GENERAL else [name]}
+                            "trained_on": list(DOMAINS) if name == GENERAL_DRAFTER else [name]}
                      for name, drafter in drafters.items()},
         "prompts": {name: str(path.relative_to(out_dir)) for name, path in prompt_files.items()},
         "quality_report": "quality_report.json", "quality_plot": "quality_report.png",
@@ -117,7 +118,7 @@ def _distill_drafters(target, tokenizer, streams: dict[str, torch.Tensor], profi
                                       f"continue {domain}", progress)
         labels[domain] = label_with_target(target, torch.cat([corpus, generated]), profile.distill_top_k,
                                            f"label {domain}", progress)
-    labels[GENERAL] = SoftLabels.concatenate(list(labels.values()))
+    labels[GENERAL_DRAFTER] = SoftLabels.concatenate(list(labels.values()))
     drafters = {}
     for name, data in labels.items():
         # Same initial weights for every drafter: they differ only in what they were distilled on.

@@ -10,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
-GENERAL = "general"
+from ..contract import GENERAL_DRAFTER  # noqa: E402
+
 SPECIALIST_OVER_GENERAL = 1.3  # a specialist on its domain vs the general drafter there
 OWN_OVER_OTHER_DOMAINS = 1.5  # a specialist on its domain vs its average on the other domains
 GENERAL_MEAN_ACCEPTED = 1.5  # the general drafter's average over domains
@@ -24,11 +25,11 @@ def check_bars(report: dict) -> dict:
     for domain in domains:
         own = accepted[domain][domain]
         others = [accepted[domain][other] for other in domains if other != domain]
-        bars[f"{domain}: specialist / general on {domain}"] = _bar(_ratio(own, accepted[GENERAL][domain]),
+        bars[f"{domain}: specialist / general on {domain}"] = _bar(_ratio(own, accepted[GENERAL_DRAFTER][domain]),
                                                                    SPECIALIST_OVER_GENERAL)
         bars[f"{domain}: own domain / other domains"] = _bar(_ratio(own, sum(others) / len(others)),
                                                              OWN_OVER_OTHER_DOMAINS)
-    bars["general: mean accepted over domains"] = _bar(sum(accepted[GENERAL].values()) / len(domains),
+    bars["general: mean accepted over domains"] = _bar(sum(accepted[GENERAL_DRAFTER].values()) / len(domains),
                                                        GENERAL_MEAN_ACCEPTED)
     bars["step cost ratio target / slowest drafter"] = _bar(min(report["step_cost_ratio"].values()), STEP_COST_RATIO)
     return bars
