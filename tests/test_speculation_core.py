@@ -266,7 +266,7 @@ def test_windows_without_adaptive_requests_do_not_bring_exploring_closer():
     assert pattern(_run_windows(windows, clock, rate, 6)) == "S.S..S"  # both measured twice, one exploring
     adaptive[0] = 0  # eighteen windows of another mode's requests
     _run_windows(windows, clock, rate, 18)
-    # the cadence goes on where it stopped (counting them, the first window back would explore)
+    adaptive[0] = 1  # the cadence goes on where it stopped (counting them, the first window back would explore)
     assert pattern(_run_windows(windows, clock, rate, 6)) == "SS.SSS"
 
 
