@@ -114,8 +114,8 @@ class SpeculationWindows:
     exploring is rarer, so that it costs at most exploring_cost of the output (the gap over the period between
     exploring windows, at most max_exploring_period: at c1, plain windows one in eight cost cosine 5-8%). At a load
     not measured yet, a measured lower load where speculation did not pay (or a higher one where it did) decides;
-    else the cost model's prediction goes first and windows of both kinds follow until each is measured. Windows are long enough to
-    average over requests' starts (prefill bursts) on a closed-loop load.
+    else the cost model's prediction goes first and windows of both kinds follow until each is measured. Windows are
+    long enough to average over requests' starts (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
 
