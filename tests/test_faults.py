@@ -192,7 +192,10 @@ def test_killed_target_fails_requests_fast_and_serves_after_restore(faults_serve
     with ThreadPoolExecutor(8) as pool:
         running = [pool.submit(http_status, faults_server, "/v2/models/cosine/generate", dict(body, text_input=p))
                    for p in PROMPTS]
-        assert wait_for(lambda: metric(faults_server, "cosine_active_sequences", model="target") >= 4)
+        active = []  # the target's active sequences, as polled: on a failure, with the requests' answers, says why
+        assert wait_for(lambda: active.append(metric(faults_server, "cosine_active_sequences", model="target"))
+                        or active[-1] >= 4), \
+            (active[:20], [future.result() if future.done() else "running" for future in running])
         killed = kill_stub(faults_server, "target")
         wait(running)
     failed_s = time.monotonic() - killed
