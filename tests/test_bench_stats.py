@@ -57,6 +57,14 @@ def test_accepted_length_leaves_out_the_prefill_round():
     row = summarize_point([record([0.1, 0.2, 0.3], tokens=[1, 6, 6], stats=(5, 16, 8))])
     assert row["accepted_per_round"] == pytest.approx(2.0)
     assert row["tokens_per_round"] == pytest.approx(3.0)
+    assert row["undrafted_requests"] == 0
+
+
+def test_requests_that_drafted_nothing_are_counted():
+    """An adaptive variant's requests kept plain by the speculation windows: what separates its rows from noise."""
+    drafted = record([0.1, 0.2], tokens=[1, 6], stats=(3, 8, 5))
+    plain = record([0.1, 0.2], tokens=[1, 4], stats=(2, 0, 0))
+    assert summarize_point([drafted, plain, plain])["undrafted_requests"] == 2
 
 
 def test_acceptance_by_domain_skips_modes_that_never_drafted():

@@ -127,7 +127,8 @@ def _open_loop(send, prompts: list[dict], offsets: list[float]) -> list[Record]:
 def markdown_table(rows: list[dict]) -> str:
     baselines = [b for b in BASELINES if any(f"throughput_vs_{b}" in row for row in rows)]
     header = ["load", "mode", "requests", "tokens/s", "requests/s", "TTFT mean / p50 (ms)",
-              "token latency p50 / p90 / p99 (ms)", "accepted / round", "tokens / round", "target seqs / pass"]
+              "token latency p50 / p90 / p99 (ms)", "accepted / round", "tokens / round", "undrafted requests",
+              "target seqs / pass"]
     header += [f"{what} vs {b}" for b in baselines for what in ("tokens/s", "p50 latency")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -135,7 +136,7 @@ def markdown_table(rows: list[dict]) -> str:
         cells = [load, row["mode"], str(row["requests"]), f"{row['tokens_per_s']:.1f}", f"{row['requests_per_s']:.2f}",
                  f"{row['ttft_mean'] * 1e3:.0f} / {row['ttft_p50'] * 1e3:.0f}",
                  " / ".join(f"{row[f'token_latency_p{q}'] * 1e3:.1f}" for q in (50, 90, 99)),
-                 f"{row['accepted_per_round']:.2f}", f"{row['tokens_per_round']:.2f}",
+                 f"{row['accepted_per_round']:.2f}", f"{row['tokens_per_round']:.2f}", str(row["undrafted_requests"]),
                  f"{row['target_sequences_per_pass']:.1f}" if "target_sequences_per_pass" in row else ""]
         for b in baselines:
             cells += [f"{row[key]:.2f}x" if key in row else "" for key in
