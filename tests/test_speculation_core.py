@@ -634,10 +634,10 @@ def test_pipelined_drafting_drafts_the_next_round_during_verification(pipelined,
     async def rounds():
         await proposer.start(prompt)
         drafts = [await proposer.propose(first_round, budget=20)]
-        proposer.draft_ahead(first_round, budget=20)
+        proposer.draft_ahead(drafts[-1], first_round, budget=20)
         hit = first_round + [5, 5, 5, 5]  # the chain accepted, and the target's own token was 5
         drafts.append(await proposer.propose(hit, budget=16))
-        proposer.draft_ahead(hit, budget=16)
+        proposer.draft_ahead(drafts[-1], hit, budget=16)
         drafts.append(await proposer.propose(hit + [5, 7], budget=14))  # one accepted, then the target's 7
         await proposer.close()
         return drafts

@@ -11,8 +11,8 @@ import yaml
 
 from ..address import split_host_port
 from ..contract import DRAFTER_MODEL_PREFIX, GENERAL_DRAFTER, SPECULATION_MODES
-from ..serving.generation import Deployment
 from ..serving.limits import Limits
+from ..speculation.control import ADAPTIVE_DRAFT_TOKENS, FIXED_DRAFT_TOKENS
 
 
 class SpecError(ValueError):
@@ -98,8 +98,8 @@ class DeploymentSpec:
     metrics_port: int = 8002
     default_max_tokens: int = 64
     speculation_mode: str | None = None  # default: vanilla when there are drafters, else autoregressive
-    num_draft_tokens: int = Deployment.default_draft_tokens  # vanilla's and specinfer's fixed draft length
-    adaptive_draft_tokens: int = Deployment.adaptive_draft_tokens  # cosine's ceiling (see Deployment)
+    num_draft_tokens: int = FIXED_DRAFT_TOKENS  # vanilla's and specinfer's fixed draft length
+    adaptive_draft_tokens: int = ADAPTIVE_DRAFT_TOKENS  # cosine's ceiling; its controller picks each round's k below
     # Plain decoding (autoregressive requests, and any round a speculative mode's controller drafts nothing) runs
     # this many target steps per engine call, as vLLM's multi-step scheduling does: the per-call cost (BLS hop, packing,
     # the engine's batch set-up; a few ms on a small CPU) is paid once per this many tokens. New requests join

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from ..contract import SPECULATION_MODES
-from ..speculation.control import LoadMonitor
+from ..speculation.control import ADAPTIVE_DRAFT_TOKENS, FIXED_DRAFT_TOKENS, LoadMonitor
 from ..speculation.proposers import (ChainProposer, Draft, DrafterEngine, DrafterSession, FusionProposer,
                                      MergedChainsProposer, RouterClient)
 from ..speculation.scheduler import VerificationScheduler
@@ -46,10 +46,8 @@ class Deployment:
     general_drafter: str | None = None
     router: RouterClient | None = None
     default_mode: str = "autoregressive"
-    default_draft_tokens: int = 4  # vanilla's and specinfer's fixed draft length
-    # cosine's ceiling: its controller picks each round's length below it. 8 bound at c1 on the demo zoo (most
-    # rounds drafted 8); measured against 8 in one run: 12 +5% greedy, +8% sampled; 16 +2% and +12%
-    adaptive_draft_tokens: int = 12
+    default_draft_tokens: int = FIXED_DRAFT_TOKENS
+    adaptive_draft_tokens: int = ADAPTIVE_DRAFT_TOKENS
     plain_decode_steps: int = 1  # target steps per call for autoregressive requests (the spec sets it)
     max_draft_tokens: int = 64
     max_cooperating_drafters: int = 2
@@ -170,7 +168,7 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
         draft = await proposer.propose(context, budget)
         stats.drafters = proposer.drafter_names  # a request may start drafting late (SpeculationWindows)
         if draft is not None:
-            proposer.draft_ahead(context, budget)
+            proposer.draft_ahead(draft, context, budget)
     tree = draft.tree if draft else None
     size = 1 + (len(tree) if tree else 0)
     expected_tokens = 1 + stats.accepted_tokens / max(1, stats.rounds - 1)  # this request's running mean

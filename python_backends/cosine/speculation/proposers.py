@@ -131,7 +131,7 @@ class Proposer:
     def observe(self, draft: Draft, accepted: list[int], emitted: list[int]) -> None:
         pass
 
-    def draft_ahead(self, context: list[int], budget: int) -> None:
+    def draft_ahead(self, draft: Draft, context: list[int], budget: int) -> None:
         """Called while the target verifies this round's draft (see FusionProposer)."""
 
     async def close(self) -> None:
@@ -191,7 +191,6 @@ class FusionProposer(Proposer):
         self.route: Route | None = None
         self.top_tokens: list[dict[str, int]] = []  # per depth of the last draft: drafter -> its top token
         self.pipelined = pipelined
-        self.chain: list[int] = []  # the last draft's main chain, when a lone drafter drafted it
         # pipelined drafting: (the context it assumed, the drafting call) of a draft made while the target verified
         self.ahead: tuple[list[int], asyncio.Task] | None = None
         self.matches = {session.name: 0.0 for session in sessions}
@@ -233,7 +232,7 @@ class FusionProposer(Proposer):
         return 0 if self._busy() or self.all_sessions[0].samples else self.max_siblings
 
     async def propose(self, context: list[int], budget: int) -> Draft | None:
-        self.top_tokens, self.chain = [], []
+        self.top_tokens = []
         if self.adaptive and not self.monitor.speculation_allowed():
             return None
         if not self.started:
@@ -301,23 +300,24 @@ class FusionProposer(Proposer):
             builder.add_step(candidates, winner=next((c for c in candidates if c.token == token),
                                                      Candidate(token, 0.0, session.name)))
             self.top_tokens.append({session.name: top_ids[0]})
-            self.chain.append(token)
         if result.q is not None:
             q_rows += list(result.q[positions])
 
-    def draft_ahead(self, context: list[int], budget: int) -> None:
-        """Pipelined drafting, called while the target verifies the last draft: the lone drafter drafts the next
+    def draft_ahead(self, draft: Draft, context: list[int], budget: int) -> None:
+        """Pipelined drafting, called while the target verifies `draft`: the lone drafter drafts the next
         round as if the target accepts the draft's whole main chain and then emits the drafter's own next token
         (position 0 of this call); the next round uses it only if that is what happened. Only while the
         deployment is not busy: the drafter then runs on a core the verifier leaves idle, and a wasted draft costs
         nobody. Exact either way: a draft only ever proposes (under sampling, its tokens are draws from q given the
         context that did happen, and its draws are independent of the target's)."""
-        budget -= len(self.chain) + 1  # what is left after a fully accepted round
-        if not (self.pipelined and self.chain and budget > 0 and not self._busy()):
+        active = [session for session in self.sessions if not session.failed]
+        chain = draft.tree.main_chain()
+        budget -= len(chain) + 1  # what is left after a fully accepted round
+        if not (self.pipelined and len(active) == 1 and budget > 0 and not self._busy()):
             return
-        session, assumed = self.sessions[0], context + self.chain
-        task = asyncio.ensure_future(session.try_draft(
-            assumed, 1 + min(len(self.chain), budget), candidates=1 + self._siblings()))
+        assumed = context + chain
+        task = asyncio.ensure_future(active[0].try_draft(assumed, 1 + min(len(chain), budget),
+                                                         candidates=1 + self._siblings()))
         self.ahead = (assumed, task)
 
     async def _drafted_ahead(self, context: list[int]):

@@ -44,6 +44,15 @@ class DraftTree:
             path.append(node)
         return path
 
+    def main_chain(self) -> list[int]:
+        """Tokens along each node's first child from the root: a fused draft's winners (TreeBuilder adds a depth's
+        winner before its runner-ups), a chain's tokens."""
+        chain, node = [], -1
+        while children := self.children(node):
+            node = children[0]
+            chain.append(self.tokens[node])
+        return chain
+
     def children(self, node: int) -> list[int]:
         return [child for child, parent in enumerate(self.parents) if parent == node]
 
