@@ -165,6 +165,30 @@ def test_drafting_extra_tokens_matches_step_by_step_and_rolls_back(llama):
     assert "keep_length" in str(bad)
 
 
+def test_sequences_drafting_unequal_lengths_in_one_step_draft_what_each_drafts_alone(llama):
+    """One step where sequences draft 2, 5 and 0 extra tokens (a greedy one, a sampling one returning q): the drafting
+    loop drops each sequence once it has drafted its tokens, and nobody's tokens, probabilities or q change."""
+    model = load_causal_lm(llama)
+    prompts = encode(llama, PROMPTS[:3])
+    params, extras = [SamplingParams(), SamplingParams(1.0, seed=5), SamplingParams()], [2, 5, 0]
+
+    def step(indices):
+        return CausalLMEngine(model, 8192).step([
+            StepRequest(i, prompts[i], admission=Admission(20, params[i]), extra_tokens=extras[i], candidates=2,
+                        return_q=True) for i in indices])
+
+    together = step(range(3))
+    for i, result in enumerate(together):
+        alone = step([i])[0]
+        assert len(result.tokens) == 1 + extras[i] and result.tokens == alone.tokens
+        assert result.probs == pytest.approx(alone.probs, rel=1e-4) and result.top_ids == alone.top_ids
+        if params[i].greedy:
+            assert result.q is None
+        else:
+            assert result.q.shape == (1 + extras[i], model.config.vocab_size)
+            assert torch.allclose(result.q, alone.q, atol=1e-6)
+
+
 def test_min_length_bans_the_end_token_like_transformers(llama):
     model = load_causal_lm(llama)
     prompt = encode(llama, [PROMPTS[2]])[0]

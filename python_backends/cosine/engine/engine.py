@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..speculation.acceptance import FlatDrafts, accept
+from ..speculation.acceptance import FlatDrafts, accept, emit
 from ..speculation.tree import DraftTree
 from .checkpoint import max_context_tokens
 from .kv_cache import AdmissionError, KVCachePool, SequenceCache
@@ -265,13 +265,14 @@ class CausalLMEngine:
 
         # ---- distributions of every row, acceptance over the batch
         row_sequence = [token_sequence[t] for t in row_tokens]
-        logits = self._logits(hidden[rows], [batch[b][1] for b in row_sequence],
+        logits = self._logits(hidden[rows], self._end_bans([batch[b][1] for b in row_sequence]),
                               long_tensor([positions[t] + 1 for t in row_tokens]))
         drafts = FlatDrafts.from_trees([request.draft for request, _ in batch], device)
         uniforms = self._uniforms(batch)
         sampled = [not batch[b][1].params.greedy for b in row_sequence]
         sampled_rows = torch.tensor(sampled, device=device)
-        probs = self._probabilities(logits, [batch[b][1].params for b in row_sequence]) if any(sampled) else None
+        probs = probabilities(logits, *self._sampling_parameters([batch[b][1].params for b in row_sequence])) \
+            if any(sampled) else None
         node_uniforms = torch.cat([u[0] for u in uniforms]).to(device)
         row_uniforms = torch.cat([u[1] for u in uniforms]).to(device)
         node_q, has_q = self._draft_q(batch, logits.shape[-1]) if probs is not None else (None, None)
@@ -428,23 +429,33 @@ class CausalLMEngine:
             x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         return model.norm(x)
 
-    def _logits(self, hidden: torch.Tensor, sequences: list[_Sequence], predicted: torch.Tensor) -> torch.Tensor:
-        """lm_head over the rows, with end_id banned where a row predicts a position before min_length allows."""
+    def _end_bans(self, sequences: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per sequence (end_id or -1, the first position it may be emitted at); None when no sequence has one."""
+        vocab = self.vocab_size
+        end_ids = [s.end_id if s.end_id is not None and 0 <= s.end_id < vocab else -1 for s in sequences]
+        if max(end_ids, default=-1) < 0:
+            return None
+        return (torch.tensor(end_ids, device=self.device),
+                torch.tensor([s.min_end_position for s in sequences], device=self.device))
+
+    def _logits(self, hidden: torch.Tensor, bans: tuple[torch.Tensor, torch.Tensor] | None,
+                predicted: torch.Tensor) -> torch.Tensor:
+        """lm_head over the rows, with end_id banned where a row predicts a position before min_length allows.
+        bans: per row, what _end_bans gives per sequence."""
         logits = self.model.lm_head(hidden).float()
-        end_ids = [s.end_id if s.end_id is not None and 0 <= s.end_id < logits.shape[-1] else -1 for s in sequences]
-        if max(end_ids, default=-1) >= 0:
-            end = torch.tensor(end_ids, device=self.device)
-            banned = (end >= 0) & (predicted < torch.tensor([s.min_end_position for s in sequences],
-                                                            device=self.device))
+        if bans is not None:
+            end, min_end_position = bans
+            banned = (end >= 0) & (predicted < min_end_position)
             column = end.clamp(min=0)[:, None]
             logits.scatter_(1, column, torch.where(banned[:, None], float("-inf"), logits.gather(1, column)))
         return logits
 
-    def _probabilities(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Sampling distributions of every row (greedy rows get temperature 1: computed, never used)."""
+    def _sampling_parameters(self, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row (temperature, top_k, top_p) for `probabilities`; greedy rows get temperature 1 (computed, never
+        used)."""
         tensor = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=self.device)  # noqa
-        return probabilities(logits, tensor([p.temperature if not p.greedy else 1.0 for p in params]),
-                             tensor([p.top_k for p in params], torch.long), tensor([p.top_p for p in params]))
+        return (tensor([p.temperature if not p.greedy else 1.0 for p in params]),
+                tensor([p.top_k for p in params], torch.long), tensor([p.top_p for p in params]))
 
     def _draft_q(self, batch, vocab: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """([nodes, vocab] each node's q, [nodes] whether it has one), or (None, None) when no draft has q."""
@@ -491,44 +502,55 @@ class CausalLMEngine:
 
     def _draft_extra_tokens(self, batch, table: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
                             uniforms: list[torch.Tensor], candidates: int, returning_q: list[int]):
-        """Feeds drafting sequences their last emitted token until each has emitted its extra_tokens; one forward
-        per token position for all of them, tokens staying on the device. Returns, per position, [tokens, probs]
-        (+ [top ids, top probs]) of the sequences still drafting there, and per position (the `returning_q`
+        """Feeds drafting sequences their last emitted token until each has emitted its extra_tokens: one forward
+        per position for all of them, tokens staying on the device. What does not change from one position to the
+        next (key slots, sampling parameters, end bans, uniforms) is laid out once. Returns, per position, [tokens,
+        probs] (+ [top ids, top probs]) of the sequences still drafting there, and per position (the `returning_q`
         sequences drafting there, the [those, vocab] distributions they drew from)."""
-        last, lengths = last.clone(), lengths.clone()
-        sequences = [sequence for _, sequence in batch]
+        counts = [request.extra_tokens for request, _ in batch]
+        drafting = [b for b, count in enumerate(counts) if count]  # "members": these, in this order
         out, q_out = [], []
-        for position in range(max(request.extra_tokens for request, _ in batch)):
-            active = [b for b, (request, _) in enumerate(batch) if request.extra_tokens > position]
-            members = torch.tensor(active, device=self.device)
-            tokens, length = last[members], lengths[members]
-            slots = self.kv.slots(table, members, length)
-            # an upper bound of their lengths: each sequence's step tokens all kept, plus this position's token
-            keys = max(batch[b][1].cache.length + len(batch[b][0].input_ids) + len(batch[b][0].draft)
-                       for b in active) + position + 1
-            key_positions = torch.arange(keys, device=self.device)
-            group = _AttentionGroup(None, None, self.kv.slots(table, members[:, None], key_positions[None]),
-                                    self._additive((key_positions[None] <= length[:, None])[:, None, None]),
+        if not drafting:
+            return out, q_out
+        device = self.device
+        members = torch.tensor(drafting, device=device)
+        sequences = [batch[b][1] for b in drafting]
+        last, lengths = last[members], lengths[members]  # [members] each one's next input token, its position
+        # [members, keys] pool slots of every key a position may see: the step's tokens all kept, then the extra ones
+        keys = max(batch[b][1].cache.length + len(batch[b][0].input_ids) + len(batch[b][0].draft) + counts[b]
+                   for b in drafting)
+        key_positions = torch.arange(keys, device=device)
+        key_slots = self.kv.slots(table, members[:, None], key_positions[None])
+        step_uniforms = torch.nn.utils.rnn.pad_sequence([uniforms[b] for b in drafting], batch_first=True).to(device)
+        sampled = [not sequence.params.greedy for sequence in sequences]
+        sampled_rows = torch.tensor(sampled, device=device)
+        sampling = self._sampling_parameters([sequence.params for sequence in sequences]) if any(sampled) else None
+        bans = self._end_bans(sequences)
+        active = list(range(len(drafting)))  # members drafting at this position
+        rows = slice(None)
+        pick = lambda tensor: tensor  # noqa: E731  (rows of the active members)
+        for position in range(max(counts)):
+            if any(counts[drafting[i]] == position for i in active):  # some drafted all they asked for
+                active = [i for i in active if counts[drafting[i]] > position]
+                rows = torch.tensor(active, device=device)
+                pick = lambda tensor: tensor[rows]  # noqa: E731
+            tokens, length, slots = pick(last), pick(lengths), pick(key_slots)
+            group = _AttentionGroup(None, None, slots, self._additive((key_positions <= length[:, None])[:, None, None]),
                                     len(active), 1)
-            hidden = self._forward(tokens, length, slots, [group])
-            logits = self._logits(hidden, [sequences[b] for b in active], length + 1)
-            # each token is the root token of a draft-less step: the acceptance rule's argmax or sample
-            params = [sequences[b].params for b in active]
-            sampled = [not p.greedy for p in params]
-            verdict = accept(FlatDrafts.from_trees([DraftTree()] * len(active), self.device), logits.argmax(-1),
-                             torch.tensor(sampled, device=self.device),
-                             self._probabilities(logits, params) if any(sampled) else None,
-                             torch.zeros(0, device=self.device),
-                             torch.stack([uniforms[b][position] for b in active]).to(self.device))
-            chosen = verdict.bonus
-            owners = [b for b in active if b in returning_q]
+            hidden = self._forward(tokens, length, slots.gather(1, length[:, None])[:, 0], [group])
+            logits = self._logits(hidden, bans and tuple(map(pick, bans)), length + 1)
+            probs = probabilities(logits, *map(pick, sampling)) if any(sampled[i] for i in active) else None
+            # each token is the root token of a draft-less step
+            chosen, chosen_prob, distribution = emit(logits.argmax(-1), pick(sampled_rows), probs,
+                                                     pick(step_uniforms[:, position]))
+            owners = [(k, drafting[i]) for k, i in enumerate(active) if drafting[i] in returning_q]
             if owners:
-                q_out.append((owners, verdict.bonus_distribution[[active.index(b) for b in owners]]))
-            out += [chosen, verdict.bonus_prob]
+                q_out.append(([b for _, b in owners], distribution[[k for k, _ in owners]]))
+            out += [chosen, chosen_prob]
             if candidates:
                 top = torch.softmax(logits, -1).topk(candidates)
                 out += [top.indices, top.values]
-            last[members], lengths[members] = chosen, length + 1
+            last[rows], lengths[rows] = chosen, length + 1  # in place: `chosen` is in `out`, never overwritten
         return out, q_out
 
     @staticmethod

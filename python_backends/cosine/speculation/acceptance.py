@@ -120,11 +120,20 @@ def accept(drafts: FlatDrafts, argmax: torch.Tensor, sampled: torch.Tensor, prob
     best = torch.zeros(sequences, dtype=torch.long, device=device).scatter_reduce(0, drafts.sequence, key, "amax")
     tip_node = best % (nodes + 1) - 1
     tip_row = torch.where(tip_node >= 0, drafts.node_row[tip_node.clamp(min=0)] if nodes else 0, drafts.root_row)
-    bonus, bonus_prob, left = argmax[tip_row], torch.ones(sequences, device=device), None
-    if residual is not None:
-        left = residual[tip_row] / residual[tip_row].sum(-1, keepdim=True)
-        drawn = sample(left, row_uniforms[tip_row])
-        tip_sampled = sampled[tip_row]
-        bonus = torch.where(tip_sampled, drawn, bonus)
-        bonus_prob = torch.where(tip_sampled, left.gather(1, drawn[:, None])[:, 0], bonus_prob)
+    bonus, bonus_prob, left = emit(argmax[tip_row], sampled[tip_row], None if residual is None else residual[tip_row],
+                                   row_uniforms[tip_row])
     return Verdict(accepted, best // (nodes + 1), tip_row, bonus, bonus_prob, node_prob, left)
+
+
+def emit(argmax: torch.Tensor, sampled: torch.Tensor, probs: torch.Tensor | None,
+         uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The token each row emits from what is left of its distribution: greedy rows their argmax, sampling rows a draw.
+    argmax: [rows]; sampled: [rows] bool; probs: [rows, vocab] unnormalised (None: no row samples); uniforms: [rows].
+    Returns the tokens [rows], each one's probability under the distribution it came from [rows] (greedy: 1), and
+    those distributions normalised [rows, vocab] (None when probs is)."""
+    if probs is None:
+        return argmax, torch.ones(argmax.shape, device=argmax.device), None
+    left = probs / probs.sum(-1, keepdim=True)
+    drawn = sample(left, uniforms)
+    return (torch.where(sampled, drawn, argmax), torch.where(sampled, left.gather(1, drawn[:, None])[:, 0], 1.0),
+            left)
