@@ -2,11 +2,13 @@
 codec, and come back to the right caller; a failing sequence fails alone."""
 import asyncio
 
+import numpy as np
 import pytest
+import torch
 from tiny_models import PROMPTS
 
 from cosine.engine.checkpoint import load_causal_lm
-from cosine.engine.engine import CausalLMEngine
+from cosine.engine.engine import CausalLMEngine, StepRequest, StepResult
 from cosine.serving import wire
 from cosine.serving.batching import CoalescingEngine
 from cosine.serving.errors import ServingError
@@ -91,3 +93,40 @@ def test_malformed_arrays_are_refused_naming_the_input():
     arrays["input_ids"] = arrays["input_ids"].tolist() + [3]
     with pytest.raises(ValueError, match="input_ids"):
         wire.unpack_steps(arrays)
+
+
+def _nucleus(logits, top_p: float):
+    """A top-p distribution per row (zero outside its support), as a sampling drafter's q."""
+    probs = torch.softmax(logits, -1)
+    ordered, order = probs.sort(-1, descending=True)
+    keep = ordered.cumsum(-1) - ordered < top_p
+    q = torch.zeros_like(probs).scatter(-1, order, ordered * keep)
+    return q / q.sum(-1, keepdim=True)
+
+
+def test_q_travels_sparse_and_comes_back_exactly():
+    """Draft and returned q cross the wire as their support only: bit-exact back, and far fewer bytes than dense
+    rows for a top-p q of a 2,048-token vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    q_a = _nucleus(torch.randn(3, 2048, generator=generator) * 4, 0.95)
+    q_b = _nucleus(torch.randn(2, 2048, generator=generator) * 4, 0.95)
+    steps = [StepRequest(1, [5], DraftTree.chain([7, 8, 9]), draft_q=q_a),
+             StepRequest(2, [6], DraftTree.chain([4])),
+             StepRequest(3, [7], DraftTree.chain([1, 2]), draft_q=q_b)]
+    arrays = wire.pack_steps(steps)
+    back = wire.unpack_steps(arrays)
+    assert torch.equal(back[0].draft_q, q_a) and back[1].draft_q is None and torch.equal(back[2].draft_q, q_b)
+    sparse_bytes = sum(arrays[name].nbytes for name in ("draft_q_counts", "draft_q_ids", "draft_q_probs"))
+    assert sparse_bytes * 10 < (q_a.numel() + q_b.numel()) * 4
+    results = [StepResult([3, 4, 5], [0.5] * 3, [[]] * 3, [[]] * 3, q=q_a), StepResult([2], [1.0], [[]], [[]])]
+    unpacked = wire.unpack_results(wire.pack_results(results), steps[:2], "drafter")
+    assert torch.equal(unpacked[0].q, q_a) and unpacked[1].q is None
+
+
+def test_malformed_q_is_refused_naming_the_input():
+    q = torch.tensor([[0.25, 0.75, 0.0]])
+    arrays = wire.pack_steps([StepRequest(1, [5], DraftTree.chain([1]), draft_q=q)])
+    for name, value in (("draft_q_counts", [2, 1]), ("draft_q_ids", [0, 3]), ("draft_q_probs", [0.25])):
+        broken = dict(arrays, **{name: np.asarray(value, arrays[name].dtype)})
+        with pytest.raises(ValueError, match=name):
+            wire.unpack_steps(broken)

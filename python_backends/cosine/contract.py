@@ -179,10 +179,13 @@ ENGINE = ModelContract(
         _vector("end_id", "TYPE_INT32"),
         _vector("min_length", "TYPE_INT32"),
         _vector("release", "TYPE_BOOL"),  # [n]
-        # sampled drafts carry the distribution q each token was drawn from (lossless acceptance needs it):
-        # [n] whether the sequence's draft has q, and [sum of those draft_lengths * vocab] their q rows
-        _vector("draft_has_q", "TYPE_BOOL"),
-        _vector("draft_q", "TYPE_FP32"),
+        # sampled drafts carry the distribution q each token was drawn from (lossless acceptance needs it), sparse:
+        # only its support travels (exactly sparse under top-k / top-p). [n] its vocabulary size (0: no q); per q
+        # row (the draft nodes of those sequences, in order) how many entries; the entries' token ids and q values
+        _vector("draft_q_vocab", "TYPE_INT32"),
+        _vector("draft_q_counts", "TYPE_INT32"),
+        _vector("draft_q_ids", "TYPE_INT32"),
+        _vector("draft_q_probs", "TYPE_FP32"),
         _vector("return_q", "TYPE_BOOL"),  # [n] a sampling drafter: return each emitted token's q
         _DEPLOYMENT_SECRET_INPUT,  # required in fact: a call without it is refused
     ),
@@ -196,8 +199,13 @@ ENGINE = ModelContract(
         TensorSpec("top_ids", "TYPE_INT32", (-1,)),
         TensorSpec("top_probs", "TYPE_FP32", (-1,)),
         TensorSpec("input_logprob", "TYPE_FP32", (-1,)),  # [n]
-        TensorSpec("output_q_rows", "TYPE_INT32", (-1,)),  # [n] q rows returned (emitted tokens, or 0)
-        TensorSpec("output_q", "TYPE_FP32", (-1,)),  # [sum of output_q_rows * vocab]
+        # the q of each emitted token, sparse as draft_q: [n] rows returned (emitted tokens, or 0) and their
+        # vocabulary size; per row how many entries; the entries
+        TensorSpec("output_q_rows", "TYPE_INT32", (-1,)),
+        TensorSpec("output_q_vocab", "TYPE_INT32", (-1,)),
+        TensorSpec("output_q_counts", "TYPE_INT32", (-1,)),
+        TensorSpec("output_q_ids", "TYPE_INT32", (-1,)),
+        TensorSpec("output_q_probs", "TYPE_FP32", (-1,)),
         TensorSpec("error_kind", "TYPE_STRING", (-1,)),  # [n] "" (ok), or the ServingError kind failing it
         TensorSpec("error_message", "TYPE_STRING", (-1,)),  # [n]
     ),

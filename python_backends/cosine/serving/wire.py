@@ -27,6 +27,46 @@ def _split(flat: np.ndarray, lengths) -> list[np.ndarray]:
     return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
+def _sparse_q(prefix: str, q: list[torch.Tensor | None]) -> dict[str, np.ndarray]:
+    """Per sequence its q ([rows, vocab], or None) as the contract's sparse arrays `<prefix>_vocab`, `_counts`,
+    `_ids`, `_probs`: a sampled q is zero outside its top-k / top-p support, so only that travels (lossless)."""
+    present = [rows for rows in q if rows is not None]
+    dense = torch.cat(present) if present else torch.zeros(0, 0)
+    row, column = dense.nonzero(as_tuple=True)  # row-major: each row's entries together, in order
+    return {f"{prefix}_vocab": _array(f"{prefix}_vocab", [0 if rows is None else rows.shape[1] for rows in q]),
+            f"{prefix}_counts": _array(f"{prefix}_counts", torch.bincount(row, minlength=len(dense))),
+            f"{prefix}_ids": _array(f"{prefix}_ids", column),
+            f"{prefix}_probs": _array(f"{prefix}_probs", dense[row, column])}
+
+
+def _dense_q(values: dict[str, np.ndarray], prefix: str, rows: np.ndarray) -> list[torch.Tensor | None]:
+    """The inverse of _sparse_q, given each sequence's row count; raises ValueError naming the array."""
+    vocab, counts = values[f"{prefix}_vocab"], values[f"{prefix}_counts"]
+    ids, probs = values[f"{prefix}_ids"], values[f"{prefix}_probs"]
+    rows = np.where(vocab > 0, rows, 0)
+    if len(counts) != rows.sum() or (counts < 0).any():
+        raise ValueError(f"{prefix}_counts: expected one count per q row ({rows.sum()}), got {len(counts)}")
+    if not len(ids) == len(probs) == counts.sum():
+        raise ValueError(f"{prefix}_ids, {prefix}_probs: {len(ids)} and {len(probs)} entries where "
+                         f"{prefix}_counts sums to {counts.sum()}")
+    out, row, entry = [], 0, 0
+    for n, width in zip(rows.tolist(), vocab.tolist()):
+        if not n:
+            out.append(None)
+            continue
+        row_counts = counts[row:row + n]
+        size = int(row_counts.sum())
+        token = ids[entry:entry + size].astype(np.int64)
+        if size and not 0 <= token.min() <= token.max() < width:
+            raise ValueError(f"{prefix}_ids: token ids must be in [0, {width})")
+        dense = torch.zeros(n, width)
+        dense[torch.from_numpy(np.repeat(np.arange(n), row_counts)), torch.from_numpy(token)] = \
+            torch.from_numpy(probs[entry:entry + size].astype(np.float32))
+        out.append(dense)
+        row, entry = row + n, entry + size
+    return out
+
+
 def pack_steps(steps: list[StepRequest]) -> dict[str, np.ndarray]:
     admissions = [step.admission for step in steps]
     params = [a.params if a else SamplingParams() for a in admissions]
@@ -49,9 +89,7 @@ def pack_steps(steps: list[StepRequest]) -> dict[str, np.ndarray]:
         "end_id": _array("end_id", [NO_VALUE if a is None or a.end_id is None else a.end_id for a in admissions]),
         "min_length": _array("min_length", [a.min_length if a else 0 for a in admissions]),
         "release": _array("release", [s.release for s in steps]),
-        "draft_has_q": _array("draft_has_q", [s.draft_q is not None for s in steps]),
-        "draft_q": _array("draft_q", np.concatenate([s.draft_q.numpy().reshape(-1) for s in steps
-                                                      if s.draft_q is not None] or [np.empty(0)])),
+        **_sparse_q("draft_q", [s.draft_q for s in steps]),
         "return_q": _array("return_q", [s.return_q for s in steps]),
     }
 
@@ -61,18 +99,14 @@ def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
     values = {name: np.asarray(arrays[name]).reshape(-1) for name in STEP_INPUTS}
     n = len(values["sequence_id"])
     for name, array in values.items():
-        if name not in ("input_ids", "draft_ids", "draft_parents", "draft_q") and len(array) != n:
+        if name not in ("input_ids", "draft_ids", "draft_parents", "draft_q_counts", "draft_q_ids",
+                        "draft_q_probs") and len(array) != n:
             raise ValueError(f"{name}: expected one value per sequence ({n}), got {len(array)}")
     for flat, lengths in (("input_ids", "input_lengths"), ("draft_ids", "draft_lengths"),
                           ("draft_parents", "draft_lengths")):
         if (values[lengths] < 0).any() or values[lengths].sum() != len(values[flat]):
             raise ValueError(f"{flat}: {len(values[flat])} values but {lengths} sums to {values[lengths].sum()}")
-    q_lengths = values["draft_lengths"][values["draft_has_q"]]
-    if len(values["draft_q"]) % max(q_lengths.sum(), 1):
-        raise ValueError(f"draft_q: {len(values['draft_q'])} values are not draft rows of one vocabulary")
-    q_rows = _split(values["draft_q"].reshape(int(q_lengths.sum()), -1) if q_lengths.sum() else
-                    values["draft_q"], q_lengths)
-    q_by_sequence = dict(zip(np.flatnonzero(values["draft_has_q"]).tolist(), q_rows))
+    draft_q = _dense_q(values, "draft_q", values["draft_lengths"])
     inputs = _split(values["input_ids"], values["input_lengths"])
     draft_ids = _split(values["draft_ids"], values["draft_lengths"])
     draft_parents = _split(values["draft_parents"], values["draft_lengths"])
@@ -92,7 +126,7 @@ def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
             keep_length=None if keep == NO_VALUE else keep, extra_tokens=int(values["extra_tokens"][i]),
             candidates=int(values["num_candidates"][i]), score_input=bool(values["score_input"][i]),
             release=bool(values["release"][i]),
-            draft_q=torch.from_numpy(q_by_sequence[i].copy()) if i in q_by_sequence else None,
+            draft_q=draft_q[i],
             return_q=bool(values["return_q"][i])))
     return steps
 
@@ -115,8 +149,7 @@ def pack_results(results: list[StepResult | Exception]) -> dict[str, np.ndarray]
         "top_probs": _array("top_probs", [p for r in done for row in r.top_probs for p in row]),
         "input_logprob": _array("input_logprob", [r.input_logprob for r in done]),
         "output_q_rows": _array("output_q_rows", [0 if r.q is None else len(r.q) for r in done]),
-        "output_q": _array("output_q", np.concatenate([r.q.numpy().reshape(-1) for r in done if r.q is not None]
-                                                      or [np.empty(0)])),
+        **_sparse_q("output_q", [r.q for r in done]),
         "error_kind": np.array([b"" if isinstance(r, StepResult) else error_kind(r).encode() for r in results],
                                np.object_),
         "error_message": np.array([b"" if isinstance(r, StepResult) else str(r).encode() for r in results],
@@ -133,9 +166,7 @@ def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
     probs = _split(values["output_probs"], lengths)
     top_ids = _split(values["top_ids"], [n * w for n, w in zip(lengths, widths)])
     top_probs = _split(values["top_probs"], [n * w for n, w in zip(lengths, widths)])
-    q_rows = values["output_q_rows"]
-    q_flat = values["output_q"].reshape(int(q_rows.sum()), -1) if q_rows.sum() else values["output_q"]
-    q = _split(q_flat, q_rows)
+    q = _dense_q(values, "output_q", values["output_q_rows"])
     results = []
     for i, step in enumerate(steps):
         kind = values["error_kind"][i]
@@ -149,5 +180,5 @@ def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
         results.append(StepResult(tokens[i].tolist(), probs[i].tolist(),
                                   top_ids[i].reshape(n, widths[i]).tolist(),
                                   top_probs[i].reshape(n, widths[i]).tolist(), float(values["input_logprob"][i]),
-                                  torch.from_numpy(q[i].copy()) if q_rows[i] else None))
+                                  q[i]))
     return results
