@@ -535,8 +535,8 @@ class CausalLMEngine:
                 rows = torch.tensor(active, device=device)
                 pick = lambda tensor: tensor[rows]  # noqa: E731
             tokens, length, slots = pick(last), pick(lengths), pick(key_slots)
-            group = _AttentionGroup(None, None, slots, self._additive((key_positions <= length[:, None])[:, None, None]),
-                                    len(active), 1)
+            mask = self._additive((key_positions <= length[:, None])[:, None, None])
+            group = _AttentionGroup(None, None, slots, mask, len(active), 1)
             hidden = self._forward(tokens, length, slots.gather(1, length[:, None])[:, 0], [group])
             logits = self._logits(hidden, bans and tuple(map(pick, bans)), length + 1)
             probs = probabilities(logits, *map(pick, sampling)) if any(sampled[i] for i in active) else None
