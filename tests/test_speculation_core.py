@@ -1,11 +1,12 @@
 """The speculation core on its own: fusion, tree merging, routing, control, scheduling (no Triton)."""
 import asyncio
+import dataclasses
 import random
 
 import pytest
 
-from cosine.speculation.control import (AcceptanceTracker, CostModel, LoadMonitor, SpeculationController,
-                                        SpeculationWindows, expected_tokens)
+from cosine.speculation.control import (AcceptanceTracker, CostModel, LinearFit, LoadMonitor,
+                                        SpeculationController, SpeculationWindows, expected_tokens)
 from cosine.speculation.fusion import Candidate, TreeBuilder, merge_chains
 from cosine.engine.engine import StepResult
 from cosine.speculation.proposers import DrafterSession, FusionProposer
@@ -122,7 +123,7 @@ def test_load_monitor_recovers_the_verification_and_drafting_cost_models():
     monitor = LoadMonitor(forgetting=1.0)
     assert monitor.costs() is None
     for tokens in [1, 4, 8, 16, 32, 5, 12]:
-        monitor.observe_verify(tokens, 0.010 + 0.002 * tokens)
+        monitor.observe_verify(1, tokens, 0.010 + 0.002 * tokens)
     assert monitor.costs() is None  # drafting not measured yet
     for positions in [2, 4, 8, 3]:
         monitor.observe_draft(positions, 0.003 + 0.0005 * positions)
@@ -134,6 +135,35 @@ def test_load_monitor_recovers_the_verification_and_drafting_cost_models():
         monitor.observe_draft(positions, 0.004 * positions, fused=True)
     fused = monitor.costs(fused=True)
     assert fused.draft_base == pytest.approx(0, abs=1e-9) and fused.draft_per_token == pytest.approx(0.004)
+
+
+def test_verification_costs_per_sequence_and_per_token_are_fitted_apart():
+    """Passes costed as measured in-process on the demo target (a base, 0.65 ms per sequence, 0.27 ms per token):
+    both slopes are recovered, and under load the controller drafts longer than with one slope for both, which
+    charges every token a share of the sequences' cost."""
+    monitor, one_slope = LoadMonitor(forgetting=1.0), LinearFit(1.0)
+    for load in (1, 4, 8, 16, 32):
+        for size in (1, 4, 7, 13):
+            seconds = 0.014 + 0.00065 * load + 0.00027 * load * size
+            monitor.observe_verify(load, load * size, seconds)
+            one_slope.observe(load * size, seconds)
+    for positions in (2, 4, 8):
+        monitor.observe_draft(positions, 0.001 + 0.0006 * positions)
+    costs = monitor.costs()
+    assert (costs.verify_base, costs.verify_per_sequence, costs.verify_per_token) == pytest.approx(
+        (0.014, 0.00065, 0.00027), rel=1e-4)
+    base, slope = one_slope.fitted()
+    lumped = dataclasses.replace(costs, verify_base=base, verify_per_sequence=0.0, verify_per_token=slope)
+    for load in (8, 32):
+        assert costs.best_draft_length(0.7, load, 12) > lumped.best_draft_length(0.7, load, 12)
+
+
+def test_a_slope_the_data_would_make_negative_is_fixed_at_zero():
+    fit = LinearFit(1.0, regressors=2)
+    for x1, x2 in ((1, 2), (2, 1), (3, 5), (4, 3), (5, 8)):
+        fit.observe((x1, x2), 0.01 + 0.002 * x2 - 0.0005 * x1)
+    base, first, second = fit.fitted()
+    assert first == 0.0 and second > 0 and base >= 0
 
 
 def test_a_fixed_drafting_call_cost_favours_longer_drafts():
@@ -226,7 +256,7 @@ def test_at_a_load_never_measured_the_windows_start_from_the_cost_models_predict
     monitor = LoadMonitor(forgetting=1.0)
     assert monitor.cost_model_speculates(8)  # nothing measured: speculate
     for tokens in (1, 8, 16, 64):
-        monitor.observe_verify(tokens, 0.010 + 0.001 * tokens)
+        monitor.observe_verify(1, tokens, 0.010 + 0.001 * tokens)
     for positions in (1, 4, 8):
         monitor.observe_draft(positions, 0.002 + 0.002 * positions)
     for _ in range(20):
@@ -562,7 +592,7 @@ def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_spe
     monitor = LoadMonitor(forgetting=1.0)
     monitor.active_requests = 1
     for tokens in (1, 2, 4, 8):
-        monitor.observe_verify(tokens, 0.002 + 0.0001 * tokens)  # a fast verifier: 2 ms a pass
+        monitor.observe_verify(1, tokens, 0.002 + 0.0001 * tokens)  # a fast verifier: 2 ms a pass
     session = DrafterSession("far", DistantDrafter(5, 0.9, round_trip_s=0.03), 1, GreedyRequest())
     proposer = FusionProposer([session], OnlyRouter(), monitor, k_max=4)
 
@@ -583,7 +613,7 @@ def test_where_fused_drafting_does_not_pay_the_first_choice_drafts_alone_at_once
     monitor = LoadMonitor(forgetting=1.0)
     monitor.active_requests = 1
     for tokens in (1, 2, 4, 8):
-        monitor.observe_verify(tokens, 0.002 + 0.0001 * tokens)
+        monitor.observe_verify(1, tokens, 0.002 + 0.0001 * tokens)
     for positions in (2, 4, 8):
         monitor.observe_draft(positions, 0.05 * positions, fused=True)  # a round trip per position, each 50 ms
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)

@@ -183,8 +183,9 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
                                                 draft_q=draft.q if draft else None)).tokens
         if extra:
             monitor.observe_plain((time.monotonic() - started) / (1 + extra))
-        else:  # the verification cost model is of one pass
-            monitor.observe_verify(monitor.active_requests * size, time.monotonic() - started)
+        else:  # the verification cost model is of one pass holding every active request's tree
+            monitor.observe_verify(monitor.active_requests, monitor.active_requests * size,
+                                   time.monotonic() - started)
     if proposer is not None:
         accepted = tree.accepted_path(emitted) if tree else []
         if draft is not None:

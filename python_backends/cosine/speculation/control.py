@@ -2,9 +2,13 @@
 
 Cost model. With per-token acceptance rate a, a draft of k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens per
 round (accepted + the target's own). A round costs drafting, one call plus k drafter steps: t_draft = base + k * step,
-plus verification; the verifier's batch holds every active request's tokens, so its time grows with load:
-t_verify = base + per_token * load * (k + 1). Plain decoding (k = 0) runs several target steps per call, so its cost
-per token is fitted apart from its own calls: t_plain = base + per_request * load.
+plus verification; the verifier's batch holds every active request's sequence and tokens, so its time grows with
+load: t_verify = base + per_sequence * load + per_token * load * (k + 1). The two are fitted apart because they
+differ: a sequence costs its K/V gathered and its attention, a token mostly its share of the matmuls (measured
+in-process on the demo target, 1-32 sequences: about 14 ms a pass, 0.65 ms per sequence, 0.27 ms per token); one
+slope for both charges every token a share of the sequences' cost, so drafts look dearer under load than they are.
+Plain decoding (k = 0) runs several target steps per call, so its cost per token is fitted apart from its own
+calls: t_plain = base + per_request * load.
 The controller drafts the k in [0, k_max] that maximises tokens per second; k = 0 is plain decoding, which it falls
 back to when the verifier is saturated or acceptance is poor. What the cost model cannot see (drafters slowing the
 target for every request) SpeculationWindows measures: speculation is allowed only where it pays the deployment."""
@@ -14,6 +18,8 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 
 FIXED_DRAFT_TOKENS = 4  # vanilla's and specinfer's draft length unless a request names one
@@ -40,6 +46,7 @@ class CostModel:
     # seconds per token of plain decoding = base + per_request * load; None before plain calls were measured (then:
     # one verification pass per token)
     plain: tuple[float, float] | None = None
+    verify_per_sequence: float = 0.0  # each sequence in the verifier's batch
 
     def round_time(self, k: int, load: float, tree_factor: float = 1.0) -> float:
         """Seconds of one round drafting k tokens; k = 0: of one plainly decoded token."""
@@ -47,7 +54,8 @@ class CostModel:
             return self.plain[0] + self.plain[1] * load
         tokens_per_request = 1 + k * tree_factor
         drafting = self.draft_base + k * self.draft_per_token if k else 0.0
-        return drafting + self.verify_base + self.verify_per_token * load * tokens_per_request
+        return (drafting + self.verify_base + self.verify_per_sequence * load
+                + self.verify_per_token * load * tokens_per_request)
 
     def best_draft_length(self, acceptance: float, load: float, k_max: int, tree_factor: float = 1.0) -> int:
         rates = [expected_tokens(acceptance, k) / self.round_time(k, load, tree_factor) for k in range(k_max + 1)]
@@ -92,24 +100,37 @@ class AcceptanceTracker:
 
 
 class LinearFit:
-    """y = base + slope * x by least squares with exponential forgetting; base and slope kept non-negative."""
+    """y = base + slopes . x by least squares with exponential forgetting (x: `regressors` values); base and slopes
+    kept non-negative (a slope the data would make negative is fixed at 0 and the rest refitted)."""
 
-    def __init__(self, forgetting: float):
+    def __init__(self, forgetting: float, regressors: int = 1):
         self.forgetting = forgetting
-        self.sums = [0.0] * 5  # n, sum x, sum y, sum x*x, sum x*y
+        self.gram = np.zeros((regressors + 1, regressors + 1))  # sums of v v^T, v = (1, x)
+        self.moments = np.zeros(regressors + 1)  # sums of y v
 
-    def observe(self, x: float, y: float) -> None:
-        for i, value in enumerate((1.0, x, y, x * x, x * y)):
-            self.sums[i] = self.forgetting * self.sums[i] + value
+    def observe(self, x: float | tuple[float, ...], y: float) -> None:
+        v = np.array([1.0, *np.atleast_1d(x)])
+        self.gram = self.forgetting * self.gram + np.outer(v, v)
+        self.moments = self.forgetting * self.moments + y * v
 
-    def fitted(self) -> tuple[float, float] | None:
-        """(base, slope), or None before three observations."""
-        n, sx, sy, sxx, sxy = self.sums
-        if n < 3:
+    def fitted(self) -> tuple[float, ...] | None:
+        """(base, *slopes), or None before regressors + 2 observations."""
+        count = self.gram[0, 0]
+        if count < len(self.moments) + 1:
             return None
-        variance = n * sxx - sx * sx
-        slope = max((n * sxy - sx * sy) / variance if variance > 1e-9 else 0.0, 0.0)
-        return max((sy - slope * sx) / n, 0.0), slope
+        # a regressor that does not vary (one sequence per pass at c1) says nothing: a tiny ridge on the slopes
+        # leaves its share in the base instead of splitting it arbitrarily
+        ridge = np.diag([0.0, *(1e-9 * count * (1.0 + np.diag(self.gram)[1:] / count))])
+        free = list(range(len(self.moments)))
+        while True:
+            solution = np.linalg.lstsq((self.gram + ridge)[np.ix_(free, free)], self.moments[free], rcond=None)[0]
+            negative = [i for i, value in zip(free[1:], solution[1:]) if value < 0]
+            if not negative:
+                break
+            free.remove(negative[0])
+        coefficients = np.zeros(len(self.moments))
+        coefficients[free] = solution
+        return (max(coefficients[0], 0.0), *coefficients[1:].tolist())
 
 
 class SpeculationWindows:
@@ -239,7 +260,7 @@ class LoadMonitor:
 
     def __init__(self, forgetting: float = 0.98, on_speculation_change: Callable[[bool], None] = lambda on: None,
                  clock: Callable[[], float] = time.monotonic):
-        self.verify_fit = LinearFit(forgetting)
+        self.verify_fit = LinearFit(forgetting, regressors=2)  # sequences and tokens in the pass
         self.plain_fit = LinearFit(forgetting)
         self.draft_fits = {fused: LinearFit(forgetting) for fused in (False, True)}
         self.active_requests = 0
@@ -278,8 +299,10 @@ class LoadMonitor:
         self.windows.advance()
         return self.windows.allowed
 
-    def observe_verify(self, tokens_in_flight: float, seconds: float) -> None:
-        self.verify_fit.observe(tokens_in_flight, seconds)
+    def observe_verify(self, sequences: float, tokens: float, seconds: float) -> None:
+        """A verification took `seconds`, its pass holding (as the cost model counts them) every active request:
+        `sequences` of them with `tokens` tokens in all."""
+        self.verify_fit.observe((sequences, tokens), seconds)
 
     def observe_plain(self, seconds_per_token: float) -> None:
         """A plain decoding call (several steps) under the current load."""
@@ -294,8 +317,8 @@ class LoadMonitor:
         verify, draft = self.verify_fit.fitted(), self.draft_fits[fused].fitted()
         if verify is None or draft is None:
             return None
-        return CostModel(verify_base=verify[0], verify_per_token=verify[1], draft_per_token=draft[1],
-                         draft_base=draft[0], plain=self.plain_fit.fitted())
+        return CostModel(verify_base=verify[0], verify_per_sequence=verify[1], verify_per_token=verify[2],
+                         draft_per_token=draft[1], draft_base=draft[0], plain=self.plain_fit.fitted())
 
 
 class SpeculationController:
