@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -32,12 +34,15 @@ def max_context_tokens(config: dict) -> int:
     return min(limit, window) if window else limit
 
 
-def load_causal_lm(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """The HF model for a checkpoint directory, on `device`, in eval mode. Nothing is downloaded."""
+def load_causal_lm(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """The HF model for a checkpoint directory, on `device`, in eval mode (float32 unless `dtype` says otherwise).
+    Nothing is downloaded. torch and transformers are imported here, not with the module: reading configs (the
+    repository writer, `build_engines.py`) does not need them."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     read_config(checkpoint_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        str(checkpoint_dir), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        str(checkpoint_dir), dtype=dtype or torch.float32, local_files_only=True, attn_implementation="sdpa"
     )
     return model.to(device).eval()
