@@ -507,18 +507,19 @@ class CausalLMEngine:
         next (key slots, sampling parameters, end bans, uniforms) is laid out once. Returns, per position, [tokens,
         probs] (+ [top ids, top probs]) of the sequences still drafting there, and per position (the `returning_q`
         sequences drafting there, the [those, vocab] distributions they drew from)."""
-        counts = [request.extra_tokens for request, _ in batch]
-        drafting = [b for b, count in enumerate(counts) if count]  # "members": these, in this order
+        drafting = [b for b, (request, _) in enumerate(batch) if request.extra_tokens]  # "members", in this order
         out, q_out = [], []
         if not drafting:
             return out, q_out
         device = self.device
         members = torch.tensor(drafting, device=device)
-        sequences = [batch[b][1] for b in drafting]
+        requests, sequences = zip(*(batch[b] for b in drafting))
+        counts = [request.extra_tokens for request in requests]  # per member
+        returning = {i for i, b in enumerate(drafting) if b in returning_q}  # members that return q
         last, lengths = last[members], lengths[members]  # [members] each one's next input token, its position
         # [members, keys] pool slots of every key a position may see: the step's tokens all kept, then the extra ones
-        keys = max(batch[b][1].cache.length + len(batch[b][0].input_ids) + len(batch[b][0].draft) + counts[b]
-                   for b in drafting)
+        keys = max(sequence.cache.length + len(request.input_ids) + len(request.draft) + count
+                   for request, sequence, count in zip(requests, sequences, counts))
         key_positions = torch.arange(keys, device=device)
         key_slots = self.kv.slots(table, members[:, None], key_positions[None])
         step_uniforms = torch.nn.utils.rnn.pad_sequence([uniforms[b] for b in drafting], batch_first=True).to(device)
@@ -530,8 +531,8 @@ class CausalLMEngine:
         rows = slice(None)
         pick = lambda tensor: tensor  # noqa: E731  (rows of the active members)
         for position in range(max(counts)):
-            if any(counts[drafting[i]] == position for i in active):  # some drafted all they asked for
-                active = [i for i in active if counts[drafting[i]] > position]
+            if position in counts:  # some drafted all they asked for
+                active = [i for i in active if counts[i] > position]
                 rows = torch.tensor(active, device=device)
                 pick = lambda tensor: tensor[rows]  # noqa: E731
             tokens, length, slots = pick(last), pick(lengths), pick(key_slots)
@@ -543,9 +544,9 @@ class CausalLMEngine:
             # each token is the root token of a draft-less step
             chosen, chosen_prob, distribution = emit(logits.argmax(-1), pick(sampled_rows), probs,
                                                      pick(step_uniforms[:, position]))
-            owners = [(k, drafting[i]) for k, i in enumerate(active) if drafting[i] in returning_q]
+            owners = [(k, i) for k, i in enumerate(active) if i in returning]
             if owners:
-                q_out.append(([b for _, b in owners], distribution[[k for k, _ in owners]]))
+                q_out.append(([drafting[i] for _, i in owners], distribution[[k for k, _ in owners]]))
             out += [chosen, chosen_prob]
             if candidates:
                 top = torch.softmax(logits, -1).topk(candidates)

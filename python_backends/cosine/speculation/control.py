@@ -120,7 +120,7 @@ class LinearFit:
             return None
         # a regressor that does not vary (one sequence per pass at c1) says nothing: a tiny ridge on the slopes
         # leaves its share in the base instead of splitting it arbitrarily
-        ridge = np.diag([0.0, *(1e-9 * count * (1.0 + np.diag(self.gram)[1:] / count))])
+        ridge = np.diag([0.0, *(1e-9 * (count + np.diag(self.gram)[1:]))])
         free = list(range(len(self.moments)))
         while True:
             solution = np.linalg.lstsq((self.gram + ridge)[np.ix_(free, free)], self.moments[free], rcond=None)[0]
