@@ -140,8 +140,9 @@ class SpeculationWindows:
     kind, and one in explore_every does the opposite, so the verdict follows the load; where the kinds differ widely,
     exploring is rarer, so that it costs at most exploring_cost of the output (the gap over the period between
     exploring windows, at most max_exploring_period: at c1, plain windows one in eight cost cosine 5-8%). At a load
-    not measured yet, a measured lower load where speculation did not pay (or a higher one where it did) decides;
-    else the cost model's prediction goes first and windows of both kinds follow until each is measured. Windows are
+    not measured yet, a measured lower load where speculation clearly did not pay (or a higher one where it clearly
+    did: the kinds' rates apart by decisive_gap or more) decides; else the cost model's prediction goes first and
+    windows of both kinds follow until each is measured. Windows are
     long enough to average over requests' starts (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
@@ -153,14 +154,14 @@ class SpeculationWindows:
     def __init__(self, active_requests: Callable[[], int], adaptive_requests: Callable[[], int],
                  predicted: Callable[[int], bool] = lambda load: True, seconds: float = 3.0, explore_every: int = 8,
                  exploring_cost: float = 0.02, max_exploring_period: int = 32, min_windows: int = 2,
-                 smoothing: float = 0.25, on_change: Callable[[bool], None] = lambda on: None,
+                 decisive_gap: float = 0.1, smoothing: float = 0.25, on_change: Callable[[bool], None] = lambda on: None,
                  clock: Callable[[], float] = time.monotonic):
         """predicted(load): whether the cost model expects speculation to pay with `load` requests active."""
         self.active_requests, self.adaptive_requests, self.predicted = active_requests, adaptive_requests, predicted
         self.clock, self.on_change = clock, on_change
         self.seconds, self.explore_every = seconds, explore_every
         self.exploring_cost, self.max_exploring_period = exploring_cost, max_exploring_period
-        self.min_windows, self.smoothing = min_windows, smoothing
+        self.min_windows, self.decisive_gap, self.smoothing = min_windows, decisive_gap, smoothing
         self.allowed = True
         self.measured = 0  # windows that measured something: the exploring cadence counts these only
         self.last_exploring = 0  # the measured count when a window last went against the verdict
@@ -220,13 +221,19 @@ class SpeculationWindows:
                 verdicts[bucket] = on[0] >= off[0]
         return verdicts
 
+    def _gap(self, bucket: int) -> float:
+        """How far apart the kinds' rates are at a measured load, as a fraction of the faster: what an exploring
+        window loses."""
+        on, off = self._measured(bucket)
+        return 1.0 - min(on[0], off[0]) / max(on[0], off[0], 1e-9)
+
     def _exploring_period(self, bucket: int) -> int:
         """Windows from one exploring window to the next at this load."""
         on, off = self._measured(bucket)
         if min(on[1], off[1]) < self.min_windows:
             return self.explore_every
-        gap = 1.0 - min(on[0], off[0]) / max(on[0], off[0], 1e-9)  # what an exploring window loses
-        return min(max(self.explore_every, math.ceil(gap / self.exploring_cost)), self.max_exploring_period)
+        return min(max(self.explore_every, math.ceil(self._gap(bucket) / self.exploring_cost)),
+                   self.max_exploring_period)
 
     def _next_allowed(self) -> bool:
         load = self.active_requests()
@@ -238,10 +245,12 @@ class SpeculationWindows:
         if bucket in verdicts:
             return verdicts[bucket] != exploring
         # Not measured here yet. Speculation pays less as load grows (the verifier saturates, drafters compete for
-        # the processors): a lower load where it did not pay, or a higher one where it did, decides, and exploring
-        # measures this load meanwhile.
-        lower = [pays for measured, pays in verdicts.items() if measured < bucket]
-        higher = [pays for measured, pays in verdicts.items() if measured > bucket]
+        # the processors): a lower load where it clearly did not pay, or a higher one where it clearly did, decides,
+        # and exploring measures this load meanwhile. A verdict within noise says nothing of another load (measured:
+        # a narrow loss at c8 kept cosine plain at c16-c64, where vanilla k 4 beat plain decoding by 10-23% at c32-c64).
+        decisive = {measured: pays for measured, pays in verdicts.items() if self._gap(measured) >= self.decisive_gap}
+        lower = [pays for measured, pays in decisive.items() if measured < bucket]
+        higher = [pays for measured, pays in decisive.items() if measured > bucket]
         if lower and not lower[-1]:
             return exploring
         if higher and higher[0]:
