@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 from cosine.engine.checkpoint import CheckpointError, load_causal_lm, read_config
 from cosine.engine.engine import Admission, CausalLMEngine, StepError, StepRequest, StepResult
 from cosine.engine.kv_cache import AdmissionError
+from cosine.engine import sampling
 from cosine.engine.sampling import SamplingParams
 from cosine.speculation.tree import DraftTree
 
@@ -238,3 +239,38 @@ def test_sequences_of_unequal_step_sizes_batch_exactly(llama):
     both = engine.step([StepRequest(0, truth[0][:1], DraftTree.chain(truth[0][1:4])),  # 4 queries
                         StepRequest(1, truth[1][:1])])  # 1 query
     assert both[0].tokens == truth[0][1:5] and both[1].tokens == truth[1][1:2]
+
+
+def test_sampling_distributions_equal_transformers_warpers_on_either_path():
+    """Temperature, top-k, top-p as transformers' generate applies them, row by row, for rows computed from their
+    most likely tokens (top_k within them, top_p they reach) and for rows that sort the whole vocabulary, alone and
+    batched."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(0)
+    vocab, candidates = 300, sampling.CANDIDATES
+    settings = [(t, k, p) for t in (0.5, 1.0, 1.7) for k in (0, 1, 7, candidates, candidates + 36, vocab)
+                for p in (1.0, 0.5, 0.9, 0.999)]
+    # peaked rows put top_p within the candidates, flat ones beyond them
+    logits = torch.randn(len(settings), vocab, generator=generator) * torch.linspace(0.2, 12, len(settings))[:, None]
+    # and a top_k beyond the candidates, whose top_p they reach only under the whole vocabulary's mass: the first 64
+    # tokens hold 0.55 of it, the next 36 0.05, so top-k leaves them 0.92 and top-p 0.5 keeps 37 of them (not 59)
+    masses = torch.cat([torch.full((64,), 0.55 / 64), torch.full((36,), 0.05 / 36), torch.full((200,), 0.4 / 200)])
+    logits = torch.cat([logits, (masses.log() - torch.linspace(0, 1e-3, vocab))[None]])
+    settings.append((1.0, candidates + 36, 0.5))
+    temperature, top_k, top_p = (torch.tensor(column) for column in zip(*settings))
+
+    def reference(row, t, k, p):
+        scores = TemperatureLogitsWarper(t)(None, row[None])
+        scores = TopKLogitsWarper(k)(None, scores) if k else scores
+        return torch.softmax(TopPLogitsWarper(p)(None, scores) if p < 1 else scores, -1)[0]
+    expected = torch.stack([reference(row, *setting) for row, setting in zip(logits, settings)])
+    batched = sampling.probabilities(logits, temperature, top_k, top_p)
+    alone = torch.cat([sampling.probabilities(logits[i:i + 1], temperature[i:i + 1], top_k[i:i + 1], top_p[i:i + 1])
+                       for i in range(len(settings))])
+    for probs in (batched, alone):
+        assert torch.equal(probs > 0, expected > 0)
+        torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
+    # both paths were taken: some rows' top-p support is beyond the candidates
+    support = (expected > 0).sum(-1)
+    assert (support <= candidates).any() and (support[top_k == 0] > candidates).any()

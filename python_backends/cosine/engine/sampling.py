@@ -48,22 +48,57 @@ class SamplingParams:
         return generator
 
 
+CANDIDATES = 64  # the most likely tokens of a row that a CPU sorts before its whole vocabulary
+
+
 def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor) -> torch.Tensor:
     """The distributions sampling draws from, one row per logits row with that row's parameters: temperature, then
-    top-k, then top-p, all in one sorted order (no host synchronisation). Rows of greedy requests are not meant to
-    come here (they compare argmaxes).
+    top-k, then top-p. Rows of greedy requests are not meant to come here (they compare argmaxes).
+    Sorting the vocabulary is what costs on a CPU (2,048 logits: 0.14 ms a row). So from two rows up, the rows whose
+    top-k / top-p support lies within their CANDIDATES most likely tokens (a top_k up to that, or a top_p those
+    tokens reach: the usual case) are computed from those alone, and only the others sort the whole vocabulary
+    (measured, demo vocabulary: 13 rows 2.35 -> 0.74 ms; 2 rows even; 1 row sorts faster than the bookkeeping).
+    On a GPU every row sorts it: that is cheap there, and the host synchronisation that choosing takes is not.
 
     logits: [rows, vocab]; temperature, top_p: [rows] float; top_k: [rows] int64, 0 = no filter."""
-    vocab = logits.shape[-1]
-    sorted_logits, order = (logits.float() / temperature[:, None]).sort(dim=-1, descending=True)
-    kth = sorted_logits.gather(1, (torch.where(top_k > 0, top_k, vocab).clamp(max=vocab) - 1)[:, None])
-    sorted_probs = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
+    scaled = logits.float() / temperature[:, None]
+    vocab = scaled.shape[-1]
+    top_k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    if scaled.is_cuda or scaled.shape[0] < 2:
+        return _truncated(scaled, *scaled.sort(dim=-1, descending=True), top_k, top_p)[0]
+    candidates = min(CANDIDATES, vocab)
+    probs, mass = _truncated(scaled, *scaled.topk(candidates, dim=-1), top_k, top_p)
+    # exact where top-k keeps none beyond the candidates, or top-p keeps only some of them
+    exact = (top_k <= candidates) | ((top_k == vocab) & (top_p < 1.0) & (mass >= top_p))
+    if bool(exact.all()):
+        return probs
+    unfiltered = (top_k == vocab) & (top_p >= 1.0)
+    probs[unfiltered] = torch.softmax(scaled[unfiltered], dim=-1)
+    slow = (~exact & ~unfiltered).nonzero()[:, 0]
+    rows = scaled[slow]
+    probs[slow] = _truncated(rows, *rows.sort(dim=-1, descending=True), top_k[slow], top_p[slow])[0]
+    return probs
+
+
+def _truncated(scaled: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, top_k: torch.Tensor,
+               top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k then top-p over each row's c most likely tokens, which must hold its support where top_k < vocab,
+    and the mass those c tokens have under the top-k distribution.
+    scaled: [rows, vocab] tempered logits; values, ids: [rows, c] its c largest in descending order and their token
+    ids; top_k: [rows] in [1, vocab]; top_p: [rows]."""
+    candidates = values.shape[-1]
+    outside = torch.arange(candidates, device=values.device) >= top_k[:, None]
+    sorted_probs = torch.softmax(values.masked_fill(outside, float("-inf")), dim=-1)  # normalised over the top-k set,
+    if candidates < scaled.shape[-1]:  # which, where it goes beyond the candidates, must be the whole vocabulary
+        sorted_probs = torch.where((top_k <= candidates)[:, None], sorted_probs,
+                                   torch.exp(values - torch.logsumexp(scaled, -1, keepdim=True)))
+    mass = sorted_probs.cumsum(-1)
     # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold stays)
-    outside = (sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    outside |= (mass - sorted_probs >= top_p[:, None]) & (top_p[:, None] < 1.0)
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
-    return torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs)
+    probs = torch.zeros_like(scaled).scatter(-1, ids, sorted_probs / sorted_probs.sum(-1, keepdim=True))
+    return probs, mass[:, -1]
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
