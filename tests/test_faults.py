@@ -35,7 +35,7 @@ def faults_server(tmp_path_factory, tiny_dir, llama):
     spec = dict(LIMITS, target=dict(engine, checkpoint=str(llama), kv_cache_tokens=TARGET_KV),
                 drafters={"itself": dict(engine, checkpoint=str(llama), kv_cache_tokens=8192)},
                 speculation_mode="vanilla")
-    server = start_server(spec, root, env={DEPLOYMENT_SECRET_ENV: SECRET})
+    server = start_server(spec, root, env={DEPLOYMENT_SECRET_ENV: SECRET}, text_models=False)
     yield server
     server.stop()
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import drop_text_models
 from test_server import as_list, generate, metric, wait_for
 from tiny_models import PROMPTS
 
@@ -91,7 +92,7 @@ class Nodes:
             "speculation_mode": "autoregressive", "drafter_probe_after_s": 0.5}, root)
         self.root, self.edge_ports = root, edge_ports
         self.edge_repository = write_repository(spec, root / "edge", node="edge")
-        self.main = TritonServer(write_repository(spec, root / "main"), free_port(), free_port(), free_port(),
+        self.main = TritonServer(drop_text_models(write_repository(spec, root / "main")), free_port(), free_port(), free_port(),
                                  log_path=root / "main.log", env=NODE_ENV)
         self.edge = self.new_edge()
         try:

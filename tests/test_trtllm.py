@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import FIXTURE_EXIT_TIMEOUT_S
+from conftest import FIXTURE_EXIT_TIMEOUT_S, drop_text_models
 from google.protobuf import text_format
 from test_server import as_list, generate, stream_events
 from tiny_models import PROMPTS, reference_generate_all
@@ -318,8 +318,7 @@ def trtllm_server(tiny_dir, tmp_path_factory):
     spec = parse_spec(trtllm_spec(tiny_dir, root), root)
     repository = write_repository(spec, root / "repository")
     serve_with_contract_double(spec, repository)
-    for unused in ("preprocessing", "postprocessing"):  # clients' tokenizer models: the loop does not call them
-        shutil.rmtree(repository / unused)
+    drop_text_models(repository)
     server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=root / "tritonserver.log",
                           exit_timeout=FIXTURE_EXIT_TIMEOUT_S)
     server.start(timeout=300)
