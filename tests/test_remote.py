@@ -92,8 +92,9 @@ class Nodes:
             "speculation_mode": "autoregressive", "drafter_probe_after_s": 0.5}, root)
         self.root, self.edge_ports = root, edge_ports
         self.edge_repository = write_repository(spec, root / "edge", node="edge")
-        self.main = TritonServer(drop_text_models(write_repository(spec, root / "main")), free_port(), free_port(), free_port(),
-                                 log_path=root / "main.log", env=NODE_ENV)
+        main_repository = drop_text_models(write_repository(spec, root / "main"))
+        self.main = TritonServer(main_repository, free_port(), free_port(), free_port(), log_path=root / "main.log",
+                                 env=NODE_ENV)
         self.edge = self.new_edge()
         try:
             with ThreadPoolExecutor(2) as pool:

@@ -142,8 +142,8 @@ class SpeculationWindows:
     exploring windows, at most max_exploring_period: at c1, plain windows one in eight cost cosine 5-8%). At a load
     not measured yet, a measured lower load where speculation clearly did not pay (or a higher one where it clearly
     did: the kinds' rates apart by decisive_gap or more) decides; else the cost model's prediction goes first and
-    windows of both kinds follow until each is measured. Windows are
-    long enough to average over requests' starts (prefill bursts) on a closed-loop load.
+    windows of both kinds follow until each is measured. Windows are long enough to average over requests' starts
+    (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
 
@@ -154,8 +154,8 @@ class SpeculationWindows:
     def __init__(self, active_requests: Callable[[], int], adaptive_requests: Callable[[], int],
                  predicted: Callable[[int], bool] = lambda load: True, seconds: float = 3.0, explore_every: int = 8,
                  exploring_cost: float = 0.02, max_exploring_period: int = 32, min_windows: int = 2,
-                 decisive_gap: float = 0.1, smoothing: float = 0.25, on_change: Callable[[bool], None] = lambda on: None,
-                 clock: Callable[[], float] = time.monotonic):
+                 decisive_gap: float = 0.1, smoothing: float = 0.25,
+                 on_change: Callable[[bool], None] = lambda on: None, clock: Callable[[], float] = time.monotonic):
         """predicted(load): whether the cost model expects speculation to pay with `load` requests active."""
         self.active_requests, self.adaptive_requests, self.predicted = active_requests, adaptive_requests, predicted
         self.clock, self.on_change = clock, on_change
