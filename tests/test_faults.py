@@ -24,7 +24,9 @@ from cosine.launcher import SERVER_RESTORE, stub_processes
 from cosine.serving import wire
 
 SECRET = "test-deployment-secret"
-LIMITS = dict(max_inflight_requests=10, max_queued_tokens=400, max_queued_requests=8, queue_timeout_s=3)
+# queue_timeout_s: long enough that on a slow machine the requests waiting for KV cache in the limits test are
+# served, not timed out (at 3 s, a slow phase once served 9 of its 15 expected requests)
+LIMITS = dict(max_inflight_requests=10, max_queued_tokens=400, max_queued_requests=8, queue_timeout_s=6)
 TARGET_KV = 2048  # small: a few requests fill it, so admission waits and the queue limits are reached
 
 
