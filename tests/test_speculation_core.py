@@ -8,7 +8,7 @@ import pytest
 from cosine.speculation.control import (AcceptanceTracker, CostModel, LinearFit, LoadMonitor,
                                         SpeculationController, SpeculationWindows, expected_tokens)
 from cosine.speculation.fusion import Candidate, TreeBuilder, merge_chains
-from cosine.engine.engine import StepResult
+from cosine.engine.engine import StepError, StepResult
 from cosine.speculation.proposers import DrafterSession, FusionProposer
 from cosine.engine.sampling import SamplingParams
 from cosine.speculation.router import Route, Router
@@ -331,6 +331,34 @@ def test_a_request_drafts_only_while_speculation_pays_and_starts_late_when_it_do
     assert explorer.calls == 1 + 3  # scoring the context so far, then a fused call per position
 
 
+def test_under_load_a_request_starts_its_drafters_in_its_first_round_that_may_speculate():
+    """Not as it arrives: a request arriving in a window that allows speculation would prefill every drafter, and
+    decode plainly to its end if the windows forbid speculation before its first round."""
+    first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
+    sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", first), ("b", explorer))]
+    monitor = LoadMonitor()
+    proposer = FusionProposer(sessions, CooperatingRouter(), monitor, k_max=3)
+    alone = FusionProposer([DrafterSession("c", CountingDrafter(5, 0.9), 2, GreedyRequest())], CooperatingRouter(),
+                           monitor, k_max=3)
+
+    async def rounds():
+        monitor.active_requests = 8
+        await proposer.start([1, 2, 3])  # arrives under load while speculation is allowed
+        calls_at_arrival = first.calls + explorer.calls
+        monitor.windows.allowed = False
+        plain = await proposer.propose([1, 2, 3, 4], budget=10)
+        calls_while_off = first.calls + explorer.calls
+        monitor.windows.allowed = True
+        late = await proposer.propose([1, 2, 3, 4, 7], budget=10)
+        monitor.active_requests = 1
+        await alone.start([1, 2, 3])  # alone, the drafters prefill as the request arrives, beside the target
+        return calls_at_arrival, plain, calls_while_off, late
+    calls_at_arrival, plain, calls_while_off, late = asyncio.run(rounds())
+    assert calls_at_arrival == 0 and plain is None and calls_while_off == 0
+    assert late.sources[0] == "a" and late.tree.tokens[0] == 5  # started (scored, routed) and drafted in one round
+    assert first.calls >= 2 and alone.started
+
+
 # ---- routing ----------------------------------------------------------------------------------------------------
 NAMES = ("code", "math", "chat")
 
@@ -420,6 +448,8 @@ class CountingDrafter:
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
                    candidates=0, score_input=False, draft_q=None, return_q=False):
+        if not input_ids:  # as the engine refuses it: the next token comes from the last fed token's logits
+            raise StepError("input_ids is empty")
         self.calls += 1
         n = extra_tokens + 1
         return StepResult([self.token] * n, [self.prob] * n, [[self.token]] * n, [[self.prob]] * n, -1.0)
@@ -686,7 +716,8 @@ def test_pipelined_drafting_drafts_the_next_round_during_verification(pipelined,
     drafts = asyncio.run(rounds())
     assert [draft.tree.tokens for draft in drafts] == [(5, 5, 5)] * 3
     # each call: (tokens the drafter keeps, tokens fed, tokens drafted)
-    assert drafter.log[:2] == [(None, prompt, 1), (3, [9], 3)]  # prompt scored, first chain drafted
+    # prompt scored (busy: in the first round, with the target's first token), then the first chain drafted
+    assert drafter.log[:2] == [(None, first_round if busy else prompt, 1), (3, [9], 3)]
     if pipelined and not busy:
         assert drafter.log[2:] == [(6, [5], 4),  # during verification: the assumed token, then the next chain
                                    (10, [5], 4),  # the hit used that draft and drafted ahead again

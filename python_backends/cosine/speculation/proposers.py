@@ -85,8 +85,8 @@ class DrafterSession:
         if self.cached is None:
             keep, request = None, self.request
             new = context
-        else:
-            keep, request = common_prefix_length(self.cached, context), None
+        else:  # at least the context's last token is fed: its logits are what the next token comes from
+            keep, request = min(common_prefix_length(self.cached, context), len(context) - 1), None
             new = context[keep:]
         result = await self.engine.step(self.sequence_id, new, request=request, keep_length=keep,
                                         extra_tokens=count - 1, candidates=candidates, score_input=score_input,
@@ -201,11 +201,17 @@ class FusionProposer(Proposer):
         return self.controller.adaptive
 
     async def start(self, prompt_ids: list[int]) -> None:
-        """Every drafter prefills the prompt and scores it; the router picks who cooperates; the rest are freed.
-        While speculation does not pay the deployment, none of this happens: it waits for the first round that may
-        speculate, and then scores the context so far."""
-        if self.adaptive and not self.monitor.speculation_allowed():
+        """Called as the request arrives, so that the drafters prefill while the target does. Under load (more than
+        busy_load requests active) it leaves that to the request's first round that may speculate: there the
+        drafters' prefill takes processor time from the target rather than overlapping it, and a request arriving
+        in an exploring window would prefill every drafter and then decode plainly to its end if the windows forbid
+        speculation before its first round."""
+        if self.adaptive and (not self.monitor.speculation_allowed() or self._busy()):
             return
+        await self._start(prompt_ids)
+
+    async def _start(self, prompt_ids: list[int]) -> None:
+        """Every drafter prefills the prompt and scores it; the router picks who cooperates; the rest are freed."""
         self.started = True
         results = await asyncio.gather(*(s.try_draft(prompt_ids, 1, score_input=True) for s in self.all_sessions))
         logprobs = {s.name: r.input_logprob for s, r in zip(self.all_sessions, results) if r is not None}
@@ -235,8 +241,8 @@ class FusionProposer(Proposer):
         self.top_tokens = []
         if self.adaptive and not self.monitor.speculation_allowed():
             return None
-        if not self.started:
-            await self.start(context)
+        if not self.started:  # the context so far: the request starts drafting late
+            await self._start(context)
         samples = self.all_sessions[0].samples
         siblings = self._siblings()
         load = self.monitor.active_requests
