@@ -10,15 +10,14 @@ from cosine.speculation.control import (AcceptanceTracker, CostModel, LinearFit,
 from cosine.speculation.fusion import Candidate, TreeBuilder, merge_chains
 from cosine.engine.engine import StepError, StepResult
 from cosine.speculation.proposers import DrafterSession, FusionProposer
-from cosine.engine.sampling import SamplingParams
 from cosine.speculation.router import Route, Router
 from cosine.speculation.scheduler import VerificationScheduler
 from cosine.speculation.tree import DraftTree
+from cosine.serving.request import GenerationRequest
 
 
-class GreedyRequest:
-    """What a DrafterSession reads of a request: its sampling parameters."""
-    params = SamplingParams()
+def greedy_request() -> GenerationRequest:
+    return GenerationRequest(prompt="")
 
 
 # ---- fusion -----------------------------------------------------------------------------------------------------
@@ -314,7 +313,7 @@ def test_windows_without_adaptive_requests_do_not_bring_exploring_closer():
 
 def test_a_request_drafts_only_while_speculation_pays_and_starts_late_when_it_does():
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
-    sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", first), ("b", explorer))]
+    sessions = [DrafterSession(name, engine, 1, greedy_request()) for name, engine in (("a", first), ("b", explorer))]
     monitor = LoadMonitor()
     monitor.windows.allowed = False
     proposer = FusionProposer(sessions, CooperatingRouter(), monitor, k_max=3)
@@ -335,10 +334,10 @@ def test_under_load_a_request_starts_its_drafters_in_its_first_round_that_may_sp
     """Not as it arrives: a request arriving in a window that allows speculation would prefill every drafter, and
     decode plainly to its end if the windows forbid speculation before its first round."""
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
-    sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", first), ("b", explorer))]
+    sessions = [DrafterSession(name, engine, 1, greedy_request()) for name, engine in (("a", first), ("b", explorer))]
     monitor = LoadMonitor()
     proposer = FusionProposer(sessions, CooperatingRouter(), monitor, k_max=3)
-    alone = FusionProposer([DrafterSession("c", CountingDrafter(5, 0.9), 2, GreedyRequest())], CooperatingRouter(),
+    alone = FusionProposer([DrafterSession("c", CountingDrafter(5, 0.9), 2, greedy_request())], CooperatingRouter(),
                            monitor, k_max=3)
 
     async def rounds():
@@ -357,6 +356,8 @@ def test_under_load_a_request_starts_its_drafters_in_its_first_round_that_may_sp
     assert calls_at_arrival == 0 and plain is None and calls_while_off == 0
     assert late.sources[0] == "a" and late.tree.tokens[0] == 5  # started (scored, routed) and drafted in one round
     assert first.calls >= 2 and alone.started
+    # a late start reserves what the request has left: 64 tokens asked, 2 generated before the drafters joined
+    assert first.admitted == explorer.admitted == [(64 - 2, 0)]
 
 
 # ---- routing ----------------------------------------------------------------------------------------------------
@@ -445,11 +446,14 @@ class CountingDrafter:
 
     def __init__(self, token: int, prob: float):
         self.token, self.prob, self.calls = token, prob, 0
+        self.admitted = []  # (max_tokens, min_length) of each admission
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
                    candidates=0, score_input=False, draft_q=None, return_q=False):
         if not input_ids:  # as the engine refuses it: the next token comes from the last fed token's logits
             raise StepError("input_ids is empty")
+        if request is not None:  # a sequence's first step: what it reserves
+            self.admitted.append((request.max_tokens, request.min_length))
         self.calls += 1
         n = extra_tokens + 1
         return StepResult([self.token] * n, [self.prob] * n, [[self.token]] * n, [[self.prob]] * n, -1.0)
@@ -468,7 +472,7 @@ class CooperatingRouter:
 
 def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
-    sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", first), ("b", explorer))]
+    sessions = [DrafterSession(name, engine, 1, greedy_request()) for name, engine in (("a", first), ("b", explorer))]
     proposer = FusionProposer(sessions, CooperatingRouter(), LoadMonitor(), k_max=3, exploring_rounds=2)
 
     async def rounds():
@@ -591,7 +595,7 @@ class CandidatesDrafter(CountingDrafter):
 def test_fusion_follows_the_more_confident_drafter_and_skips_worthless_siblings():
     unsure = CandidatesDrafter([(6, 0.4), (9, 0.0)])  # ranked first by the router, but unsure
     sure = CandidatesDrafter([(5, 0.9), (8, 0.05)])
-    sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", unsure), ("b", sure))]
+    sessions = [DrafterSession(name, engine, 1, greedy_request()) for name, engine in (("a", unsure), ("b", sure))]
     proposer = FusionProposer(sessions, CooperatingRouter(), LoadMonitor(), k_max=2, exploring_rounds=2)
 
     async def draft():
@@ -635,7 +639,7 @@ def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_spe
     monitor.active_requests = 1
     for tokens in (1, 2, 4, 8):
         monitor.observe_verify(1, tokens, 0.002 + 0.0001 * tokens)  # a fast verifier: 2 ms a pass
-    session = DrafterSession("far", DistantDrafter(5, 0.9, round_trip_s=0.03), 1, GreedyRequest())
+    session = DrafterSession("far", DistantDrafter(5, 0.9, round_trip_s=0.03), 1, greedy_request())
     proposer = FusionProposer([session], OnlyRouter(), monitor, k_max=4)
 
     async def rounds():
@@ -659,7 +663,7 @@ def test_where_fused_drafting_does_not_pay_the_first_choice_drafts_alone_at_once
     for positions in (2, 4, 8):
         monitor.observe_draft(positions, 0.05 * positions, fused=True)  # a round trip per position, each 50 ms
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
-    sessions = [DrafterSession(name, engine, 1, GreedyRequest()) for name, engine in (("a", first), ("b", explorer))]
+    sessions = [DrafterSession(name, engine, 1, greedy_request()) for name, engine in (("a", first), ("b", explorer))]
     proposer = FusionProposer(sessions, CooperatingRouter(), monitor, k_max=4)
 
     async def draft():
@@ -698,7 +702,7 @@ def test_pipelined_drafting_drafts_the_next_round_during_verification(pipelined,
     drafter = RecordingDrafter()
     monitor = LoadMonitor()
     monitor.active_requests = 3 if busy else 1
-    proposer = FusionProposer([DrafterSession("a", drafter, 1, GreedyRequest())], OneDrafterRouter(), monitor,
+    proposer = FusionProposer([DrafterSession("a", drafter, 1, greedy_request())], OneDrafterRouter(), monitor,
                               k_max=3, pipelined=pipelined)
     prompt = [1, 2, 3]
     first_round = prompt + [9]  # the target's first token
