@@ -42,29 +42,22 @@ def _sparse_q(prefix: str, q: list[torch.Tensor | None]) -> dict[str, np.ndarray
 def _dense_q(values: dict[str, np.ndarray], prefix: str, rows: np.ndarray) -> list[torch.Tensor | None]:
     """The inverse of _sparse_q, given each sequence's row count; raises ValueError naming the array."""
     vocab, counts = values[f"{prefix}_vocab"], values[f"{prefix}_counts"]
-    ids, probs = values[f"{prefix}_ids"], values[f"{prefix}_probs"]
+    ids, probs = values[f"{prefix}_ids"].astype(np.int64), values[f"{prefix}_probs"].astype(np.float32)
     rows = np.where(vocab > 0, rows, 0)
     if len(counts) != rows.sum() or (counts < 0).any():
         raise ValueError(f"{prefix}_counts: expected one count per q row ({rows.sum()}), got {len(counts)}")
     if not len(ids) == len(probs) == counts.sum():
         raise ValueError(f"{prefix}_ids, {prefix}_probs: {len(ids)} and {len(probs)} entries where "
                          f"{prefix}_counts sums to {counts.sum()}")
-    out, row, entry = [], 0, 0
-    for n, width in zip(rows.tolist(), vocab.tolist()):
-        if not n:
-            out.append(None)
-            continue
-        row_counts = counts[row:row + n]
-        size = int(row_counts.sum())
-        token = ids[entry:entry + size].astype(np.int64)
-        if size and not 0 <= token.min() <= token.max() < width:
-            raise ValueError(f"{prefix}_ids: token ids must be in [0, {width})")
-        dense = torch.zeros(n, width)
-        dense[torch.from_numpy(np.repeat(np.arange(n), row_counts)), torch.from_numpy(token)] = \
-            torch.from_numpy(probs[entry:entry + size].astype(np.float32))
-        out.append(dense)
-        row, entry = row + n, entry + size
-    return out
+    row_of_entry = np.repeat(np.arange(len(counts)), counts)
+    width_of_row = np.repeat(vocab, rows)
+    if len(ids) and not ((ids >= 0) & (ids < width_of_row[row_of_entry])).all():
+        raise ValueError(f"{prefix}_ids: token ids must be in [0, the sequence's {prefix}_vocab)")
+    # every sequence's rows in one tensor, as wide as the widest vocabulary; each takes its rows and columns
+    dense = torch.zeros(len(counts), int(vocab.max(initial=0)))
+    dense[torch.from_numpy(row_of_entry), torch.from_numpy(ids)] = torch.from_numpy(probs)
+    blocks = iter(dense.split(rows[rows > 0].tolist()))
+    return [next(blocks)[:, :width] if n else None for n, width in zip(rows.tolist(), vocab.tolist())]
 
 
 def pack_steps(steps: list[StepRequest]) -> dict[str, np.ndarray]:

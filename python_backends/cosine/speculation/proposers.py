@@ -80,10 +80,11 @@ class DrafterSession:
         self.failed = False
         self.samples = not request.params.greedy  # its tokens are draws from q: the engine returns q with them
 
-    def joins_after(self, generated: int) -> None:
-        """The request had generated this many tokens when this drafter first sees it (a late start): it has that
-        many fewer to go, which is what the drafter reserves KV cache for and bans the end token during."""
-        self.request = dataclasses.replace(self.request, max_tokens=self.request.max_tokens - generated,
+    def joins_late(self, remaining: int) -> None:
+        """The drafter first sees the request when it has `remaining` tokens left to generate (a late start): what
+        the drafter reserves KV cache for, and its end-token ban counted from there."""
+        generated = self.request.max_tokens - remaining
+        self.request = dataclasses.replace(self.request, max_tokens=remaining,
                                            min_length=max(self.request.min_length - generated, 0))
 
     async def draft(self, context: list[int], count: int, candidates: int = 0, score_input: bool = False):
@@ -194,7 +195,6 @@ class FusionProposer(Proposer):
         self.exploring_rounds = exploring_rounds
         self.fused_rounds = 0
         self.started = False  # the drafters scored the context and the router chose
-        self.prompt_length: int | None = None  # start() sees the prompt, whether or not the drafters start then
         self.route: Route | None = None
         self.top_tokens: list[dict[str, int]] = []  # per depth of the last draft: drafter -> its top token
         self.pipelined = pipelined
@@ -213,18 +213,17 @@ class FusionProposer(Proposer):
         drafters' prefill takes processor time from the target rather than overlapping it, and a request arriving
         in an exploring window would prefill every drafter and then decode plainly to its end if the windows forbid
         speculation before its first round."""
-        self.prompt_length = len(prompt_ids)
         if self.adaptive and (not self.monitor.speculation_allowed() or self._busy()):
             return
         await self._start(prompt_ids)
 
-    async def _start(self, context: list[int]) -> None:
-        """Every drafter prefills the context (the prompt, or on a late start what the request has so far) and
-        scores it; the router picks who cooperates; the rest are freed."""
+    async def _start(self, context: list[int], remaining: int | None = None) -> None:
+        """Every drafter prefills the context (the prompt, or on a late start what the request has so far, with
+        `remaining` tokens left to generate) and scores it; the router picks who cooperates; the rest are freed."""
         self.started = True
-        if self.prompt_length is not None:
+        if remaining is not None:
             for session in self.all_sessions:
-                session.joins_after(len(context) - self.prompt_length)
+                session.joins_late(remaining)
         results = await asyncio.gather(*(s.try_draft(context, 1, score_input=True) for s in self.all_sessions))
         logprobs = {s.name: r.input_logprob for s, r in zip(self.all_sessions, results) if r is not None}
         if not logprobs:
@@ -254,7 +253,7 @@ class FusionProposer(Proposer):
         if self.adaptive and not self.monitor.speculation_allowed():
             return None
         if not self.started:  # the context so far: the request starts drafting late
-            await self._start(context)
+            await self._start(context, remaining=budget + 1)  # budget: tokens left besides this round's own
         samples = self.all_sessions[0].samples
         siblings = self._siblings()
         load = self.monitor.active_requests
