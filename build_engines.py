@@ -13,7 +13,7 @@
                                                   write the repository of one node of a multi-node spec (its
                                                   drafters only; `main`, the default, is the target's node)
 
-Every mode writes a deployment spec (YAML: models, paths, instances, batching, KV budget, ports) and generates the
+Every mode writes a deployment spec (YAML: models, paths, target replicas, batching, KV budget, ports) and generates the
 model repository from it. Re-running with unchanged inputs does no training and rebuilds no engine.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ from tiny_models import PROMPTS
 from cosine.engine.checkpoint import load_causal_lm
 from cosine.engine.engine import CausalLMEngine, StepRequest, StepResult
 from cosine.serving import wire
-from cosine.serving.batching import CoalescingEngine
+from cosine.serving.batching import CoalescingEngine, ReplicatedEngine
 from cosine.serving.errors import ServingError
 from cosine.serving.request import GenerationRequest
 from cosine.speculation.tree import DraftTree
@@ -57,6 +57,62 @@ def test_calls_of_one_tick_go_as_one_engine_call(engine, llama):
     assert together == alone
     assert calls == [len(prompts)] * 9  # prefill, 7 decode steps, release: every call carries every sequence
     assert engine.active_sequences == 0
+
+
+def test_replicas_each_step_their_own_sequences_and_outputs_equal_one_engine(llama):
+    """Data parallelism: sequences spread over the replicas by load, every step of a sequence goes to the replica
+    that admitted it (its KV cache is there), and the output equals one engine's."""
+    from transformers import AutoTokenizer
+
+    prompts = [AutoTokenizer.from_pretrained(llama).encode(p) for p in PROMPTS]
+    transports = [InProcessEngine(CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)) for _ in range(2)]
+    replicated = ReplicatedEngine([CoalescingEngine(f"target_{i}", transport) for i, transport in enumerate(transports)])
+    single = CoalescingEngine("target", InProcessEngine(CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)))
+
+    async def generate(engine, sequence_id, prompt, tokens=6):
+        out = (await engine.step(sequence_id, prompt, request=GenerationRequest("x", max_tokens=tokens))).tokens
+        while len(out) < tokens:
+            out += (await engine.step(sequence_id, out[-1:])).tokens
+        await engine.release(sequence_id)
+        return out
+
+    async def main():
+        return (await asyncio.gather(*(generate(replicated, i, p) for i, p in enumerate(prompts))),
+                await asyncio.gather(*(generate(single, i, p) for i, p in enumerate(prompts))))
+    spread, one = asyncio.run(main())
+    assert spread == one
+    # a sequence that ever went to the wrong replica fails there ("not active"): the calls show the split
+    assert [max(transport.calls) for transport in transports] == [(len(prompts) + 1) // 2, len(prompts) // 2]
+    assert all(transport.engine.active_sequences == 0 for transport in transports) and not replicated.home
+
+
+def test_a_replica_that_refuses_an_admission_passes_it_on():
+    """KV cache full or process died: the next replica takes the sequence, and keeps it; all refusing fails it."""
+    class Replica:
+        def __init__(self, name, full):
+            self.name, self.full, self.steps = name, full, []
+
+        async def step(self, sequence_id, input_ids, draft=None, *, request=None, **kwargs):
+            if request is not None and self.full:
+                raise ServingError(f"{self.name}: KV cache full", ServingError.UNAVAILABLE)
+            self.steps.append(sequence_id)
+            return StepResult([1], [1.0], [[]], [[]])
+
+        async def release(self, sequence_id):
+            self.steps.append(-sequence_id)
+    full, free = Replica("target", full=True), Replica("target_1", full=False)
+    replicated = ReplicatedEngine([full, free])
+    request = GenerationRequest("x", max_tokens=4)
+
+    async def main():
+        await replicated.step(7, [1], request=request)  # both hold none: `target` is asked first and refuses
+        await replicated.step(7, [2])
+        await replicated.release(7)
+        free.full = True
+        with pytest.raises(ServingError, match="target_1: KV cache full"):
+            await replicated.step(8, [1], request=request)
+    asyncio.run(main())
+    assert free.steps == [7, 7, -7] and full.steps == [] and not replicated.home
 
 
 def test_a_bad_sequence_fails_alone_and_names_its_input(engine):

@@ -12,6 +12,7 @@ import pytest
 from conftest import FIXTURE_EXIT_TIMEOUT_S
 from test_server import as_list, generate
 
+from cosine.deploy.spec import default_replicas, target_model_names
 from cosine.launcher import TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +103,9 @@ def test_user_checkpoints_make_a_deployment(tiny_zoo, tmp_path):
     done = build_engines("--target", tiny_zoo / "target", "--drafter", f"code={tiny_zoo / 'drafters' / 'code'}",
                          "--out-spec", tmp_path / "spec.yaml", "--repository", tmp_path / "repository")
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in (tmp_path / "repository").iterdir()) == [
-        "cosine", "drafter_code", "postprocessing", "preprocessing", "router", "target"]
+    assert sorted(p.name for p in (tmp_path / "repository").iterdir()) == sorted([
+        "cosine", "drafter_code", "postprocessing", "preprocessing", "router",
+        *target_model_names(default_replicas("cpu"))])
 
 
 def test_each_node_of_a_multi_node_spec_gets_its_repository(llama, tmp_path):

@@ -34,7 +34,8 @@ TARGET_KV = 2048  # small: a few requests fill it, so admission waits and the qu
 def faults_server(tmp_path_factory, tiny_dir, llama):
     root = tmp_path_factory.mktemp("faults")
     engine = {"num_threads": 1, "idle_timeout_s": 30}
-    spec = dict(LIMITS, target=dict(engine, checkpoint=str(llama), kv_cache_tokens=TARGET_KV),
+    # one replica: these tests fill one target's KV budget and kill its one process
+    spec = dict(LIMITS, target=dict(engine, checkpoint=str(llama), kv_cache_tokens=TARGET_KV, replicas=1),
                 drafters={"itself": dict(engine, checkpoint=str(llama), kv_cache_tokens=8192)},
                 speculation_mode="vanilla")
     server = start_server(spec, root, env={DEPLOYMENT_SECRET_ENV: SECRET}, text_models=False)

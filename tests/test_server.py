@@ -14,6 +14,7 @@ import tritonclient.grpc as grpcclient
 from tiny_models import PROMPTS, reference_generate
 from tritonclient.utils import InferenceServerException
 
+from cosine.deploy.spec import default_replicas, target_model_names
 from cosine_client.api import grpc_inputs
 
 
@@ -61,19 +62,26 @@ def test_greedy_matches_transformers_generate(server, llama, prompt, max_tokens)
 
 
 def test_concurrent_requests_batch_and_match_alone(server, llama):
+    """Also across the target's replicas (this machine's default, up to 2): each takes its share of the requests."""
     alone = {p: as_list(generate(server, text_input=p, max_tokens=32)["output_ids"]) for p in PROMPTS}
-    steps_before = metric(server, "cosine_engine_batch_requests_total", model="target")
-    batches_before = metric(server, "cosine_engine_batches_total", model="target")
+    replicas = target_model_names(default_replicas("cpu"))
+    counters = lambda: {(name, model): metric(server, name, model=model)  # noqa: E731
+                        for name in ("cosine_engine_batch_requests_total", "cosine_engine_batches_total")
+                        for model in replicas}
+    before = counters()
     prompts = PROMPTS * 4
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(lambda p: as_list(generate(server, text_input=p, max_tokens=32)["output_ids"]),
                                  prompts))
     assert together == [alone[p] for p in prompts]
     assert alone[PROMPTS[1]] == reference_generate(llama, PROMPTS[1], 32)
-    steps = metric(server, "cosine_engine_batch_requests_total", model="target") - steps_before
-    batches = metric(server, "cosine_engine_batches_total", model="target") - batches_before
-    # one coalesced call per tick: 32 requests share most engine calls (one BLS call per request: ~2-4)
-    assert steps / batches > 8, f"{steps} steps in {batches} forwards: concurrent requests were not batched"
+    after = counters()
+    for model in replicas:
+        steps = after["cosine_engine_batch_requests_total", model] - before["cosine_engine_batch_requests_total", model]
+        batches = after["cosine_engine_batches_total", model] - before["cosine_engine_batches_total", model]
+        # one coalesced call per tick: the requests share most engine calls (one BLS call per request: ~2-4)
+        assert steps / batches > 8 / len(replicas), \
+            f"{model}: {steps} steps in {batches} forwards: concurrent requests were not batched"
 
 
 def test_stream_concatenates_to_generate_and_grpc_agrees(server):

@@ -4,7 +4,10 @@ import json
 import pytest
 
 from cosine.deploy.repository import write_repository
-from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec
+from cosine.deploy.spec import (SpecError, default_replicas, dump_spec, engine_of, load_spec, parse_spec,
+                                target_model_names)
+
+TARGETS = target_model_names(default_replicas("cpu"))  # this machine's default: one per core, up to 2
 
 
 @pytest.mark.parametrize("raw,field", [
@@ -26,6 +29,9 @@ from cosine.deploy.spec import SpecError, dump_spec, load_spec, parse_spec
     ({"target": {"checkpoint": "llama"}, "nodes": {"b": {"url": "8001"}}}, "nodes.b.url"),
     ({"target": {"checkpoint": "llama"}, "nodes": {"main": {"url": "h:1"}}}, "nodes"),
     ({"target": {"checkpoint": "llama"}, "drafter_timeout_s": 0}, "drafter_timeout_s"),
+    ({"target": {"checkpoint": "llama", "replicas": 0}}, "target.replicas"),
+    ({"target": {"checkpoint": "llama"}, "drafters": {"a": {"checkpoint": "llama", "replicas": 2}}},
+     "drafters.a.replicas"),
 ])
 def test_invalid_specs_name_the_field(tiny_dir, raw, field):
     with pytest.raises(SpecError) as caught:
@@ -43,8 +49,8 @@ def test_spec_round_trips_and_renders_a_repository(tiny_dir, tmp_path):
                        "drafters": {"code": {"checkpoint": "llama"}}}, tiny_dir)
     assert_round_trips(spec, tmp_path)
     repo = write_repository(spec, tmp_path / "repo", relative_paths=True)
-    assert sorted(p.name for p in repo.iterdir()) == ["cosine", "drafter_code", "postprocessing", "preprocessing",
-                                                      "router", "target"]
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["cosine", "drafter_code", "postprocessing",
+                                                             "preprocessing", "router", *TARGETS])
     target = (repo / "target" / "config.pbtxt").read_text()
     assert '"kv_cache_tokens" value: { string_value: "1234" }' in target
     assert "allow_ragged_batch: true" in target
@@ -53,6 +59,26 @@ def test_spec_round_trips_and_renders_a_repository(tiny_dir, tmp_path):
     without_drafters = parse_spec({"target": {"checkpoint": "llama"}}, tiny_dir)
     write_repository(without_drafters, repo)
     assert not (repo / "drafter_code").exists()
+
+
+def test_each_target_replica_is_a_model_of_its_own(tiny_dir, tmp_path):
+    """replicas: N target models (the cosine model spreads sequences over them), each told N so that it takes its
+    share of the cores; fewer replicas later leave no stale model behind."""
+    spec = parse_spec({"target": {"checkpoint": "llama", "replicas": 3}}, tiny_dir)
+    assert_round_trips(spec, tmp_path)
+    repo = write_repository(spec, tmp_path / "repo")
+    assert sorted(p.name for p in repo.iterdir() if p.name.startswith("target")) == ["target", "target_1", "target_2"]
+    cosine = (repo / "cosine" / "config.pbtxt").read_text()
+    assert '"target_model" value: { string_value: "target,target_1,target_2" }' in cosine
+    assert "target_2=portable" in cosine
+    for name in ("target", "target_1", "target_2"):
+        config = (repo / name / "config.pbtxt").read_text()
+        assert f'name: "{name}"' in config and '"replicas" value: { string_value: "3" }' in config
+        assert engine_of(name) == "target"
+    assert engine_of("drafter_code") == "drafter_code"
+    write_repository(parse_spec({"target": {"checkpoint": "llama", "replicas": 1}}, tiny_dir), repo)
+    assert sorted(p.name for p in repo.iterdir() if p.name.startswith("target")) == ["target"]
+    assert default_replicas("gpu") == 1
 
 
 def test_each_node_gets_its_own_repository(tiny_dir, tmp_path):
@@ -64,8 +90,8 @@ def test_each_node_gets_its_own_repository(tiny_dir, tmp_path):
                        "drafter_timeout_s": 2.5}, tiny_dir)
     assert_round_trips(spec, tmp_path)
     main = write_repository(spec, tmp_path / "main")
-    assert sorted(p.name for p in main.iterdir()) == ["cosine", "drafter_math", "postprocessing", "preprocessing",
-                                                      "router", "target"]
+    assert sorted(p.name for p in main.iterdir()) == sorted(["cosine", "drafter_math", "postprocessing",
+                                                             "preprocessing", "router", *TARGETS])
     cosine = (main / "cosine" / "config.pbtxt").read_text()
     assert '"remote_drafters" value: { string_value: "code=10.0.0.2:9001,chat=10.0.0.2:9001" }' in cosine
     assert '"drafter_timeout_s" value: { string_value: "2.5" }' in cosine

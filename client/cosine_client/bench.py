@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cosine.contract import SPECULATION_MODES
+from cosine.deploy.spec import engine_of
 
 from .api import grpc_generate, http_generate
 from .plots import write_plots
@@ -67,7 +68,8 @@ ENGINE_COUNTERS = {"cosine_engine_busy_seconds_total": "busy_seconds", "cosine_e
 
 
 def engine_counters(metrics_url: str | None) -> dict[str, dict[str, float]]:
-    """model -> {busy_seconds, passes, sequences} of every engine model, from the Prometheus endpoint."""
+    """engine -> {busy_seconds, passes, sequences} of every engine, from the Prometheus endpoint; the target's
+    replicas summed (its busy fraction then counts busy processes: up to its number of replicas)."""
     if not metrics_url:
         return {}
     import urllib.request
@@ -77,8 +79,9 @@ def engine_counters(metrics_url: str | None) -> dict[str, dict[str, float]]:
     for line in text.splitlines():
         name = line.split("{", 1)[0]
         if name in ENGINE_COUNTERS:
-            model = line.split('model="', 1)[1].split('"', 1)[0]
-            counters.setdefault(model, {})[ENGINE_COUNTERS[name]] = float(line.rsplit(" ", 1)[1])
+            engine = engine_of(line.split('model="', 1)[1].split('"', 1)[0])
+            totals = counters.setdefault(engine, {})
+            totals[ENGINE_COUNTERS[name]] = totals.get(ENGINE_COUNTERS[name], 0.0) + float(line.rsplit(" ", 1)[1])
     return counters
 
 
@@ -243,15 +246,18 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
 def references_table(rows: list[dict], references: dict) -> str:
     """Served plain decoding and cosine against the in-process references at every concurrency."""
     served = {(row["level"], row["mode"]): row["tokens_per_s"] for row in rows if row["load"] == "concurrency"}
-    lines = [f"in-process references: {references['threads']} torch threads, prompts of "
-             f"{references['prompt_tokens']} tokens",
+    replicas = references.get("replicas", 1)
+    lines = [f"in-process references: {references['threads']} torch threads (one served target replica's; the "
+             f"target has {replicas}), prompts of {references['prompt_tokens']} tokens",
              "| concurrency | served autoregressive | engine in-process | transformers batched | served / engine "
-             "| served / transformers | served cosine |", "|---|---|---|---|---|---|---|"]
+             f"| served / transformers | transformers batched, {references.get('cores', '?')} threads "
+             "| served / that | served cosine |", "|---|---|---|---|---|---|---|---|---|"]
     for level, decode in sorted(references["decode"].items(), key=lambda item: float(item[0])):
         plain = served.get((float(level), "autoregressive"), float("nan"))
+        all_cores = decode.get("transformers_all_cores", float("nan"))
         lines.append(f"| {level} | {plain:.0f} | {decode['engine']:.0f} | {decode['transformers']:.0f} | "
-                     f"{plain / decode['engine']:.2f} | {plain / decode['transformers']:.2f} | "
-                     f"{served.get((float(level), 'cosine'), float('nan')):.0f} |")
+                     f"{plain / decode['engine']:.2f} | {plain / decode['transformers']:.2f} | {all_cores:.0f} | "
+                     f"{plain / all_cores:.2f} | {served.get((float(level), 'cosine'), float('nan')):.0f} |")
     if "assisted_generation_c1" in references:
         assisted = references["assisted_generation_c1"]
         cosine = served.get((1.0, "cosine"), float("nan"))

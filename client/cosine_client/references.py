@@ -6,6 +6,7 @@ Imports torch, transformers and cosine.engine only, so that it runs on a bare CU
 from __future__ import annotations
 
 import inspect
+import os
 import time
 
 import torch
@@ -112,18 +113,21 @@ def assisted_generation_rate(target, drafter, prompts_ids: list[list[int]], new_
 
 
 def deployment_references(spec_path, concurrencies, prompts: list[str], max_tokens: int, progress=print) -> dict:
-    """The physical references of a deployment, measured in this process on its own checkpoints with the target
-    engine's torch threads: the engine's batched decode rate and transformers' batched decode at every concurrency
-    (batch = concurrency), and at concurrency 1 transformers' assisted generation with the general drafter on the
-    same prompts."""
+    """The physical references of a deployment, measured in this process on its own checkpoints with the torch
+    threads of one served target replica: the engine's batched decode rate and transformers' batched decode at every
+    concurrency (batch = concurrency), and at concurrency 1 transformers' assisted generation with the general
+    drafter on the same prompts. Where the target's replicas use more cores than one replica's threads,
+    transformers' batched decode with every core's threads too (the served target then uses them all)."""
 
     from transformers import AutoTokenizer
 
-    from cosine.deploy.spec import engine_threads, load_spec
+    from cosine.deploy.spec import engine_threads, load_spec, target_replicas
     from cosine.engine.checkpoint import load_causal_lm
 
     spec = load_spec(spec_path)
-    threads = engine_threads(spec.target.num_threads or 0)  # what the served target uses
+    replicas = target_replicas(spec.target)
+    threads = engine_threads(spec.target.num_threads or 0, replicas)  # what each served target replica uses
+    cores = len(os.sched_getaffinity(0))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -131,7 +135,7 @@ def deployment_references(spec_path, concurrencies, prompts: list[str], max_toke
         tokenizer = AutoTokenizer.from_pretrained(str(spec.tokenizer_dir), local_files_only=True)
         prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
         prompt_len = round(sum(map(len, prompt_ids)) / len(prompt_ids))
-        out = {"threads": threads, "prompt_tokens": prompt_len, "decode": {}}
+        out = {"threads": threads, "replicas": replicas, "cores": cores, "prompt_tokens": prompt_len, "decode": {}}
         for concurrency in concurrencies:
             progress(f"in-process references at batch {concurrency}")
             out["decode"][concurrency] = {
@@ -139,6 +143,11 @@ def deployment_references(spec_path, concurrencies, prompts: list[str], max_toke
                 # the engine fuses the model's projections in place: measured last, on a model of its own
                 "engine": engine_decode_rate(load_causal_lm(spec.target.checkpoint), concurrency, max_tokens,
                                              prompt_len)}
+            if replicas * threads > threads and concurrency > 1:
+                torch.set_num_threads(cores)
+                out["decode"][concurrency]["transformers_all_cores"] = transformers_decode_rate(
+                    target, concurrency, max_tokens, prompt_len)
+                torch.set_num_threads(threads)
         if spec.vanilla_drafter:
             progress("in-process assisted generation")
             drafter = load_causal_lm(spec.drafters[spec.vanilla_drafter].checkpoint)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
 from ..engine.checkpoint import max_context_tokens, read_config
-from .spec import MAIN_NODE, TARGET, TRTLLM, DeploymentSpec, EngineSpec, SpecError, drafter_model_name
+from .spec import (MAIN_NODE, TARGET, TRTLLM, DeploymentSpec, EngineSpec, SpecError, drafter_model_name,
+                   target_model_names, target_replicas)
 
 # The checked-in repository holds the one model.py of each kind of model.
 ADAPTERS = Path(__file__).resolve().parents[3] / "model_repository"
@@ -31,14 +32,14 @@ def read_mapping_parameter(text: str) -> dict[str, str]:
 
 
 def _config(name: str, contract, max_batch_size: int, parameters: dict, *, backend: str = "python",
-            instances: int = 1, kind: str = "KIND_CPU", dynamic_batching: str | None = None,
-            decoupled: bool = False) -> str:
+            kind: str = "KIND_CPU", dynamic_batching: str | None = None, decoupled: bool = False) -> str:
     lines = [f'name: "{name}"', f'backend: "{backend}"', f"max_batch_size: {max_batch_size}"]
     if dynamic_batching is not None:
         lines.append(f"dynamic_batching {{ {dynamic_batching} }}")
     if decoupled:
         lines.append("model_transaction_policy { decoupled: true }")
-    lines.append(f"instance_group [ {{ kind: {kind} count: {instances} }} ]")
+    # one instance: an engine's sequences live in its process (more throughput comes from the target's replicas)
+    lines.append(f"instance_group [ {{ kind: {kind} count: 1 }} ]")
     return "\n".join(lines) + "\n" + contract.pbtxt_io() + _parameters(parameters)
 
 
@@ -47,11 +48,12 @@ def _engine_config(name: str, engine: EngineSpec, path, is_target: bool) -> str:
         "checkpoint_dir": path(engine.checkpoint),
         "kv_cache_tokens": engine.kv_cache_tokens,
         "max_draft_tokens": engine.max_draft_tokens,
-        # 0: counted where the engine runs (spec.engine_threads)
+        # 0: counted where the engine runs, shared among the replicas (spec.engine_threads)
         "num_threads": engine.num_threads or (0 if is_target else 1),
+        "replicas": target_replicas(engine) if is_target else 1,
         "dtype": engine.dtype,
         "idle_timeout_s": engine.idle_timeout_s,
-    }, instances=engine.instances, kind="KIND_GPU" if engine.device == "gpu" else "KIND_CPU",
+    }, kind="KIND_GPU" if engine.device == "gpu" else "KIND_CPU",
         dynamic_batching=f"max_queue_delay_microseconds: {engine.max_queue_delay_us}")
 
 
@@ -135,15 +137,16 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
     if node != MAIN_NODE:
         return drafters
     tokenizer = {"tokenizer_dir": path(spec.tokenizer_dir)}
+    targets = target_model_names(target_replicas(spec.target))
     configs = {
         PREPROCESSING_MODEL: (PREPROCESSING_MODEL, _config(PREPROCESSING_MODEL, PREPROCESSING, 64, tokenizer,
                                                            dynamic_batching="max_queue_delay_microseconds: 500")),
         POSTPROCESSING_MODEL: (POSTPROCESSING_MODEL, _config(POSTPROCESSING_MODEL, POSTPROCESSING, 64, tokenizer,
                                                              dynamic_batching="max_queue_delay_microseconds: 500")),
-        TARGET: _model_config(TARGET, spec.target, path, is_target=True),
+        **{name: _model_config(name, spec.target, path, is_target=True) for name in targets},
         # at its limits the model blocks execute: the backlog waits in Triton's queue (serving/limits.py)
         COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
-            "target_model": TARGET,
+            "target_model": ",".join(targets),  # its replicas
             "tokenizer_dir": path(spec.tokenizer_dir),
             "router_model": ROUTER_MODEL if spec.drafters else "",
             "drafters": ",".join(spec.drafters),
@@ -192,8 +195,8 @@ def write_repository(spec: DeploymentSpec, out_dir: str | Path, relative_paths: 
 
     configs = model_configs(spec, path, node)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(drafter_model_name("*")):  # drafters the spec no longer has
-        if stale.name not in configs:
+    for stale in [*out_dir.glob(drafter_model_name("*")), *out_dir.glob(f"{TARGET}_*")]:  # models the spec no
+        if stale.name not in configs:  # longer has
             shutil.rmtree(stale)
     for model, (adapter, config) in configs.items():
         model_dir = out_dir / model

@@ -59,7 +59,9 @@ MAIN_NODE = "main"  # the node of the target, `cosine`, the router and every dra
 class EngineSpec:
     checkpoint: Path
     trtllm: TrtllmSpec | None = None  # kind trtllm: its engine's settings; None: kind portable
-    instances: int = 1
+    # The target's data-parallel replicas: each its own Triton model and process with its own KV cache, a sequence
+    # kept on the replica that admitted it. None: default_replicas (the target); a drafter has one.
+    replicas: int | None = None
     device: str = "cpu"  # cpu | gpu
     kv_cache_tokens: int = 32768
     max_batch_size: int = 32
@@ -133,8 +135,9 @@ class DeploymentSpec:
         return self.tokenizer or self.target.checkpoint
 
     def engines(self) -> dict[str, tuple[str, EngineSpec]]:
-        """{Triton model name: (the spec field that sets it, its engine)} of every engine, the target first."""
-        return {TARGET: ("target", self.target),
+        """{Triton model name: (the spec field that sets it, its engine)} of every engine, the target's replicas
+        first."""
+        return {**{name: ("target", self.target) for name in target_model_names(target_replicas(self.target))},
                 **{drafter_model_name(name): (f"drafters.{name}", drafter) for name, drafter in self.drafters.items()}}
 
     def drafters_on(self, node: str) -> dict[str, EngineSpec]:
@@ -147,17 +150,47 @@ def _positive_int(where: str, value, allow_zero: bool = False) -> int:
     return value
 
 
-def engine_threads(configured: int) -> int:
-    """Torch threads of an engine process: as configured, or (0) every core this process may use but one, counted
-    where it runs. The core left over is for the `cosine` orchestrator, tritonserver, the drafters and the clients:
-    an engine whose threads share cores with them stalls at every parallel region until its preempted thread comes
-    back. Measured on 2 cores, the target on 1 thread against 2 served plain decoding at 72 against 54-66 tokens/s
-    at c1, 273 against 219 at c8, 349 against 369 at c32, and cosine (k 6) at 397 against 338 at c32."""
-    return configured or max(1, len(os.sched_getaffinity(0)) - 1)
+def engine_threads(configured: int, replicas: int = 1) -> int:
+    """Torch threads of an engine process: as configured, or (0) its share of every core this process may use but
+    one, counted where it runs, among the engine's `replicas`. The core left over is for the `cosine` orchestrator,
+    tritonserver, the drafters and the clients: an engine whose threads share cores with them stalls at every
+    parallel region until its preempted thread comes back. Measured on 2 cores, the target on 1 thread against 2
+    served plain decoding at 72 against 54-66 tokens/s at c1, 273 against 219 at c8, 349 against 369 at c32, and
+    cosine (k 6) at 397 against 338 at c32."""
+    return configured or max(1, (len(os.sched_getaffinity(0)) - 1) // replicas)
+
+
+MAX_DEFAULT_REPLICAS = 2  # more were not measured
+
+
+def default_replicas(device: str) -> int:
+    """The target's replicas when the spec names none: on a CPU one per core, up to MAX_DEFAULT_REPLICAS, counted
+    where the repository is written; on a GPU one, which batches every sequence in one process.
+    Measured on 2 cores (demo zoo, session 12), two single-thread target processes against one: plain decoding 747
+    against 400 tokens/s at c32 and 429 against 328 at c8, cosine 606 against 469 and 343 against 268, c1 unchanged.
+    Two processes of one thread use both cores where one process of two threads stalls in every parallel region
+    (engine_threads). Each replica holds its own copy of the weights and its own kv_cache_tokens."""
+    return 1 if device == "gpu" else min(MAX_DEFAULT_REPLICAS, len(os.sched_getaffinity(0)))
+
+
+def target_replicas(target: EngineSpec) -> int:
+    """A TensorRT-LLM target has one: its in-flight batcher batches every sequence on its GPU."""
+    return 1 if target.kind == TRTLLM else target.replicas or default_replicas(target.device)
+
+
+def target_model_names(replicas: int) -> list[str]:
+    """The Triton models of the target's replicas: TARGET, then TARGET_1, TARGET_2, ..."""
+    return [TARGET] + [f"{TARGET}_{index}" for index in range(1, replicas)]
+
+
+def engine_of(model: str) -> str:
+    """The engine a Triton model serves: TARGET for each of its replicas, else the model itself."""
+    name, _, index = model.rpartition("_")
+    return TARGET if name == TARGET and index.isdigit() else model
 
 
 # Portable-engine settings that a TensorRT-LLM model does not take (its own live under `trtllm`).
-PORTABLE_ONLY = ("instances", "device", "kv_cache_tokens", "num_threads", "dtype", "max_draft_tokens",
+PORTABLE_ONLY = ("replicas", "device", "kv_cache_tokens", "num_threads", "dtype", "max_draft_tokens",
                  "idle_timeout_s")
 
 
@@ -238,13 +271,14 @@ def _engine(where: str, raw, base: Path) -> EngineSpec:
         raise SpecError(f"{where}.checkpoint: {checkpoint} is not a checkpoint directory (no config.json)")
     values = dict(raw, checkpoint=checkpoint)
     values.pop("kind", None)  # EngineSpec.kind: whether it has trtllm settings, checked above
-    for name in ("instances", "kv_cache_tokens", "max_batch_size", "max_draft_tokens"):
+    for name in ("kv_cache_tokens", "max_batch_size", "max_draft_tokens"):
         if name in values:
             _positive_int(f"{where}.{name}", values[name])
     if "max_queue_delay_us" in values:
         _positive_int(f"{where}.max_queue_delay_us", values["max_queue_delay_us"], allow_zero=True)
-    if values.get("num_threads") is not None:
-        _positive_int(f"{where}.num_threads", values["num_threads"])
+    for name in ("num_threads", "replicas"):
+        if values.get(name) is not None:
+            _positive_int(f"{where}.{name}", values[name])
     if values.get("device", "cpu") not in ("cpu", "gpu"):
         raise SpecError(f"{where}.device: must be 'cpu' or 'gpu', got {values['device']!r}")
     if values.get("dtype", "float32") not in DTYPES:
@@ -273,6 +307,8 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
         if not str(name).replace("_", "").isalnum():
             raise SpecError(f"drafters.{name}: names may use letters, digits and '_' only")
         drafters[str(name)] = _engine(f"drafters.{name}", drafter, base)
+        if drafters[str(name)].replicas not in (None, 1):
+            raise SpecError(f"drafters.{name}.replicas: only the target has replicas")
         if drafters[str(name)].node not in (MAIN_NODE, *nodes):
             raise SpecError(f"drafters.{name}.node: {drafters[str(name)].node!r} is not one of the nodes "
                             f"({', '.join([MAIN_NODE, *nodes])})")

@@ -79,3 +79,37 @@ class CoalescingEngine(BreakerGuarded):
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
+
+
+class ReplicatedEngine:
+    """Data parallelism over replicas of one engine (each its own model, process and KV cache), as vLLM's data-
+    parallel engine cores: a sequence is admitted on the replica holding the fewest sequences and stays there, since
+    its KV cache lives there. Each replica's calls coalesce on their own, so the replicas step side by side."""
+
+    def __init__(self, replicas: list):
+        self.replicas = replicas
+        self.home: dict[int, object] = {}  # sequence id -> the replica holding its KV cache
+        self.name = replicas[0].name
+
+    async def step(self, sequence_id, input_ids, draft=None, *, request=None, **kwargs) -> StepResult:
+        if request is None:
+            return await self.home[sequence_id].step(sequence_id, input_ids, draft, **kwargs)
+        load = {id(replica): 0 for replica in self.replicas}
+        for replica in self.home.values():
+            load[id(replica)] += 1
+        # admission: the least loaded replica first; one that refuses (KV cache full, process died) passes it on
+        for replica in sorted(self.replicas, key=lambda replica: load[id(replica)]):
+            self.home[sequence_id] = replica  # before the call: admissions of the same tick count it
+            try:
+                return await replica.step(sequence_id, input_ids, draft, request=request, **kwargs)
+            except ServingError as error:
+                del self.home[sequence_id]
+                if error.kind == ServingError.INVALID:  # the request's own fault: every replica would refuse it
+                    raise
+                refusal = error
+        raise refusal
+
+    async def release(self, sequence_id) -> None:
+        replica = self.home.pop(sequence_id, None)
+        if replica is not None:
+            await replica.release(sequence_id)

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from ..contract import COSINE, ROUTER
 from ..deploy.repository import read_mapping_parameter
 from ..deploy.spec import TRTLLM, drafter_model_name
-from ..serving.batching import CoalescingEngine
+from ..serving.batching import CoalescingEngine, ReplicatedEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
 from ..serving.health import CircuitBreaker
@@ -56,6 +56,12 @@ def engine_client(model_name: str, kinds: dict[str, str], breaker: CircuitBreake
     return CoalescingEngine(model_name, engine_transport(model_name), breaker)
 
 
+def target_client(model_names: list[str], kinds: dict[str, str]):
+    """The target: one engine model, or its data-parallel replicas (several models)."""
+    replicas = [engine_client(name, kinds) for name in model_names]
+    return replicas[0] if len(replicas) == 1 else ReplicatedEngine(replicas)
+
+
 class CosineModel:
     def initialize(self, args):
         params = model_parameters(args)
@@ -71,7 +77,7 @@ class CosineModel:
         monitor = LoadMonitor(on_speculation_change=lambda allowed: speculating.set(int(allowed)))
         speculating.set(int(monitor.windows.allowed))
         self.deployment = Deployment(
-            target=engine_client(params["target_model"], kinds),
+            target=target_client(params["target_model"].split(","), kinds),
             tokenizer=tokenizer,
             max_context=int(params["max_context_tokens"]),
             # empty: the repository was written without the checkpoint at hand; the tokenizer knows its EOS
