@@ -66,7 +66,8 @@ def test_replicas_each_step_their_own_sequences_and_outputs_equal_one_engine(lla
 
     prompts = [AutoTokenizer.from_pretrained(llama).encode(p) for p in PROMPTS]
     transports = [InProcessEngine(CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)) for _ in range(2)]
-    replicated = ReplicatedEngine([CoalescingEngine(f"target_{i}", transport) for i, transport in enumerate(transports)])
+    replicated = ReplicatedEngine([CoalescingEngine(f"target_{i}", transport)
+                                   for i, transport in enumerate(transports)])
     single = CoalescingEngine("target", InProcessEngine(CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)))
 
     async def generate(engine, sequence_id, prompt, tokens=6):

@@ -218,3 +218,47 @@ def test_killed_target_fails_requests_fast_and_serves_after_restore(faults_serve
     assert generate(faults_server, text_input=PROMPTS[0], max_tokens=20)["sequence_length"] == 20
     print(f"\ntarget killed: requests failed within {failed_s:.1f} s, not ready after {not_ready_s:.1f} s, "
           f"ready again after {restored_s:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def replicas_server(tmp_path_factory, llama):
+    spec = dict(target=dict(checkpoint=str(llama), num_threads=1, replicas=2), speculation_mode="autoregressive")
+    server = start_server(spec, tmp_path_factory.mktemp("replicas"), env={DEPLOYMENT_SECRET_ENV: SECRET},
+                          text_models=False)
+    yield server
+    server.stop()
+
+
+def test_a_killed_target_replica_is_restored_in_place_while_the_other_serves(replicas_server):
+    """Only the sequences on the dead replica fail; the other replica's finish exactly, the server stays ready,
+    new requests are served at once, and the restored replica takes sequences again."""
+    server, body = replicas_server, dict(max_tokens=200)
+    with ThreadPoolExecutor(8) as pool:
+        expected = dict(zip(PROMPTS, pool.map(lambda p: as_list(generate(server, text_input=p, **body)
+                                                                ["output_ids"]), PROMPTS)))
+        running = [(p, pool.submit(http_status, server, "/v2/models/cosine/generate", dict(body, text_input=p)))
+                   for p in PROMPTS * 2]
+        assert wait_for(lambda: min(metric(server, "cosine_active_sequences", model=m)
+                                    for m in ("target", "target_1")) >= 3)
+        killed = kill_stub(server, "target_1")
+        stayed_ready = []
+        while not all(future.done() for _, future in running):
+            stayed_ready.append(ready(server))
+        status, answer = http_status(server, "/v2/models/cosine/generate", dict(body, text_input=PROMPTS[0]))
+        served_during_restore = time.monotonic() - killed
+    if restored(server, "target_1") == SERVER_RESTORE:
+        return  # Triton aborted: everything in flight failed with it (see restored)
+    answers = [(p, *future.result()) for p, future in running]
+    failed = [answer["error"] for _, status, answer in answers if status != 200]
+    finished = [(p, answer) for p, status, answer in answers if status == 200]
+    assert failed and all("target_1" in error for error in failed), failed
+    assert finished and all(as_list(answer["output_ids"]) == expected[p] for p, answer in finished)
+    assert all(stayed_ready)
+    assert status == 200 and as_list(answer["output_ids"]) == expected[PROMPTS[0]]
+    before = metric(server, "cosine_engine_batches_total", model="target_1")
+    with ThreadPoolExecutor(8) as pool:
+        again = list(pool.map(lambda p: as_list(generate(server, text_input=p, **body)["output_ids"]), PROMPTS * 2))
+    assert again == [expected[p] for p in PROMPTS * 2]
+    assert metric(server, "cosine_engine_batches_total", model="target_1") > before, "the restored replica idles"
+    print(f"\ntarget_1 killed: {len(failed)} of {len(answers)} requests failed; a new request served "
+          f"{served_during_restore:.1f} s after the kill")

@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 
 import cosine
 from cosine.contract import DEPLOYMENT_SECRET_ENV, DRAFTER_MODEL_PREFIX
+from cosine.deploy.spec import engine_of
 
 OPT_ROOT = Path("/opt/tritonserver")
 LOG_TAIL_LINES = 40
@@ -172,13 +173,14 @@ class StubWatchdog:
     supported way back. The watchdog lives in the launcher: it owns the server process whose children the stubs
     are, while a model can neither see other models' processes nor survive its own death. It polls /proc (cheap,
     and it sees a death before any call has to wait on it), then restores the model:
-    - a drafter: loaded again in place (Triton swaps the new instance in when it is ready). The deployment serves
-      without the drafter meanwhile, so readiness stays true. Triton reloads a loaded model only when its
-      configuration changed (measured: a second plain load is a no-op), so the load carries the model's own
-      configuration plus a restore count;
-    - the target and every other model: unloaded, then loaded (after UNLOADED_GRACE_S). While unloaded it is not
-      ready, so strict readiness (/v2/health/ready) tells load balancers that this server cannot serve, and new calls
-      to it fail at once.
+    - a drafter, or a target replica while another replica lives: loaded again in place (Triton swaps the new
+      instance in when it is ready). The deployment serves without it meanwhile (requests go on without a failed
+      drafter; new sequences go to the other target replicas), so readiness stays true. Triton reloads a loaded
+      model only when its configuration changed (measured: a second plain load is a no-op), so the load carries the
+      model's own configuration plus a restore count;
+    - the target's last replica and every other model: unloaded, then loaded (after UNLOADED_GRACE_S). While
+      unloaded it is not ready, so strict readiness (/v2/health/ready) tells load balancers that this server cannot
+      serve, and new calls to it fail at once.
       (Calls already queued at the dead instance wait until the model is back; the cosine model does not wait for
       them, see cosine.triton.io.)
     If tritonserver itself dies, it is started again. Restores are counted per model (`restores`; whole-server
@@ -219,15 +221,17 @@ class StubWatchdog:
             dead = sorted({model for stub, model in watched.items() if stub not in alive})
             for model in dead:
                 retired |= {stub for stub, name in alive.items() if name == model}
-                self._restore(model)
+                # another replica of the same engine (the target's) lives: the deployment serves on meanwhile
+                replicas = {name for name in alive.values()
+                            if name not in dead and engine_of(name) == engine_of(model)}
+                self._restore(model, in_place=model.startswith(DRAFTER_MODEL_PREFIX) or bool(replicas - {model}))
             if dead:
                 alive = stub_processes(process.pid)
             retired &= alive.keys()
             watched = {stub: model for stub, model in alive.items() if stub not in retired}
 
-    def _restore(self, model: str) -> None:
+    def _restore(self, model: str, in_place: bool) -> None:
         started = time.monotonic()
-        in_place = model.startswith(DRAFTER_MODEL_PREFIX)
         log.warning("model %s: its Python backend stub died; restoring it (%s)", model,
                     "in place" if in_place else "unloaded until then: the server reports not ready")
 
