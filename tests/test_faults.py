@@ -263,5 +263,5 @@ def test_a_killed_target_replica_is_restored_in_place_while_the_other_serves(rep
         again = list(pool.map(lambda p: as_list(generate(server, text_input=p, **body)["output_ids"]), PROMPTS * 2))
     assert again == [expected[p] for p in PROMPTS * 2]
     assert metric(server, "cosine_engine_batches_total", model="target_1") > before, "the restored replica idles"
-    print(f"\ntarget_1 killed: {len(failed)} of {len(answers)} requests failed; a new request, sent once they ended, served "
-          f"by {served_during_restore:.1f} s after the kill")
+    print(f"\ntarget_1 killed: {len(failed)} of {len(answers)} requests failed; a new request, sent once they "
+          f"ended, served by {served_during_restore:.1f} s after the kill")
