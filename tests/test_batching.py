@@ -33,6 +33,15 @@ def engine(llama):
     return CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)
 
 
+async def generate(engine, sequence_id, prompt, tokens):
+    """Greedy decoding of one sequence through an engine interface, one step per token."""
+    out = (await engine.step(sequence_id, prompt, request=GenerationRequest("x", max_tokens=tokens))).tokens
+    while len(out) < tokens:
+        out += (await engine.step(sequence_id, out[-1:])).tokens
+    await engine.release(sequence_id)
+    return out
+
+
 def test_calls_of_one_tick_go_as_one_engine_call(engine, llama):
     from transformers import AutoTokenizer
 
@@ -41,17 +50,10 @@ def test_calls_of_one_tick_go_as_one_engine_call(engine, llama):
     coalesced = CoalescingEngine("target", transport)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
 
-    async def generate(sequence_id, prompt, tokens=8):
-        out = (await coalesced.step(sequence_id, prompt, request=GenerationRequest("x", max_tokens=tokens))).tokens
-        while len(out) < tokens:
-            out += (await coalesced.step(sequence_id, out[-1:])).tokens
-        await coalesced.release(sequence_id)
-        return out
-
     async def main():
-        together = await asyncio.gather(*(generate(i, p) for i, p in enumerate(prompts)))
+        together = await asyncio.gather(*(generate(coalesced, i, p, 8) for i, p in enumerate(prompts)))
         calls_together = list(transport.calls)
-        alone = [await generate(100 + i, p) for i, p in enumerate(prompts)]
+        alone = [await generate(coalesced, 100 + i, p, 8) for i, p in enumerate(prompts)]
         return together, calls_together, alone
     together, calls, alone = asyncio.run(main())
     assert together == alone
@@ -70,16 +72,9 @@ def test_replicas_each_step_their_own_sequences_and_outputs_equal_one_engine(lla
                                    for i, transport in enumerate(transports)])
     single = CoalescingEngine("target", InProcessEngine(CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)))
 
-    async def generate(engine, sequence_id, prompt, tokens=6):
-        out = (await engine.step(sequence_id, prompt, request=GenerationRequest("x", max_tokens=tokens))).tokens
-        while len(out) < tokens:
-            out += (await engine.step(sequence_id, out[-1:])).tokens
-        await engine.release(sequence_id)
-        return out
-
     async def main():
-        return (await asyncio.gather(*(generate(replicated, i, p) for i, p in enumerate(prompts))),
-                await asyncio.gather(*(generate(single, i, p) for i, p in enumerate(prompts))))
+        return (await asyncio.gather(*(generate(replicated, i, p, 6) for i, p in enumerate(prompts))),
+                await asyncio.gather(*(generate(single, i, p, 6) for i, p in enumerate(prompts))))
     spread, one = asyncio.run(main())
     assert spread == one
     # a sequence that ever went to the wrong replica fails there ("not active"): the calls show the split
