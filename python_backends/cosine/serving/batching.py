@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from collections import Counter
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -86,19 +87,16 @@ class ReplicatedEngine:
     parallel engine cores: a sequence is admitted on the replica holding the fewest sequences and stays there, since
     its KV cache lives there. Each replica's calls coalesce on their own, so the replicas step side by side."""
 
-    def __init__(self, replicas: list):
+    def __init__(self, replicas: list[CoalescingEngine]):
         self.replicas = replicas
-        self.home: dict[int, object] = {}  # sequence id -> the replica holding its KV cache
-        self.name = replicas[0].name
+        self.home: dict[int, CoalescingEngine] = {}  # sequence id -> the replica holding its KV cache
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, **kwargs) -> StepResult:
         if request is None:
             return await self.home[sequence_id].step(sequence_id, input_ids, draft, **kwargs)
-        load = {id(replica): 0 for replica in self.replicas}
-        for replica in self.home.values():
-            load[id(replica)] += 1
+        load = Counter(self.home.values())
         # admission: the least loaded replica first; one that refuses (KV cache full, process died) passes it on
-        for replica in sorted(self.replicas, key=lambda replica: load[id(replica)]):
+        for replica in sorted(self.replicas, key=lambda replica: load[replica]):
             self.home[sequence_id] = replica  # before the call: admissions of the same tick count it
             try:
                 return await replica.step(sequence_id, input_ids, draft, request=request, **kwargs)
