@@ -159,7 +159,7 @@ def test_beyond_the_limits_requests_are_refused_cleanly(faults_server):
     assert all(as_list(answer["output_ids"]) == expected for answer in served)  # accepted: complete
     # Triton's queue and the model's share are served, not the rest. The model's share is at most a KV cache's worth
     # (7) plus max_queued_tokens waiting; how much of it the burst fills first depends on how the dynamic batcher
-    # hands the burst over (seen: 14 to 16 served on a busy machine), so the bound asks for some of it
+    # hands the burst over (a fresh-clone CI run served 14, others 15 or more), so the bound asks for some of it
     assert LIMITS["max_queued_requests"] < len(served) < len(answers)
     assert refused and all(status == 503 and "Exceeds maximum queue size" in error for status, error in refused), \
         refused
