@@ -12,7 +12,8 @@ import pytest
 from conftest import FIXTURE_EXIT_TIMEOUT_S
 from test_server import as_list, generate
 
-from cosine.deploy.spec import default_replicas, target_model_names
+from cosine.contract import target_model_names
+from cosine.deploy.spec import default_replicas
 from cosine.launcher import TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ import tritonclient.grpc as grpcclient
 from tiny_models import PROMPTS, reference_generate
 from tritonclient.utils import InferenceServerException
 
-from cosine.deploy.spec import default_replicas, target_model_names
+from cosine.contract import target_model_names
+from cosine.deploy.spec import default_replicas
 from cosine_client.api import grpc_inputs
 
 

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from cosine.deploy.repository import write_repository
-from cosine.deploy.spec import (SpecError, default_replicas, dump_spec, engine_of, load_spec, parse_spec,
-                                target_model_names)
+from cosine.contract import engine_of, target_model_names
+from cosine.deploy.spec import SpecError, default_replicas, dump_spec, load_spec, parse_spec
 
 TARGETS = target_model_names(default_replicas("cpu"))  # this machine's default: one per core, up to 2
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cosine.contract import SPECULATION_MODES
-from cosine.deploy.spec import engine_of
+from cosine.contract import SPECULATION_MODES, engine_of
 
 from .api import grpc_generate, http_generate
 from .plots import write_plots
@@ -246,11 +245,10 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
 def references_table(rows: list[dict], references: dict) -> str:
     """Served plain decoding and cosine against the in-process references at every concurrency."""
     served = {(row["level"], row["mode"]): row["tokens_per_s"] for row in rows if row["load"] == "concurrency"}
-    replicas = references.get("replicas", 1)
     lines = [f"in-process references: {references['threads']} torch threads (one served target replica's; the "
-             f"target has {replicas}), prompts of {references['prompt_tokens']} tokens",
+             f"target has {references['replicas']}), prompts of {references['prompt_tokens']} tokens",
              "| concurrency | served autoregressive | engine in-process | transformers batched | served / engine "
-             f"| served / transformers | transformers batched, {references.get('cores', '?')} threads "
+             f"| served / transformers | transformers batched, {references['cores']} threads "
              "| served / that | served cosine |", "|---|---|---|---|---|---|---|---|---|"]
     for level, decode in sorted(references["decode"].items(), key=lambda item: float(item[0])):
         plain = served.get((float(level), "autoregressive"), float("nan"))

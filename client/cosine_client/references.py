@@ -143,7 +143,7 @@ def deployment_references(spec_path, concurrencies, prompts: list[str], max_toke
                 # the engine fuses the model's projections in place: measured last, on a model of its own
                 "engine": engine_decode_rate(load_causal_lm(spec.target.checkpoint), concurrency, max_tokens,
                                              prompt_len)}
-            if replicas * threads > threads and concurrency > 1:
+            if replicas > 1 and concurrency > 1:  # the replicas together use more than one replica's threads
                 torch.set_num_threads(cores)
                 out["decode"][concurrency]["transformers_all_cores"] = transformers_decode_rate(
                     target, concurrency, max_tokens, prompt_len)

@@ -78,12 +78,25 @@ class ModelContract:
 DEPLOYMENT_SECRET_ENV = "COSINE_DEPLOYMENT_SECRET"
 DEPLOYMENT_SECRET = "deployment_secret"
 _DEPLOYMENT_SECRET_INPUT = TensorSpec(DEPLOYMENT_SECRET, "TYPE_STRING", (1,), optional=True)
+# The target's engine model; its data-parallel replicas (deploy.spec.default_replicas) are TARGET_1, TARGET_2, ...
+TARGET = "target"
 # Drafter engine models are named with this prefix; the deployment serves without them (degraded) if it must.
 DRAFTER_MODEL_PREFIX = "drafter_"
 # The drafter trained on every domain: vanilla's drafter and the router's fallback unless a spec names another.
 GENERAL_DRAFTER = "general"
 # the values of `cosine`'s speculation_mode input
 SPECULATION_MODES = ("autoregressive", "vanilla", "specinfer", "cosine")
+
+
+def target_model_names(replicas: int) -> list[str]:
+    """The Triton models of the target's replicas: TARGET, then TARGET_1, TARGET_2, ..."""
+    return [TARGET] + [f"{TARGET}_{index}" for index in range(1, replicas)]
+
+
+def engine_of(model: str) -> str:
+    """The engine a Triton model serves: TARGET for each of its replicas, else the model itself."""
+    name, _, index = model.rpartition("_")
+    return TARGET if name == TARGET and index.isdigit() else model
 
 
 def _scalar(name, dtype, optional=True):

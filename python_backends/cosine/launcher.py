@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import cosine
-from cosine.contract import DEPLOYMENT_SECRET_ENV, DRAFTER_MODEL_PREFIX
-from cosine.deploy.spec import engine_of
+from cosine.contract import DEPLOYMENT_SECRET_ENV, DRAFTER_MODEL_PREFIX, engine_of
 
 OPT_ROOT = Path("/opt/tritonserver")
 LOG_TAIL_LINES = 40
@@ -224,7 +223,7 @@ class StubWatchdog:
                 # another replica of the same engine (the target's) lives: the deployment serves on meanwhile
                 replicas = {name for name in alive.values()
                             if name not in dead and engine_of(name) == engine_of(model)}
-                self._restore(model, in_place=model.startswith(DRAFTER_MODEL_PREFIX) or bool(replicas - {model}))
+                self._restore(model, in_place=model.startswith(DRAFTER_MODEL_PREFIX) or bool(replicas))
             if dead:
                 alive = stub_processes(process.pid)
             retired &= alive.keys()

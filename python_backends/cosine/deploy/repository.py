@@ -6,10 +6,10 @@ import os
 import shutil
 from pathlib import Path
 
-from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TENSORRT_LLM
+from ..contract import COSINE, ENGINE, POSTPROCESSING, PREPROCESSING, ROUTER, TARGET, TENSORRT_LLM, target_model_names
 from ..engine.checkpoint import max_context_tokens, read_config
-from .spec import (MAIN_NODE, TARGET, TRTLLM, DeploymentSpec, EngineSpec, SpecError, drafter_model_name,
-                   target_model_names, target_replicas)
+from .spec import (MAIN_NODE, TRTLLM, DeploymentSpec, EngineSpec, SpecError, drafter_model_name,
+                   target_replicas)
 
 # The checked-in repository holds the one model.py of each kind of model.
 ADAPTERS = Path(__file__).resolve().parents[3] / "model_repository"

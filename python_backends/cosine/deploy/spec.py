@@ -10,16 +10,13 @@ from pathlib import Path
 import yaml
 
 from ..address import split_host_port
-from ..contract import DRAFTER_MODEL_PREFIX, GENERAL_DRAFTER, SPECULATION_MODES
+from ..contract import DRAFTER_MODEL_PREFIX, GENERAL_DRAFTER, SPECULATION_MODES, TARGET, target_model_names
 from ..serving.limits import Limits
 from ..speculation.control import ADAPTIVE_DRAFT_TOKENS, FIXED_DRAFT_TOKENS
 
 
 class SpecError(ValueError):
     pass
-
-
-TARGET = "target"  # the target's Triton model
 
 
 def drafter_model_name(name: str) -> str:
@@ -176,17 +173,6 @@ def default_replicas(device: str) -> int:
 def target_replicas(target: EngineSpec) -> int:
     """A TensorRT-LLM target has one: its in-flight batcher batches every sequence on its GPU."""
     return 1 if target.kind == TRTLLM else target.replicas or default_replicas(target.device)
-
-
-def target_model_names(replicas: int) -> list[str]:
-    """The Triton models of the target's replicas: TARGET, then TARGET_1, TARGET_2, ..."""
-    return [TARGET] + [f"{TARGET}_{index}" for index in range(1, replicas)]
-
-
-def engine_of(model: str) -> str:
-    """The engine a Triton model serves: TARGET for each of its replicas, else the model itself."""
-    name, _, index = model.rpartition("_")
-    return TARGET if name == TARGET and index.isdigit() else model
 
 
 # Portable-engine settings that a TensorRT-LLM model does not take (its own live under `trtllm`).

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract import TENSORRT_LLM
-from .spec import TARGET, TRTLLM, DeploymentSpec, EngineSpec, SpecError
+from ..contract import TARGET
+from .spec import TRTLLM, DeploymentSpec, EngineSpec, SpecError
 
 CONVERTER = Path(__file__).resolve().with_name("trtllm_convert.py")
 BUILD_RECORD = "cosine-build.json"  # written last: with the same input hash, the engine is built

@@ -20,7 +20,7 @@ class EngineModel:
     def initialize(self, args):
         params = model_parameters(args)
         self.secret = deployment_secret()
-        torch.set_num_threads(engine_threads(int(params["num_threads"]), int(params.get("replicas", "1"))))
+        torch.set_num_threads(engine_threads(int(params["num_threads"]), int(params["replicas"])))
         device = "cuda" if args["model_instance_kind"] == "GPU" and torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, params["dtype"])
         model = load_causal_lm(resolve_path(params["checkpoint_dir"], args), device, dtype)
