@@ -30,6 +30,7 @@ TARGETS = target_model_names(default_replicas("cpu"))  # this machine's default:
     ({"target": {"checkpoint": "llama"}, "nodes": {"main": {"url": "h:1"}}}, "nodes"),
     ({"target": {"checkpoint": "llama"}, "drafter_timeout_s": 0}, "drafter_timeout_s"),
     ({"target": {"checkpoint": "llama", "replicas": 0}}, "target.replicas"),
+    ({"target": {"checkpoint": "llama"}, "plain_decode_lookahead": "yes"}, "plain_decode_lookahead"),
     ({"target": {"checkpoint": "llama"}, "drafters": {"a": {"checkpoint": "llama", "replicas": 2}}},
      "drafters.a.replicas"),
 ])
@@ -53,12 +54,17 @@ def test_spec_round_trips_and_renders_a_repository(tiny_dir, tmp_path):
                                                              "preprocessing", "router", *TARGETS])
     target = (repo / "target" / "config.pbtxt").read_text()
     assert '"kv_cache_tokens" value: { string_value: "1234" }' in target
+    # the target's plain decoding looks ahead (serving.lookahead) unless the spec says not; drafters never do
+    assert '"lookahead" value: { string_value: "1" }' in target
+    assert '"lookahead" value: { string_value: "0" }' in (repo / "drafter_code" / "config.pbtxt").read_text()
     assert "allow_ragged_batch: true" in target
     assert "decoupled: true" in (repo / "cosine" / "config.pbtxt").read_text()
     assert (repo / "drafter_code" / "1" / "model.py").read_text() == (repo / "target" / "1" / "model.py").read_text()
-    without_drafters = parse_spec({"target": {"checkpoint": "llama"}}, tiny_dir)
+    without_drafters = parse_spec({"target": {"checkpoint": "llama"}, "plain_decode_lookahead": False}, tiny_dir)
+    assert_round_trips(without_drafters, tmp_path)
     write_repository(without_drafters, repo)
     assert not (repo / "drafter_code").exists()
+    assert '"lookahead" value: { string_value: "0" }' in (repo / "target" / "config.pbtxt").read_text()
 
 
 def test_each_target_replica_is_a_model_of_its_own(tiny_dir, tmp_path):

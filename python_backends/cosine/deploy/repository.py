@@ -43,7 +43,7 @@ def _config(name: str, contract, max_batch_size: int, parameters: dict, *, backe
     return "\n".join(lines) + "\n" + contract.pbtxt_io() + _parameters(parameters)
 
 
-def _engine_config(name: str, engine: EngineSpec, path, is_target: bool) -> str:
+def _engine_config(name: str, engine: EngineSpec, path, is_target: bool, lookahead: bool) -> str:
     return _config(name, ENGINE, engine.max_batch_size, {
         "checkpoint_dir": path(engine.checkpoint),
         "kv_cache_tokens": engine.kv_cache_tokens,
@@ -53,6 +53,7 @@ def _engine_config(name: str, engine: EngineSpec, path, is_target: bool) -> str:
         "replicas": target_replicas(engine) if is_target else 1,
         "dtype": engine.dtype,
         "idle_timeout_s": engine.idle_timeout_s,
+        "lookahead": int(lookahead),  # serving.lookahead: the target's plain decoding
     }, kind="KIND_GPU" if engine.device == "gpu" else "KIND_CPU",
         dynamic_batching=f"max_queue_delay_microseconds: {engine.max_queue_delay_us}")
 
@@ -88,11 +89,12 @@ def _trtllm_config(name: str, engine: EngineSpec, is_target: bool) -> str:
         f"{engine.max_queue_delay_us} default_queue_policy: {{ max_queue_size: {settings.max_queue_size} }}"))
 
 
-def _model_config(name: str, engine: EngineSpec, path, is_target: bool) -> tuple[str | None, str]:
+def _model_config(name: str, engine: EngineSpec, path, is_target: bool,
+                  lookahead: bool = False) -> tuple[str | None, str]:
     """(adapter folder to copy model.py from, or None for the tensorrtllm backend; config.pbtxt text)."""
     if engine.kind == TRTLLM:
         return None, _trtllm_config(name, engine, is_target)
-    return TARGET, _engine_config(name, engine, path, is_target)
+    return TARGET, _engine_config(name, engine, path, is_target, lookahead)
 
 
 def _verifiable_draft(engine: EngineSpec, is_target: bool) -> int | None:
@@ -143,7 +145,8 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
                                                            dynamic_batching="max_queue_delay_microseconds: 500")),
         POSTPROCESSING_MODEL: (POSTPROCESSING_MODEL, _config(POSTPROCESSING_MODEL, POSTPROCESSING, 64, tokenizer,
                                                              dynamic_batching="max_queue_delay_microseconds: 500")),
-        **{name: _model_config(name, spec.target, path, is_target=True) for name in targets},
+        **{name: _model_config(name, spec.target, path, is_target=True, lookahead=spec.plain_decode_lookahead)
+           for name in targets},
         # at its limits the model blocks execute: the backlog waits in Triton's queue (serving/limits.py)
         COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
             "target_model": ",".join(targets),  # its replicas

@@ -104,6 +104,9 @@ class DeploymentSpec:
     # the engine's batch set-up; a few ms on a small CPU) is paid once per this many tokens. New requests join
     # the batch between calls, so larger values delay their first steps.
     plain_decode_steps: int = 4
+    # ... and while the answer to one call travels to the `cosine` process and the next call comes back, the target
+    # computes that next call ahead (serving.lookahead), on the portable engine
+    plain_decode_lookahead: bool = True
     general_drafter: str | None = None  # vanilla's drafter; default: one named GENERAL_DRAFTER, else the first
     # overload protection (serving.limits): a request waits in Triton's queue while the model is at these limits;
     # beyond max_queued_requests Triton refuses it at once (503 / UNAVAILABLE)
@@ -315,6 +318,8 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
                         f"got {values['speculation_mode']!r}")
     if values.get("general_drafter") is not None and values["general_drafter"] not in drafters:
         raise SpecError(f"general_drafter: {values['general_drafter']!r} is not one of the drafters")
+    if not isinstance(values.get("plain_decode_lookahead", True), bool):
+        raise SpecError(f"plain_decode_lookahead: must be true or false, got {values['plain_decode_lookahead']!r}")
     ports = []
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "num_draft_tokens",
                  "adaptive_draft_tokens", "plain_decode_steps", "max_inflight_requests", "max_queued_tokens",

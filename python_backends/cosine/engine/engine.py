@@ -80,6 +80,8 @@ class _Sequence:
     generator: torch.Generator  # host generator: draws the request's uniforms, whatever else is in the batch
     end_id: int | None = None
     min_end_position: int = 0  # end_id may not be emitted at positions before this
+    # the cached length once max_new_tokens are emitted (every emitted token but the last is fed back)
+    final_length: int = 0
 
 
 @dataclass
@@ -150,6 +152,25 @@ class CausalLMEngine:
         self.sequences.pop(sequence_id, None)
         return self.kv.release(sequence_id)
 
+    def tokens_left(self, sequence_id: int) -> int:
+        """How many of its max_new_tokens the sequence has yet to emit."""
+        sequence = self.sequences[sequence_id]
+        return sequence.final_length - sequence.cache.length
+
+    def snapshot(self, sequence_id: int) -> tuple:
+        """What steps change in a sequence (its cached length, its random state), for restore() to undo them."""
+        sequence = self.sequences[sequence_id]
+        return sequence_id, sequence.cache.length, sequence.generator.get_state()
+
+    def restore(self, snapshot: tuple) -> None:
+        """Undoes the sequence's steps since the snapshot (a no-op once it was released or reclaimed): their K/V
+        stay in its slots past its length, overwritten by its next step."""
+        sequence_id, length, random_state = snapshot
+        sequence = self.sequences.get(sequence_id)
+        if sequence is not None:
+            sequence.cache.length = length
+            sequence.generator.set_state(random_state)
+
     def reclaim_idle(self) -> list[int]:
         stale = self.kv.reclaim_idle(self.idle_timeout_s)
         for sequence_id in stale:
@@ -170,7 +191,8 @@ class CausalLMEngine:
             raise StepError(str(error)) from None
         cache = self.kv.admit(request.sequence_id, needed + self.max_draft_tokens)
         sequence = _Sequence(cache, admission.params, admission.params.generator(), admission.end_id,
-                             len(request.input_ids) + admission.min_length)
+                             len(request.input_ids) + admission.min_length,
+                             len(request.input_ids) + admission.max_new_tokens - 1)
         self.sequences[request.sequence_id] = sequence
         return sequence
 
