@@ -208,11 +208,11 @@ class FusionProposer(Proposer):
         return self.controller.adaptive
 
     async def start(self, prompt_ids: list[int]) -> None:
-        """Called as the request arrives, so that the drafters prefill while the target does. Under load (more than
-        busy_load requests active) it leaves that to the request's first round that may speculate: there the
-        drafters' prefill takes processor time from the target rather than overlapping it, and a request arriving
-        in an exploring window would prefill every drafter and then decode plainly to its end if the windows forbid
-        speculation before its first round."""
+        """Called once the target has admitted the request (its prompt prefilled), so that the drafters prefill
+        while its first token is streamed. Under load (more than busy_load requests active) it leaves that to the
+        request's first round that may speculate: there the drafters' prefill takes processor time from the target
+        rather than overlapping it, and a request arriving in an exploring window would prefill every drafter and
+        then decode plainly to its end if the windows forbid speculation before its first round."""
         if self.adaptive and (not self.monitor.speculation_allowed() or self._busy()):
             return
         await self._start(prompt_ids)
