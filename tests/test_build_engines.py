@@ -50,7 +50,8 @@ def held_out(tiny_zoo, max_tokens=12):
 
 def test_the_generated_repository_serves_every_mode_exactly(zoo_server, tiny_zoo):
     prompt = held_out(tiny_zoo)[0][0]
-    outputs = {mode: as_list(generate(zoo_server, text_input=prompt, max_tokens=12, speculation_mode=mode)["output_ids"])
+    outputs = {mode: as_list(generate(zoo_server, text_input=prompt, max_tokens=12,
+                                      speculation_mode=mode)["output_ids"])
                for mode in ("autoregressive", "vanilla", "specinfer", "cosine")}
     assert len(set(map(tuple, outputs.values()))) == 1 and len(outputs["cosine"]) > 0
 

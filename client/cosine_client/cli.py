@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     bench.add_argument("--max-tokens", type=int, help="output tokens per request (default 64)")
     bench.add_argument("--rounds", type=int, help="repetitions of every load point (default 2)")
     bench.add_argument("--poisson-rates", type=_numbers(float), help="open-loop arrival rates, requests/s")
-    bench.add_argument("--quick", action="store_true", help="short sweep: concurrency 1,4,8, 8 requests, 32 tokens, 1 round")
+    bench.add_argument("--quick", action="store_true",
+                       help="short sweep: concurrency 1,4,8, 8 requests, 32 tokens, 1 round")
     bench.add_argument("--out", default="results/bench", help="output directory")
     bench.add_argument("--spec", help="the deployment spec: adds in-process references on its checkpoints "
                                       "(engine and transformers batched decode, assisted generation at c=1)")
