@@ -12,14 +12,13 @@ from cosine.speculation.tree import DraftTree
 SEEDED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=7)
 
 
-def serve(engine, prompts, params) -> tuple[list[list[int]], list[list[int]]]:
+def serve(engine, prompts, params) -> list[list[int]]:
     """Three sequences decoded plainly, several tokens per call, in calls a `cosine` process makes: the next call
     as expected, one that leaves a sequence out (it comes back a call later), one with fewer steps (a request's
-    last), one verifying a draft, and a release mid-way. Returns each sequence's tokens and each call's sizes."""
+    last), one verifying a draft, and a release mid-way. Returns each sequence's tokens."""
     ids = [11, 12, 13]
     outputs = {i: engine.step([StepRequest(i, p, admission=Admission(40, params))])[0].tokens
                for i, p in zip(ids, prompts)}
-    sizes = []
 
     def call(steps):
         results = engine.step(steps)
@@ -27,7 +26,6 @@ def serve(engine, prompts, params) -> tuple[list[list[int]], list[list[int]]]:
             assert isinstance(result, StepResult), result
             if not step.release:
                 outputs[step.sequence_id] += result.tokens
-        sizes.append(len(steps))
 
     def plain(i, extra=3):
         return StepRequest(i, outputs[i][-1:], extra_tokens=extra)
@@ -42,17 +40,17 @@ def serve(engine, prompts, params) -> tuple[list[list[int]], list[list[int]]]:
     call([plain(11), StepRequest(13, release=True)])
     call([plain(11), plain(12)])
     call([plain(11), plain(12)])
-    return [outputs[i] for i in ids], sizes
+    return [outputs[i] for i in ids]
 
 
 @pytest.mark.parametrize("params", [SamplingParams(), SEEDED], ids=["greedy", "seeded"])
 def test_looked_ahead_results_equal_the_engine_alone(llama, params):
     model = load_causal_lm(llama)
     prompts = [AutoTokenizer.from_pretrained(llama).encode(p) for p in PROMPTS[:3]]
-    plain_outputs, _ = serve(CausalLMEngine(model, 8192), prompts, params)
+    plain_outputs = serve(CausalLMEngine(model, 8192), prompts, params)
     lookahead = LookaheadEngine(CausalLMEngine(model, 8192))
     try:
-        outputs, _ = serve(lookahead, prompts, params)
+        outputs = serve(lookahead, prompts, params)
     finally:
         lookahead.close()
     assert outputs == plain_outputs
@@ -88,14 +86,17 @@ def test_a_request_s_last_call_is_looked_ahead_with_its_remaining_tokens_and_not
         engine.close()
 
 
-def test_calls_decoding_more_sequences_than_the_limit_are_not_looked_ahead(llama):
-    engine = LookaheadEngine(CausalLMEngine(load_causal_lm(llama), 4096), max_sequences=1)
+@pytest.mark.parametrize("limit", [1, 0])
+def test_calls_decoding_more_sequences_than_the_limit_are_not_looked_ahead(llama, limit):
+    """A CPU target's limit (1), and a drafter's (0: it never looks ahead, only times its steps)."""
+    engine = LookaheadEngine(CausalLMEngine(load_causal_lm(llama), 4096), max_sequences=limit)
     try:
         first = engine.step([StepRequest(i, [5, 6, 7], admission=Admission(20, SamplingParams())) for i in (1, 2)])
         engine.step([StepRequest(i, r.tokens[-1:], extra_tokens=2) for i, r in zip((1, 2), first)])
         assert engine.computing is None and not engine.ahead
         engine.step([StepRequest(1, release=True)])
         engine.step([StepRequest(2, [9], extra_tokens=2)])
-        assert list(engine.ahead) == [2]
+        assert list(engine.ahead) == ([2] if limit else [])
+        assert engine.busy_seconds > 0
     finally:
         engine.close()

@@ -350,7 +350,7 @@ def test_under_load_a_request_starts_its_drafters_in_its_first_round_that_may_sp
         monitor.windows.allowed = True
         late = await proposer.propose([1, 2, 3, 4, 7], budget=64 - 2 - 1)  # as generate() counts it
         monitor.active_requests = 1
-        await alone.start([1, 2, 3])  # alone, the drafters prefill as the request arrives, beside the target
+        await alone.start([1, 2, 3])  # alone, the drafters prefill as soon as the target has admitted it
         return calls_at_arrival, plain, calls_while_off, late
     calls_at_arrival, plain, calls_while_off, late = asyncio.run(rounds())
     assert calls_at_arrival == 0 and plain is None and calls_while_off == 0

@@ -56,9 +56,11 @@ class LookaheadEngine:
     time: a call first waits for the look-ahead step in progress)."""
 
     def __init__(self, engine: CausalLMEngine, max_sequences: int | None = None):
-        """max_sequences: calls decoding more sequences plainly than this are not looked ahead (None: any)."""
+        """max_sequences: calls decoding more sequences plainly than this are not looked ahead (None: any; 0: none,
+        the engine only times its steps)."""
         self.engine, self.max_sequences = engine, max_sequences
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))  # process-wide: the engine's process
+        if max_sequences != 0:
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))  # process-wide: the engine's
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="lookahead")
         self.computing: tuple[Future, list[StepRequest]] | None = None  # a look-ahead step and what it computes
         self.ahead: dict[int, _Ahead] = {}  # sequence id -> its look-ahead step

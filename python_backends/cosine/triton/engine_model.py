@@ -1,8 +1,6 @@
 """Triton adapter for an engine model (the target, or a drafter): batched stateful steps over the portable engine."""
 from __future__ import annotations
 
-import time
-
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -37,10 +35,12 @@ class EngineModel:
         # On a CPU the look-ahead takes the processor that the hop it hides needs (the `cosine` process,
         # tritonserver): it pays only while other cores are idle, i.e. at low load (2 cores, 2 target replicas:
         # +22% plain decoding at c1, -8% at c32 where both replicas' calls hold 12-14 sequences). On a GPU the hop
-        # leaves the device idle at any load (not measured: no Triton on the GPU machine).
-        self.engine = LookaheadEngine(engine, None if device == "cuda" else CPU_LOOKAHEAD_SEQUENCES) \
-            if params["lookahead"] == "1" else engine
-        self.kv, self.sequences = engine.kv, engine.sequences
+        # leaves the device idle at any load (not measured: no Triton on the GPU machine). Drafters never look ahead.
+        if params["lookahead"] != "1":
+            max_sequences = 0
+        else:
+            max_sequences = None if device == "cuda" else CPU_LOOKAHEAD_SEQUENCES
+        self.engine = LookaheadEngine(engine, max_sequences)
         labels = {"model": args["model_name"]}
         self.reserved_tokens = Metrics.metric(
             "cosine_kv_cache_reserved_tokens", "KV cache tokens reserved by active sequences", "GAUGE", **labels)
@@ -54,16 +54,14 @@ class EngineModel:
         # busy fraction = rate(cosine_engine_busy_seconds_total[1m]); target and drafters overlapping shows pipelining
         self.busy_seconds = Metrics.metric("cosine_engine_busy_seconds_total", "Seconds spent executing steps",
                                            **labels)
-        if isinstance(self.engine, LookaheadEngine):
-            self.looked_ahead = {outcome: Metrics.metric(
-                "cosine_lookahead_steps_total", "Sequence steps of plain decoding computed ahead of their call, by "
-                "whether the call took them or they were undone", outcome=outcome, **labels)
-                for outcome in ("used", "undone")}
-            self.counted = (0.0, 0, 0)  # the look-ahead engine's busy seconds, used and undone, last reported
+        self.looked_ahead = {outcome: Metrics.metric(
+            "cosine_lookahead_steps_total", "Sequence steps of plain decoding computed ahead of their call, by "
+            "whether the call took them or they were undone", outcome=outcome, **labels)
+            for outcome in ("used", "undone")}
+        self.counted = (0.0, 0, 0)  # the engine's busy seconds, steps used and undone, as last reported
 
     def execute(self, requests):
         """Every sequence of every request (each a coalesced call from a `cosine` process) in one engine step."""
-        started = time.perf_counter()
         responses, steps, sizes = [None] * len(requests), [], [0] * len(requests)
         for slot, request in enumerate(requests):
             inputs = request_inputs(request, ENGINE)
@@ -89,19 +87,16 @@ class EngineModel:
             if responses[slot] is None:
                 responses[slot] = pb_utils.InferenceResponse(tensors(**pack_results(
                     [next(results) for _ in range(size)])))
-        self.reserved_tokens.set(self.kv.reserved_tokens)
-        self.active_sequences.set(len(self.sequences))
-        if isinstance(self.engine, LookaheadEngine):  # its steps run on its own thread too: it times them
-            counts = (self.engine.busy_seconds, self.engine.used, self.engine.undone)
-            busy, used, undone = (now - before for now, before in zip(counts, self.counted))
-            self.counted = counts
-            self.looked_ahead["used"].increment(used)
-            self.looked_ahead["undone"].increment(undone)
-        else:
-            busy = time.perf_counter() - started
+        self.reserved_tokens.set(self.engine.engine.kv.reserved_tokens)
+        self.active_sequences.set(self.engine.engine.active_sequences)
+        # engine steps run on the look-ahead thread too: the engine times them all
+        counts = (self.engine.busy_seconds, self.engine.used, self.engine.undone)
+        busy, used, undone = (now - before for now, before in zip(counts, self.counted))
+        self.counted = counts
         self.busy_seconds.increment(busy)
+        self.looked_ahead["used"].increment(used)
+        self.looked_ahead["undone"].increment(undone)
         return responses
 
     def finalize(self):
-        if isinstance(self.engine, LookaheadEngine):
-            self.engine.close()
+        self.engine.close()
