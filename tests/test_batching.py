@@ -138,13 +138,26 @@ def test_a_failed_call_fails_every_sequence_in_it():
     assert all(isinstance(r, ServingError) and "stub crashed" in str(r) for r in asyncio.run(main()))
 
 
-def test_malformed_arrays_are_refused_naming_the_input():
-    arrays = wire.pack_steps([])
-    arrays["input_lengths"] = wire.pack_steps([])["input_lengths"]
-    arrays["sequence_id"] = arrays["sequence_id"][:0]
-    arrays["input_ids"] = arrays["input_ids"].tolist() + [3]
-    with pytest.raises(ValueError, match="input_ids"):
-        wire.unpack_steps(arrays)
+def test_malformed_arrays_are_refused_naming_the_tensor_and_part():
+    arrays = wire.pack_steps([StepRequest(1, [5, 6], DraftTree.chain([7]))])
+    for name, broken, part in (("step_keys", [1, 0, 2], "values per sequence"),
+                               ("step_ints", arrays["step_ints"][:-1], "draft_parents"),
+                               ("step_ints", np.append(arrays["step_ints"], 3), "past its last section"),
+                               ("step_reals", arrays["step_reals"][:1], "header")):
+        with pytest.raises(ValueError, match=f"^{name}: .*{part}"):
+            wire.unpack_steps(dict(arrays, **{name: np.asarray(broken, arrays[name].dtype)}))
+    negative = arrays["step_ints"].copy()
+    negative[0] = -1  # input_length, the header's first field
+    with pytest.raises(ValueError, match="step_ints: input_length must be >= 0"):
+        wire.unpack_steps(dict(arrays, step_ints=negative))
+
+
+def test_a_step_is_a_few_tensors_whatever_it_carries():
+    """Every tensor of a BLS call costs a trip through shared memory: a step travels as one per dtype."""
+    q = torch.tensor([[0.25, 0.75, 0.0]])
+    steps = [StepRequest(1, [5], DraftTree.chain([1]), draft_q=q, return_q=True), StepRequest(2, [6], release=True)]
+    assert len(wire.pack_steps(steps)) == 3
+    assert len(wire.pack_results([StepResult([3], [0.5], [[3]], [[0.5]], q=q), ValueError("bad")])) == 3
 
 
 def _nucleus(logits, top_p: float):
@@ -168,17 +181,18 @@ def test_q_travels_sparse_and_comes_back_exactly():
     arrays = wire.pack_steps(steps)
     back = wire.unpack_steps(arrays)
     assert torch.equal(back[0].draft_q, q_a) and back[1].draft_q is None and torch.equal(back[2].draft_q, q_b)
-    sparse_bytes = sum(arrays[name].nbytes for name in ("draft_q_counts", "draft_q_ids", "draft_q_probs"))
-    assert sparse_bytes * 10 < (q_a.numel() + q_b.numel()) * 4
+    assert sum(array.nbytes for array in arrays.values()) * 10 < (q_a.numel() + q_b.numel()) * 4
     results = [StepResult([3, 4, 5], [0.5] * 3, [[]] * 3, [[]] * 3, q=q_a), StepResult([2], [1.0], [[]], [[]])]
     unpacked = wire.unpack_results(wire.pack_results(results), steps[:2], "drafter")
     assert torch.equal(unpacked[0].q, q_a) and unpacked[1].q is None
 
 
-def test_malformed_q_is_refused_naming_the_input():
+def test_malformed_q_is_refused_naming_the_section():
     q = torch.tensor([[0.25, 0.75, 0.0]])
     arrays = wire.pack_steps([StepRequest(1, [5], DraftTree.chain([1]), draft_q=q)])
-    for name, value in (("draft_q_counts", [2, 1]), ("draft_q_ids", [0, 3]), ("draft_q_probs", [0.25])):
-        broken = dict(arrays, **{name: np.asarray(value, arrays[name].dtype)})
-        with pytest.raises(ValueError, match=name):
-            wire.unpack_steps(broken)
+    ints = arrays["step_ints"]  # ... draft_q_counts [2], draft_q_ids [0, 1]; step_reals ends with draft_q_probs
+    for name, broken, section in (("step_ints", np.append(ints[:-3], [3, 0, 1]), "draft_q_ids"),
+                                  ("step_ints", np.append(ints[:-2], [0, 3]), "draft_q_ids"),
+                                  ("step_reals", arrays["step_reals"][:-1], "draft_q_probs")):
+        with pytest.raises(ValueError, match=f"{name}: {section}"):
+            wire.unpack_steps(dict(arrays, **{name: np.asarray(broken, arrays[name].dtype)}))

@@ -76,7 +76,7 @@ def engine_call(server, model, steps, secret=SECRET):
         inputs.append(tensor)
     with httpclient.InferenceServerClient(server.http_url) as client:
         result = client.infer(model, inputs)
-    return [kind.decode() for kind in result.as_numpy("error_kind").reshape(-1)]
+    return [kind.decode() for kind in result.as_numpy("result_errors").reshape(-1, 2)[:, 0]]
 
 
 def hold(sequence_id, max_new_tokens=255) -> StepRequest:
@@ -193,7 +193,8 @@ def test_killed_drafter_is_restored_and_used_again(faults_server):
 
 
 def test_killed_target_fails_requests_fast_and_serves_after_restore(faults_server):
-    body = dict(max_tokens=200, speculation_mode="autoregressive")
+    # no end token: every request runs its 200 tokens, so that all are in flight together when the target dies
+    body = dict(max_tokens=200, end_id=-1, speculation_mode="autoregressive")
     with ThreadPoolExecutor(8) as pool:
         running = [pool.submit(http_status, faults_server, "/v2/models/cosine/generate", dict(body, text_input=p))
                    for p in PROMPTS]

@@ -32,7 +32,7 @@ class FlakyTransport:
             raise ServingError("connection refused", ServingError.UNAVAILABLE)
         if self.mode == "hang":
             await asyncio.sleep(3600)
-        return wire.pack_results([StepResult([], [], [], [])] * len(arrays["sequence_id"]))
+        return wire.pack_results([StepResult([], [], [], [])] * len(wire.unpack_steps(arrays)))
 
 
 def drafter(clock, timeout_s=5.0):

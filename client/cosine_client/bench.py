@@ -24,7 +24,7 @@ from cosine.contract import SPECULATION_MODES, engine_of
 
 from .api import grpc_generate, http_generate
 from .plots import write_plots
-from .references import deployment_references
+from .references import DeploymentReferences
 from .stats import BASELINES, Record, acceptance_by_domain, summarize, variant_inputs
 
 PRESETS = {  # settings not given explicitly come from here
@@ -182,9 +182,9 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
     sizes = {(load, level): max(settings["requests_per_point"], level) if load == "concurrency"
              else settings["requests_per_point"] for load, level in points}
 
-    # the physical references, measured while the server idles: the same checkpoints in this process
-    references = deployment_references(spec, settings["concurrencies"], [p["prompt"] for p in prompts],
-                                       settings["max_tokens"], progress=print) if spec else None
+    # the physical references: the same checkpoints in this process, measured while the server idles after each
+    # round's served runs at a concurrency, on that round's prompts
+    references = DeploymentReferences(spec) if spec else None
     for mode in modes:  # warm-up: first calls of a mode can pay one-off costs
         _request(call, url, prompts[0], mode, 4, sampling, load="warmup", level=0, run=-1)
     records: list[Record] = []
@@ -218,6 +218,9 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
                     for key, value in values.items():
                         per_model.setdefault(model, {}).setdefault(key, []).append(value)
                 run += 1
+            if references is not None and load == "concurrency":
+                bar.set_description(f"in-process references, batch {level}")
+                references.measure(level, [prompt["prompt"] for prompt in batch], settings["max_tokens"])
 
     rows = summarize(records)
     engine_activity_means = {key: {model: {name: float(np.mean(values)) for name, values in stats.items()}
@@ -234,7 +237,8 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
                "acceptance_by_domain": acceptance,
                # per engine model and run: busy fraction (drafters and target both busy = pipelining) and
                # sequences per forward pass
-               "engine_activity": engine_activity_means, "references": references,
+               "engine_activity": engine_activity_means,
+               "references": references.summary() if references is not None else None,
                "records": [asdict(record) for record in records]}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     (out_dir / "results.md").write_text(markdown_table(rows) + "\n")
@@ -245,8 +249,10 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
 def references_table(rows: list[dict], references: dict) -> str:
     """Served plain decoding and cosine against the in-process references at every concurrency."""
     served = {(row["level"], row["mode"]): row["tokens_per_s"] for row in rows if row["load"] == "concurrency"}
+    measured = sorted(set(references["measurements"].values()))
     lines = [f"in-process references: {references['threads']} torch threads (one served target replica's; the "
-             f"target has {references['replicas']}), prompts of {references['prompt_tokens']} tokens",
+             f"target has {references['replicas']}), prompts of {references['prompt_tokens']} tokens, measured "
+             f"{'/'.join(map(str, measured))} times per concurrency between the served rounds (means)",
              "| concurrency | served autoregressive | engine in-process | transformers batched | served / engine "
              f"| served / transformers | transformers batched, {references['cores']} threads "
              "| served / that | served cosine |", "|---|---|---|---|---|---|---|---|---|"]
@@ -256,11 +262,12 @@ def references_table(rows: list[dict], references: dict) -> str:
         lines.append(f"| {level} | {plain:.0f} | {decode['engine']:.0f} | {decode['transformers']:.0f} | "
                      f"{plain / decode['engine']:.2f} | {plain / decode['transformers']:.2f} | {all_cores:.0f} | "
                      f"{plain / all_cores:.2f} | {served.get((float(level), 'cosine'), float('nan')):.0f} |")
-    if "assisted_generation_c1" in references:
-        assisted = references["assisted_generation_c1"]
-        line = f"\ntransformers assisted generation (general drafter), c=1: {assisted:.0f} tokens/s"
-        if (1.0, "cosine") in served:
-            cosine = served[1.0, "cosine"]
-            line += f"; served cosine c=1: {cosine:.0f} ({cosine / assisted:.2f}x)"
-        lines.append(line)
+    for level, decode in references["decode"].items():
+        if "assisted_generation" in decode:
+            assisted = decode["assisted_generation"]
+            line = f"\ntransformers assisted generation (general drafter), c={level}: {assisted:.0f} tokens/s"
+            if (float(level), "cosine") in served:
+                cosine = served[float(level), "cosine"]
+                line += f"; served cosine: {cosine:.0f} ({cosine / assisted:.2f}x)"
+            lines.append(line)
     return "\n".join(lines)

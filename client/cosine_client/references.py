@@ -112,46 +112,64 @@ def assisted_generation_rate(target, drafter, prompts_ids: list[list[int]], new_
     return tokens / (time.perf_counter() - start)
 
 
-def deployment_references(spec_path, concurrencies, prompts: list[str], max_tokens: int, progress=print) -> dict:
+class DeploymentReferences:
     """The physical references of a deployment, measured in this process on its own checkpoints with the torch
-    threads of one served target replica: the engine's batched decode rate and transformers' batched decode at every
+    threads of one served target replica: the engine's batched decode rate and transformers' batched decode at a
     concurrency (batch = concurrency), and at concurrency 1 transformers' assisted generation with the general
-    drafter on the same prompts. Where the target's replicas use more cores than one replica's threads,
-    transformers' batched decode with every core's threads too (the served target then uses them all)."""
+    drafter. Where the target's replicas use more cores than one replica's threads, transformers' batched decode with
+    every core's threads too (the served target then uses them all).
 
-    from transformers import AutoTokenizer
+    A bench measures them between its served runs, on each round's prompts, as one more interleaved variant: on a
+    shared machine a reference measured once, at one moment, is off by as much as the speed of the machine drifts
+    (this project's CPU machine: the same in-process engine at 83 and at 119 tokens/s an hour apart)."""
 
-    from cosine.deploy.spec import engine_threads, load_spec, target_replicas
-    from cosine.engine.checkpoint import load_causal_lm
+    def __init__(self, spec_path):
+        from transformers import AutoTokenizer
 
-    spec = load_spec(spec_path)
-    replicas = target_replicas(spec.target)
-    threads = engine_threads(spec.target.num_threads or 0, replicas)  # what each served target replica uses
-    cores = len(os.sched_getaffinity(0))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        target = load_causal_lm(spec.target.checkpoint)
-        tokenizer = AutoTokenizer.from_pretrained(str(spec.tokenizer_dir), local_files_only=True)
-        prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
+        from cosine.deploy.spec import engine_threads, load_spec, target_replicas
+        from cosine.engine.checkpoint import load_causal_lm
+
+        spec = load_spec(spec_path)
+        self.replicas = target_replicas(spec.target)
+        self.threads = engine_threads(spec.target.num_threads or 0, self.replicas)  # one served replica's
+        self.cores = len(os.sched_getaffinity(0))
+        self.target = load_causal_lm(spec.target.checkpoint)
+        # the engine fuses the model's projections in place: it runs on a copy of its own
+        self.engine_model = load_causal_lm(spec.target.checkpoint)
+        self.drafter = load_causal_lm(spec.drafters[spec.vanilla_drafter].checkpoint) if spec.vanilla_drafter \
+            else None
+        self.tokenizer = AutoTokenizer.from_pretrained(str(spec.tokenizer_dir), local_files_only=True)
+        self.rates: dict[int, dict[str, list[float]]] = {}  # concurrency -> reference -> one rate per measurement
+        self.prompt_tokens: list[int] = []
+
+    def measure(self, concurrency: int, prompts: list[str], max_tokens: int) -> None:
+        """One measurement of every reference at `concurrency`, on these prompts (their mean length for the
+        batched decodes, the prompts themselves for assisted generation)."""
+        prompt_ids = [self.tokenizer.encode(prompt) for prompt in prompts]
+        self.prompt_tokens += map(len, prompt_ids)
         prompt_len = round(sum(map(len, prompt_ids)) / len(prompt_ids))
-        out = {"threads": threads, "replicas": replicas, "cores": cores, "prompt_tokens": prompt_len, "decode": {}}
-        for concurrency in concurrencies:
-            progress(f"in-process references at batch {concurrency}")
-            out["decode"][concurrency] = {
-                "transformers": transformers_decode_rate(target, concurrency, max_tokens, prompt_len),
-                # the engine fuses the model's projections in place: measured last, on a model of its own
-                "engine": engine_decode_rate(load_causal_lm(spec.target.checkpoint), concurrency, max_tokens,
-                                             prompt_len)}
-            if replicas > 1 and concurrency > 1:  # the replicas together use more than one replica's threads
-                torch.set_num_threads(cores)
-                out["decode"][concurrency]["transformers_all_cores"] = transformers_decode_rate(
-                    target, concurrency, max_tokens, prompt_len)
-                torch.set_num_threads(threads)
-        if spec.vanilla_drafter:
-            progress("in-process assisted generation")
-            drafter = load_causal_lm(spec.drafters[spec.vanilla_drafter].checkpoint)
-            out["assisted_generation_c1"] = assisted_generation_rate(target, drafter, prompt_ids, max_tokens)
-        return out
-    finally:
-        torch.set_num_threads(previous)
+        rates = self.rates.setdefault(concurrency, {})
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            rates.setdefault("transformers", []).append(
+                transformers_decode_rate(self.target, concurrency, max_tokens, prompt_len))
+            rates.setdefault("engine", []).append(
+                engine_decode_rate(self.engine_model, concurrency, max_tokens, prompt_len))
+            if concurrency == 1 and self.drafter is not None:
+                rates.setdefault("assisted_generation", []).append(
+                    assisted_generation_rate(self.target, self.drafter, prompt_ids, max_tokens))
+            if self.replicas > 1 and concurrency > 1:  # the replicas together use more than one replica's threads
+                torch.set_num_threads(self.cores)
+                rates.setdefault("transformers_all_cores", []).append(
+                    transformers_decode_rate(self.target, concurrency, max_tokens, prompt_len))
+        finally:
+            torch.set_num_threads(previous)
+
+    def summary(self) -> dict:
+        """Per concurrency, each reference's mean rate over its measurements (and how many there were)."""
+        return {"threads": self.threads, "replicas": self.replicas, "cores": self.cores,
+                "prompt_tokens": round(sum(self.prompt_tokens) / max(1, len(self.prompt_tokens))),
+                "decode": {level: {name: sum(values) / len(values) for name, values in rates.items()}
+                           for level, rates in self.rates.items()},
+                "measurements": {level: len(rates["engine"]) for level, rates in self.rates.items()}}

@@ -4,6 +4,7 @@ text encoded and detokenized in this process."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from contextlib import aclosing
 
 import numpy as np
@@ -132,16 +133,17 @@ class CosineModel:
                            mode=report.mode).observe(max(depths, default=0))
         if report.draft is None:
             return
-        for drafter in report.draft.sources:
-            self._round_metric("cosine_draft_tokens_total", "Draft tokens proposed", drafter).increment(1)
-        for node in report.accepted:
-            drafter = report.draft.sources[node]
-            self._round_metric("cosine_accepted_tokens_total", "Draft tokens accepted", drafter).increment(1)
-            self._round_metric("cosine_accepted_at_position_total", "Draft tokens accepted by depth in the draft",
-                               drafter, position=str(depths[node])).increment(1)
-        for drafter in set(report.draft.sources):
+        # one update per metric and drafter: each is a round trip to the server process, on the round's path
+        sources = report.draft.sources
+        for drafter, count in Counter(sources).items():
+            self._round_metric("cosine_draft_tokens_total", "Draft tokens proposed", drafter).increment(count)
             self._round_metric("cosine_speculation_rounds_total", "Verification rounds a drafter took part in",
                                drafter).increment(1)
+        for drafter, count in Counter(sources[node] for node in report.accepted).items():
+            self._round_metric("cosine_accepted_tokens_total", "Draft tokens accepted", drafter).increment(count)
+        for node in report.accepted:  # a path: one node per depth
+            self._round_metric("cosine_accepted_at_position_total", "Draft tokens accepted by depth in the draft",
+                               sources[node], position=str(depths[node])).increment(1)
 
     def _round_metric(self, name, description, drafter, **labels):
         if drafter is not None:

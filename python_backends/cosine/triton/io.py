@@ -164,6 +164,26 @@ class Metrics:
         return cls._families[name]
 
     @classmethod
-    def metric(cls, name: str, description: str, kind: str = "COUNTER", buckets=None, **labels):
+    def metric(cls, name: str, description: str, kind: str = "COUNTER", buckets=None, **labels) -> "Metric":
         family = cls.family(name, description, kind)
-        return family.Metric(labels=labels, buckets=buckets) if buckets else family.Metric(labels=labels)
+        return Metric(family.Metric(labels=labels, buckets=buckets) if buckets else family.Metric(labels=labels))
+
+
+class Metric:
+    """A pb_utils metric whose no-op updates (adding 0, setting the value it holds) make no call: every update is
+    a round trip to the server process (about 35 us on the idle 2-core machine), on the path of each engine call."""
+
+    def __init__(self, metric):
+        self.metric, self.value = metric, None
+
+    def increment(self, amount) -> None:
+        if amount:
+            self.metric.increment(amount)
+
+    def set(self, value) -> None:
+        if value != self.value:
+            self.value = value
+            self.metric.set(value)
+
+    def observe(self, value) -> None:
+        self.metric.observe(value)
