@@ -1,12 +1,13 @@
 """Adaptive speculation control: how many tokens to draft, per request and per moment.
 
 Cost model. With per-token acceptance rate a, a draft of k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens per
-round (accepted + the target's own). A round costs drafting, one call plus k drafter steps: t_draft = base + k * step,
-plus verification; the verifier's batch holds every active request's sequence and tokens, so its time grows with
-load: t_verify = base + per_sequence * load + per_token * load * (k + 1). The two are fitted apart because they
-differ: a sequence costs its K/V gathered and its attention, a token mostly its share of the matmuls (measured
-in-process on the demo target, 1-32 sequences: about 14 ms a pass, 0.65 ms per sequence, 0.27 ms per token); one
-slope for both charges every token a share of the sequences' cost, so drafts look dearer under load than they are.
+round (accepted + the target's own). A round costs drafting, one call plus k drafter steps, slower with load (other
+requests' drafting shares the drafters and cores): t_draft = base + k * step + per_request * load, plus
+verification; the verifier's batch holds every active request's sequence and tokens, so its time grows with load:
+t_verify = base + per_sequence * load + per_token * load * (k + 1). The two are fitted apart because they differ: a
+sequence costs its K/V gathered and its attention, a token mostly its share of the matmuls (measured in-process on
+the demo target, 1-32 sequences: about 14 ms a pass, 0.65 ms per sequence, 0.27 ms per token); one slope for both
+charges every token a share of the sequences' cost, so drafts look dearer under load than they are.
 Plain decoding (k = 0) runs several target steps per call, so its cost per token is fitted apart from its own
 calls: t_plain = base + per_request * load.
 The controller drafts the k in [0, k_max] that maximises tokens per second; k = 0 is plain decoding, which it falls
@@ -43,6 +44,7 @@ class CostModel:
     verify_per_token: float  # each token in the verifier's batch
     draft_per_token: float  # one drafting step (drafters of a request run in parallel)
     draft_base: float = 0.0  # a drafting call, whatever its length
+    draft_per_request: float = 0.0  # each active request (its drafting calls share the drafters and the cores)
     # seconds per token of plain decoding = base + per_request * load; None before plain calls were measured (then:
     # one verification pass per token)
     plain: tuple[float, float] | None = None
@@ -53,7 +55,7 @@ class CostModel:
         if not k and self.plain is not None:
             return self.plain[0] + self.plain[1] * load
         tokens_per_request = 1 + k * tree_factor
-        drafting = self.draft_base + k * self.draft_per_token if k else 0.0
+        drafting = self.draft_base + k * self.draft_per_token + self.draft_per_request * load if k else 0.0
         return (drafting + self.verify_base + self.verify_per_sequence * load
                 + self.verify_per_token * load * tokens_per_request)
 
@@ -114,9 +116,11 @@ class LinearFit:
         self.moments = self.forgetting * self.moments + y * v
 
     def fitted(self) -> tuple[float, ...] | None:
-        """(base, *slopes), or None before regressors + 2 observations."""
+        """(base, *slopes), or None before 3 observations, and 2 more than the regressors that varied."""
         count = self.gram[0, 0]
-        if count < len(self.moments) + 1:
+        # count * sum(x^2) - sum(x)^2: count^2 times the regressor's (weighted) variance
+        spread = count * np.diag(self.gram)[1:] - self.gram[0, 1:] ** 2
+        if count < 2 + max(1, np.count_nonzero(spread > 1e-9 * (count * np.diag(self.gram)[1:] + 1e-30))):
             return None
         # a regressor that does not vary (one sequence per pass at c1) says nothing: a tiny ridge on the slopes
         # leaves its share in the base instead of splitting it arbitrarily
@@ -271,7 +275,11 @@ class LoadMonitor:
                  clock: Callable[[], float] = time.monotonic):
         self.verify_fit = LinearFit(forgetting, regressors=2)  # sequences and tokens in the pass
         self.plain_fit = LinearFit(forgetting)
-        self.draft_fits = {fused: LinearFit(forgetting) for fused in (False, True)}
+        # drafting time against positions and active requests. Fitted on positions alone, it carried what drafting
+        # cost under c32 load (34 ms a call) to c1 (about 4 ms), where the controller then drafted 2 tokens or none,
+        # and plain rounds make no drafting calls to correct it (measured after a c32 warm-up: cosine at c1 accepted
+        # 0.11 tokens per round and made 173-179 tokens/s, against 213-216 for plain decoding)
+        self.draft_fits = {fused: LinearFit(forgetting, regressors=2) for fused in (False, True)}
         self.active_requests = 0
         self.adaptive_requests = 0  # of them, those that speculate only while SpeculationWindows allows it
         # every adaptive request's rounds: what the cost model expects at a load where nothing was measured yet
@@ -319,7 +327,7 @@ class LoadMonitor:
 
     def observe_draft(self, positions: int, seconds: float, fused: bool = False) -> None:
         """One round's drafting of `positions` tokens: by a lone drafter, or fused across cooperating drafters."""
-        self.draft_fits[fused].observe(positions, seconds)
+        self.draft_fits[fused].observe((positions, self.active_requests), seconds)
 
     def costs(self, fused: bool = False) -> CostModel | None:
         """The cost model for lone or fused drafting; None until verification and that drafting are measured."""
@@ -327,7 +335,8 @@ class LoadMonitor:
         if verify is None or draft is None:
             return None
         return CostModel(verify_base=verify[0], verify_per_sequence=verify[1], verify_per_token=verify[2],
-                         draft_per_token=draft[1], draft_base=draft[0], plain=self.plain_fit.fitted())
+                         draft_per_token=draft[1], draft_base=draft[0], draft_per_request=draft[2],
+                         plain=self.plain_fit.fitted())
 
 
 class SpeculationController:
