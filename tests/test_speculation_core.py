@@ -161,7 +161,8 @@ def test_drafting_under_load_does_not_make_drafting_at_a_light_load_look_dear():
     """Drafting calls take longer while many requests draft (they share the drafters and the cores): fitted against
     the load, what they cost under c32 (34 ms a call, as measured on the demo zoo) is not carried to c1 (about 4 ms),
     where the controller keeps drafting. Fitted on positions alone, the same observations make drafting at c1 look
-    about 7x dearer than it is, and the controller decodes plainly (whose rounds make no drafting calls to correct it)."""
+    about 7x dearer than it is, and the controller decodes plainly (whose rounds make no drafting calls to correct
+    it)."""
     monitor, positions_only = LoadMonitor(forgetting=0.98), LinearFit(0.98)
 
     def observe(load, positions, seconds):

@@ -121,7 +121,7 @@ class DeploymentReferences:
 
     A bench measures them between its served runs, on each round's prompts, as one more interleaved variant: on a
     shared machine a reference measured once, at one moment, is off by as much as the speed of the machine drifts
-    (this project's CPU machine: the same in-process engine at 83 and at 119 tokens/s an hour apart)."""
+    (this project's CPU machine: the same in-process engine at 83 and at 119 tokens/s at two times of one session)."""
 
     def __init__(self, spec_path):
         from transformers import AutoTokenizer
