@@ -268,3 +268,31 @@ def test_a_killed_target_replica_is_restored_in_place_while_the_other_serves(rep
     assert metric(server, "cosine_engine_batches_total", model="target_1") > before, "the restored replica idles"
     print(f"\ntarget_1 killed: {len(failed)} of {len(answers)} requests failed; a new request, sent once they "
           f"ended, served by {served_during_restore:.1f} s after the kill")
+
+
+def test_killed_router_comes_back_with_what_it_learned(faults_server):
+    """The router's evidence outlives its process: the watchdog restores the router in the same server and the new
+    process takes the evidence back, where it used to start again from the prior."""
+    secret = {"name": DEPLOYMENT_SECRET, "shape": [1, 1], "datatype": "BYTES", "data": [SECRET]}
+
+    def router_call(*inputs):
+        status, answer = http_status(faults_server, "/v2/models/router/infer", {"inputs": [*inputs, secret]})
+        assert status == 200, answer
+        return {output["name"]: output["data"] for output in answer["outputs"]}
+
+    def acceptance():
+        return router_call({"name": "drafter_names", "shape": [1, 1], "datatype": "BYTES", "data": ["itself"]},
+                           {"name": "prompt_logprobs", "shape": [1, 1], "datatype": "FP32", "data": [-1.0]},
+                           {"name": "max_drafters", "shape": [1, 1], "datatype": "INT32", "data": [1]}
+                           )["acceptance"][0]
+
+    before = acceptance()
+    router_call({"name": "feedback_context", "shape": [1, 1], "datatype": "BYTES", "data": ["itself"]},
+                {"name": "feedback_drafters", "shape": [1, 1], "datatype": "BYTES", "data": ["itself"]},
+                {"name": "feedback_matches", "shape": [1, 1], "datatype": "FP32", "data": [0.0]},
+                {"name": "feedback_trials", "shape": [1, 1], "datatype": "FP32", "data": [100.0]})
+    learned = acceptance()
+    assert learned < before - 0.1  # a drafter that never matched: its expected acceptance fell
+    kill_stub(faults_server, "router")
+    if restored(faults_server, "router") != SERVER_RESTORE:  # a restarted server starts afresh, by design
+        assert acceptance() == pytest.approx(learned)

@@ -80,6 +80,14 @@ class Router:
         alpha, beta = posteriors[first]
         return Route(context, [first, *explorers, *rest], 1 + len(explorers), alpha / (alpha + beta))
 
+    def restore(self, evidence: dict) -> None:
+        """Takes back `evidence` (as in self.evidence, e.g. read back from JSON) for the drafters this router knows;
+        the rest is dropped (the deployment changed)."""
+        for context, cells in evidence.items():
+            for drafter, (matches, trials) in cells.items():
+                if drafter in self.evidence.get(context, {}):
+                    self.evidence[context][drafter] = [float(matches), float(trials)]
+
     def feedback(self, context: str, drafter: str, matches: float, trials: float) -> None:
         """Verification outcome of a request: at `trials` verified positions, the drafter's top token was the
         target's `matches` times."""

@@ -1,6 +1,12 @@
 """Triton adapter for the router: one process holds the learned routing state for the whole deployment."""
 from __future__ import annotations
 
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -9,6 +15,18 @@ from ..serving.errors import ServingError
 from ..serving.trust import check_caller, deployment_secret
 from ..speculation.router import Route, Router
 from .io import Metrics, error_response, model_parameters, request_inputs, tensors
+
+
+log = logging.getLogger(__name__)
+
+
+def state_file(model_name: str) -> Path:
+    """Where the router keeps what it learned while its server lives: the watchdog restores a router whose process
+    died in the same server, and the new process takes it back. Keyed by the server process (pid and start time, so
+    a recycled pid is not mistaken for it): a new server starts fresh."""
+    server = os.getppid()
+    started = Path(f"/proc/{server}/stat").read_text().rpartition(")")[2].split()[19]
+    return Path(tempfile.gettempdir()) / f"cosine-{model_name}-{server}-{started}.json"
 
 
 def _names(array) -> list[str]:
@@ -24,6 +42,14 @@ class RouterModel:
         self.drafters = [name for name in model_parameters(args)["drafters"].split(",") if name]
         self.secret = deployment_secret()
         self.router = Router(self.drafters)
+        self.state_file = state_file(args["model_name"])
+        try:
+            self.router.restore(json.loads(self.state_file.read_text()))
+            log.warning("router: took back what it learned from %s", self.state_file)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError) as error:  # a torn or foreign file: start afresh
+            log.warning("router: ignoring %s: %s", self.state_file, error)
         self.routed = {name: Metrics.metric("cosine_router_requests_total", "Requests routed to a drafter (first "
                                             "choice)", drafter=name) for name in self.drafters}
 
@@ -49,6 +75,7 @@ class RouterModel:
             for drafter, matches, trials in zip(drafters, inputs["feedback_matches"], inputs["feedback_trials"]):
                 if trials > 0:
                     self.router.feedback(context, drafter, float(matches), float(trials))
+            self._save()
             route = Route(context, [], 0, 0.0)
         else:
             names = _names(inputs["drafter_names"])
@@ -64,3 +91,14 @@ class RouterModel:
                                                   cooperate=np.array([route.cooperate], np.int32),
                                                   context=_strings([route.context]),
                                                   acceptance=np.array([route.acceptance], np.float32)))
+
+    def _save(self) -> None:
+        """Written whole and renamed into place: a process killed mid-write leaves the previous state."""
+        partial = self.state_file.with_suffix(".partial")
+        partial.write_text(json.dumps(self.router.evidence))
+        os.replace(partial, self.state_file)
+
+    def finalize(self):
+        """A server shutting down (or unloading the router) needs the state no more; a killed process never gets
+        here, and its state stays for the process that replaces it."""
+        self.state_file.unlink(missing_ok=True)
