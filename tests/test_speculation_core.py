@@ -177,8 +177,7 @@ def test_drafting_under_load_does_not_make_drafting_at_a_light_load_look_dear():
         observe(32, 4 + round_ % 9, 0.034)
     monitor.active_requests = 1
     costs = monitor.costs()
-    drafting_at_c1 = costs.draft_base + 6 * costs.draft_per_token + costs.draft_per_request * 1
-    assert drafting_at_c1 == pytest.approx(0.0035 + 0.00024 * 6, rel=0.3)
+    assert costs.drafting(6, 1) == pytest.approx(0.0035 + 0.00024 * 6, rel=0.3)
     base, per_position = positions_only.fitted()
     assert base + 6 * per_position > 5 * (0.0035 + 0.00024 * 6)
     controller = SpeculationController(12)

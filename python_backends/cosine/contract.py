@@ -168,11 +168,19 @@ POSTPROCESSING = ModelContract(
 # frees it. Each sequence succeeds or fails alone.
 # The call packs everything into a few flat tensors, one per dtype, because every tensor costs its own trip through
 # shared memory between three processes (measured on Triton 2.51, 2 idle cores: a BLS call with 2 tensors in and 2
-# out 0.53 ms, with 24 and 24 1.37 ms; the step used to travel as 24 tensors in and 13 out). Each tensor is a header
-# of per-sequence fields ([n, fields], row-major) followed by ragged sections, each holding every sequence's values
-# in turn, sized by the header.
-ENGINE_STEP_KEYS = ("sequence_id", "random_seed")  # step_keys [n, 2]
-ENGINE_STEP_FIELDS = (  # the header of step_ints: [n, these]
+# out 0.53 ms, with 24 and 24 1.37 ms; the step used to travel as 24 tensors in and 13 out). The header of each
+# tensor sizes its ragged sections.
+@dataclass(frozen=True)
+class PackedTensor:
+    """A flat tensor of the ENGINE contract: `fields` per sequence (the header, [n, fields] row-major), then the
+    `sections` in this order, each every sequence's values in turn."""
+    name: str
+    fields: tuple[str, ...]
+    sections: tuple[str, ...] = ()
+
+
+STEP_KEYS = PackedTensor("step_keys", ("sequence_id", "random_seed"))
+STEP_INTS = PackedTensor("step_ints", (
     "input_length",  # tokens fed (the input_ids section)
     "draft_length",  # nodes of the draft tree to verify (the draft_ids and draft_parents sections)
     "keep_length",  # drop cached tokens past this length first (a drafter rolls back to what was verified); -1: keep
@@ -185,38 +193,38 @@ ENGINE_STEP_FIELDS = (  # the header of step_ints: [n, these]
     # admission, read only where max_new_tokens > 0: the sequence's budget and sampling parameters; end_id (-1: none)
     # may not be emitted before min_length tokens follow the first step's input_ids
     "max_new_tokens", "top_k", "end_id", "min_length",
-)
-# step_ints sections after the header: input_ids, draft_ids (each tree in topological order), draft_parents (parent
-# within its own tree; -1: the last input token), and the sparse q of sampled drafts (lossless acceptance needs the
-# distribution each draft token was drawn from; only its support travels, exactly sparse under top-k / top-p):
-# draft_q_counts (per q row, i.e. per draft node of a sequence with a q: its entries), draft_q_ids (the entries'
-# token ids)
-ENGINE_STEP_SECTIONS = ("input_ids", "draft_ids", "draft_parents", "draft_q_counts", "draft_q_ids")
-ENGINE_STEP_REALS = ("temperature", "top_p")  # the header of step_reals [n, these]; then the section draft_q_probs
-ENGINE_RESULT_FIELDS = (  # the header of result_ints: [n, these]
+), (
+    # each draft tree in topological order, and each node's parent within its own tree (-1: the last input token);
+    # then the sparse q of sampled drafts (lossless acceptance needs the distribution each draft token was drawn from;
+    # only its support travels, exactly sparse under top-k / top-p): per q row (per draft node of a sequence with a
+    # q) its entries, and the entries' token ids; their values are step_reals' section
+    "input_ids", "draft_ids", "draft_parents", "draft_q_counts", "draft_q_ids",
+))
+STEP_REALS = PackedTensor("step_reals", ("temperature", "top_p"), ("draft_q_probs",))
+RESULT_INTS = PackedTensor("result_ints", (
     # emitted tokens: accepted draft tokens, then one token of the engine's own, then extra_tokens more
     "output_length",
     "q_rows",  # rows of the returned q (the emitted tokens, or 0) and their vocabulary size
     "q_vocab",
-)
-# result_ints sections: output_ids, top_ids ([emitted, num_candidates] per sequence: the most likely tokens at each
-# emitted position), output_q_counts and output_q_ids (the q of each emitted token, sparse as the draft's)
-ENGINE_RESULT_SECTIONS = ("output_ids", "top_ids", "output_q_counts", "output_q_ids")
-# result_reals: no header; sections output_probs (of each emitted token under the distribution it was drawn from),
-# top_probs (as top_ids), input_logprob (one per sequence), output_q_probs
-ENGINE_RESULT_REALS = ("output_probs", "top_probs", "input_logprob", "output_q_probs")
-ENGINE_ERRORS = ("error_kind", "error_message")  # result_errors [n, these]: kind "" (ok) or the ServingError kind
+), (
+    # top_ids: [emitted, num_candidates] per sequence, the most likely tokens at each emitted position; the q of each
+    # emitted token, sparse as the draft's
+    "output_ids", "top_ids", "output_q_counts", "output_q_ids",
+))
+# output_probs: of each emitted token under the distribution it was drawn from; top_probs as top_ids
+RESULT_REALS = PackedTensor("result_reals", (), ("output_probs", "top_probs", "input_logprob", "output_q_probs"))
+RESULT_ERRORS = PackedTensor("result_errors", ("error_kind", "error_message"))  # kind "" (ok) or the ServingError's
 ENGINE = ModelContract(
     inputs=(
-        _vector("step_keys", "TYPE_UINT64"),
-        _vector("step_ints", "TYPE_INT32"),
-        _vector("step_reals", "TYPE_FP32"),
+        _vector(STEP_KEYS.name, "TYPE_UINT64"),
+        _vector(STEP_INTS.name, "TYPE_INT32"),
+        _vector(STEP_REALS.name, "TYPE_FP32"),
         _DEPLOYMENT_SECRET_INPUT,  # required in fact: a call without it is refused
     ),
     outputs=(
-        TensorSpec("result_ints", "TYPE_INT32", (-1,)),
-        TensorSpec("result_reals", "TYPE_FP32", (-1,)),
-        TensorSpec("result_errors", "TYPE_STRING", (-1,)),
+        TensorSpec(RESULT_INTS.name, "TYPE_INT32", (-1,)),
+        TensorSpec(RESULT_REALS.name, "TYPE_FP32", (-1,)),
+        TensorSpec(RESULT_ERRORS.name, "TYPE_STRING", (-1,)),
     ),
 )
 

@@ -145,6 +145,12 @@ def validate_repository(path: Path) -> None:
         raise LaunchError(f"model repository {path} is invalid: no <model>/config.pbtxt in it")
 
 
+def process_stat(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat's fields from the third (state) on: past the command name, which may hold spaces and ')'.
+    Raises OSError when the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def stub_processes(server_pid: int) -> dict[int, str]:
     """The live Python-backend stubs of a server, {pid: model name}. A killed stub is gone, or a zombie child of
     the server until reaped: either way it is not listed."""
@@ -153,11 +159,10 @@ def stub_processes(server_pid: int) -> dict[int, str]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            state, parent = process_stat(entry.name)[:2]
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:  # exited meanwhile
             continue
-        state, parent = stat.rpartition(")")[2].split()[:2]
         if int(parent) == server_pid and state != "Z" and argv[0].endswith(STUB_BINARY.encode()):
             stubs[int(entry.name)] = Path(argv[1].decode()).parent.parent.name  # <repo>/<model>/<version>/model.py
     return stubs

@@ -84,17 +84,21 @@ class LookaheadEngine:
         todo = [index for index, result in enumerate(results) if result is None]
         for index, result in zip(todo, self._timed_step([requests[index] for index in todo])):
             results[index] = result
-        sequences = self.engine.sequences
-        self._look_ahead([_expected_next(request, result, self.engine.tokens_left(request.sequence_id))
-                          for request, result in zip(requests, results) if request.sequence_id in sequences])
+        self._look_ahead(requests, results)
         return results
 
     def close(self) -> None:
         self._wait()
         self.worker.shutdown()
 
-    def _look_ahead(self, expected: list[StepRequest | None]) -> None:
-        steps = [step for step in expected if step is not None]
+    def _look_ahead(self, requests: list[StepRequest], results: list[StepResult | Exception]) -> None:
+        """Starts computing the expected next call of every sequence these requests decoded plainly."""
+        if self.max_sequences == 0:  # drafters, a target without look-ahead: nothing to compute per call
+            return
+        live = [(request, result) for request, result in zip(requests, results)
+                if request.sequence_id in self.engine.sequences]
+        steps = [step for step in (_expected_next(request, result, self.engine.tokens_left(request.sequence_id))
+                                   for request, result in live) if step is not None]
         if not steps or self.max_sequences is not None and len(steps) > self.max_sequences:
             return
         for step in steps:

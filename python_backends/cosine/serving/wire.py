@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..contract import (ENGINE, ENGINE_ERRORS, ENGINE_RESULT_FIELDS, ENGINE_RESULT_REALS, ENGINE_RESULT_SECTIONS,
-                        ENGINE_STEP_FIELDS, ENGINE_STEP_KEYS, ENGINE_STEP_REALS, ENGINE_STEP_SECTIONS)
+from ..contract import (ENGINE, RESULT_ERRORS, RESULT_INTS, RESULT_REALS, STEP_INTS, STEP_KEYS, STEP_REALS,
+                        PackedTensor)
 from ..engine.engine import Admission, StepRequest, StepResult
 from ..engine.kv_cache import AdmissionError
 from ..engine.sampling import SamplingParams
@@ -19,28 +19,35 @@ NO_VALUE = -1  # keep_length: keep everything; end_id: none
 _DTYPES = {t.name: t.numpy_dtype for t in (*ENGINE.inputs, *ENGINE.outputs)}
 
 
-def _packed(tensor: str, fields: tuple[str, ...], rows: list[dict], order: tuple[str, ...], **sections) -> np.ndarray:
-    """A contract tensor: the header (each row's `fields`, row-major), then the sections in the contract's order."""
-    dtype = _DTYPES[tensor]
-    assert not rows or rows[0].keys() == set(fields), (tensor, rows[0].keys())
-    assert sections.keys() <= set(order), (tensor, sections.keys())
-    header = np.array([[row[name] for name in fields] for row in rows], dtype).reshape(-1)
-    return np.concatenate([header, *(np.asarray(sections[name], dtype).reshape(-1) for name in order
-                                     if name in sections)])
+def _packed(layout: PackedTensor, rows: list[dict], **sections) -> np.ndarray:
+    """The tensor `layout` describes: each row's fields (the header), then every section, in the contract's order."""
+    assert not rows or rows[0].keys() == set(layout.fields), (layout.name, rows[0].keys())
+    assert sections.keys() == set(layout.sections), (layout.name, sections.keys())
+    dtype = _DTYPES[layout.name]
+    header = np.array([[row[name] for name in layout.fields] for row in rows], dtype).reshape(-1)
+    return np.concatenate([header, *(np.asarray(sections[name], dtype).reshape(-1) for name in layout.sections)])
 
 
 class _Reader:
-    """Reads a contract tensor front to back: its header, then its sections; errors name the tensor and the part."""
+    """Reads the tensor `layout` describes front to back, its sections in the contract's order; errors name the
+    tensor and the part."""
 
-    def __init__(self, tensor: str, arrays: dict[str, np.ndarray]):
-        self.tensor, self.flat, self.at = tensor, np.asarray(arrays[tensor]).reshape(-1), 0
+    def __init__(self, layout: PackedTensor, arrays: dict[str, np.ndarray]):
+        self.tensor, self.flat, self.at = layout.name, np.asarray(arrays[layout.name]).reshape(-1), 0
+        self.fields, self.sections = layout.fields, iter(layout.sections)
 
-    def header(self, n: int, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def header(self, n: int) -> dict[str, np.ndarray]:
         """Per field its column [n]."""
-        rows = self.take("header", n * len(fields)).reshape(n, len(fields))
-        return {name: rows[:, i] for i, name in enumerate(fields)}
+        rows = self._take("header", n * len(self.fields)).reshape(n, len(self.fields))
+        return {name: rows[:, i] for i, name in enumerate(self.fields)}
 
-    def take(self, part: str, count) -> np.ndarray:
+    def take(self, section: str, count) -> np.ndarray:
+        """The next section, which must be `section`: `count` values."""
+        expected = next(self.sections, None)
+        assert section == expected, (self.tensor, section, expected)
+        return self._take(section, count)
+
+    def _take(self, part: str, count) -> np.ndarray:
         count = int(count)
         if self.at + count > len(self.flat):
             raise ValueError(f"{self.tensor}: {part}: {count} values expected, {len(self.flat) - self.at} left")
@@ -52,14 +59,15 @@ class _Reader:
         return np.split(self.take(part, lengths.sum()), np.cumsum(lengths)[:-1]) if len(lengths) else []
 
     def end(self) -> None:
+        assert next(self.sections, None) is None, self.tensor  # every section read
         if self.at != len(self.flat):
             raise ValueError(f"{self.tensor}: {len(self.flat) - self.at} values past its last section")
 
 
-def _lengths(tensor: str, header: dict[str, np.ndarray], name: str) -> np.ndarray:
+def _lengths(reader: _Reader, header: dict[str, np.ndarray], name: str) -> np.ndarray:
     lengths = header[name].astype(np.int64)
     if (lengths < 0).any():
-        raise ValueError(f"{tensor}: {name} must be >= 0, got {lengths.min()}")
+        raise ValueError(f"{reader.tensor}: {name} must be >= 0, got {lengths.min()}")
     return lengths
 
 
@@ -107,30 +115,28 @@ def pack_steps(steps: list[StepRequest]) -> dict[str, np.ndarray]:
                    end_id=NO_VALUE if a is None or a.end_id is None else a.end_id, min_length=a.min_length if a else 0)
               for s, a, p, vocab in zip(steps, admissions, params, q_vocab)]
     return {
-        "step_keys": _packed("step_keys", ENGINE_STEP_KEYS, [dict(sequence_id=s.sequence_id, random_seed=p.seed or 0)
-                                                             for s, p in zip(steps, params)], ()),
-        "step_ints": _packed("step_ints", ENGINE_STEP_FIELDS, fields, ENGINE_STEP_SECTIONS,
-                             input_ids=[t for s in steps for t in s.input_ids],
-                             draft_ids=[t for s in steps for t in s.draft.tokens],
-                             draft_parents=[p for s in steps for p in s.draft.parents],
-                             draft_q_counts=q_counts, draft_q_ids=q_ids),
-        "step_reals": _packed("step_reals", ENGINE_STEP_REALS,
-                              [dict(temperature=p.temperature, top_p=p.top_p) for p in params], ("draft_q_probs",),
-                              draft_q_probs=q_probs),
+        STEP_KEYS.name: _packed(STEP_KEYS, [dict(sequence_id=s.sequence_id, random_seed=p.seed or 0)
+                                            for s, p in zip(steps, params)]),
+        STEP_INTS.name: _packed(STEP_INTS, fields, input_ids=[t for s in steps for t in s.input_ids],
+                                draft_ids=[t for s in steps for t in s.draft.tokens],
+                                draft_parents=[p for s in steps for p in s.draft.parents],
+                                draft_q_counts=q_counts, draft_q_ids=q_ids),
+        STEP_REALS.name: _packed(STEP_REALS, [dict(temperature=p.temperature, top_p=p.top_p) for p in params],
+                                 draft_q_probs=q_probs),
     }
 
 
 def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
     """Raises ValueError naming the tensor and the part of it when the arrays do not describe a batch of steps."""
-    keys = np.asarray(arrays["step_keys"]).reshape(-1)
-    if len(keys) % len(ENGINE_STEP_KEYS):
-        raise ValueError(f"step_keys: expected {len(ENGINE_STEP_KEYS)} values per sequence, got {len(keys)} values")
-    n = len(keys) // len(ENGINE_STEP_KEYS)
-    keys = keys.reshape(n, len(ENGINE_STEP_KEYS))
-    ints, reals = _Reader("step_ints", arrays), _Reader("step_reals", arrays)
-    fields, params = ints.header(n, ENGINE_STEP_FIELDS), reals.header(n, ENGINE_STEP_REALS)
-    input_lengths = _lengths("step_ints", fields, "input_length")
-    draft_lengths = _lengths("step_ints", fields, "draft_length")
+    keys = _Reader(STEP_KEYS, arrays)
+    width = len(STEP_KEYS.fields)
+    if len(keys.flat) % width:
+        raise ValueError(f"{keys.tensor}: expected {width} values per sequence, got {len(keys.flat)} values")
+    n = len(keys.flat) // width
+    ints, reals = _Reader(STEP_INTS, arrays), _Reader(STEP_REALS, arrays)
+    keys, fields, params = keys.header(n), ints.header(n), reals.header(n)
+    input_lengths = _lengths(ints, fields, "input_length")
+    draft_lengths = _lengths(ints, fields, "draft_length")
     inputs = ints.split("input_ids", input_lengths)
     draft_ids = ints.split("draft_ids", draft_lengths)
     draft_parents = ints.split("draft_parents", draft_lengths)
@@ -143,13 +149,13 @@ def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
         admission = None
         if fields["max_new_tokens"][i] > 0:
             sampling = SamplingParams(float(params["temperature"][i]), int(fields["top_k"][i]),
-                                      float(params["top_p"][i]), int(keys[i, 1]))
+                                      float(params["top_p"][i]), int(keys["random_seed"][i]))
             end_id = int(fields["end_id"][i])
             admission = Admission(int(fields["max_new_tokens"][i]), sampling, None if end_id == NO_VALUE else end_id,
                                   int(fields["min_length"][i]))
         keep = int(fields["keep_length"][i])
         steps.append(StepRequest(
-            int(keys[i, 0]), inputs[i].tolist(),
+            int(keys["sequence_id"][i]), inputs[i].tolist(),
             DraftTree(tuple(draft_ids[i].tolist()), tuple(draft_parents[i].tolist())), admission,
             keep_length=None if keep == NO_VALUE else keep, extra_tokens=int(fields["extra_tokens"][i]),
             candidates=int(fields["num_candidates"][i]), score_input=bool(fields["score_input"][i]),
@@ -172,34 +178,35 @@ def pack_results(results: list[StepResult | Exception]) -> dict[str, np.ndarray]
               for r, vocab in zip(done, q_vocab)]
     errors = [("", "") if isinstance(r, StepResult) else (error_kind(r), str(r)) for r in results]
     return {
-        "result_ints": _packed("result_ints", ENGINE_RESULT_FIELDS, fields, ENGINE_RESULT_SECTIONS,
-                               output_ids=[t for r in done for t in r.tokens],
-                               top_ids=[t for r in done for row in r.top_ids for t in row],
-                               output_q_counts=q_counts, output_q_ids=q_ids),
-        "result_reals": _packed("result_reals", (), [], ENGINE_RESULT_REALS,
-                                output_probs=[p for r in done for p in r.probs],
-                                top_probs=[p for r in done for row in r.top_probs for p in row],
-                                input_logprob=[r.input_logprob for r in done], output_q_probs=q_probs),
-        "result_errors": np.array([text.encode() for error in errors for text in error], np.object_),
+        RESULT_INTS.name: _packed(RESULT_INTS, fields, output_ids=[t for r in done for t in r.tokens],
+                                  top_ids=[t for r in done for row in r.top_ids for t in row],
+                                  output_q_counts=q_counts, output_q_ids=q_ids),
+        RESULT_REALS.name: _packed(RESULT_REALS, [], output_probs=[p for r in done for p in r.probs],
+                                   top_probs=[p for r in done for row in r.top_probs for p in row],
+                                   input_logprob=[r.input_logprob for r in done], output_q_probs=q_probs),
+        RESULT_ERRORS.name: np.array([text.encode() for error in errors for text in error], np.object_),
     }
 
 
 def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
                    engine_name: str) -> list[StepResult | ServingError]:
     n = len(steps)
-    ints, reals = _Reader("result_ints", arrays), _Reader("result_reals", arrays)
-    fields = ints.header(n, ENGINE_RESULT_FIELDS)
-    lengths = _lengths("result_ints", fields, "output_length")
+    ints, reals = _Reader(RESULT_INTS, arrays), _Reader(RESULT_REALS, arrays)
+    fields = ints.header(n)
+    lengths = _lengths(ints, fields, "output_length")
     widths = np.array([s.candidates for s in steps], np.int64)
     tokens, top_ids = ints.split("output_ids", lengths), ints.split("top_ids", lengths * widths)
     probs, top_probs = reals.split("output_probs", lengths), reals.split("top_probs", lengths * widths)
     input_logprob = reals.take("input_logprob", n)
     q = _dense_q(fields["q_vocab"], fields["q_rows"], ints, reals,
                  ("output_q_counts", "output_q_ids", "output_q_probs"))
-    errors = np.asarray(arrays["result_errors"]).reshape(n, len(ENGINE_ERRORS))
+    ints.end()
+    reals.end()
+    errors = _Reader(RESULT_ERRORS, arrays).header(n)
     results = []
-    for i, step in enumerate(steps):
-        kind, message = (text.decode() if isinstance(text, bytes) else str(text) for text in errors[i])
+    for i in range(n):
+        kind, message = (text.decode() if isinstance(text, bytes) else str(text)
+                         for text in (errors["error_kind"][i], errors["error_message"][i]))
         if kind:
             results.append(ServingError(f"{engine_name}: {message}", kind))
             continue

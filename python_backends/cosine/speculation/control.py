@@ -55,9 +55,12 @@ class CostModel:
         if not k and self.plain is not None:
             return self.plain[0] + self.plain[1] * load
         tokens_per_request = 1 + k * tree_factor
-        drafting = self.draft_base + k * self.draft_per_token + self.draft_per_request * load if k else 0.0
-        return (drafting + self.verify_base + self.verify_per_sequence * load
+        return (self.drafting(k, load) + self.verify_base + self.verify_per_sequence * load
                 + self.verify_per_token * load * tokens_per_request)
+
+    def drafting(self, k: int, load: float) -> float:
+        """Seconds of one round's drafting call for k tokens (none for k = 0)."""
+        return self.draft_base + k * self.draft_per_token + self.draft_per_request * load if k else 0.0
 
     def best_draft_length(self, acceptance: float, load: float, k_max: int, tree_factor: float = 1.0) -> int:
         rates = [expected_tokens(acceptance, k) / self.round_time(k, load, tree_factor) for k in range(k_max + 1)]
@@ -118,9 +121,9 @@ class LinearFit:
     def fitted(self) -> tuple[float, ...] | None:
         """(base, *slopes), or None before 3 observations, and 2 more than the regressors that varied."""
         count = self.gram[0, 0]
-        # count * sum(x^2) - sum(x)^2: count^2 times the regressor's (weighted) variance
-        spread = count * np.diag(self.gram)[1:] - self.gram[0, 1:] ** 2
-        if count < 2 + max(1, np.count_nonzero(spread > 1e-9 * (count * np.diag(self.gram)[1:] + 1e-30))):
+        squares = count * np.diag(self.gram)[1:]  # count * sum(x^2); minus sum(x)^2: count^2 * variance of x
+        varied = np.count_nonzero(squares - self.gram[0, 1:] ** 2 > 1e-9 * squares)
+        if count < 2 + max(1, varied):
             return None
         # a regressor that does not vary (one sequence per pass at c1) says nothing: a tiny ridge on the slopes
         # leaves its share in the base instead of splitting it arbitrarily

@@ -11,6 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..contract import ROUTER
+from ..launcher import process_stat
 from ..serving.errors import ServingError
 from ..serving.trust import check_caller, deployment_secret
 from ..speculation.router import Route, Router
@@ -25,7 +26,7 @@ def state_file(model_name: str) -> Path:
     died in the same server, and the new process takes it back. Keyed by the server process (pid and start time, so
     a recycled pid is not mistaken for it): a new server starts fresh."""
     server = os.getppid()
-    started = Path(f"/proc/{server}/stat").read_text().rpartition(")")[2].split()[19]
+    started = process_stat(server)[19]  # field 22, starttime
     return Path(tempfile.gettempdir()) / f"cosine-{model_name}-{server}-{started}.json"
 
 
