@@ -1,12 +1,12 @@
-"""Which drafted tokens the target keeps: one rule for greedy and sampling, chains and trees, over a whole batch.
+"""Which drafted tokens the target keeps, over a whole batch: greedy and sampling, chains and trees.
 
 Terms (defined once). A *row* is a position whose next-token distribution the target computed: each sequence's root
 (its last input token) and every draft node. Draft trees of all sequences are flattened into *nodes*; a node's
 *parent row* holds the distribution p its token is checked against, its own row the distribution after it. A node's
 *q* is the distribution its token was drawn from; a node without q is taken as deterministic (q one-hot at it).
 
-Rule (multi-draft speculative sampling: SpecInfer, Miao et al. 2024, Alg. 2; for one child it is Leviathan et al.
-2023 / Chen et al. 2023):
+Rule for trees, and for greedy rows (multi-draft speculative sampling: SpecInfer, Miao et al. 2024, Alg. 2; for one
+child it is Leviathan et al. 2023 / Chen et al. 2023):
   at a row with target distribution p, try its children in sibling order: accept child x with probability
   min(1, p(x) / q(x)); on rejection p := normalise(max(p - q, 0)) (with q one-hot: p(x) := 0). The walk moves to
   an accepted child's row; at the first row where every child was rejected (or that has none) it emits a token
@@ -17,12 +17,25 @@ Why it is exact: for a child x ~ q drawn independently of the target's uniforms,
   token, for the next row. A deterministic child (q one-hot) is the same rule with q(x) = 1, and is exact for any
   token chosen independently of those uniforms. Greedy rows (p one-hot at the argmax) accept the child equal to the
   argmax and emit the argmax: no probabilities needed.
+
+Rule for the chain drafts of sampling sequences (block verification: Sun et al. 2024, "Block Verification
+Accelerates Speculative Decoding", Alg. 2), which keeps the same distribution and accepts at least as many tokens
+in expectation (proved there: the optimal verifier of one drafted block). For the chain x_1..x_n, with p_i and q_i
+the target's and the draft's distributions after x_1..x_(i-1) (p_(n+1) after the whole chain):
+  weight w_0 = 1, w_i = min(1, w_(i-1) * p_i(x_i) / q_i(x_i));
+  residual mass r_i = sum_x max(w_i * p_(i+1)(x) - q_(i+1)(x), 0) and h_i = r_i / (r_i + 1 - w_i) for i < n, h_n = w_n;
+  keep x_1..x_t for the largest t with eta_t < h_t (t = 0 when none; eta_i is node i's uniform), then emit a token
+  from normalise(max(w_t * p_(t+1) - q_(t+1), 0)), or from p_(n+1) when t = n.
+  Unlike the token-wise rule, a later position can keep a draft that an earlier position alone would have cut: the
+  weight carries how much target mass the kept prefix has to spare. Where r_i and 1 - w_i are both 0 the residual is
+  empty and the walk never stops there (h_i = 0). tests/test_acceptance.py checks it by exact enumeration.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..engine.sampling import sample
 from .tree import DraftTree
@@ -115,14 +128,80 @@ def accept(drafts: FlatDrafts, argmax: torch.Tensor, sampled: torch.Tensor, prob
     has_parent = drafts.parent_node >= 0
     for _ in range(drafts.max_depth - 1):
         accepted = taken & torch.where(has_parent, accepted[drafts.parent_node.clamp(min=0)], True)
+    block = None
+    if residual is not None and nodes:
+        block = _block_verification(drafts, sampled, probs, node_q, has_q, node_uniforms)
+        accepted = torch.where(block.chain[drafts.sequence], block.accepted, accepted)
     # the tip: the deepest accepted node of each sequence, encoded so that one segment max finds it
     key = torch.where(accepted, drafts.depth * (nodes + 1) + torch.arange(1, nodes + 1, device=device), 0)
     best = torch.zeros(sequences, dtype=torch.long, device=device).scatter_reduce(0, drafts.sequence, key, "amax")
     tip_node = best % (nodes + 1) - 1
     tip_row = torch.where(tip_node >= 0, drafts.node_row[tip_node.clamp(min=0)] if nodes else 0, drafts.root_row)
-    bonus, bonus_prob, left = emit(argmax[tip_row], sampled[tip_row], None if residual is None else residual[tip_row],
-                                   row_uniforms[tip_row])
+    left = None if residual is None else residual[tip_row]
+    if block is not None:
+        left = torch.where(block.chain[:, None], block.residual(tip_node, tip_row), left)
+    bonus, bonus_prob, left = emit(argmax[tip_row], sampled[tip_row], left, row_uniforms[tip_row])
     return Verdict(accepted, best // (nodes + 1), tip_row, bonus, bonus_prob, node_prob, left)
+
+
+@dataclass
+class _BlockVerdict:
+    """Block verification of the batch's sampled chains (see the module docstring)."""
+    chain: torch.Tensor  # [sequences] bool: the sequence samples and its draft is a non-empty chain
+    accepted: torch.Tensor  # [nodes] bool: kept (meaningful for chain sequences' nodes only)
+    weight: torch.Tensor  # [nodes] w_i of each node
+    next_q: torch.Tensor  # [nodes + sequences, vocab] q of the node after each node, then after each root
+    probs: torch.Tensor  # [rows, vocab] target distributions
+    last: torch.Tensor  # [nodes] bool: the chain's last node
+
+    def residual(self, tip_node: torch.Tensor, tip_row: torch.Tensor) -> torch.Tensor:
+        """[sequences, vocab] what the bonus is drawn from (unnormalised): max(w_t * p_(t+1) - q_(t+1), 0), or
+        p_(n+1) after the whole chain. tip_node: [sequences] the last kept node, -1 for the root."""
+        sequences = tip_row.numel()
+        at_root = tip_node < 0
+        node = tip_node.clamp(min=0)
+        weight = torch.where(at_root, 1.0, self.weight[node])
+        after = torch.where(at_root, self.weight.numel() + torch.arange(sequences, device=tip_row.device), node)
+        p = self.probs[tip_row]
+        spare = (weight[:, None] * p - self.next_q[after]).clamp(min=0.0)
+        return torch.where((~at_root & self.last[node])[:, None], p, spare)
+
+
+def _stop_probability(weight: torch.Tensor, spare: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """[nodes] h_i from w_i, r_i and whether the node is its chain's last."""
+    denominator = spare + 1.0 - weight
+    return torch.where(last, weight, torch.where(denominator > 0, spare / denominator.clamp(min=1e-30), 0.0))
+
+
+def _block_verification(drafts: FlatDrafts, sampled: torch.Tensor, probs: torch.Tensor, node_q: torch.Tensor | None,
+                        has_q: torch.Tensor | None, node_uniforms: torch.Tensor) -> _BlockVerdict:
+    """sampled: [rows]; probs: [rows, vocab]; node_q, has_q as accept() takes them; node_uniforms: [nodes] eta."""
+    nodes, sequences = drafts.tokens.numel(), drafts.root_row.numel()
+    device = probs.device
+    in_tree = torch.zeros(sequences, dtype=torch.bool, device=device)  # has a node with a sibling
+    for rank_nodes in drafts.by_rank[1:]:
+        in_tree[drafts.sequence[rank_nodes]] = True
+    has_nodes = torch.bincount(drafts.sequence, minlength=sequences) > 0
+    chain = has_nodes & ~in_tree & sampled[drafts.root_row]
+    q = F.one_hot(drafts.tokens, probs.shape[-1]).to(probs.dtype)  # deterministic nodes: q one-hot at the token
+    if node_q is not None:
+        q = torch.where(has_q[:, None], node_q.to(probs.dtype), q)
+    x = drafts.tokens[:, None]
+    ratio = probs[drafts.parent_row].gather(1, x)[:, 0] / q.gather(1, x)[:, 0].clamp(min=torch.finfo(q.dtype).tiny)
+    has_parent = drafts.parent_node >= 0
+    parent = drafts.parent_node.clamp(min=0)
+    weight = ratio.clamp(max=1.0)
+    for _ in range(drafts.max_depth - 1):  # one more depth exact per pass
+        weight = (torch.where(has_parent, weight[parent], 1.0) * ratio).clamp(max=1.0)
+    # the node after each node (chains: its only child), then after each root: its first node
+    after = torch.full((nodes + sequences,), -1, dtype=torch.long, device=device)
+    after.scatter_(0, torch.where(has_parent, parent, nodes + drafts.sequence), torch.arange(nodes, device=device))
+    next_q = torch.where((after >= 0)[:, None], q[after.clamp(min=0)], 0.0)
+    last = after[:nodes] < 0
+    spare = (weight[:, None] * probs[drafts.node_row] - next_q[:nodes]).clamp(min=0.0).sum(-1)
+    kept = torch.zeros(sequences, dtype=torch.long, device=device).scatter_reduce(
+        0, drafts.sequence, torch.where(node_uniforms < _stop_probability(weight, spare, last), drafts.depth, 0), "amax")
+    return _BlockVerdict(chain, drafts.depth <= kept[drafts.sequence], weight, next_q, probs, last)
 
 
 def emit(argmax: torch.Tensor, sampled: torch.Tensor, probs: torch.Tensor | None,
