@@ -273,16 +273,19 @@ def test_a_load_above_one_where_speculation_did_not_pay_starts_without_it():
     assert windows.verdicts() == {3: False, 4: False}  # measured at c16 too now, by the exploring windows
 
 
-def test_a_lower_load_where_the_kinds_were_within_noise_decides_nothing_at_a_higher_one():
+def test_a_narrow_loss_at_a_lower_load_starts_a_higher_one_without_speculation_until_exploring_shows_it_pays():
     clock, active = FakeClock(), [8]
     windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
                                  explore_every=4, exploring_cost=1.0, min_windows=2, decisive_gap=0.1, clock=clock)
     _run_windows(windows, clock, lambda on: 146 if on else 150, 8)  # 3% apart: within noise
     assert windows.verdicts() == {3: False}
-    active[0] = 16  # measured from scratch: both kinds in turn, then the faster one
-    allowed = _run_windows(windows, clock, lambda on: 300 if on else 250, 8)
-    assert allowed[:4] == [True, False, True, False] and allowed[-3:] == [True, True, True]
+    active[0] = 16  # plain first (never slower than plain decoding); exploring windows measure speculation
+    allowed = _run_windows(windows, clock, lambda on: 300 if on else 250, 16)
+    assert allowed[:4].count(True) <= 1 and allowed[-3:] == [True, True, True]
     assert windows.verdicts() == {3: False, 4: True}
+    active[0] = 32  # the nearest lower load measured says it pays: the cost model's guess goes first again (the
+    # first window here was set when the last c16 one closed, an exploring one)
+    assert _run_windows(windows, clock, lambda on: 300 if on else 250, 3) == [False, True, True]
 
 
 def test_at_a_load_never_measured_the_windows_start_from_the_cost_models_prediction():
