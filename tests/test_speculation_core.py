@@ -344,18 +344,40 @@ def test_windows_without_adaptive_requests_do_not_bring_exploring_closer():
     assert pattern(_run_windows(windows, clock, rate, 6)) == "SS.SSS"
 
 
+def test_each_set_of_drafters_is_measured_in_its_own_windows():
+    """Requests that may draft only from the general drafter must not turn speculation off for requests routed
+    among all drafters (nor the other way round)."""
+    clock, changes = FakeClock(), []
+    monitor = LoadMonitor(on_speculation_change=lambda drafters, on: changes.append((drafters, on)), clock=clock)
+    routed, general = ("code", "general"), ("general",)
+    monitor.windows(routed)
+
+    def serve(drafters, rate, windows):  # one request of this kind at a time: rate(allowed) tokens per second
+        monitor.request_started(drafters)
+        for _ in range(windows * 8):
+            clock.now += 0.375  # windows of 3 s
+            monitor.observe_tokens(rate(monitor.speculation_allowed(drafters)) * 0.375)
+        monitor.request_finished(drafters)
+    serve(general, lambda on: 60 if on else 100, 8)  # general-only drafting slows the deployment down
+    assert monitor.windows(general).verdicts() == {0: False} and not monitor.windows(general).allowed
+    assert monitor.windows(routed).rates == {}  # measured nothing meanwhile
+    serve(routed, lambda on: 150 if on else 100, 8)
+    assert monitor.windows(routed).verdicts() == {0: True} and monitor.windows(general).verdicts() == {0: False}
+    assert (general, False) in changes
+
+
 def test_a_request_drafts_only_while_speculation_pays_and_starts_late_when_it_does():
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
     sessions = [DrafterSession(name, engine, 1, greedy_request()) for name, engine in (("a", first), ("b", explorer))]
     monitor = LoadMonitor()
-    monitor.windows.allowed = False
+    monitor.windows(("a", "b")).allowed = False
     proposer = FusionProposer(sessions, CooperatingRouter(), monitor, k_max=3)
 
     async def rounds():
         await proposer.start([1, 2, 3])
         plain = await proposer.propose([1, 2, 3, 4], budget=10)
         calls_while_off = explorer.calls
-        monitor.windows.allowed = True
+        monitor.windows(("a", "b")).allowed = True
         return plain, calls_while_off, await proposer.propose([1, 2, 3, 4, 7], budget=10)
     plain, calls_while_off, late = asyncio.run(rounds())
     assert plain is None and calls_while_off == 0  # no prefill, no scoring, no drafting while speculation is off
@@ -377,10 +399,10 @@ def test_under_load_a_request_starts_its_drafters_in_its_first_round_that_may_sp
         monitor.active_requests = 8
         await proposer.start([1, 2, 3])  # arrives under load while speculation is allowed
         calls_at_arrival = first.calls + explorer.calls
-        monitor.windows.allowed = False
+        monitor.windows(("a", "b")).allowed = False
         plain = await proposer.propose([1, 2, 3, 4], budget=10)
         calls_while_off = first.calls + explorer.calls
-        monitor.windows.allowed = True
+        monitor.windows(("a", "b")).allowed = True
         late = await proposer.propose([1, 2, 3, 4, 7], budget=64 - 2 - 1)  # as generate() counts it
         monitor.active_requests = 1
         await alone.start([1, 2, 3])  # alone, the drafters prefill as soon as the target has admitted it

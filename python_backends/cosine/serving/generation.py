@@ -218,8 +218,8 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     stats = Stats()
     sequence_id = new_sequence_id()
     proposer = _proposer(plan, deployment, sequence_id, request)
-    adaptive = proposer is not None and proposer.adaptive
-    deployment.monitor.request_started(adaptive)
+    windows = proposer.speculation_windows if proposer is not None else None
+    deployment.monitor.request_started(windows)
     next_round = drafting_started = None
     try:
         emitted = (await _admit(deployment, sequence_id, prompt_ids, request)).tokens
@@ -261,7 +261,7 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
             await asyncio.gather(next_round, return_exceptions=True)
         if drafting_started is not None:  # the drafters' caches are released once their prefill is done
             await asyncio.gather(drafting_started, return_exceptions=True)
-        deployment.monitor.request_finished(adaptive)
+        deployment.monitor.request_finished(windows)
         try:
             await deployment.target.release(sequence_id)
         except ServingError as error:  # a dead engine holds nothing; a live one reclaims it after its idle timeout

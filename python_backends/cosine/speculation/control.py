@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -274,9 +275,13 @@ class LoadMonitor:
     """Deployment-wide costs, fitted online: verification latency against the verifier's load in tokens, plain
     decoding's time per token against the number of active requests, and drafting time against draft length (apart
     for cooperating drafters, which make a call per position); how many requests are active; and, by experiment,
-    whether speculation pays the deployment at its load (SpeculationWindows)."""
+    whether speculation pays the deployment at its load (SpeculationWindows), apart for each set of drafters that
+    adaptive requests draft from: requests that may draft only from the general drafter pay differently from those
+    routed among all (measured: interleaved in one bench, the general-only variant at 0.82x plain decoding turned the
+    shared windows off for the routed requests after it, 6 of 24 then decoding plainly)."""
 
-    def __init__(self, forgetting: float = 0.98, on_speculation_change: Callable[[bool], None] = lambda on: None,
+    def __init__(self, forgetting: float = 0.98,
+                 on_speculation_change: Callable[[tuple[str, ...], bool], None] = lambda drafters, on: None,
                  clock: Callable[[], float] = time.monotonic):
         self.verify_fit = LinearFit(forgetting, regressors=2)  # sequences and tokens in the pass
         self.plain_fit = LinearFit(forgetting)
@@ -286,26 +291,43 @@ class LoadMonitor:
         # 0.11 tokens per round and made 173-179 tokens/s, against 213-216 for plain decoding)
         self.draft_fits = {fused: LinearFit(forgetting, regressors=2) for fused in (False, True)}
         self.active_requests = 0
-        self.adaptive_requests = 0  # of them, those that speculate only while SpeculationWindows allows it
+        # of them, by the drafters they draft from, those that speculate only while their windows allow it
+        self.adaptive_requests: Counter[tuple[str, ...]] = Counter()
         # every adaptive request's rounds: what the cost model expects at a load where nothing was measured yet
         self.acceptance = AcceptanceTracker(decay=0.99)
         self.deepest_draft = 0
-        self.windows = SpeculationWindows(lambda: self.active_requests, lambda: self.adaptive_requests,
-                                          self.cost_model_speculates, on_change=on_speculation_change, clock=clock)
+        self.on_speculation_change, self.clock = on_speculation_change, clock
+        self._windows: dict[tuple[str, ...], SpeculationWindows] = {}
 
-    def request_started(self, adaptive: bool) -> None:
-        self.windows.advance()
+    def windows(self, drafters: tuple[str, ...]) -> SpeculationWindows:
+        """The speculation windows of adaptive requests drafting from `drafters` (sorted names)."""
+        if drafters not in self._windows:
+            self._windows[drafters] = SpeculationWindows(
+                lambda: self.active_requests, lambda: self.adaptive_requests[drafters], self.cost_model_speculates,
+                on_change=lambda on: self.on_speculation_change(drafters, on), clock=self.clock)
+        return self._windows[drafters]
+
+    def _advance(self, tokens: int = 0) -> None:
+        for windows in self._windows.values():
+            windows.advance(tokens)
+
+    def request_started(self, drafters: tuple[str, ...] | None) -> None:
+        """drafters: an adaptive request's (sorted names); None for any other request."""
+        self._advance()
         self.active_requests += 1
-        self.adaptive_requests += adaptive
+        if drafters is not None:
+            self.windows(drafters)
+            self.adaptive_requests[drafters] += 1
 
-    def request_finished(self, adaptive: bool) -> None:
-        self.windows.advance()
+    def request_finished(self, drafters: tuple[str, ...] | None) -> None:
+        self._advance()
         self.active_requests -= 1
-        self.adaptive_requests -= adaptive
+        if drafters is not None:
+            self.adaptive_requests[drafters] -= 1
 
     def observe_tokens(self, tokens: int) -> None:
         """Tokens a request emitted (any mode): the deployment's output."""
-        self.windows.advance(tokens)
+        self._advance(tokens)
 
     def observe_acceptance(self, depth: int, accepted: int) -> None:
         self.acceptance.observe(depth, accepted)
@@ -317,9 +339,10 @@ class LoadMonitor:
         costs = self.costs()
         return costs is None or costs.best_draft_length(self.acceptance.rate, load, self.deepest_draft) > 0
 
-    def speculation_allowed(self) -> bool:
-        self.windows.advance()
-        return self.windows.allowed
+    def speculation_allowed(self, drafters: tuple[str, ...]) -> bool:
+        windows = self.windows(drafters)
+        windows.advance()
+        return windows.allowed
 
     def observe_verify(self, sequences: float, tokens: float, seconds: float) -> None:
         """A verification took `seconds`, its pass holding (as the cost model counts them) every active request:

@@ -129,6 +129,11 @@ class Proposer:
     adaptive = False  # drafts only while the deployment's SpeculationWindows allow it
 
     @property
+    def speculation_windows(self) -> tuple[str, ...] | None:
+        """Whose speculation windows the request follows: its candidate drafters (sorted names), None if none."""
+        return None
+
+    @property
     def drafter_names(self) -> list[str]:
         return [session.name for session in self.sessions if not session.failed]
 
@@ -207,13 +212,17 @@ class FusionProposer(Proposer):
     def adaptive(self) -> bool:
         return self.controller.adaptive
 
+    @property
+    def speculation_windows(self) -> tuple[str, ...] | None:
+        return tuple(sorted(session.name for session in self.all_sessions)) if self.adaptive else None
+
     async def start(self, prompt_ids: list[int]) -> None:
         """Called once the target has admitted the request (its prompt prefilled), so that the drafters prefill
         while its first token is streamed. Under load (more than busy_load requests active) it leaves that to the
         request's first round that may speculate: there the drafters' prefill takes processor time from the target
         rather than overlapping it, and a request arriving in an exploring window would prefill every drafter and
         then decode plainly to its end if the windows forbid speculation before its first round."""
-        if self.adaptive and (not self.monitor.speculation_allowed() or self._busy()):
+        if self.adaptive and (not self.monitor.speculation_allowed(self.speculation_windows) or self._busy()):
             return
         await self._start(prompt_ids)
 
@@ -250,7 +259,7 @@ class FusionProposer(Proposer):
 
     async def propose(self, context: list[int], budget: int) -> Draft | None:
         self.top_tokens = []
-        if self.adaptive and not self.monitor.speculation_allowed():
+        if self.adaptive and not self.monitor.speculation_allowed(self.speculation_windows):
             return None
         if not self.started:  # the context so far: the request starts drafting late
             await self._start(context, remaining=budget + 1)  # budget: tokens left besides this round's own

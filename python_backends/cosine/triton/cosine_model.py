@@ -73,10 +73,18 @@ class CosineModel:
         remote = read_mapping_parameter(params.get("remote_drafters", ""))
         in_flight = Metrics.metric("cosine_inflight_requests", "Requests inside the cosine model (generating or "
                                         "waiting for the target's KV cache)", "GAUGE")
-        speculating = Metrics.metric("cosine_speculation_allowed", "1 while adaptive cosine requests may draft, 0 "
-                                     "while speculation is measured not to pay at this load", "GAUGE")
-        monitor = LoadMonitor(on_speculation_change=lambda allowed: speculating.set(int(allowed)))
-        speculating.set(int(monitor.windows.allowed))
+        gauges = {}  # drafters -> its gauge (held: a metric object's deletion removes its series)
+
+        def speculating(drafters: tuple[str, ...], allowed: bool) -> None:
+            if drafters not in gauges:
+                gauges[drafters] = Metrics.metric(
+                    "cosine_speculation_allowed", "1 while adaptive cosine requests drafting from these drafters may "
+                    "draft, 0 while speculation is measured not to pay them at this load", "GAUGE",
+                    drafters="+".join(drafters))
+            gauges[drafters].set(int(allowed))
+        monitor = LoadMonitor(on_speculation_change=speculating)
+        routed = tuple(sorted(drafters))  # requests that name no drafters
+        speculating(routed, monitor.windows(routed).allowed)
         self.deployment = Deployment(
             target=target_client(params["target_model"].split(","), kinds),
             tokenizer=tokenizer,
