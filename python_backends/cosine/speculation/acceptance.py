@@ -28,7 +28,8 @@ the target's and the draft's distributions after x_1..x_(i-1) (p_(n+1) after the
   from normalise(max(w_t * p_(t+1) - q_(t+1), 0)), or from p_(n+1) when t = n.
   Unlike the token-wise rule, a later position can keep a draft that an earlier position alone would have cut: the
   weight carries how much target mass the kept prefix has to spare. Where r_i and 1 - w_i are both 0 the residual is
-  empty and the walk never stops there (h_i = 0). tests/test_acceptance.py checks it by exact enumeration.
+  empty and the walk never stops there (h_i = 0). tests/test_acceptance.py checks the joint distribution it
+  emits, and its stopping probabilities and residuals chain by chain against the rule written out.
 """
 from __future__ import annotations
 

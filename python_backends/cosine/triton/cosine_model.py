@@ -73,7 +73,7 @@ class CosineModel:
         remote = read_mapping_parameter(params.get("remote_drafters", ""))
         in_flight = Metrics.metric("cosine_inflight_requests", "Requests inside the cosine model (generating or "
                                         "waiting for the target's KV cache)", "GAUGE")
-        gauges = {}  # drafters -> its gauge (held: a metric object's deletion removes its series)
+        gauges = {}  # drafters -> its gauge, made once
 
         def speculating(drafters: tuple[str, ...], allowed: bool) -> None:
             if drafters not in gauges:
