@@ -19,3 +19,12 @@ def test_reference_rates(tmp_path):
     assert engine_decode_rate(model, batch=2, new_tokens=6, prompt_len=4) > 0
     assert transformers_decode_rate(model, batch=2, new_tokens=6, prompt_len=4) > 0
     assert assisted_generation_rate(model, model, [[1, 2, 3], [4, 5]], new_tokens=6) > 0
+
+
+def test_the_sampled_chain_check_fails_when_the_verifier_ignores_q(tmp_path, monkeypatch):
+    model = load_causal_lm(gpu_check.random_checkpoint(tmp_path / "tiny", **gpu_check.TINY))
+    prompt = list(range(3, 43))
+    assert gpu_check.check_sampled_chain(model, prompt, 8) == []
+    step = gpu_check.StepRequest
+    monkeypatch.setattr(gpu_check, "StepRequest", lambda *args, draft_q=None, **kwargs: step(*args, **kwargs))
+    assert gpu_check.check_sampled_chain(model, prompt, 8)  # drafts taken as deterministic: cut at once

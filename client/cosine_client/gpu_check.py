@@ -88,6 +88,26 @@ def check_tree(model, prompt: list[int], depth: int) -> list[str]:
     return []
 
 
+def check_sampled_chain(model, prompt: list[int], depth: int) -> list[str]:
+    """Failures of: a chain sampled by a drafter equal to the target (temperature 1), verified as a block with its q,
+    is kept whole (the block rule's weight stays 1), on the model's device."""
+    params = SamplingParams(temperature=1.0, seed=7)
+    drafter, target = (engine_for(model, [prompt], depth + 2) for _ in range(2))
+    first = target.step([StepRequest(0, prompt, admission=Admission(depth + 2, params))])[0]
+    drafter.step([StepRequest(0, prompt, admission=Admission(depth + 2, SamplingParams(temperature=1.0, seed=8)))])
+    failures = [f"sampled chain: {r!r}" for r in (first,) if isinstance(r, Exception)]
+    if failures:
+        return failures
+    drafted = drafter.step([StepRequest(0, first.tokens, keep_length=len(prompt), extra_tokens=depth - 1,
+                                        return_q=True)])[0]
+    verified = target.step([StepRequest(0, first.tokens, DraftTree.chain(drafted.tokens), draft_q=drafted.q)])[0]
+    if isinstance(drafted, Exception) or isinstance(verified, Exception):
+        return [f"sampled chain: {drafted!r} / {verified!r}"]
+    if verified.tokens[:depth] != drafted.tokens or len(verified.tokens) != depth + 1:
+        return [f"sampled chain: drafted {drafted.tokens}, the target (same model) kept {verified.tokens}"]
+    return []
+
+
 def check_sampling(model, prompt: list[int], new_tokens: int) -> list[str]:
     """Failures of: a seeded sampled request gives the same valid tokens twice."""
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=1234)
@@ -111,6 +131,7 @@ def exactness_checks(checkpoint: Path, device: str) -> list[str]:
     failures = []
     for name, check in [("greedy, batched", lambda: check_greedy(model, prompts, NEW_TOKENS)),
                         ("tree verification", lambda: check_tree(model, prompts[3], depth=5)),
+                        ("sampled chain, drafter = target", lambda: check_sampled_chain(model, prompts[4], depth=8)),
                         ("seeded sampling", lambda: check_sampling(model, prompts[2], NEW_TOKENS))]:
         try:
             found = check()
