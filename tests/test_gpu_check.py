@@ -28,3 +28,30 @@ def test_the_sampled_chain_check_fails_when_the_verifier_ignores_q(tmp_path, mon
     step = gpu_check.StepRequest
     monkeypatch.setattr(gpu_check, "StepRequest", lambda *args, draft_q=None, **kwargs: step(*args, **kwargs))
     assert gpu_check.check_sampled_chain(model, prompt, 8)  # drafts taken as deterministic: cut at once
+
+
+def test_deployment_references_measure_each_reference_where_it_applies(tmp_path, llama, tiny_dir):
+    """From a deployment spec: one replica's threads, assisted generation at c1 only, transformers on every core
+    where the replicas together use more cores than one replica's threads; means over the measurements."""
+    import torch
+    import yaml
+
+    from cosine_client.references import DeploymentReferences
+    engine = {"kv_cache_tokens": 4096, "num_threads": 1}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "target": dict(engine, checkpoint=str(llama), replicas=2),
+        "drafters": {"general": dict(engine, checkpoint=str(tiny_dir / "unrelated"))},
+        "general_drafter": "general"}))
+    references = DeploymentReferences(tmp_path / "spec.yaml")
+    threads = torch.get_num_threads()
+    prompts = ["def main():", "import json and parse the file"]
+    references.measure(1, prompts, max_tokens=6)
+    for _ in range(2):
+        references.measure(2, prompts, max_tokens=6)
+    assert torch.get_num_threads() == threads  # restored after each measurement
+    summary = references.summary()
+    assert summary["threads"] == 1 and summary["replicas"] == 2 and summary["measurements"] == {1: 1, 2: 2}
+    assert set(summary["decode"][1]) == {"transformers", "engine", "assisted_generation"}
+    assert set(summary["decode"][2]) == {"transformers", "engine", "transformers_all_cores"}
+    assert all(rate > 0 for rates in summary["decode"].values() for rate in rates.values())
+    assert len(references.rates[2]["engine"]) == 2
