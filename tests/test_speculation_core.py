@@ -288,6 +288,19 @@ def test_a_narrow_loss_at_a_lower_load_starts_a_higher_one_without_speculation_u
     assert _run_windows(windows, clock, lambda on: 300 if on else 250, 3) == [False, True, True]
 
 
+def test_one_window_each_way_where_speculation_lost_starts_a_higher_load_plain_and_exploring_waits_a_period():
+    """Measured (session 15, instrumented): after one window each way at c8 (480 against 553 tokens/s, no verdict
+    yet) c16 started from the cost model's guess and ran at 0.88x plain decoding while it learned; and the exploring
+    cadence, counted across loads, could fall on a new load's first window."""
+    clock, active = FakeClock(), [8]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
+                                 explore_every=4, exploring_cost=1.0, min_windows=2, clock=clock)
+    _run_windows(windows, clock, lambda on: 480 if on else 553, 2)
+    assert windows.verdicts() == {}
+    active[0] = 16  # the first window here was set when c8's last closed; then plain, exploring after 4 of its own
+    assert _run_windows(windows, clock, lambda on: 650 if on else 780, 8)[1:] == [False] * 3 + [True] + [False] * 3
+
+
 def test_at_a_load_never_measured_the_windows_start_from_the_cost_models_prediction():
     clock, active = FakeClock(), [0]
     windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: load < 4, seconds=1.0,

@@ -145,12 +145,13 @@ class SpeculationWindows:
     """Whether speculation pays the deployment, by experiment. Time is cut into windows: in some, adaptive requests
     may speculate; in the others none drafts (drafters neither prefill nor draft). Where both kinds have min_windows
     measurements at the current load (output tokens per busy second at that mean load), windows follow the faster
-    kind, and one in explore_every does the opposite, so the verdict follows the load; where the kinds differ widely,
+    kind, and one in explore_every of the windows measured at that load does the opposite, so the verdict follows the
+    load (a load met for the first time waits a whole period before exploring); where the kinds differ widely,
     exploring is rarer, so that it costs at most exploring_cost of the output (the gap over the period between
     exploring windows, at most max_exploring_period: at c1, plain windows one in eight cost cosine 5-8%). At a load
-    not measured yet, the nearest lower load measured decides where speculation did not pay there (or a higher one
-    where it clearly did: the kinds' rates apart by decisive_gap or more); else the cost model's prediction goes first
-    and windows of both kinds follow until each is measured. Windows are long enough to average over requests' starts
+    not measured yet, the nearest lower load where both kinds were measured decides where speculation did not pay
+    there, even after one window each (or a higher one where it clearly paid: the kinds' rates apart by decisive_gap
+    or more); else the cost model's prediction goes first and windows of both kinds follow until each is measured. Windows are long enough to average over requests' starts
     (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
@@ -171,8 +172,9 @@ class SpeculationWindows:
         self.exploring_cost, self.max_exploring_period = exploring_cost, max_exploring_period
         self.min_windows, self.decisive_gap, self.smoothing = min_windows, decisive_gap, smoothing
         self.allowed = True
-        self.measured = 0  # windows that measured something: the exploring cadence counts these only
-        self.last_exploring = 0  # the measured count when a window last went against the verdict
+        # per load bucket, how many windows had measured there when one last went against the verdict: the exploring
+        # cadence of a load counts the windows measured at that load only, so a new load waits a whole period
+        self.last_exploring: dict[int, int] = {}
         # (speculation allowed?, load bucket) -> [tokens per busy second, windows measured]
         self.rates: dict[tuple[bool, int], list[float]] = {}
         self._open(clock())
@@ -208,7 +210,6 @@ class SpeculationWindows:
             entry = self.rates.setdefault((self.allowed, self.load_bucket(self.request_s / self.busy_s)), [0.0, 0])
             entry[1] += 1
             entry[0] += (self.tokens / self.busy_s - entry[0]) * max(self.smoothing, 1 / entry[1])
-            self.measured += 1
         allowed = self._next_allowed()
         if allowed != self.allowed:
             self.allowed = allowed
@@ -219,13 +220,13 @@ class SpeculationWindows:
         """[rate, windows] with speculation allowed and forbidden at this load bucket ([0, 0]: never)."""
         return self.rates.get((True, bucket), [0.0, 0]), self.rates.get((False, bucket), [0.0, 0])
 
-    def verdicts(self) -> dict[int, bool]:
-        """Load bucket -> whether speculation was measured to pay there, where both kinds have min_windows; by
-        load, lowest first."""
+    def verdicts(self, min_windows: int | None = None) -> dict[int, bool]:
+        """Load bucket -> whether speculation was measured to pay there, where both kinds have min_windows (default:
+        the windows' own); by load, lowest first."""
         verdicts = {}
         for bucket in sorted({bucket for _, bucket in self.rates}):
             on, off = self._measured(bucket)
-            if min(on[1], off[1]) >= self.min_windows:
+            if min(on[1], off[1]) >= (min_windows or self.min_windows):
                 verdicts[bucket] = on[0] >= off[0]
         return verdicts
 
@@ -246,27 +247,28 @@ class SpeculationWindows:
     def _next_allowed(self) -> bool:
         load = self.active_requests()
         bucket = self.load_bucket(load)
-        exploring = self.measured - self.last_exploring >= self._exploring_period(bucket)
+        on, off = self._measured(bucket)
+        measured = on[1] + off[1]
+        exploring = measured - self.last_exploring.get(bucket, 0) >= self._exploring_period(bucket)
         if exploring:
-            self.last_exploring = self.measured
+            self.last_exploring[bucket] = measured
         verdicts = self.verdicts()
         if bucket in verdicts:
             return verdicts[bucket] != exploring
         # Not measured here yet. Speculation pays less as load grows (the verifier saturates, drafters compete for
         # the processors), and it must never make the deployment slower: where it did not pay at the nearest lower
-        # load measured, even within noise, this load starts without it and exploring measures it (measured: started
-        # from the cost model's guess, which cannot see drafters taking the target's processors, short bursts at
-        # c16 / c32 / c64 ran cosine at 0.90 / 0.91 / 0.76x plain decoding after c8 had come out 0.98x). A higher
-        # load where it clearly paid decides too.
-        lower = [pays for measured, pays in verdicts.items() if measured < bucket]
-        higher = [pays for measured, pays in verdicts.items()
-                  if measured > bucket and self._gap(measured) >= self.decisive_gap]
+        # load where both kinds were measured, even once each and within noise, this load starts without it and
+        # exploring measures it. Started from the cost model's guess instead, which cannot see drafters taking the
+        # target's processors, short bursts at c16 / c32 / c64 ran cosine at 0.90 / 0.91 / 0.76x plain decoding
+        # after c8 had come out 0.98x (session 14), and c16 at 0.88x after one window each way at c8 (480 against
+        # 553 tokens/s: no verdict yet; session 15, instrumented). A higher load where it clearly paid decides too.
+        lower = [pays for other, pays in self.verdicts(min_windows=1).items() if other < bucket]
+        higher = [pays for other, pays in verdicts.items() if other > bucket and self._gap(other) >= self.decisive_gap]
         if lower and not lower[-1]:
             return exploring
         if higher and higher[0]:
             return not exploring
-        on, off = self._measured(bucket)
-        if not on[1] and not off[1]:
+        if not measured:
             return self.predicted(load)  # a load never measured: the cost model's guess first
         return on[1] <= off[1]  # measure the kind measured less
 
