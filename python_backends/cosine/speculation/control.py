@@ -151,8 +151,8 @@ class SpeculationWindows:
     exploring windows, at most max_exploring_period: at c1, plain windows one in eight cost cosine 5-8%). At a load
     not measured yet, the nearest lower load where both kinds were measured decides where speculation did not pay
     there, even after one window each (or a higher one where it clearly paid: the kinds' rates apart by decisive_gap
-    or more); else the cost model's prediction goes first and windows of both kinds follow until each is measured. Windows are long enough to average over requests' starts
-    (prefill bursts) on a closed-loop load.
+    or more); else the cost model's prediction goes first and windows of both kinds follow until each is measured.
+    Windows are long enough to average over requests' starts (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
 
