@@ -200,8 +200,9 @@ def _block_verification(drafts: FlatDrafts, sampled: torch.Tensor, probs: torch.
     next_q = torch.where((after >= 0)[:, None], q[after.clamp(min=0)], 0.0)
     last = after[:nodes] < 0
     spare = (weight[:, None] * probs[drafts.node_row] - next_q[:nodes]).clamp(min=0.0).sum(-1)
+    passes = node_uniforms < _stop_probability(weight, spare, last)  # eta_i < h_i
     kept = torch.zeros(sequences, dtype=torch.long, device=device).scatter_reduce(
-        0, drafts.sequence, torch.where(node_uniforms < _stop_probability(weight, spare, last), drafts.depth, 0), "amax")
+        0, drafts.sequence, torch.where(passes, drafts.depth, 0), "amax")
     return _BlockVerdict(chain, drafts.depth <= kept[drafts.sequence], weight, next_q, probs, last)
 
 
