@@ -5,7 +5,7 @@ MODEL_REPOSITORY ?= model_repository
 TORCH_VERSION ?= 2.13.0
 STAMP = $(VENV)/.installed
 
-.PHONY: venv test demo serve bench clean tools gpu-check
+.PHONY: venv test demo serve bench clean tools gpu-check gpu-serve-check
 
 venv: $(STAMP)
 
@@ -42,6 +42,10 @@ clean:
 GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	PYTHONPATH=python_backends:client $(GPU_CHECK_PY) -m cosine_client.gpu_check $(GPU_CHECK_ARGS)
+
+# The same machine, through Triton: needs the nvidia-pytriton, tritonclient and python-rapidjson wheels besides
+gpu-serve-check:
+	$(GPU_CHECK_PY) tests/gpu_serve_check.py gpu
 
 # ---- Load-testing tools (perf_analyzer, genai-perf) under artifacts/tools/, apart from the project venv ----
 # perf_analyzer: the binary inside the manylinux tritonclient wheel (the PyPI `perf-analyzer` package is an empty

@@ -55,3 +55,9 @@ def test_deployment_references_measure_each_reference_where_it_applies(tmp_path,
     assert set(summary["decode"][2]) == {"transformers", "engine", "transformers_all_cores"}
     assert all(rate > 0 for rates in summary["decode"].values() for rate in rates.values())
     assert len(references.rates[2]["engine"]) == 2
+
+
+def test_the_served_gpu_check_runs_on_a_cpu():
+    """make gpu-serve-check, with the engines on the CPU: every mode's greedy output matches transformers."""
+    import gpu_serve_check
+    assert gpu_serve_check.main("cpu") == 0

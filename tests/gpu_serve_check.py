@@ -1,0 +1,83 @@
+"""`make gpu-serve-check`: a tiny deployment served through Triton with its engines on the GPU (`device: gpu`);
+per mode, greedy output must equal transformers' generate on the same device. For a CUDA machine with torch and
+transformers (the project not installed): nvidia-pytriton, tritonclient and python-rapidjson are all it needs
+besides, about 57 MB of wheels. `python tests/gpu_serve_check.py cpu` runs it on a CPU (tests/test_gpu_check.py).
+Not yet run on a GPU: the session that wrote it (15) was refused a second machine."""
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "python_backends"), str(REPO / "client"), str(REPO / "tests")]
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from cosine.deploy.repository import write_repository  # noqa: E402
+from cosine.deploy.spec import parse_spec  # noqa: E402
+from cosine.launcher import TritonServer, free_port  # noqa: E402
+from tiny_models import PROMPTS, make_checkpoint, make_tokenizer  # noqa: E402
+
+
+def say(*parts):
+    print(*parts, flush=True)
+
+
+def main(device: str = "gpu") -> int:
+    """device: the spec's engine device, gpu or cpu."""
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    root = Path(tempfile.mkdtemp(prefix="gpu-serve-"))
+    make_tokenizer(root / "tokenizer")
+    make_checkpoint(root / "llama", root / "tokenizer", "llama", seed=0)
+    engine = {"kv_cache_tokens": 8192, "num_threads": 1, "device": device}
+    spec = {"target": dict(engine, checkpoint=str(root / "llama")),
+            "drafters": {"itself": dict(engine, checkpoint=str(root / "llama"))},
+            "speculation_mode": "autoregressive"}
+    repository = write_repository(parse_spec(spec, root), root / "repository")
+    log = root / "tritonserver.log"
+    server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=log)
+    started = time.perf_counter()
+    try:
+        server.start(timeout=400)
+    except Exception as error:
+        say("server failed to start:", repr(error))
+        say(log.read_text()[-6000:] if log.exists() else "(no log)")
+        return 1
+    say(f"tritonserver up in {time.perf_counter() - started:.0f} s; models on", torch.cuda.get_device_name() if device == "gpu" else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(root / "llama", dtype=torch.float32).to(torch_device)
+    failures = 0
+    try:
+        for prompt in PROMPTS[:3]:
+            ids = torch.tensor([tokenizer.encode(prompt)], device=torch_device)
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=24)[0, ids.shape[1]:].tolist()
+            for mode in ("autoregressive", "vanilla", "cosine"):
+                body = {"text_input": prompt, "max_tokens": 24, "speculation_mode": mode}
+                request = urllib.request.Request(f"http://{server.http_url}/v2/models/cosine/generate",
+                                                 json.dumps(body).encode())
+                began = time.perf_counter()
+                out = json.loads(urllib.request.urlopen(request, timeout=120).read())
+                got = out["output_ids"] if isinstance(out["output_ids"], list) else [out["output_ids"]]
+                ok = got == want
+                failures += not ok
+                say(f"  {mode:15s} {'ok' if ok else 'FAIL'} {1000 * (time.perf_counter() - began):6.0f} ms "
+                    f"{'' if ok else f'served {got} transformers {want}'}")
+        metrics = urllib.request.urlopen(server.metrics_url).read().decode()
+        say("\n".join(line for line in metrics.splitlines()
+                      if line.startswith(("cosine_engine_batches_total", "cosine_requests_total"))))
+    finally:
+        server.stop()
+    if device == "gpu":
+        say(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.used", "--format=csv"], capture_output=True,
+                           text=True).stdout)
+    say("FAILED" if failures else f"all modes matched transformers ({device})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:2]))
