@@ -29,8 +29,12 @@ def say(*parts):
 
 def main(device: str = "gpu") -> int:
     """device: the spec's engine device, gpu or cpu."""
+    with tempfile.TemporaryDirectory(prefix="gpu-serve-") as tmp:
+        return check(Path(tmp), device)
+
+
+def check(root: Path, device: str) -> int:
     torch_device = "cuda" if device == "gpu" else "cpu"
-    root = Path(tempfile.mkdtemp(prefix="gpu-serve-"))
     make_tokenizer(root / "tokenizer")
     make_checkpoint(root / "llama", root / "tokenizer", "llama", seed=0)
     engine = {"kv_cache_tokens": 8192, "num_threads": 1, "device": device}
@@ -47,7 +51,8 @@ def main(device: str = "gpu") -> int:
         say("server failed to start:", repr(error))
         say(log.read_text()[-6000:] if log.exists() else "(no log)")
         return 1
-    say(f"tritonserver up in {time.perf_counter() - started:.0f} s; models on", torch.cuda.get_device_name() if device == "gpu" else "cpu")
+    say(f"tritonserver up in {time.perf_counter() - started:.0f} s; engines on",
+        torch.cuda.get_device_name() if device == "gpu" else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(root / "llama", dtype=torch.float32).to(torch_device)
     failures = 0
