@@ -90,19 +90,18 @@ def check_tree(model, prompt: list[int], depth: int) -> list[str]:
 
 def check_sampled_chain(model, prompt: list[int], depth: int) -> list[str]:
     """Failures of: a chain sampled by a drafter equal to the target (temperature 1), verified as a block with its q,
-    is kept whole (the block rule's weight stays 1), on the model's device."""
-    params = SamplingParams(temperature=1.0, seed=7)
+    is kept whole (the block rule's weight stays 1), on the model's device. A failed step raises."""
+    def step(engine: CausalLMEngine, request: StepRequest):
+        result = engine.step([request])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
     drafter, target = (engine_for(model, [prompt], depth + 2) for _ in range(2))
-    first = target.step([StepRequest(0, prompt, admission=Admission(depth + 2, params))])[0]
-    drafter.step([StepRequest(0, prompt, admission=Admission(depth + 2, SamplingParams(temperature=1.0, seed=8)))])
-    failures = [f"sampled chain: {r!r}" for r in (first,) if isinstance(r, Exception)]
-    if failures:
-        return failures
-    drafted = drafter.step([StepRequest(0, first.tokens, keep_length=len(prompt), extra_tokens=depth - 1,
-                                        return_q=True)])[0]
-    verified = target.step([StepRequest(0, first.tokens, DraftTree.chain(drafted.tokens), draft_q=drafted.q)])[0]
-    if isinstance(drafted, Exception) or isinstance(verified, Exception):
-        return [f"sampled chain: {drafted!r} / {verified!r}"]
+    first = step(target, StepRequest(0, prompt, admission=Admission(depth + 2, SamplingParams(1.0, seed=7))))
+    step(drafter, StepRequest(0, prompt, admission=Admission(depth + 2, SamplingParams(1.0, seed=8))))
+    drafted = step(drafter, StepRequest(0, first.tokens, keep_length=len(prompt), extra_tokens=depth - 1,
+                                        return_q=True))
+    verified = step(target, StepRequest(0, first.tokens, DraftTree.chain(drafted.tokens), draft_q=drafted.q))
     if verified.tokens[:depth] != drafted.tokens or len(verified.tokens) != depth + 1:
         return [f"sampled chain: drafted {drafted.tokens}, the target (same model) kept {verified.tokens}"]
     return []
