@@ -1,7 +1,8 @@
 """`make gpu-serve-check`: a tiny deployment served through Triton with its engines on the GPU (`device: gpu`);
 per mode, greedy output must equal transformers' generate on the same device. For a CUDA machine with torch and
 transformers (the project not installed): nvidia-pytriton, tritonclient and python-rapidjson are all it needs
-besides, about 57 MB of wheels. `python tests/gpu_serve_check.py cpu` runs it on a CPU (tests/test_gpu_check.py).
+besides, about 57 MB of wheels. On a CPU, after `make venv`: `.venv/bin/python tests/gpu_serve_check.py cpu` (a test
+runs it: tests/test_gpu_check.py).
 Not yet run on a GPU: the session that wrote it (15) was refused a second machine."""
 import json
 import subprocess
@@ -17,9 +18,7 @@ sys.path[:0] = [str(REPO / "python_backends"), str(REPO / "client"), str(REPO / 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from cosine.deploy.repository import write_repository  # noqa: E402
-from cosine.deploy.spec import parse_spec  # noqa: E402
-from cosine.launcher import TritonServer, free_port  # noqa: E402
+from conftest import start_server  # noqa: E402
 from tiny_models import PROMPTS, make_checkpoint, make_tokenizer  # noqa: E402
 
 
@@ -41,13 +40,11 @@ def check(root: Path, device: str) -> int:
     spec = {"target": dict(engine, checkpoint=str(root / "llama")),
             "drafters": {"itself": dict(engine, checkpoint=str(root / "llama"))},
             "speculation_mode": "autoregressive"}
-    repository = write_repository(parse_spec(spec, root), root / "repository")
-    log = root / "tritonserver.log"
-    server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=log)
     started = time.perf_counter()
     try:
-        server.start(timeout=400)
+        server = start_server(spec, root, text_models=False)
     except Exception as error:
+        log = root / "tritonserver.log"
         say("server failed to start:", repr(error))
         say(log.read_text()[-6000:] if log.exists() else "(no log)")
         return 1

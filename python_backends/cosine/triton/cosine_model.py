@@ -73,15 +73,10 @@ class CosineModel:
         remote = read_mapping_parameter(params.get("remote_drafters", ""))
         in_flight = Metrics.metric("cosine_inflight_requests", "Requests inside the cosine model (generating or "
                                         "waiting for the target's KV cache)", "GAUGE")
-        gauges = {}  # drafters -> its gauge, made once
-
         def speculating(drafters: tuple[str, ...], allowed: bool) -> None:
-            if drafters not in gauges:
-                gauges[drafters] = Metrics.metric(
-                    "cosine_speculation_allowed", "1 while adaptive cosine requests drafting from these drafters may "
-                    "draft, 0 while speculation is measured not to pay them at this load", "GAUGE",
-                    drafters="+".join(drafters))
-            gauges[drafters].set(int(allowed))
+            Metrics.metric("cosine_speculation_allowed", "1 while adaptive cosine requests drafting from these "
+                           "drafters may draft, 0 while speculation is measured not to pay them at this load",
+                           "GAUGE", drafters="+".join(drafters)).set(int(allowed))
         monitor = LoadMonitor(on_speculation_change=speculating)
         routed = tuple(sorted(drafters))  # requests that name no drafters
         speculating(routed, monitor.windows(routed).allowed)
@@ -115,7 +110,6 @@ class CosineModel:
                                             "cache before its first step", "HISTOGRAM",
                                             buckets=[0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120])
         self.output_tokens = Metrics.metric("cosine_output_tokens_total", "Tokens generated")
-        self.round_metrics = {}
 
     @staticmethod
     def _drafter(name: str, url: str | None, params: dict, kinds: dict[str, str]):
@@ -153,16 +147,13 @@ class CosineModel:
             self._round_metric("cosine_accepted_at_position_total", "Draft tokens accepted by depth in the draft",
                                sources[node], position=str(depths[node])).increment(1)
 
-    def _round_metric(self, name, description, drafter, **labels):
+    @staticmethod
+    def _round_metric(name, description, drafter, **labels):
         if drafter is not None:
             labels["drafter"] = drafter
-        key = (name, tuple(labels.items()))
-        if key not in self.round_metrics:
-            histogram = name == "cosine_draft_length"
-            self.round_metrics[key] = Metrics.metric(name, description, "HISTOGRAM" if histogram else "COUNTER",
-                                                     buckets=[0, 1, 2, 3, 4, 6, 8, 12, 16] if histogram else None,
-                                                     **labels)
-        return self.round_metrics[key]
+        histogram = name == "cosine_draft_length"
+        return Metrics.metric(name, description, "HISTOGRAM" if histogram else "COUNTER",
+                              buckets=[0, 1, 2, 3, 4, 6, 8, 12, 16] if histogram else None, **labels)
 
     def execute(self, requests):
         """Returns at once while the deployment has room (the backend runs the returned coroutine in the background,

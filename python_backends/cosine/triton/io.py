@@ -105,7 +105,6 @@ class ProcessHealth:
     after a death): the launcher's watchdog restores them, but Triton 2.51 has no metric for model loads."""
 
     dead: set[str] = set()
-    counters: dict = {}
     by_model: dict[str, set[int]] = {}
     scanned_at = float("-inf")
 
@@ -132,11 +131,9 @@ class ProcessHealth:
             cls._count("cosine_model_restores_total", "Called models answering again after their process died",
                        model_name)
 
-    @classmethod
-    def _count(cls, name: str, description: str, model_name: str) -> None:
-        if (name, model_name) not in cls.counters:
-            cls.counters[name, model_name] = Metrics.metric(name, description, model=model_name)
-        cls.counters[name, model_name].increment(1)
+    @staticmethod
+    def _count(name: str, description: str, model_name: str) -> None:
+        Metrics.metric(name, description, model=model_name).increment(1)
 
 
 def engine_transport(model_name: str):
@@ -152,9 +149,10 @@ def trtllm_transport(model_name: str):
 
 
 class Metrics:
-    """Prometheus families (created once per process) with per-model labels."""
+    """Prometheus families and their labelled metrics, each created once per process (on first use)."""
 
     _families: dict = {}
+    _metrics: dict = {}
 
     @classmethod
     def family(cls, name: str, description: str, kind: str = "COUNTER"):
@@ -165,8 +163,12 @@ class Metrics:
 
     @classmethod
     def metric(cls, name: str, description: str, kind: str = "COUNTER", buckets=None, **labels) -> "Metric":
-        family = cls.family(name, description, kind)
-        return Metric(family.Metric(labels=labels, buckets=buckets) if buckets else family.Metric(labels=labels))
+        key = (name, tuple(sorted(labels.items())))
+        if key not in cls._metrics:
+            family = cls.family(name, description, kind)
+            cls._metrics[key] = Metric(family.Metric(labels=labels, buckets=buckets) if buckets
+                                       else family.Metric(labels=labels))
+        return cls._metrics[key]
 
 
 class Metric:
