@@ -76,7 +76,9 @@ def _sparse_q(q: list[torch.Tensor | None]) -> tuple[list[int], np.ndarray, np.n
     the entries' token ids, their values): a sampled q is zero outside its top-k / top-p support, so only that travels
     (lossless)."""
     present = [rows for rows in q if rows is not None]
-    dense = torch.cat(present) if present else torch.zeros(0, 0)
+    if not present:  # greedy: no tensor operations (their fixed cost is on every call's path)
+        return [0] * len(q), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    dense = torch.cat(present)
     row, column = dense.nonzero(as_tuple=True)  # row-major: each row's entries together, in order
     return ([0 if rows is None else rows.shape[1] for rows in q], torch.bincount(row, minlength=len(dense)).numpy(),
             column.numpy(), dense[row, column].numpy())
@@ -93,6 +95,8 @@ def _dense_q(vocab: np.ndarray, rows: np.ndarray, ints: _Reader, reals: _Reader,
         raise ValueError(f"{ints.tensor}: {counts_name} must be >= 0")
     ids = ints.take(ids_name, counts.sum()).astype(np.int64)
     probs = reals.take(probs_name, counts.sum()).astype(np.float32)
+    if not len(counts):
+        return [None] * len(vocab)
     row_of_entry = np.repeat(np.arange(len(counts)), counts)
     width_of_row = np.repeat(vocab, rows)
     if len(ids) and not ((ids >= 0) & (ids < width_of_row[row_of_entry])).all():

@@ -113,14 +113,21 @@ class LinearFit:
         self.forgetting = forgetting
         self.gram = np.zeros((regressors + 1, regressors + 1))  # sums of v v^T, v = (1, x)
         self.moments = np.zeros(regressors + 1)  # sums of y v
+        self.solution: tuple | None = None  # (fitted(),) since the last observation: every round reads the fit
 
     def observe(self, x: float | tuple[float, ...], y: float) -> None:
         v = np.array([1.0, *np.atleast_1d(x)])
         self.gram = self.forgetting * self.gram + np.outer(v, v)
         self.moments = self.forgetting * self.moments + y * v
+        self.solution = None
 
     def fitted(self) -> tuple[float, ...] | None:
         """(base, *slopes), or None before 3 observations, and 2 more than the regressors that varied."""
+        if self.solution is None:
+            self.solution = (self._solve(),)
+        return self.solution[0]
+
+    def _solve(self) -> tuple[float, ...] | None:
         count = self.gram[0, 0]
         squares = count * np.diag(self.gram)[1:]  # count * sum(x^2); minus sum(x)^2: count^2 * variance of x
         varied = np.count_nonzero(squares - self.gram[0, 1:] ** 2 > 1e-9 * squares)

@@ -222,3 +222,6 @@ class CosineModel:
                                                     np.int32)
             outputs["routed_drafters"] = np.array([name.encode() for name in stats.drafters] or [b""], np.object_)
         return pb_utils.InferenceResponse(tensors(**outputs))
+
+    def finalize(self):
+        Metrics.close()

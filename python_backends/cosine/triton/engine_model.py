@@ -100,3 +100,4 @@ class EngineModel:
 
     def finalize(self):
         self.engine.close()
+        Metrics.close()

@@ -4,13 +4,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..contract import ENGINE
+from ..contract import ENGINE, METRICS_FLUSH_S
 from ..launcher import stub_processes
 from ..serving.errors import ServingError
 
@@ -149,10 +150,16 @@ def trtllm_transport(model_name: str):
 
 
 class Metrics:
-    """Prometheus families and their labelled metrics, each created once per process (on first use)."""
+    """Prometheus families and their labelled metrics, each created once per process (on first use); a daemon
+    thread sends their updates every METRICS_FLUSH_S, off the path of the calls that make them. Every pb_utils update
+    is a round trip to the server process: about 35 us on the idle 2-core machine, but while both cores are busy a
+    wait for tritonserver to be scheduled; made inside execute, an engine call's ~7 updates cost its caller 1-3 ms
+    (a drafter at c1 cosine: 3.5 ms of each call outside its engine step before, 1.9 ms after)."""
 
     _families: dict = {}
     _metrics: dict = {}
+    _flusher: threading.Thread | None = None
+    _stop = threading.Event()
 
     @classmethod
     def family(cls, name: str, description: str, kind: str = "COUNTER"):
@@ -168,24 +175,58 @@ class Metrics:
             family = cls.family(name, description, kind)
             cls._metrics[key] = Metric(family.Metric(labels=labels, buckets=buckets) if buckets
                                        else family.Metric(labels=labels))
+        if cls._flusher is None:
+            cls._flusher = threading.Thread(target=cls._flush_periodically, name="metrics", daemon=True)
+            cls._flusher.start()
         return cls._metrics[key]
+
+    @classmethod
+    def _flush_periodically(cls) -> None:
+        while not cls._stop.wait(METRICS_FLUSH_S):
+            cls.flush()
+
+    @classmethod
+    def flush(cls) -> None:
+        for metric in list(cls._metrics.values()):
+            metric.flush()
+
+    @classmethod
+    def close(cls) -> None:
+        """Sends what is pending and stops the thread (a model's finalize: the stub ends after it)."""
+        cls._stop.set()
+        if cls._flusher is not None:
+            cls._flusher.join()
+        cls.flush()
 
 
 class Metric:
-    """A pb_utils metric whose no-op updates (adding 0, setting the value it holds) make no call: every update is
-    a round trip to the server process (about 35 us on the idle 2-core machine), on the path of each engine call."""
+    """A pb_utils metric whose updates collect here until Metrics' thread sends them: a sum of increments, the last
+    value set (sent only when it changed), the observations (a histogram takes them one by one)."""
 
     def __init__(self, metric):
-        self.metric, self.value = metric, None
+        self.metric, self.lock = metric, threading.Lock()
+        self.added, self.value, self.sent, self.observed = 0.0, None, None, []
 
     def increment(self, amount) -> None:
         if amount:
-            self.metric.increment(amount)
+            with self.lock:
+                self.added += amount
 
     def set(self, value) -> None:
-        if value != self.value:
-            self.value = value
-            self.metric.set(value)
+        self.value = value
 
     def observe(self, value) -> None:
-        self.metric.observe(value)
+        with self.lock:
+            self.observed.append(value)
+
+    def flush(self) -> None:
+        with self.lock:
+            (added, self.added), (observed, self.observed) = (self.added, 0.0), (self.observed, [])
+        if added:
+            self.metric.increment(added)
+        value = self.value
+        if value is not None and value != self.sent:
+            self.sent = value
+            self.metric.set(value)
+        for value in observed:
+            self.metric.observe(value)

@@ -103,3 +103,4 @@ class RouterModel:
         """A server shutting down (or unloading the router) needs the state no more; a killed process never gets
         here, and its state stays for the process that replaces it."""
         self.state_file.unlink(missing_ok=True)
+        Metrics.close()
