@@ -205,6 +205,7 @@ class FusionProposer(Proposer):
         self.pipelined = pipelined
         # pipelined drafting: (the context it assumed, the drafting call) of a draft made while the target verified
         self.ahead: tuple[list[int], asyncio.Task] | None = None
+        self.releasing: asyncio.Future | None = None  # the drafters not chosen, releasing their caches
         self.matches = {session.name: 0.0 for session in sessions}
         self.trials = {session.name: 0.0 for session in sessions}
 
@@ -246,7 +247,9 @@ class FusionProposer(Proposer):
             chosen = [max(logprobs, key=logprobs.get)]
         self.sessions = [s for s in self.all_sessions if s.name in chosen]
         self.sessions.sort(key=lambda s: chosen.index(s.name))
-        await asyncio.gather(*(s.close() for s in self.all_sessions if s.name not in chosen))
+        # the others free their caches in the background: the first round need not wait for their answers (5 ms)
+        self.releasing = asyncio.ensure_future(asyncio.gather(*(s.close() for s in self.all_sessions
+                                                                if s.name not in chosen)))
 
     def _busy(self) -> bool:
         return self.monitor.active_requests > self.busy_load
@@ -389,6 +392,8 @@ class FusionProposer(Proposer):
     async def close(self) -> None:
         if self.ahead is not None:  # its call must end before the sessions release their caches
             await asyncio.gather(self.ahead[1], return_exceptions=True)
+        if self.releasing is not None:
+            await self.releasing
         tried = [name for name, trials in self.trials.items() if trials]
         if self.route is not None and tried:
             try:
