@@ -301,6 +301,18 @@ def test_one_window_each_way_where_speculation_lost_starts_a_higher_load_plain_a
     assert _run_windows(windows, clock, lambda on: 650 if on else 780, 8)[1:] == [False] * 3 + [True] + [False] * 3
 
 
+def test_a_win_within_noise_at_a_lower_load_starts_a_higher_one_without_speculation():
+    """Measured (session 16): c8 had paid within noise (1.04x plain decoding), and short bursts at c32 / c64 then ran
+    cosine at 0.85 / 0.90x while their windows alternated to learn."""
+    clock, active = FakeClock(), [8]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
+                                 explore_every=4, exploring_cost=1.0, min_windows=2, decisive_gap=0.1, clock=clock)
+    _run_windows(windows, clock, lambda on: 156 if on else 150, 8)  # 4% apart
+    assert windows.verdicts() == {3: True}
+    active[0] = 32  # the first window here was set when c8's last closed; then plain, exploring after 4 of its own
+    assert _run_windows(windows, clock, lambda on: 900 if on else 1000, 8)[1:] == [False] * 3 + [True] + [False] * 3
+
+
 def test_at_a_load_never_measured_the_windows_start_from_the_cost_models_prediction():
     clock, active = FakeClock(), [0]
     windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: load < 4, seconds=1.0,
