@@ -10,7 +10,7 @@ from tiny_models import make_checkpoint, make_tokenizer  # noqa: E402
 
 from cosine.deploy.repository import write_repository  # noqa: E402
 from cosine.deploy.spec import parse_spec  # noqa: E402
-from cosine.launcher import TritonServer, free_port  # noqa: E402
+from cosine.launcher import TritonServer, free_ports  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def start_server(spec_raw: dict, root: Path, env: dict | None = None, text_model
     repository = write_repository(spec, root / "repository")
     if not text_models:
         drop_text_models(repository)
-    server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=root / "tritonserver.log",
+    server = TritonServer(repository, *free_ports(3), log_path=root / "tritonserver.log",
                           env=env, exit_timeout=FIXTURE_EXIT_TIMEOUT_S)
     return server.start(timeout=300)
 

@@ -14,7 +14,7 @@ from test_server import as_list, generate
 
 from cosine.contract import target_model_names
 from cosine.deploy.spec import default_replicas
-from cosine.launcher import TritonServer, free_port
+from cosine.launcher import TritonServer, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def zoo_server(tiny_zoo, tmp_path_factory):
     done = build_engines("--demo", "--profile", "tiny", "--zoo-dir", tiny_zoo, "--out-spec", root / "spec.yaml",
                          "--repository", root / "repository")
     assert done.returncode == 0, done.stderr
-    server = TritonServer(root / "repository", free_port(), free_port(), free_port(), log_path=root / "server.log",
+    server = TritonServer(root / "repository", *free_ports(3), log_path=root / "server.log",
                           exit_timeout=FIXTURE_EXIT_TIMEOUT_S)
     server.start(timeout=300)
     yield server

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from cosine.launcher import SERVER_RESTORE, LaunchError, TritonServer, free_port, port_in_use, stub_processes
+from cosine.launcher import SERVER_RESTORE, LaunchError, TritonServer, free_ports, port_in_use, stub_processes
 
 CONFIG = """
 name: "{name}"
@@ -49,10 +49,7 @@ def make_repo(root: Path, name: str = "double", extra: str = "") -> Path:
 
 
 def ports() -> dict:
-    chosen = set()
-    while len(chosen) < 3:
-        chosen.add(free_port())
-    return dict(zip(("http_port", "grpc_port", "metrics_port"), chosen))
+    return dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3)))
 
 
 def test_serves_and_stops(tmp_path):

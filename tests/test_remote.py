@@ -16,7 +16,7 @@ from tiny_models import PROMPTS
 from cosine.contract import DEPLOYMENT_SECRET_ENV
 from cosine.deploy.repository import write_repository
 from cosine.deploy.spec import parse_spec
-from cosine.launcher import TritonServer, free_port
+from cosine.launcher import TritonServer, free_ports
 from cosine.serving.errors import ServingError
 from cosine.triton.remote import GrpcEngineTransport
 from cosine_client.relay import Relay
@@ -82,7 +82,7 @@ def test_a_call_that_hangs_is_not_followed_on_the_same_connection():
 class Nodes:
     """The target's node, and a drafter node (`edge`) behind a relay adding 2 ms of round trip."""
 
-    def __init__(self, root, llama, relay: Relay, edge_ports):
+    def __init__(self, root, llama, relay: Relay, edge_ports, main_ports):
         engine = {"kv_cache_tokens": 8192, "num_threads": 1, "idle_timeout_s": 30}
         spec = parse_spec({
             "target": dict(engine, checkpoint=str(llama)),
@@ -93,7 +93,7 @@ class Nodes:
         self.root, self.edge_ports = root, edge_ports
         self.edge_repository = write_repository(spec, root / "edge", node="edge")
         main_repository = drop_text_models(write_repository(spec, root / "main"))
-        self.main = TritonServer(main_repository, free_port(), free_port(), free_port(), log_path=root / "main.log",
+        self.main = TritonServer(main_repository, *main_ports, log_path=root / "main.log",
                                  env=NODE_ENV)
         self.edge = self.new_edge()
         try:
@@ -113,9 +113,10 @@ class Nodes:
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory, llama):
-    edge_ports = free_port(), free_port(), free_port()
+    ports = free_ports(6)  # both servers' at once: distinct
+    edge_ports, main_ports = ports[:3], ports[3:]
     with Relay(f"127.0.0.1:{edge_ports[1]}", delay_s=0.001).running() as relay:
-        nodes = Nodes(tmp_path_factory.mktemp("two-nodes"), llama, relay, edge_ports)
+        nodes = Nodes(tmp_path_factory.mktemp("two-nodes"), llama, relay, edge_ports, main_ports)
         yield nodes
         nodes.stop()
 

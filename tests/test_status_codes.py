@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import FIXTURE_EXIT_TIMEOUT_S
 
-from cosine.launcher import TritonServer, free_port
+from cosine.launcher import TritonServer, free_ports
 
 MODEL = """
 import json, os, sys
@@ -58,7 +58,7 @@ def errors_server(tmp_path_factory):
         (root / "repo" / name / "1").mkdir(parents=True)
         (root / "repo" / name / "config.pbtxt").write_text(CONFIG.format(name=name, policy=policy))
         (root / "repo" / name / "1" / "model.py").write_text(MODEL)
-    with TritonServer(root / "repo", free_port(), free_port(), free_port(), log_path=root / "triton.log",
+    with TritonServer(root / "repo", *free_ports(3), log_path=root / "triton.log",
                       restore_models=False, exit_timeout=FIXTURE_EXIT_TIMEOUT_S) as server:
         yield server
 

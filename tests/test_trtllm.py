@@ -27,7 +27,7 @@ from cosine.deploy.repository import engine_kinds, model_configs, write_reposito
 from cosine.deploy.spec import SpecError, load_spec, parse_spec
 from cosine.deploy.trtllm_build import engine_builds, input_hash
 from cosine.engine.sampling import SamplingParams
-from cosine.launcher import TritonServer, free_port
+from cosine.launcher import TritonServer, free_ports
 from cosine.serving.errors import ServingError
 from cosine.serving.health import CircuitBreaker
 from cosine.serving.request import GenerationRequest
@@ -319,7 +319,7 @@ def trtllm_server(tiny_dir, tmp_path_factory):
     repository = write_repository(spec, root / "repository")
     serve_with_contract_double(spec, repository)
     drop_text_models(repository)
-    server = TritonServer(repository, free_port(), free_port(), free_port(), log_path=root / "tritonserver.log",
+    server = TritonServer(repository, *free_ports(3), log_path=root / "tritonserver.log",
                           exit_timeout=FIXTURE_EXIT_TIMEOUT_S)
     server.start(timeout=300)
     yield server

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from cosine.deploy.repository import write_repository
 from cosine.deploy.spec import parse_spec
-from cosine.launcher import TritonServer, free_port
+from cosine.launcher import TritonServer, free_ports
 from cosine.zoo.tokenizer import train_tokenizer
 
 from .api import http_generate
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                                   "max_batch_size": 16}}, Path("."))
     repository = write_repository(spec, args.work_dir / "repository")
     results = {"transformers sequential": [], "triton concurrency 1": [], "triton concurrency 8": []}
-    with TritonServer(repository, free_port(), free_port(), free_port(), log_path=args.work_dir / "server.log") as srv:
+    with TritonServer(repository, *free_ports(3), log_path=args.work_dir / "server.log") as srv:
         triton_throughput(srv.http_url, 4, 8)  # warm-up
         for _ in tqdm(range(args.rounds), desc="rounds"):
             results["transformers sequential"].append(transformers_sequential(checkpoint, args.max_tokens))

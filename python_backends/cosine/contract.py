@@ -72,13 +72,13 @@ class ModelContract:
         return f"input [\n{ins}\n]\noutput [\n{outs}\n]\n"
 
 
-# Internal models (engines, router) act only on calls that carry the deployment's secret: every node of a deployment
-# gets it through this environment variable (`cosine serve` generates one when it is unset). No config.pbtxt holds
-# it, so the model-config API cannot reveal it.
 # Prometheus metrics of the Python-backend models reach the metrics endpoint at most this long after the update
 # (a thread per model process sends them; see triton/io.py:Metrics)
 METRICS_FLUSH_S = 0.05
 
+# Internal models (engines, router) act only on calls that carry the deployment's secret: every node of a deployment
+# gets it through this environment variable (`cosine serve` generates one when it is unset). No config.pbtxt holds
+# it, so the model-config API cannot reveal it.
 DEPLOYMENT_SECRET_ENV = "COSINE_DEPLOYMENT_SECRET"
 DEPLOYMENT_SECRET = "deployment_secret"
 _DEPLOYMENT_SECRET_INPUT = TensorSpec(DEPLOYMENT_SECRET, "TYPE_STRING", (1,), optional=True)

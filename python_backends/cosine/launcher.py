@@ -8,6 +8,7 @@ A watchdog restores models whose Python-backend stub process died (see StubWatch
 """
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import importlib.util
 import json
@@ -98,10 +99,14 @@ def install_python_stub(install: TritonInstall) -> None:
         os.replace(tmp, dst)  # atomic, in case another server is starting concurrently
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now: bound together, so that none is handed out twice (chosen one at a time and
+    released at once, a second server's port came out equal to a first one's that was not listening yet)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def port_in_use(port: int) -> bool:

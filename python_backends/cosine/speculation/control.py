@@ -276,10 +276,10 @@ class SpeculationWindows:
         # no verdict yet; session 15, instrumented); after c8 had paid within noise (1.04x), c32 / c64 at 0.85 /
         # 0.90x (session 16). A higher load where it clearly paid decides too.
         lower = [other for other in self.verdicts(min_windows=1) if other < bucket]
-        higher = [pays for other, pays in verdicts.items() if other > bucket and self._gap(other) >= self.decisive_gap]
+        higher = [other for other in verdicts if other > bucket and self._gap(other) >= self.decisive_gap]
         if lower and not self._clearly_pays(lower[-1]):
             return exploring
-        if higher and higher[0]:
+        if higher and self._clearly_pays(higher[0]):
             return not exploring
         if not measured:
             return self.predicted(load)  # a load never measured: the cost model's guess first
