@@ -21,9 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from conftest import start_server  # noqa: E402
 from tiny_models import PROMPTS, make_checkpoint, make_tokenizer  # noqa: E402
 
-
-def say(*parts):
-    print(*parts, flush=True)
+from cosine_client.gpu_check import say, transformers_greedy  # noqa: E402
 
 
 def main(device: str = "gpu") -> int:
@@ -55,9 +53,7 @@ def check(root: Path, device: str) -> int:
     failures = 0
     try:
         for prompt in PROMPTS[:3]:
-            ids = torch.tensor([tokenizer.encode(prompt)], device=torch_device)
-            want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=24)[0, ids.shape[1]:].tolist()
+            want = transformers_greedy(model, [tokenizer.encode(prompt)], 24)[0]
             for mode in ("autoregressive", "vanilla", "cosine"):
                 body = {"text_input": prompt, "max_tokens": 24, "speculation_mode": mode}
                 request = urllib.request.Request(f"http://{server.http_url}/v2/models/cosine/generate",

@@ -174,6 +174,15 @@ def context_tables(seed: int):
     return p, q
 
 
+def accept_sampled_chains(chains: list[DraftTree], probs: torch.Tensor, node_q: torch.Tensor, generator):
+    """accept() over chains whose every node was drawn from its row of node_q; probs: every row, sampling."""
+    drafts = FlatDrafts.from_trees(chains, "cpu")
+    nodes = drafts.tokens.numel()
+    return accept(drafts, probs.argmax(-1), torch.ones(len(probs), dtype=torch.bool), probs,
+                  torch.rand(nodes, generator=generator), torch.rand(len(probs), generator=generator), node_q,
+                  torch.ones(nodes, dtype=torch.bool))
+
+
 def block_round(p: dict, q: dict, seed: int = 0) -> torch.Tensor:
     """[BLOCK_SAMPLES, BLOCK_DEPTH] tokens: one round of a chain of BLOCK_DEPTH drafted from q and verified by
     accept(), then the target's own sampling up to BLOCK_DEPTH tokens."""
@@ -187,12 +196,7 @@ def block_round(p: dict, q: dict, seed: int = 0) -> torch.Tensor:
             chain.append(draw(q[tuple(chain)]))
         chains.append(DraftTree.chain(chain))
         rows += [p[tuple(chain[:i])] for i in range(BLOCK_DEPTH + 1)]
-    drafts = FlatDrafts.from_trees(chains, "cpu")
-    probs = torch.stack(rows)
-    nodes = drafts.tokens.numel()
-    verdict = accept(drafts, probs.argmax(-1), torch.ones(len(probs), dtype=torch.bool), probs,
-                     torch.rand(nodes, generator=generator), torch.rand(len(probs), generator=generator),
-                     torch.stack(node_q), torch.ones(nodes, dtype=torch.bool))
+    verdict = accept_sampled_chains(chains, torch.stack(rows), torch.stack(node_q), generator)
     out = []
     for tree, count, bonus in zip(chains, verdict.accepted_count.tolist(), verdict.bonus.tolist()):
         tokens = list(tree.tokens[:count]) + [bonus]
@@ -248,13 +252,9 @@ def test_block_verification_follows_the_rule_chain_by_chain():
     p, q = context_tables(seed=5)
     generator = torch.Generator().manual_seed(9)
     for chain in itertools.product(range(BLOCK_VOCAB), repeat=BLOCK_DEPTH):
-        drafts = FlatDrafts.from_trees([DraftTree.chain(chain)] * copies, "cpu")
         probs = torch.stack([p[chain[:i]] for i in range(BLOCK_DEPTH + 1)]).repeat(copies, 1)
         node_q = torch.stack([q[chain[:i]] for i in range(BLOCK_DEPTH)]).repeat(copies, 1)
-        nodes = drafts.tokens.numel()
-        verdict = accept(drafts, probs.argmax(-1), torch.ones(len(probs), dtype=torch.bool), probs,
-                         torch.rand(nodes, generator=generator), torch.rand(len(probs), generator=generator),
-                         node_q, torch.ones(nodes, dtype=torch.bool))
+        verdict = accept_sampled_chains([DraftTree.chain(chain)] * copies, probs, node_q, generator)
         keep, residuals = block_rule(p, q, chain)
         counts = torch.bincount(verdict.accepted_count, minlength=BLOCK_DEPTH + 1).float() / copies
         assert total_variation(counts, torch.tensor(keep)) < 0.03, chain

@@ -103,27 +103,25 @@ def accept(drafts: FlatDrafts, argmax: torch.Tensor, sampled: torch.Tensor, prob
     decided = torch.zeros(argmax.numel(), dtype=torch.bool, device=device)  # a child of this row was accepted
     taken = torch.zeros(nodes, dtype=torch.bool, device=device)
     node_prob = torch.ones(nodes, device=device)
+    drawn_from = None  # [nodes, vocab] each node's q, one-hot at a deterministic node's token
     if residual is not None and nodes:
         node_prob = torch.where(sampled[drafts.parent_row], probs[drafts.parent_row, drafts.tokens], node_prob)
+        drawn_from = F.one_hot(drafts.tokens, probs.shape[-1]).to(probs.dtype)
+        if node_q is not None:
+            drawn_from = torch.where(has_q[:, None], node_q.to(probs.dtype), drawn_from)
     for rank_nodes in drafts.by_rank:
         row, token = drafts.parent_row[rank_nodes], drafts.tokens[rank_nodes]
         ratio = (token == argmax[row]).float()
         if residual is not None:
             p = residual[row] / residual[row].sum(-1, keepdim=True)
-            p_x = p.gather(1, token[:, None])[:, 0]
-            if node_q is not None:  # min(1, p(x) / q(x)) where the node has q, p(x) where it is deterministic
-                q = node_q[rank_nodes]
-                q_x = torch.where(has_q[rank_nodes], q.gather(1, token[:, None])[:, 0], 1.0)
-                p_x = torch.clamp(p_x / q_x.clamp(min=torch.finfo(q.dtype).tiny), max=1.0)
-            ratio = torch.where(sampled[row], p_x, ratio)
+            q = drawn_from[rank_nodes]
+            q_x = q.gather(1, token[:, None])[:, 0].clamp(min=torch.finfo(q.dtype).tiny)
+            ratio = torch.where(sampled[row], (p.gather(1, token[:, None])[:, 0] / q_x).clamp(max=1.0), ratio)
         take = ~decided[row] & (node_uniforms[rank_nodes] < ratio)
         taken[rank_nodes] = take
         decided[row] |= take
         if residual is not None:  # rows whose child was rejected keep the residual max(p - q, 0)
-            left = p.scatter(1, token[:, None], 0.0)  # q one-hot at x
-            if node_q is not None:
-                left = torch.where(has_q[rank_nodes, None], (p - node_q[rank_nodes]).clamp(min=0.0), left)
-            residual[row] = torch.where(take[:, None], residual[row], left)
+            residual[row] = torch.where(take[:, None], residual[row], (p - q).clamp(min=0.0))
     # on the path: taken, and so is every ancestor
     accepted = taken
     has_parent = drafts.parent_node >= 0
@@ -131,7 +129,7 @@ def accept(drafts: FlatDrafts, argmax: torch.Tensor, sampled: torch.Tensor, prob
         accepted = taken & torch.where(has_parent, accepted[drafts.parent_node.clamp(min=0)], True)
     block = None
     if residual is not None and nodes:
-        block = _block_verification(drafts, sampled, probs, node_q, has_q, node_uniforms)
+        block = _block_verification(drafts, sampled, probs, drawn_from, node_uniforms)
         accepted = torch.where(block.chain[drafts.sequence], block.accepted, accepted)
     # the tip: the deepest accepted node of each sequence, encoded so that one segment max finds it
     key = torch.where(accepted, drafts.depth * (nodes + 1) + torch.arange(1, nodes + 1, device=device), 0)
@@ -174,9 +172,9 @@ def _stop_probability(weight: torch.Tensor, spare: torch.Tensor, last: torch.Ten
     return torch.where(last, weight, torch.where(denominator > 0, spare / denominator.clamp(min=1e-30), 0.0))
 
 
-def _block_verification(drafts: FlatDrafts, sampled: torch.Tensor, probs: torch.Tensor, node_q: torch.Tensor | None,
-                        has_q: torch.Tensor | None, node_uniforms: torch.Tensor) -> _BlockVerdict:
-    """sampled: [rows]; probs: [rows, vocab]; node_q, has_q as accept() takes them; node_uniforms: [nodes] eta."""
+def _block_verification(drafts: FlatDrafts, sampled: torch.Tensor, probs: torch.Tensor, q: torch.Tensor,
+                        node_uniforms: torch.Tensor) -> _BlockVerdict:
+    """sampled: [rows]; probs: [rows, vocab]; q: [nodes, vocab] each node's q; node_uniforms: [nodes] eta."""
     nodes, sequences = drafts.tokens.numel(), drafts.root_row.numel()
     device = probs.device
     in_tree = torch.zeros(sequences, dtype=torch.bool, device=device)  # has a node with a sibling
@@ -184,9 +182,6 @@ def _block_verification(drafts: FlatDrafts, sampled: torch.Tensor, probs: torch.
         in_tree[drafts.sequence[rank_nodes]] = True
     has_nodes = torch.bincount(drafts.sequence, minlength=sequences) > 0
     chain = has_nodes & ~in_tree & sampled[drafts.root_row]
-    q = F.one_hot(drafts.tokens, probs.shape[-1]).to(probs.dtype)  # deterministic nodes: q one-hot at the token
-    if node_q is not None:
-        q = torch.where(has_q[:, None], node_q.to(probs.dtype), q)
     x = drafts.tokens[:, None]
     ratio = probs[drafts.parent_row].gather(1, x)[:, 0] / q.gather(1, x)[:, 0].clamp(min=torch.finfo(q.dtype).tiny)
     has_parent = drafts.parent_node >= 0
