@@ -1,6 +1,7 @@
 """Benchmark statistics on synthetic timings with known answers (no server, no timing assertions)."""
 import pytest
 
+from cosine_client.bench import DROPPED_AHEAD, drafting_shares
 from cosine_client.plots import write_plots
 from cosine_client.stats import Record, acceptance_by_domain, summarize, summarize_point, token_latencies
 
@@ -116,3 +117,9 @@ def test_vanilla_best_k_is_the_fastest_vanilla_variant_at_each_load_point():
     assert by_point["cosine", 1]["throughput_vs_vanilla (best k)"] == pytest.approx(1.25)
     assert by_point["cosine", 4]["throughput_vs_vanilla (best k)"] == pytest.approx(5.0)
     assert "vanilla (best k)" not in {row["mode"] for row in rows}  # a ratio, not a row of its own
+
+
+def test_drafting_shares_count_pipelining_hits_among_the_drafts_made_ahead():
+    shares = drafting_shares({"alone": 5.0, "ahead": 3.0, "fused": 2.0, DROPPED_AHEAD: 1.0})
+    assert shares == pytest.approx({"fused_share": 0.2, "ahead_share": 0.3, "ahead_hit_rate": 0.75})
+    assert drafting_shares({}) == {"fused_share": 0.0, "ahead_share": 0.0, "ahead_hit_rate": 0.0}

@@ -9,7 +9,7 @@ from cosine.speculation.control import (AcceptanceTracker, CostModel, LinearFit,
                                         SpeculationController, SpeculationWindows, expected_tokens)
 from cosine.speculation.fusion import Candidate, TreeBuilder, merge_chains
 from cosine.engine.engine import StepError, StepResult
-from cosine.speculation.proposers import DrafterSession, FusionProposer
+from cosine.speculation.proposers import DrafterSession, DraftOrigin, FusionProposer
 from cosine.speculation.router import Route, Router
 from cosine.speculation.scheduler import VerificationScheduler
 from cosine.speculation.tree import DraftTree
@@ -566,6 +566,7 @@ def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():
     assert [exploring for _, exploring in drafts] == [True, True, False]
     assert drafts[0][0].tree.tokens == (5, 6, 5, 6, 5, 6) and drafts[0][0].sources == ("a", "b") * 3
     assert drafts[2][0].tree.tokens == (5, 5, 5)  # the first choice alone, in one call (this fake offers no runner-ups)
+    assert [draft.origin for draft, _ in drafts] == [DraftOrigin.FUSED, DraftOrigin.FUSED, DraftOrigin.ALONE]
     assert explorer.calls == 1 + 2 * 3  # its prompt scoring, then one call per fused position
 
 
@@ -806,5 +807,9 @@ def test_pipelined_drafting_drafts_the_next_round_during_verification(pipelined,
         assert drafter.log[2:] == [(6, [5], 4),  # during verification: the assumed token, then the next chain
                                    (10, [5], 4),  # the hit used that draft and drafted ahead again
                                    (9, [7], 3)]  # the miss drafts anew, rolled back to what the target kept
+        # what the metrics count: the hit's draft was made ahead; the miss dropped the one made ahead
+        assert [(d.origin, d.dropped_ahead) for d in drafts] == [
+            (DraftOrigin.ALONE, False), (DraftOrigin.AHEAD, False), (DraftOrigin.ALONE, True)]
     else:
         assert drafter.log[2:] == [(6, [5, 5], 3), (9, [7], 3)]  # a call per round, after verification
+        assert [(d.origin, d.dropped_ahead) for d in drafts] == [(DraftOrigin.ALONE, False)] * 3

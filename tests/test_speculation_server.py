@@ -81,11 +81,18 @@ def test_cosine_ablation_switches(server):
 def test_acceptance_metrics_per_drafter(server):
     before = metric(server, "cosine_accepted_tokens_total", drafter="itself")
     drafted_before = metric(server, "cosine_draft_tokens_total", drafter="itself")
-    _, (_, drafted, accepted) = run(server, PROMPTS[4], speculation_mode="vanilla", drafters=["itself"],
-                                    num_draft_tokens=4)
+    drafts_before = {origin: metric(server, "cosine_drafts_total", mode=mode, origin=origin)
+                     for mode, origin in (("vanilla", "alone"), ("specinfer", "merged"))}
+    _, (rounds, drafted, accepted) = run(server, PROMPTS[4], speculation_mode="vanilla", drafters=["itself"],
+                                         num_draft_tokens=4)
     assert metric(server, "cosine_accepted_tokens_total", drafter="itself") - before == accepted
     assert metric(server, "cosine_draft_tokens_total", drafter="itself") - drafted_before == drafted
     assert metric(server, "cosine_accepted_at_position_total", drafter="itself", position="4") > 0
+    # every chain vanilla drafted was one drafter's call in its round; a round of 4 tokens at most
+    assert metric(server, "cosine_drafts_total", mode="vanilla", origin="alone") - drafts_before["alone"] \
+        == pytest.approx(drafted / 4, abs=1)
+    run(server, PROMPTS[4], speculation_mode="specinfer", drafters=["itself", "unrelated"], num_draft_tokens=2)
+    assert metric(server, "cosine_drafts_total", mode="specinfer", origin="merged") > drafts_before["merged"]
 
 
 def test_a_failing_drafter_is_routed_around(server):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cosine.contract import SPECULATION_MODES, engine_of
+from cosine.contract import METRICS_FLUSH_S, SPECULATION_MODES, engine_of
 
 from .api import grpc_generate, http_generate
 from .plots import write_plots
@@ -64,24 +64,44 @@ def machine_info() -> dict:
 
 ENGINE_COUNTERS = {"cosine_engine_busy_seconds_total": "busy_seconds", "cosine_engine_batches_total": "passes",
                    "cosine_engine_batch_requests_total": "sequences"}
+DROPPED_AHEAD = "dropped_ahead"  # drafts made ahead (pipelined) that assumed another context
 
 
-def engine_counters(metrics_url: str | None) -> dict[str, dict[str, float]]:
-    """engine -> {busy_seconds, passes, sequences} of every engine, from the Prometheus endpoint; the target's
-    replicas summed (its busy fraction then counts busy processes: up to its number of replicas)."""
+def server_counters(metrics_url: str | None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """From the Prometheus endpoint: engine -> {busy_seconds, passes, sequences} of every engine, the target's
+    replicas summed (its busy fraction then counts busy processes: up to its number of replicas); and the drafts
+    made so far by origin (alone, ahead, fused, merged; every mode summed) plus those made ahead and dropped."""
     if not metrics_url:
-        return {}
+        return {}, {}
     import urllib.request
 
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    counters: dict[str, dict[str, float]] = {}
+    engines: dict[str, dict[str, float]] = {}
+    drafts: dict[str, float] = {}
     for line in text.splitlines():
-        name = line.split("{", 1)[0]
+        name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[-1]
         if name in ENGINE_COUNTERS:
-            engine = engine_of(line.split('model="', 1)[1].split('"', 1)[0])
-            totals = counters.setdefault(engine, {})
-            totals[ENGINE_COUNTERS[name]] = totals.get(ENGINE_COUNTERS[name], 0.0) + float(line.rsplit(" ", 1)[1])
-    return counters
+            engine = engine_of(_label(line, "model"))
+            totals = engines.setdefault(engine, {})
+            totals[ENGINE_COUNTERS[name]] = totals.get(ENGINE_COUNTERS[name], 0.0) + float(value)
+        elif name in ("cosine_drafts_total", "cosine_ahead_drafts_dropped_total"):
+            origin = _label(line, "origin") if name == "cosine_drafts_total" else DROPPED_AHEAD
+            drafts[origin] = drafts.get(origin, 0.0) + float(value)
+    return engines, drafts
+
+
+def _label(line: str, label: str) -> str:
+    return line.split(f'{label}="', 1)[1].split('"', 1)[0]
+
+
+def drafting_shares(drafts: dict[str, float]) -> dict[str, float]:
+    """Over one run's drafts: the share fused, the share made ahead (pipelined), and of the drafts made ahead the
+    share the next round used (the pipelining hit rate)."""
+    total = sum(count for origin, count in drafts.items() if origin != DROPPED_AHEAD)
+    ahead, dropped = drafts.get("ahead", 0.0), drafts.get(DROPPED_AHEAD, 0.0)
+    return {"fused_share": drafts.get("fused", 0.0) / total if total else 0.0,
+            "ahead_share": ahead / total if total else 0.0,
+            "ahead_hit_rate": ahead / (ahead + dropped) if ahead + dropped else 0.0}
 
 
 def engine_activity(before: dict, after: dict, wall: float) -> dict[str, dict[str, float]]:
@@ -130,7 +150,7 @@ def markdown_table(rows: list[dict]) -> str:
     baselines = [b for b in BASELINES if any(f"throughput_vs_{b}" in row for row in rows)]
     header = ["load", "mode", "requests", "tokens/s", "requests/s", "TTFT mean / p50 (ms)",
               "token latency p50 / p90 / p99 (ms)", "accepted / round", "tokens / round", "undrafted requests",
-              "target seqs / pass"]
+              "target seqs / pass", "drafts fused / ahead", "ahead hits"]
     header += [f"{what} vs {b}" for b in baselines for what in ("tokens/s", "p50 latency")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -139,7 +159,9 @@ def markdown_table(rows: list[dict]) -> str:
                  f"{row['ttft_mean'] * 1e3:.0f} / {row['ttft_p50'] * 1e3:.0f}",
                  " / ".join(f"{row[f'token_latency_p{q}'] * 1e3:.1f}" for q in (50, 90, 99)),
                  f"{row['accepted_per_round']:.2f}", f"{row['tokens_per_round']:.2f}", str(row["undrafted_requests"]),
-                 f"{row['target_sequences_per_pass']:.1f}" if "target_sequences_per_pass" in row else ""]
+                 f"{row['target_sequences_per_pass']:.1f}" if "target_sequences_per_pass" in row else "",
+                 f"{row['fused_share']:.0%} / {row['ahead_share']:.0%}" if "fused_share" in row else "",
+                 f"{row['ahead_hit_rate']:.0%}" if "fused_share" in row else ""]
         for b in baselines:
             cells += [f"{row[key]:.2f}x" if key in row else "" for key in
                       (f"throughput_vs_{b}", f"token_latency_p50_vs_{b}")]
@@ -172,7 +194,7 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
     prompts = fitting
     rng.shuffle(prompts)
     try:
-        engine_counters(metrics_url)
+        server_counters(metrics_url)
     except OSError as error:  # busy fractions are extras: the run goes on without them
         print(f"no engine busy fractions: metrics at {metrics_url} unreachable ({error}); pass --metrics-url")
         metrics_url = None
@@ -189,6 +211,7 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
         _request(call, url, prompts[0], mode, 4, sampling, load="warmup", level=0, run=-1)
     records: list[Record] = []
     utilization: dict[str, dict[str, list[float]]] = {}  # "mode load=level" -> model -> busy fractions per run
+    drafting: dict[str, dict[str, float]] = {}  # "mode load=level" -> drafts by origin over its runs
     cursor, run = 0, 0
     with tqdm(total=sum(sizes.values()) * len(modes) * settings["rounds"], unit="req") as bar:
         for turn, (load, level) in enumerate(point for point in points for _ in range(settings["rounds"])):
@@ -208,11 +231,17 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
                     bar.update()
                     return record
 
-                counters_before, started = engine_counters(metrics_url), time.perf_counter()
+                (engines_before, drafts_before), started = server_counters(metrics_url), time.perf_counter()
                 records += _closed_loop(send, batch, level) if load == "concurrency" else \
                     _open_loop(send, batch, offsets)
-                activity = engine_activity(counters_before, engine_counters(metrics_url),
-                                           time.perf_counter() - started)
+                wall = time.perf_counter() - started
+                if metrics_url:
+                    time.sleep(3 * METRICS_FLUSH_S)  # the run's last metric updates reach the endpoint
+                engines_after, drafts_after = server_counters(metrics_url)
+                activity = engine_activity(engines_before, engines_after, wall)
+                drafts = drafting.setdefault(f"{mode} {load}={level:g}", {})
+                for origin, count in drafts_after.items():
+                    drafts[origin] = drafts.get(origin, 0.0) + count - drafts_before.get(origin, 0.0)
                 per_model = utilization.setdefault(f"{mode} {load}={level:g}", {})
                 for model, values in activity.items():
                     for key, value in values.items():
@@ -226,9 +255,12 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
     engine_activity_means = {key: {model: {name: float(np.mean(values)) for name, values in stats.items()}
                                    for model, stats in models.items()} for key, models in utilization.items()}
     for row in rows:
-        target = engine_activity_means.get(f"{row['mode']} {row['load']}={row['level']:g}", {}).get("target")
+        key = f"{row['mode']} {row['load']}={row['level']:g}"
+        target = engine_activity_means.get(key, {}).get("target")
         if target:
             row["target_sequences_per_pass"] = target["sequences_per_pass"]
+        if drafting.get(key):
+            row.update(drafting_shares(drafting[key]))
     acceptance = acceptance_by_domain(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

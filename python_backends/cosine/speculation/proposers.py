@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import time
 import zlib
@@ -43,6 +44,14 @@ class RouterClient(Protocol):
         """Per drafter name: how often its top token was the target's, at how many verified positions."""
 
 
+class DraftOrigin(str, enum.Enum):
+    """How a round's draft was made (the `origin` label of cosine_drafts_total)."""
+    ALONE = "alone"  # one drafter's call in this round
+    AHEAD = "ahead"  # one drafter's call made while the previous round verified (pipelined drafting)
+    FUSED = "fused"  # several drafters, step by step, fused by confidence
+    MERGED = "merged"  # several drafters' chains, each drafted alone, merged into a tree (specinfer)
+
+
 @dataclass(frozen=True)
 class Draft:
     tree: DraftTree
@@ -50,6 +59,9 @@ class Draft:
     # [nodes, vocab] the distribution each node was sampled from; None: the nodes are deterministic functions of
     # the context (greedy drafting, argmax fusion, merged chains), which acceptance treats as q one-hot
     q: torch.Tensor | None = None
+    origin: DraftOrigin = DraftOrigin.ALONE
+    # a draft made ahead for this round assumed a context that did not happen (a pipelining miss) and was dropped
+    dropped_ahead: bool = False
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -177,7 +189,7 @@ class MergedChainsProposer(Proposer):
         if not chains:
             return None
         tree, sources = merge_chains(chains)
-        return Draft(tree, sources)
+        return Draft(tree, sources, origin=DraftOrigin.MERGED)
 
 
 class FusionProposer(Proposer):
@@ -273,7 +285,7 @@ class FusionProposer(Proposer):
                                        or not self._fused_drafting_pays(load, 1 + siblings)):
             explorers, self.sessions = self.sessions[1:], self.sessions[:1]
             await asyncio.gather(*(session.close() for session in explorers))
-        drafted_ahead = await self._drafted_ahead(context)  # awaited first: a session takes one call at a time
+        drafted_ahead, dropped_ahead = await self._drafted_ahead(context)  # first: a session takes one call at a time
         active = [s for s in self.sessions if not s.failed]
         costs = self.monitor.costs(fused=len(active) > 1)
         k = min(self.controller.draft_length(costs, load, 1 + siblings), budget)
@@ -282,13 +294,16 @@ class FusionProposer(Proposer):
         started = time.monotonic()
         builder = TreeBuilder(siblings, min_sibling_value=self._sibling_price(costs, load, k))
         q_rows = []
+        origin = DraftOrigin.ALONE
         if drafted_ahead is not None and len(active) == 1:
+            origin = DraftOrigin.AHEAD
             self._add_chain(active[0], drafted_ahead, 1, k, builder, q_rows)  # position 0 was the assumed token
         elif len(active) == 1:
             self._add_chain(active[0], await active[0].try_draft(context, k, candidates=1 + builder.max_siblings),
                             0, k, builder, q_rows)
             self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started)
         else:
+            origin = DraftOrigin.FUSED
             self.fused_rounds += 1
             await self._draft_fused(active, context, k, builder, q_rows)
             self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started, fused=True)
@@ -296,7 +311,7 @@ class FusionProposer(Proposer):
             return None
         # every node a draw from its q, or the draft counts as deterministic (exact either way, see acceptance)
         q = torch.stack(q_rows) if samples and len(q_rows) == len(builder.tokens) else None
-        return Draft(builder.tree(), tuple(builder.sources), q)
+        return Draft(builder.tree(), tuple(builder.sources), q, origin, dropped_ahead)
 
     def _fused_drafting_pays(self, load: float, tree_factor: float) -> bool:
         """Whether drafting fused (a call per position, to every cooperating drafter) is measured to pay at all.
@@ -349,15 +364,16 @@ class FusionProposer(Proposer):
                                                          candidates=1 + self._siblings()))
         self.ahead = (assumed, task)
 
-    async def _drafted_ahead(self, context: list[int]):
-        """The pipelined draft (a drafter call's result, position 0 the assumed token) if it assumed this context."""
+    async def _drafted_ahead(self, context: list[int]) -> tuple[object | None, bool]:
+        """(the pipelined draft, a drafter call's result with position 0 the assumed token, if it assumed this
+        context; whether one was made and dropped because it assumed another)."""
         if self.ahead is None:
-            return None
+            return None, False
         (assumed, task), self.ahead = self.ahead, None
         result = await task
         if result is None or context != assumed + result.tokens[:1]:
-            return None
-        return result
+            return None, result is not None
+        return result, False
 
     async def _draft_fused(self, active: list[DrafterSession], context, k, builder: TreeBuilder, q_rows) -> None:
         """Several drafters, step by step: all propose in parallel; the most confident drafter leads and its token

@@ -129,13 +129,18 @@ class CosineModel:
         return CoalescingEngine(model, GrpcEngineTransport(url, model), breaker)
 
     def _count_round(self, report: RoundReport) -> None:
-        """Draft length per mode; per drafter: rounds, drafted and accepted tokens, acceptance by position."""
+        """Draft length per mode; drafts by origin; per drafter: rounds, drafted and accepted tokens, acceptance by
+        position."""
         depths = report.draft.tree.depths() if report.draft else []
         self._round_metric("cosine_draft_length", "Draft depth per round (0: plain decoding)", None,
                            mode=report.mode).observe(max(depths, default=0))
         if report.draft is None:
             return
-        # one update per metric and drafter: each is a round trip to the server process, on the round's path
+        self._round_metric("cosine_drafts_total", "Drafts by how they were made: alone, ahead (pipelined), fused, "
+                           "merged", None, mode=report.mode, origin=report.draft.origin.value).increment(1)
+        if report.draft.dropped_ahead:
+            self._round_metric("cosine_ahead_drafts_dropped_total", "Drafts made ahead (pipelined) that assumed a "
+                               "context the target did not emit", None, mode=report.mode).increment(1)
         sources = report.draft.sources
         for drafter, count in Counter(sources).items():
             self._round_metric("cosine_draft_tokens_total", "Draft tokens proposed", drafter).increment(count)
