@@ -120,6 +120,7 @@ def test_vanilla_best_k_is_the_fastest_vanilla_variant_at_each_load_point():
 
 
 def test_drafting_shares_count_pipelining_hits_among_the_drafts_made_ahead():
-    shares = drafting_shares({"alone": 5.0, "ahead": 3.0, "fused": 2.0, DROPPED_AHEAD: 1.0})
-    assert shares == pytest.approx({"fused_share": 0.2, "ahead_share": 0.3, "ahead_hit_rate": 0.75})
-    assert drafting_shares({}) == {"fused_share": 0.0, "ahead_share": 0.0, "ahead_hit_rate": 0.0}
+    shares = drafting_shares({"alone": 5.0, "ahead": 3.0, "fused": 2.0, DROPPED_AHEAD: 1.0}, accepted_tokens=45)
+    assert shares == pytest.approx({"accepted_per_drafted_round": 4.5, "fused_share": 0.2, "ahead_share": 0.3,
+                                    "ahead_hit_rate": 0.75})
+    assert set(drafting_shares({}, 0).values()) == {0.0}

@@ -94,14 +94,16 @@ def _label(line: str, label: str) -> str:
     return line.split(f'{label}="', 1)[1].split('"', 1)[0]
 
 
-def drafting_shares(drafts: dict[str, float]) -> dict[str, float]:
-    """Over one run's drafts: the share fused, the share made ahead (pipelined), and of the drafts made ahead the
-    share the next round used (the pipelining hit rate)."""
+def drafting_shares(drafts: dict[str, float], accepted_tokens: int) -> dict[str, float]:
+    """Over one mode's drafts at a load point: accepted draft tokens per round that drafted (plain rounds left out,
+    which `accepted_per_round` counts: an adaptive request decodes plainly where speculation does not pay), the
+    share of drafts made fused, the share made ahead (pipelined), and of the drafts made ahead the share the next
+    round used (the pipelining hit rate)."""
     total = sum(count for origin, count in drafts.items() if origin != DROPPED_AHEAD)
     ahead, dropped = drafts.get("ahead", 0.0), drafts.get(DROPPED_AHEAD, 0.0)
-    return {"fused_share": drafts.get("fused", 0.0) / total if total else 0.0,
-            "ahead_share": ahead / total if total else 0.0,
-            "ahead_hit_rate": ahead / (ahead + dropped) if ahead + dropped else 0.0}
+    share = lambda count: count / total if total else 0.0  # noqa: E731
+    return {"accepted_per_drafted_round": share(accepted_tokens), "fused_share": share(drafts.get("fused", 0.0)),
+            "ahead_share": share(ahead), "ahead_hit_rate": ahead / (ahead + dropped) if ahead + dropped else 0.0}
 
 
 def engine_activity(before: dict, after: dict, wall: float) -> dict[str, dict[str, float]]:
@@ -150,7 +152,7 @@ def markdown_table(rows: list[dict]) -> str:
     baselines = [b for b in BASELINES if any(f"throughput_vs_{b}" in row for row in rows)]
     header = ["load", "mode", "requests", "tokens/s", "requests/s", "TTFT mean / p50 (ms)",
               "token latency p50 / p90 / p99 (ms)", "accepted / round", "tokens / round", "undrafted requests",
-              "target seqs / pass", "drafts fused / ahead", "ahead hits"]
+              "target seqs / pass", "accepted / drafted round", "drafts fused / ahead", "ahead hits"]
     header += [f"{what} vs {b}" for b in baselines for what in ("tokens/s", "p50 latency")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -160,6 +162,7 @@ def markdown_table(rows: list[dict]) -> str:
                  " / ".join(f"{row[f'token_latency_p{q}'] * 1e3:.1f}" for q in (50, 90, 99)),
                  f"{row['accepted_per_round']:.2f}", f"{row['tokens_per_round']:.2f}", str(row["undrafted_requests"]),
                  f"{row['target_sequences_per_pass']:.1f}" if "target_sequences_per_pass" in row else "",
+                 f"{row['accepted_per_drafted_round']:.2f}" if "fused_share" in row else "",
                  f"{row['fused_share']:.0%} / {row['ahead_share']:.0%}" if "fused_share" in row else "",
                  f"{row['ahead_hit_rate']:.0%}" if "fused_share" in row else ""]
         for b in baselines:
@@ -260,7 +263,7 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
         if target:
             row["target_sequences_per_pass"] = target["sequences_per_pass"]
         if drafting.get(key):
-            row.update(drafting_shares(drafting[key]))
+            row.update(drafting_shares(drafting[key], row["accepted_tokens"]))
     acceptance = acceptance_by_domain(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,7 @@ def summarize_point(records: list[Record]) -> dict:
         "token_latency_p90": _percentile(latencies, 90),
         "token_latency_p99": _percentile(latencies, 99),
         "accepted_per_round": accepted_per_round,
+        "accepted_tokens": sum(r.stats[2] for r in records if r.stats),
         "tokens_per_round": tokens_per_round,
         # requests that drafted nothing: in an adaptive mode, those the deployment's speculation windows (or the
         # controller) kept plain, which a comparison of variants must see (a window lands on whichever runs)
