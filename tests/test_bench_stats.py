@@ -6,9 +6,10 @@ from cosine_client.plots import write_plots
 from cosine_client.stats import Record, acceptance_by_domain, summarize, summarize_point, token_latencies
 
 
-def record(arrivals, tokens=None, start=0.0, mode="cosine", domain="code", run=0, level=1, stats=(1, 0, 0)):
+def record(arrivals, tokens=None, start=0.0, mode="cosine", domain="code", run=0, level=1, stats=(1, 0, 0),
+           bench_round=0):
     return Record(mode, domain, "concurrency", level, run, start, list(arrivals),
-                  list(tokens or [1] * len(arrivals)), list(stats))
+                  list(tokens or [1] * len(arrivals)), list(stats), bench_round)
 
 
 def test_fixed_gaps_give_exact_percentiles():
@@ -51,6 +52,20 @@ def test_ratios_against_baselines_at_the_same_load_point():
     assert by_point["autoregressive", 1]["throughput_vs_autoregressive"] == pytest.approx(1.0)
     assert "throughput_vs_vanilla" not in cosine
     assert "throughput_vs_autoregressive" not in by_point["cosine", 4]
+
+
+def test_each_rounds_runs_are_compared_with_each_other():
+    """The machine drifts between rounds: round 1 runs both modes twice as fast as round 0. Paired within their
+    rounds, cosine is 2.0x and 3.0x plain decoding; pooled across rounds the ratio would be neither."""
+    def run(tokens_per_s, mode, bench_round, start):
+        return record([start + k / tokens_per_s for k in range(1, 11)], mode=mode, start=start,
+                      run=2 * bench_round + (mode == "cosine"), bench_round=bench_round)
+    rows = summarize([run(10, "autoregressive", 0, 0.0), run(20, "cosine", 0, 10.0),
+                      run(20, "autoregressive", 1, 20.0), run(60, "cosine", 1, 30.0)])
+    cosine = next(row for row in rows if row["mode"] == "cosine")
+    assert cosine["throughput_vs_autoregressive_range"] == pytest.approx((2.0, 3.0))
+    assert "throughput_vs_autoregressive_range" not in summarize([run(10, "autoregressive", 0, 0.0),
+                                                                    run(20, "cosine", 0, 10.0)])[1]  # one round
 
 
 def test_accepted_length_leaves_out_the_prefill_round():

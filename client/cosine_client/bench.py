@@ -153,7 +153,8 @@ def markdown_table(rows: list[dict]) -> str:
     header = ["load", "mode", "requests", "tokens/s", "requests/s", "TTFT mean / p50 (ms)",
               "token latency p50 / p90 / p99 (ms)", "accepted / round", "tokens / round", "undrafted requests",
               "target seqs / pass", "accepted / drafted round", "drafts fused / ahead", "ahead hits"]
-    header += [f"{what} vs {b}" for b in baselines for what in ("tokens/s", "p50 latency")]
+    # tokens/s ratios: over the whole point, then (with several rounds) the range of the rounds' paired ratios
+    header += [f"{what} vs {b}" for b in baselines for what in ("tokens/s (rounds' range)", "p50 latency")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         load = f"c={row['level']:g}" if row["load"] == "concurrency" else f"poisson {row['level']:g}/s"
@@ -166,8 +167,10 @@ def markdown_table(rows: list[dict]) -> str:
                  f"{row['fused_share']:.0%} / {row['ahead_share']:.0%}" if "fused_share" in row else "",
                  f"{row['ahead_hit_rate']:.0%}" if "fused_share" in row else ""]
         for b in baselines:
-            cells += [f"{row[key]:.2f}x" if key in row else "" for key in
-                      (f"throughput_vs_{b}", f"token_latency_p50_vs_{b}")]
+            spread = row.get(f"throughput_vs_{b}_range")
+            cells += [f"{row[f'throughput_vs_{b}']:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
+                      if f"throughput_vs_{b}" in row else "",
+                      f"{row[f'token_latency_p50_vs_{b}']:.2f}x" if f"token_latency_p50_vs_{b}" in row else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -227,10 +230,9 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
             for mode in modes[turn % len(modes):] + modes[:turn % len(modes)]:
                 bar.set_description(f"{mode} {load}={level:g}")
 
-                def send(prompt, mode=mode, load=load, level=level, run=run):
+                def send(prompt, mode=mode, load=load, level=level, run=run, bench_round=turn):
                     record = _request(call, url, prompt, mode, settings["max_tokens"], sampling, load=load,
-                                      level=level,
-                                      run=run)
+                                      level=level, run=run, bench_round=bench_round)
                     bar.update()
                     return record
 

@@ -46,6 +46,7 @@ class Record:
     arrivals: list[float]  # arrival time of each streamed response that carried tokens
     tokens: list[int]  # number of tokens each of those responses carried
     stats: list[int]  # [rounds, draft tokens, accepted draft tokens] of the whole request
+    bench_round: int = 0  # the bench's round: every mode runs once per round at a load point, side by side in time
 
 
 def token_latencies(record: Record) -> list[float]:
@@ -117,6 +118,7 @@ def summarize(records: list[Record]) -> list[dict]:
             best = rows.get((load, level, VANILLA_BEST))
             if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
                 rows[load, level, VANILLA_BEST] = row
+    by_round = {key: _throughput_by_round(group) for key, group in groups.items()}
     for (load, level, mode), row in rows.items():
         if mode == VANILLA_BEST:
             continue
@@ -125,9 +127,28 @@ def summarize(records: list[Record]) -> list[dict]:
             if base:
                 row[f"throughput_vs_{baseline}"] = _ratio(row["tokens_per_s"], base["tokens_per_s"])
                 row[f"token_latency_p50_vs_{baseline}"] = _ratio(row["token_latency_p50"], base["token_latency_p50"])
+                # base["mode"]: vanilla (best k) is the row of the best k's mode
+                ratios = _paired_ratios(by_round[load, level, mode], by_round[load, level, base["mode"]])
+                if len(ratios) > 1:
+                    row[f"throughput_vs_{baseline}_range"] = (min(ratios), max(ratios))
     first_seen = {mode: i for i, mode in enumerate(dict.fromkeys(r.mode for r in records))}
     return sorted((row for (_, _, mode), row in rows.items() if mode != VANILLA_BEST),
                   key=lambda row: (row["load"], row["level"], first_seen[row["mode"]]))
+
+
+def _throughput_by_round(records: list[Record]) -> dict[int, float]:
+    """Bench round -> tokens/s of the one run of these records (one mode at one load point) in that round."""
+    rounds = defaultdict(list)
+    for record in records:
+        rounds[record.bench_round].append(record)
+    return {index: _ratio(sum(sum(r.tokens) for r in run), max(r.arrivals[-1] for r in run) - min(r.start for r in run))
+            for index, run in rounds.items()}
+
+
+def _paired_ratios(numerator: dict[int, float], denominator: dict[int, float]) -> list[float]:
+    """Per round that ran both: the ratio of their throughputs. The runs of one round follow each other, so the
+    machine's drift hits both alike: the spread of these ratios is what one comparison can be trusted to."""
+    return [_ratio(numerator[index], denominator[index]) for index in sorted(numerator) if index in denominator]
 
 
 def acceptance_by_domain(records: list[Record]) -> dict[str, dict[str, float]]:
