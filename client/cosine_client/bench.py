@@ -163,7 +163,7 @@ def markdown_table(rows: list[dict]) -> str:
                  " / ".join(f"{row[f'token_latency_p{q}'] * 1e3:.1f}" for q in (50, 90, 99)),
                  f"{row['accepted_per_round']:.2f}", f"{row['tokens_per_round']:.2f}", str(row["undrafted_requests"]),
                  f"{row['target_sequences_per_pass']:.1f}" if "target_sequences_per_pass" in row else "",
-                 f"{row['accepted_per_drafted_round']:.2f}" if "fused_share" in row else "",
+                 f"{row['accepted_per_drafted_round']:.2f}" if "accepted_per_drafted_round" in row else "",
                  f"{row['fused_share']:.0%} / {row['ahead_share']:.0%}" if "fused_share" in row else "",
                  f"{row['ahead_hit_rate']:.0%}" if "fused_share" in row else ""]
         for b in baselines:
