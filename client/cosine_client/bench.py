@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cosine.contract import METRICS_FLUSH_S, SPECULATION_MODES, engine_of
+from cosine.speculation.proposers import DraftOrigin
 
 from .api import grpc_generate, http_generate
 from .plots import write_plots
@@ -100,9 +101,10 @@ def drafting_shares(drafts: dict[str, float], accepted_tokens: int) -> dict[str,
     share of drafts made fused, the share made ahead (pipelined), and of the drafts made ahead the share the next
     round used (the pipelining hit rate)."""
     total = sum(count for origin, count in drafts.items() if origin != DROPPED_AHEAD)
-    ahead, dropped = drafts.get("ahead", 0.0), drafts.get(DROPPED_AHEAD, 0.0)
+    ahead, dropped = drafts.get(DraftOrigin.AHEAD.value, 0.0), drafts.get(DROPPED_AHEAD, 0.0)
     share = lambda count: count / total if total else 0.0  # noqa: E731
-    return {"accepted_per_drafted_round": share(accepted_tokens), "fused_share": share(drafts.get("fused", 0.0)),
+    return {"accepted_per_drafted_round": share(accepted_tokens),
+            "fused_share": share(drafts.get(DraftOrigin.FUSED.value, 0.0)),
             "ahead_share": share(ahead), "ahead_hit_rate": ahead / (ahead + dropped) if ahead + dropped else 0.0}
 
 
