@@ -229,10 +229,10 @@ def _run_windows(windows, clock, rate, windows_to_run):
 
 def test_speculation_windows_follow_the_kind_measured_faster_at_each_load_and_keep_exploring():
     clock, active = FakeClock(), [8]
-    changes = []
+    changes, measured = [], []
     windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
                                  explore_every=4, exploring_cost=1.0, min_windows=2, on_change=changes.append,
-                                 clock=clock)
+                                 on_measured=lambda *window: measured.append(window), clock=clock)
     # the cost model expects speculation to pay, but at c8 the drafters slow the deployment down: 150 tokens/s
     # plain, 120 with speculation
     allowed = _run_windows(windows, clock, lambda on: 120 if on else 150, 16)
@@ -240,6 +240,9 @@ def test_speculation_windows_follow_the_kind_measured_faster_at_each_load_and_ke
     assert allowed == [True, False, True, False] + [True, False, False, False] * 3
     assert windows.rates[(True, 3)][0] == pytest.approx(120) and windows.rates[(False, 3)][0] == pytest.approx(150)
     assert changes[:2] == [False, True]
+    # what the cosine_speculation_window_* metrics show: each window's kind, load bucket and that kind's rate there
+    assert [(on, bucket) for on, bucket, _ in measured] == [(on, 3) for on in allowed[:len(measured)]]
+    assert measured[-1][2] == pytest.approx(120 if measured[-1][0] else 150)
     active[0] = 1  # another load: measured apart, and there speculation pays
     allowed = _run_windows(windows, clock, lambda on: 90 if on else 60, 12)
     assert allowed[4:] == [False, True, True, True] * 2

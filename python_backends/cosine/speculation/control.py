@@ -172,10 +172,13 @@ class SpeculationWindows:
                  predicted: Callable[[int], bool] = lambda load: True, seconds: float = 3.0, explore_every: int = 8,
                  exploring_cost: float = 0.02, max_exploring_period: int = 32, min_windows: int = 2,
                  decisive_gap: float = 0.1, smoothing: float = 0.25,
-                 on_change: Callable[[bool], None] = lambda on: None, clock: Callable[[], float] = time.monotonic):
-        """predicted(load): whether the cost model expects speculation to pay with `load` requests active."""
+                 on_change: Callable[[bool], None] = lambda on: None,
+                 on_measured: Callable[[bool, int, float], None] = lambda speculating, bucket, rate: None,
+                 clock: Callable[[], float] = time.monotonic):
+        """predicted(load): whether the cost model expects speculation to pay with `load` requests active.
+        on_measured(speculating, load bucket, rate): a window was measured; rate is that kind's smoothed rate there."""
         self.active_requests, self.adaptive_requests, self.predicted = active_requests, adaptive_requests, predicted
-        self.clock, self.on_change = clock, on_change
+        self.clock, self.on_change, self.on_measured = clock, on_change, on_measured
         self.seconds, self.explore_every = seconds, explore_every
         self.exploring_cost, self.max_exploring_period = exploring_cost, max_exploring_period
         self.min_windows, self.decisive_gap, self.smoothing = min_windows, decisive_gap, smoothing
@@ -215,9 +218,11 @@ class SpeculationWindows:
         # the first adaptive requests after a while of other modes would always meet an exploring window (measured:
         # the bench's first cosine segment after vanilla's decoded 3 of 24 requests plainly, every time)
         if self.tokens and self.busy_s >= 0.5 * (now - self.started):
-            entry = self.rates.setdefault((self.allowed, self.load_bucket(self.request_s / self.busy_s)), [0.0, 0])
+            bucket = self.load_bucket(self.request_s / self.busy_s)
+            entry = self.rates.setdefault((self.allowed, bucket), [0.0, 0])
             entry[1] += 1
             entry[0] += (self.tokens / self.busy_s - entry[0]) * max(self.smoothing, 1 / entry[1])
+            self.on_measured(self.allowed, bucket, entry[0])
         allowed = self._next_allowed()
         if allowed != self.allowed:
             self.allowed = allowed
@@ -297,6 +302,7 @@ class LoadMonitor:
 
     def __init__(self, forgetting: float = 0.98,
                  on_speculation_change: Callable[[tuple[str, ...], bool], None] = lambda drafters, on: None,
+                 on_window_measured: Callable[[tuple[str, ...], bool, int, float], None] = lambda *measured: None,
                  clock: Callable[[], float] = time.monotonic):
         self.verify_fit = LinearFit(forgetting, regressors=2)  # sequences and tokens in the pass
         self.plain_fit = LinearFit(forgetting)
@@ -311,7 +317,8 @@ class LoadMonitor:
         # every adaptive request's rounds: what the cost model expects at a load where nothing was measured yet
         self.acceptance = AcceptanceTracker(decay=0.99)
         self.deepest_draft = 0
-        self.on_speculation_change, self.clock = on_speculation_change, clock
+        self.on_speculation_change, self.on_window_measured = on_speculation_change, on_window_measured
+        self.clock = clock
         self._windows: dict[tuple[str, ...], SpeculationWindows] = {}
 
     def windows(self, drafters: tuple[str, ...]) -> SpeculationWindows:
@@ -319,7 +326,8 @@ class LoadMonitor:
         if drafters not in self._windows:
             self._windows[drafters] = SpeculationWindows(
                 lambda: self.active_requests, lambda: self.adaptive_requests[drafters], self.cost_model_speculates,
-                on_change=lambda on: self.on_speculation_change(drafters, on), clock=self.clock)
+                on_change=lambda on: self.on_speculation_change(drafters, on),
+                on_measured=lambda *measured: self.on_window_measured(drafters, *measured), clock=self.clock)
         return self._windows[drafters]
 
     def _advance(self, tokens: int = 0) -> None:

@@ -77,7 +77,15 @@ class CosineModel:
             Metrics.metric("cosine_speculation_allowed", "1 while adaptive cosine requests drafting from these "
                            "drafters may draft, 0 while speculation is measured not to pay them at this load",
                            "GAUGE", drafters="+".join(drafters)).set(int(allowed))
-        monitor = LoadMonitor(on_speculation_change=speculating)
+        def measured(drafters: tuple[str, ...], speculating: bool, bucket: int, rate: float) -> None:
+            labels = dict(drafters="+".join(drafters), load=str(2 ** bucket), speculating=str(speculating).lower())
+            Metrics.metric("cosine_speculation_windows_total", "Speculation windows measured, by the drafters of the "
+                           "adaptive requests, the load (active requests, powers of two) and whether they could "
+                           "draft", **labels).increment(1)
+            Metrics.metric("cosine_speculation_window_tokens_per_second", "Output tokens per busy second that "
+                           "the speculation windows measured (smoothed), by the same labels", "GAUGE",
+                           **labels).set(rate)
+        monitor = LoadMonitor(on_speculation_change=speculating, on_window_measured=measured)
         routed = tuple(sorted(drafters))  # requests that name no drafters
         speculating(routed, monitor.windows(routed).allowed)
         self.deployment = Deployment(
