@@ -95,6 +95,24 @@ def test_acceptance_metrics_per_drafter(server):
     assert metric(server, "cosine_drafts_total", mode="specinfer", origin="merged") > drafts_before["merged"]
 
 
+def test_cosine_drafts_ahead_while_the_target_verifies(server):
+    """Pipelined drafting through the deployment: with the target as its own drafter every main chain is accepted
+    whole (runner-up siblings never are) and the target's next token is the drafter's, so after the first round each draft was made ahead, and none made
+    ahead is dropped; with pipelining off none is made ahead."""
+    def drafts(origin):
+        return metric(server, "cosine_drafts_total", mode="cosine", origin=origin)
+    body = dict(speculation_mode="cosine", drafters=["itself"], num_draft_tokens=3, adaptive_draft_length=False)
+    before = {origin: drafts(origin) for origin in ("alone", "ahead")}
+    dropped = metric(server, "cosine_ahead_drafts_dropped_total", mode="cosine")
+    ids, (rounds, _, _) = run(server, PROMPTS[0], **body)
+    ahead, alone = (drafts(origin) - before[origin] for origin in ("ahead", "alone"))
+    assert ahead >= alone > 0 and ahead + alone <= rounds - 1  # the prefill's round drafts nothing
+    assert metric(server, "cosine_ahead_drafts_dropped_total", mode="cosine") == dropped
+    before = drafts("ahead")
+    assert run(server, PROMPTS[0], pipelined_drafting=False, **body)[0] == ids
+    assert drafts("ahead") == before
+
+
 def test_a_failing_drafter_is_routed_around(server):
     target_only, _ = run(server, PROMPTS[3], speculation_mode="autoregressive")
     for mode, drafters in [("vanilla", ["broken"]), ("specinfer", ["broken", "itself"]), ("cosine", [])]:
