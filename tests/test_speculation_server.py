@@ -1,6 +1,8 @@
 """Speculative decoding through the real deployment: exactness, acceptance, errors."""
 import json
+import time
 import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -97,8 +99,8 @@ def test_acceptance_metrics_per_drafter(server):
 
 def test_cosine_drafts_ahead_while_the_target_verifies(server):
     """Pipelined drafting through the deployment: with the target as its own drafter every main chain is accepted
-    whole (runner-up siblings never are) and the target's next token is the drafter's, so after the first round each draft was made ahead, and none made
-    ahead is dropped; with pipelining off none is made ahead."""
+    whole (runner-up siblings never are) and the target's next token is the drafter's, so after the first round
+    each draft was made ahead, and none made ahead is dropped; with pipelining off none is made ahead."""
     def drafts(origin):
         return metric(server, "cosine_drafts_total", mode="cosine", origin=origin)
     body = dict(speculation_mode="cosine", drafters=["itself"], num_draft_tokens=3, adaptive_draft_length=False)
@@ -111,6 +113,26 @@ def test_cosine_drafts_ahead_while_the_target_verifies(server):
     before = drafts("ahead")
     assert run(server, PROMPTS[0], pipelined_drafting=False, **body)[0] == ids
     assert drafts("ahead") == before
+
+
+def test_speculation_windows_publish_their_evidence(server):
+    """Adaptive cosine requests for a window's length (3 s) close at least one speculation window: the metrics show
+    it, with the rate it measured, under the request's drafters, its load and whether it could draft."""
+    before = metric(server, "cosine_speculation_windows_total")
+    deadline = time.monotonic() + 5.0  # a 3 s window at least half busy closes within 4.5 s of the first request
+
+    def keep_busy(worker):
+        while time.monotonic() < deadline:
+            run(server, PROMPTS[worker], speculation_mode="cosine")
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(keep_busy, range(2)))
+    assert metric(server, "cosine_speculation_windows_total") > before
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    rates = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith("cosine_speculation_window_tokens_per_second{")]
+    assert rates and all(rate > 0 for rate in rates)
+    assert any('load="1"' in line or 'load="2"' in line for line in text.splitlines()
+               if line.startswith("cosine_speculation_windows_total{"))
 
 
 def test_a_failing_drafter_is_routed_around(server):
