@@ -45,12 +45,17 @@ def speedup_vs_concurrency(rows: list[dict], path: Path) -> Path:
     for mode, line in _closed_loop_by_mode(rows).items():
         line = [row for row in line if "throughput_vs_autoregressive" in row]
         levels.update(row["level"] for row in line)
-        axes.plot([row["level"] for row in line], [row["throughput_vs_autoregressive"] for row in line],
-                  marker="o", label=mode)
+        ratios = [row["throughput_vs_autoregressive"] for row in line]
+        # bars: the range of the rounds' paired ratios, where several rounds ran
+        spans = [row.get("throughput_vs_autoregressive_range", (ratio, ratio)) for row, ratio in zip(line, ratios)]
+        axes.errorbar([row["level"] for row in line], ratios, yerr=[[r - lo for r, (lo, _) in zip(ratios, spans)],
+                                                                     [hi - r for r, (_, hi) in zip(ratios, spans)]],
+                      marker="o", capsize=3, label=mode)
     axes.axhline(1.0, color="gray", linewidth=0.8)
     axes.set_xscale("log", base=2)
     axes.set_xticks(sorted(levels), [f"{level:g}" for level in sorted(levels)])
-    axes.set(xlabel="concurrency", ylabel="throughput / autoregressive", title="Speedup over autoregressive")
+    axes.set(xlabel="concurrency", ylabel="throughput / autoregressive",
+             title="Speedup over autoregressive (bars: range over rounds)")
     axes.grid(alpha=0.3)
     axes.legend()
     return _save(figure, path)
