@@ -81,7 +81,7 @@ def summarize_point(records: list[Record]) -> dict:
     runs = defaultdict(list)
     for record in records:
         runs[record.run].append(record)
-    span = sum(max(r.arrivals[-1] for r in run) - min(r.start for r in run) for run in runs.values())
+    span = sum(_span(run) for run in runs.values())
     ttft = [r.arrivals[0] - r.start for r in records]
     latencies = [latency for r in records for latency in token_latencies(r)]
     accepted_per_round, tokens_per_round = acceptance(records)
@@ -141,8 +141,12 @@ def _throughput_by_round(records: list[Record]) -> dict[int, float]:
     rounds = defaultdict(list)
     for record in records:
         rounds[record.bench_round].append(record)
-    return {index: _ratio(sum(sum(r.tokens) for r in run), max(r.arrivals[-1] for r in run) - min(r.start for r in run))
-            for index, run in rounds.items()}
+    return {index: _ratio(sum(sum(r.tokens) for r in run), _span(run)) for index, run in rounds.items()}
+
+
+def _span(run: list[Record]) -> float:
+    """Seconds from the first request's start to the last token of one run (its requests were sent together)."""
+    return max(r.arrivals[-1] for r in run) - min(r.start for r in run)
 
 
 def _paired_ratios(numerator: dict[int, float], denominator: dict[int, float]) -> list[float]:

@@ -77,8 +77,8 @@ class CosineModel:
             Metrics.metric("cosine_speculation_allowed", "1 while adaptive cosine requests drafting from these "
                            "drafters may draft, 0 while speculation is measured not to pay them at this load",
                            "GAUGE", drafters="+".join(drafters)).set(int(allowed))
-        def measured(drafters: tuple[str, ...], speculating: bool, bucket: int, rate: float) -> None:
-            labels = dict(drafters="+".join(drafters), load=str(2 ** bucket), speculating=str(speculating).lower())
+        def measured(drafters: tuple[str, ...], allowed: bool, bucket: int, rate: float) -> None:
+            labels = dict(drafters="+".join(drafters), load=str(2 ** bucket), speculating=str(allowed).lower())
             Metrics.metric("cosine_speculation_windows_total", "Speculation windows measured, by the drafters of the "
                            "adaptive requests, the load (active requests, powers of two) and whether they could "
                            "draft", **labels).increment(1)

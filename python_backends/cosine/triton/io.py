@@ -175,9 +175,9 @@ class Metrics:
             family = cls.family(name, description, kind)
             cls._metrics[key] = Metric(family.Metric(labels=labels, buckets=buckets) if buckets
                                        else family.Metric(labels=labels))
-        if cls._flusher is None:
-            cls._flusher = threading.Thread(target=cls._flush_periodically, name="metrics", daemon=True)
-            cls._flusher.start()
+            if cls._flusher is None:  # the process's first metric starts the thread that sends updates
+                cls._flusher = threading.Thread(target=cls._flush_periodically, name="metrics", daemon=True)
+                cls._flusher.start()
         return cls._metrics[key]
 
     @classmethod
