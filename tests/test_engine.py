@@ -52,6 +52,17 @@ def test_greedy_equals_transformers_alone_and_batched(checkpoint):
     assert engine.active_sequences == 0 and engine.kv.reserved_tokens == 0
 
 
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic"])
+def test_scaled_rope_equals_transformers(rope_type, tiny_dir, tmp_path):
+    """A static RoPE type's cos/sin come from the engine's table, a dynamic one's are computed per step."""
+    path = make_checkpoint(tmp_path / rope_type, tiny_dir / "tokenizer", seed=2, rope_parameters={
+        "rope_type": rope_type, "factor": 4.0, "rope_theta": 10000.0})
+    engine = CausalLMEngine(load_causal_lm(path), kv_cache_tokens=4096)
+    assert (engine.rotary_table is None) == (rope_type == "dynamic")
+    for prompt, out in zip(PROMPTS[:2], run(engine, encode(path, PROMPTS[:2]), 20)):
+        assert out == reference_generate(path, prompt, 20)
+
+
 def test_tree_sibling_is_accepted_and_cache_equals_fresh_prefill(llama):
     model = load_causal_lm(llama)
     prompt = encode(llama, [PROMPTS[0]])[0]

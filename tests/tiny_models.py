@@ -36,14 +36,15 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 400) -> Path:
 
 
 def make_checkpoint(out_dir: Path, tokenizer_dir: Path, model_type: str = "llama", seed: int = 0,
-                    hidden_size: int = 64, layers: int = 2, max_positions: int = 256) -> Path:
-    """A random model whose logits are peaked (large init), so greedy decoding has no near-ties to flip."""
+                    hidden_size: int = 64, layers: int = 2, max_positions: int = 256, **config) -> Path:
+    """A random model whose logits are peaked (large init), so greedy decoding has no near-ties to flip. config:
+    further config fields (RoPE scaling, say)."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     config = AutoConfig.for_model(
         model_type, vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
