@@ -606,12 +606,17 @@ class CausalLMEngine:
         requests, sequences = zip(*(batch[b] for b in drafting))
         counts = [request.extra_tokens for request in requests]  # per member
         returning = {i for i, b in enumerate(drafting) if b in returning_q}  # members that return q
-        last, lengths = last[members], lengths[members]  # [members] each one's next input token, its position
+        last = last[members]  # [members] each one's next input token
+        # [members, positions] where each member's input token sits at each position of the loop
+        input_positions = lengths[members, None] + torch.arange(max(counts), device=device)
         # [members, keys] pool slots of every key a position may see: the step's tokens all kept, then the extra ones
         keys = max(sequence.cache.length + len(request.input_ids) + len(request.draft) + count
                    for request, sequence, count in zip(requests, sequences, counts))
         key_positions = torch.arange(keys, device=device)
         key_slots = self.kv.slots(table, members[:, None], key_positions[None])
+        store_slots = key_slots.gather(1, input_positions)  # [members, positions]
+        # [members, positions, 1, 1, keys]: each position attends its prefix
+        masks = self._additive(key_positions <= input_positions[..., None])[:, :, None, None]
         step_uniforms = torch.nn.utils.rnn.pad_sequence([uniforms[b] for b in drafting], batch_first=True).to(device)
         sampled = [not sequence.params.greedy for sequence in sequences]
         sampled_rows = torch.tensor(sampled, device=device)
@@ -625,10 +630,9 @@ class CausalLMEngine:
                 active = [i for i in active if counts[i] > position]
                 rows = torch.tensor(active, device=device)
                 pick = lambda tensor: tensor[rows]  # noqa: E731
-            tokens, length, slots = pick(last), pick(lengths), pick(key_slots)
-            mask = self._additive((key_positions <= length[:, None])[:, None, None])
-            group = _AttentionGroup(None, None, slots, mask, len(active), 1)
-            hidden = self._forward(tokens, length, slots.gather(1, length[:, None])[:, 0], [group])
+            length = pick(input_positions[:, position])
+            group = _AttentionGroup(None, None, pick(key_slots), pick(masks[:, position]), len(active), 1)
+            hidden = self._forward(pick(last), length, pick(store_slots[:, position]), [group])
             logits = self._logits(hidden, bans and tuple(map(pick, bans)), length + 1)
             probs = probabilities(logits, *map(pick, sampling)) if any(sampled[i] for i in active) else None
             # each token is the root token of a draft-less step
@@ -641,7 +645,7 @@ class CausalLMEngine:
             if candidates:
                 top = torch.softmax(logits, -1).topk(candidates)
                 out += [top.indices, top.values]
-            last[rows], lengths[rows] = chosen, length + 1  # in place: `chosen` is in `out`, never overwritten
+            last[rows] = chosen  # in place: `chosen` is in `out`, never overwritten
         return out, q_out
 
     @staticmethod
