@@ -179,9 +179,10 @@ def test_drafting_extra_tokens_matches_step_by_step_and_rolls_back(llama):
 
 def test_sequences_drafting_unequal_lengths_in_one_step_draft_what_each_drafts_alone(llama):
     """One step where sequences draft 2, 5 and 0 extra tokens (a greedy one, a sampling one returning q): the drafting
-    loop drops each sequence once it has drafted its tokens, and nobody's tokens, probabilities or q change."""
+    loop drops each sequence once it has drafted its tokens, and nobody's tokens, probabilities or q change. The
+    longest prompt drafts fewest: the loop must not lay out its positions past its own keys."""
     model = load_causal_lm(llama)
-    prompts = encode(llama, PROMPTS[:3])
+    prompts = encode(llama, [PROMPTS[0] * 4, *PROMPTS[1:3]])
     params, extras = [SamplingParams(), SamplingParams(1.0, seed=5), SamplingParams()], [2, 5, 0]
 
     def step(indices):

@@ -607,11 +607,12 @@ class CausalLMEngine:
         counts = [request.extra_tokens for request in requests]  # per member
         returning = {i for i, b in enumerate(drafting) if b in returning_q}  # members that return q
         last = last[members]  # [members] each one's next input token
-        # [members, positions] where each member's input token sits at each position of the loop
-        input_positions = lengths[members, None] + torch.arange(max(counts), device=device)
         # [members, keys] pool slots of every key a position may see: the step's tokens all kept, then the extra ones
         keys = max(sequence.cache.length + len(request.input_ids) + len(request.draft) + count
                    for request, sequence, count in zip(requests, sequences, counts))
+        # [members, positions] where each member's input token sits at each position of the loop; a member that has
+        # drafted all it asked for stays at its last key (never read: only active members are picked)
+        input_positions = (lengths[members, None] + torch.arange(max(counts), device=device)).clamp(max=keys - 1)
         key_positions = torch.arange(keys, device=device)
         key_slots = self.kv.slots(table, members[:, None], key_positions[None])
         store_slots = key_slots.gather(1, input_positions)  # [members, positions]
