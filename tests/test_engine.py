@@ -63,6 +63,16 @@ def test_scaled_rope_equals_transformers(rope_type, tiny_dir, tmp_path):
         assert out == reference_generate(path, prompt, 20)
 
 
+def test_head_tied_to_the_embeddings_equals_transformers(tiny_dir, tmp_path):
+    """A tied head is one tensor with the embeddings: the engine reads it in place, as the embedding lookup does."""
+    path = make_checkpoint(tmp_path / "tied", tiny_dir / "tokenizer", seed=3, tie_word_embeddings=True)
+    model = load_causal_lm(path)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    engine = CausalLMEngine(model, kv_cache_tokens=4096)
+    for prompt, out in zip(PROMPTS[:2], run(engine, encode(path, PROMPTS[:2]), 20)):
+        assert out == reference_generate(path, prompt, 20)
+
+
 def test_tree_sibling_is_accepted_and_cache_equals_fresh_prefill(llama):
     model = load_causal_lm(llama)
     prompt = encode(llama, [PROMPTS[0]])[0]
