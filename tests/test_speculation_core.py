@@ -4,7 +4,6 @@ import dataclasses
 import random
 
 import pytest
-from transformers import AutoTokenizer
 
 from cosine.speculation.control import (AcceptanceTracker, CostModel, LinearFit, LoadMonitor,
                                         SpeculationController, SpeculationWindows, expected_tokens)
@@ -14,7 +13,6 @@ from cosine.speculation.proposers import DrafterSession, DraftOrigin, FusionProp
 from cosine.speculation.router import Route, Router
 from cosine.speculation.scheduler import VerificationScheduler
 from cosine.speculation.tree import DraftTree
-from cosine.serving.generation import Deployment, generate
 from cosine.serving.request import GenerationRequest
 
 
@@ -528,7 +526,6 @@ def test_router_rejects_malformed_input():
 
 class CountingDrafter:
     """A drafter engine that always proposes one token; counts its calls."""
-    available = True  # its health, as a deployment's drafters have one
 
     def __init__(self, token: int, prob: float):
         self.token, self.prob, self.calls = token, prob, 0
@@ -819,51 +816,3 @@ def test_pipelined_drafting_drafts_the_next_round_during_verification(pipelined,
     else:
         assert drafter.log[2:] == [(6, [5, 5], 3), (9, [7], 3)]  # a call per round, after verification
         assert [(d.origin, d.dropped_ahead) for d in drafts] == [(DraftOrigin.ALONE, False)] * 3
-
-
-class SlowRouter(OneDrafterRouter):
-    """Routes once released."""
-
-    def __init__(self):
-        self.released = asyncio.Event()
-
-    async def route(self, prompt_logprobs, max_drafters):
-        await self.released.wait()
-        return await super().route(prompt_logprobs, max_drafters)
-
-
-class RejectingTarget:
-    """Emits token 7 at every step: plain steps, and verifications that accept none of the drafted 5s."""
-
-    def __init__(self):
-        self.calls = []  # (drafted tokens, extra tokens) per call
-
-    async def step(self, sequence_id, input_ids, draft=None, *, request=None, extra_tokens=0, **kwargs):
-        self.calls.append((len(draft) if draft else 0, extra_tokens))
-        n = 1 + extra_tokens
-        return StepResult([7] * n, [1.0] * n, [[]] * n, [[]] * n)
-
-    async def release(self, sequence_id):
-        pass
-
-
-def test_rounds_decode_plainly_while_the_drafters_score_the_prompt(tiny_dir):
-    """The router answers only after the request's first round: that round decodes plainly (several steps in one
-    call) instead of waiting, and the request drafts once the drafters are routed."""
-    router, target = SlowRouter(), RejectingTarget()
-    reports = []
-
-    def on_round(report):
-        reports.append(report)
-        router.released.set()
-    deployment = Deployment(target=target, tokenizer=AutoTokenizer.from_pretrained(tiny_dir / "tokenizer"),
-                            max_context=256, end_id=None, drafters={"a": CountingDrafter(5, 0.9)},
-                            general_drafter="a", router=router, default_mode="cosine", plain_decode_steps=4,
-                            on_round=on_round)
-
-    async def run():
-        return [chunk async for chunk in generate(GenerationRequest("x", max_tokens=24), deployment)]
-    chunks = asyncio.run(asyncio.wait_for(run(), 10))
-    assert sum(len(chunk.token_ids) for chunk in chunks) == 24
-    assert reports[0].draft is None and target.calls[1] == (0, 3)  # after the prefill: a plain call of 4 steps
-    assert any(report.draft is not None for report in reports[1:])  # then routed and drafting

@@ -160,14 +160,11 @@ async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int]
 
 async def _round(deployment: Deployment, mode: str, proposer, drafting_started: asyncio.Future | None,
                  sequence_id: int, context: list[int], budget: int, stats: Stats) -> list[int]:
-    """One round: draft (if speculating and the drafters are ready), wait for a verification slot, verify; returns
-    the emitted tokens."""
+    """One round: draft (if speculating), wait for a verification slot, verify; returns the emitted tokens."""
+    if drafting_started is not None:
+        await drafting_started
     draft = None
-    # while the drafters score the prompt for the router (5 calls and the router's: about 15 ms at c1), rounds
-    # decode plainly rather than leave the target idle
-    if proposer is not None and (drafting_started is None or drafting_started.done()):
-        if drafting_started is not None:
-            drafting_started.result()  # its failure is the round's
+    if proposer is not None:
         draft = await proposer.propose(context, budget)
         stats.drafters = proposer.drafter_names  # a request may start drafting late (SpeculationWindows)
         if draft is not None:
