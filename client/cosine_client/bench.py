@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cosine.contract import METRICS_FLUSH_S, SPECULATION_MODES, engine_of
+from cosine.contract import (AHEAD_DRAFTS_DROPPED, DRAFTS, ENGINE_BATCH_REQUESTS, ENGINE_BATCHES,
+                             ENGINE_BUSY_SECONDS, METRICS_FLUSH_S, SPECULATION_MODES, engine_of)
 from cosine.speculation.proposers import DraftOrigin
 
 from .api import grpc_generate, http_generate
@@ -63,8 +64,7 @@ def machine_info() -> dict:
             "client_torch_threads": torch.get_num_threads()}
 
 
-ENGINE_COUNTERS = {"cosine_engine_busy_seconds_total": "busy_seconds", "cosine_engine_batches_total": "passes",
-                   "cosine_engine_batch_requests_total": "sequences"}
+ENGINE_COUNTERS = {ENGINE_BUSY_SECONDS: "busy_seconds", ENGINE_BATCHES: "passes", ENGINE_BATCH_REQUESTS: "sequences"}
 DROPPED_AHEAD = "dropped_ahead"  # drafts made ahead (pipelined) that assumed another context
 
 
@@ -85,10 +85,19 @@ def server_counters(metrics_url: str | None) -> tuple[dict[str, dict[str, float]
             engine = engine_of(_label(line, "model"))
             totals = engines.setdefault(engine, {})
             totals[ENGINE_COUNTERS[name]] = totals.get(ENGINE_COUNTERS[name], 0.0) + float(value)
-        elif name in ("cosine_drafts_total", "cosine_ahead_drafts_dropped_total"):
-            origin = _label(line, "origin") if name == "cosine_drafts_total" else DROPPED_AHEAD
+        elif name in (DRAFTS, AHEAD_DRAFTS_DROPPED):
+            origin = _label(line, "origin") if name == DRAFTS else DROPPED_AHEAD
             drafts[origin] = drafts.get(origin, 0.0) + float(value)
     return engines, drafts
+
+
+def settled_counters(metrics_url: str | None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """server_counters once the updates made so far have reached the endpoint: read before a run, counters still in
+    flight from the warm-up or the previous run would be counted in it (an autoregressive run showed the warm-up's
+    fused cosine draft)."""
+    if metrics_url:
+        time.sleep(3 * METRICS_FLUSH_S)
+    return server_counters(metrics_url)
 
 
 def _label(line: str, label: str) -> str:
@@ -167,7 +176,7 @@ def markdown_table(rows: list[dict]) -> str:
                  f"{row['target_sequences_per_pass']:.1f}" if "target_sequences_per_pass" in row else "",
                  f"{row['accepted_per_drafted_round']:.2f}" if "accepted_per_drafted_round" in row else "",
                  f"{row['fused_share']:.0%} / {row['ahead_share']:.0%}" if "fused_share" in row else "",
-                 f"{row['ahead_hit_rate']:.0%}" if "fused_share" in row else ""]
+                 f"{row['ahead_hit_rate']:.0%}" if "ahead_hit_rate" in row else ""]
         for b in baselines:
             spread = row.get(f"throughput_vs_{b}_range")
             cells += [f"{row[f'throughput_vs_{b}']:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
@@ -238,13 +247,11 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
                     bar.update()
                     return record
 
-                (engines_before, drafts_before), started = server_counters(metrics_url), time.perf_counter()
+                (engines_before, drafts_before), started = settled_counters(metrics_url), time.perf_counter()
                 records += _closed_loop(send, batch, level) if load == "concurrency" else \
                     _open_loop(send, batch, offsets)
                 wall = time.perf_counter() - started
-                if metrics_url:
-                    time.sleep(3 * METRICS_FLUSH_S)  # the run's last metric updates reach the endpoint
-                engines_after, drafts_after = server_counters(metrics_url)
+                engines_after, drafts_after = settled_counters(metrics_url)
                 activity = engine_activity(engines_before, engines_after, wall)
                 drafts = drafting.setdefault(f"{mode} {load}={level:g}", {})
                 for origin, count in drafts_after.items():

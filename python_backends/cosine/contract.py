@@ -75,6 +75,13 @@ class ModelContract:
 # Prometheus metrics of the Python-backend models reach the metrics endpoint at most this long after the update
 # (a thread per model process sends them; see triton/io.py:Metrics)
 METRICS_FLUSH_S = 0.05
+# The metrics `cosine-client bench` reads besides serving them (model label: the engine model; mode and origin labels:
+# the request's speculation mode and how its draft was made)
+ENGINE_BUSY_SECONDS = "cosine_engine_busy_seconds_total"
+ENGINE_BATCHES = "cosine_engine_batches_total"
+ENGINE_BATCH_REQUESTS = "cosine_engine_batch_requests_total"
+DRAFTS = "cosine_drafts_total"
+AHEAD_DRAFTS_DROPPED = "cosine_ahead_drafts_dropped_total"
 
 # Internal models (engines, router) act only on calls that carry the deployment's secret: every node of a deployment
 # gets it through this environment variable (`cosine serve` generates one when it is unset). No config.pbtxt holds

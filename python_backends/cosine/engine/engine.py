@@ -513,6 +513,7 @@ class CausalLMEngine:
     def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
         """[positions, 2, head_dim]: cos, and sin with its first half negated, since rotate_half(x) * sin equals
         roll(x, half) * [-sin, sin]: queries and keys are rotated by one expression."""
+        # transformers' rotary_emb takes a tensor for its dtype and device only: an empty slice of the cache's
         cos, sin = (t[0] for t in self.model.model.rotary_emb(self.kv.keys[:0], positions[None]))
         half = sin.shape[-1] // 2
         return torch.stack([cos, torch.cat([-sin[:, :half], sin[:, half:]], -1)], 1)

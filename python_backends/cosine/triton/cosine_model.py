@@ -11,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
-from ..contract import COSINE, ROUTER
+from ..contract import AHEAD_DRAFTS_DROPPED, COSINE, DRAFTS, ROUTER
 from ..deploy.repository import read_mapping_parameter
 from ..deploy.spec import TRTLLM, drafter_model_name
 from ..serving.batching import CoalescingEngine, ReplicatedEngine
@@ -144,10 +144,10 @@ class CosineModel:
                            mode=report.mode).observe(max(depths, default=0))
         if report.draft is None:
             return
-        self._round_metric("cosine_drafts_total", "Drafts by how they were made: alone, ahead (pipelined), fused, "
+        self._round_metric(DRAFTS, "Drafts by how they were made: alone, ahead (pipelined), fused, "
                            "merged", None, mode=report.mode, origin=report.draft.origin.value).increment(1)
         if report.draft.dropped_ahead:
-            self._round_metric("cosine_ahead_drafts_dropped_total", "Drafts made ahead (pipelined) that assumed a "
+            self._round_metric(AHEAD_DRAFTS_DROPPED, "Drafts made ahead (pipelined) that assumed a "
                                "context the target did not emit", None, mode=report.mode).increment(1)
         sources = report.draft.sources
         for drafter, count in Counter(sources).items():

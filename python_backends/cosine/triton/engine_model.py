@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import triton_python_backend_utils as pb_utils
 
-from ..contract import ENGINE
+from ..contract import ENGINE, ENGINE_BATCH_REQUESTS, ENGINE_BATCHES, ENGINE_BUSY_SECONDS
 from ..deploy.spec import engine_threads
 from ..engine.checkpoint import load_causal_lm
 from ..engine.engine import CausalLMEngine
@@ -47,13 +47,12 @@ class EngineModel:
         self.active_sequences = Metrics.metric(
             "cosine_active_sequences", "Sequences holding KV cache in the engine", "GAUGE", **labels)
         self.batch_requests = Metrics.metric(
-            "cosine_engine_batch_requests_total", "Sequence steps executed, summed over batches", **labels)
-        self.batches = Metrics.metric("cosine_engine_batches_total", "Batched forward passes", **labels)
+            ENGINE_BATCH_REQUESTS, "Sequence steps executed, summed over batches", **labels)
+        self.batches = Metrics.metric(ENGINE_BATCHES, "Batched forward passes", **labels)
         self.batch_size = Metrics.metric("cosine_engine_batch_size", "Sequences per batched step", "HISTOGRAM",
                                          buckets=[1, 2, 4, 8, 16, 24, 32, 48, 64, 128], **labels)
         # busy fraction = rate(cosine_engine_busy_seconds_total[1m]); target and drafters overlapping shows pipelining
-        self.busy_seconds = Metrics.metric("cosine_engine_busy_seconds_total", "Seconds spent executing steps",
-                                           **labels)
+        self.busy_seconds = Metrics.metric(ENGINE_BUSY_SECONDS, "Seconds spent executing steps", **labels)
         self.looked_ahead = {outcome: Metrics.metric(
             "cosine_lookahead_steps_total", "Sequence steps of plain decoding computed ahead of their call, by "
             "whether the call took them or they were undone", outcome=outcome, **labels)
