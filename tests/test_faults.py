@@ -209,7 +209,7 @@ def test_killed_target_fails_requests_fast_and_serves_after_restore(faults_serve
                    for p in PROMPTS]
         active = []  # the target's active sequences, as polled: on a failure, with the requests' answers, says why
         assert wait_for(lambda: active.append(metric(faults_server, "cosine_active_sequences", model="target"))
-                        or active[-1] >= 4), \
+                        or active[-1] >= 4, every=0), \
             (active[:20], [future.result() if future.done() else "running" for future in running])
         killed = kill_stub(faults_server, "target")
         wait(running)
