@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from cosine.engine.checkpoint import CheckpointError, load_causal_lm, read_config
 from cosine.engine.engine import Admission, CausalLMEngine, StepError, StepRequest, StepResult
 from cosine.engine.kv_cache import AdmissionError
-from cosine.engine import sampling
+from cosine.engine import engine as engine_module, sampling
 from cosine.engine.sampling import SamplingParams
 from cosine.speculation.tree import DraftTree
 
@@ -187,13 +187,19 @@ def test_drafting_extra_tokens_matches_step_by_step_and_rolls_back(llama):
     assert "keep_length" in str(bad)
 
 
-def test_sequences_drafting_unequal_lengths_in_one_step_draft_what_each_drafts_alone(llama):
+@pytest.mark.parametrize("masks_laid_out", [None, 1, 2])
+def test_sequences_drafting_unequal_lengths_in_one_step_draft_what_each_drafts_alone(llama, monkeypatch,
+                                                                                     masks_laid_out):
     """One step where sequences draft 2, 5 and 0 extra tokens (a greedy one, a sampling one returning q): the drafting
     loop drops each sequence once it has drafted its tokens, and nobody's tokens, probabilities or q change. The
-    longest prompt drafts fewest: the loop must not lay out its positions past its own keys."""
+    longest prompt drafts fewest: the loop must not lay out its positions past its own keys. masks_laid_out: the
+    positions whose attention masks the step lays out at a time (None: as many as the default budget allows, all)."""
     model = load_causal_lm(llama)
     prompts = encode(llama, [PROMPTS[0] * 4, *PROMPTS[1:3]])
     params, extras = [SamplingParams(), SamplingParams(1.0, seed=5), SamplingParams()], [2, 5, 0]
+    if masks_laid_out:  # the step's mask bytes per position: 2 drafting sequences x its keys x 4 bytes
+        keys = max(len(prompt) + extra for prompt, extra in zip(prompts, extras) if extra)
+        monkeypatch.setattr(engine_module, "MASK_LAYOUT_BYTES", masks_laid_out * 2 * keys * 4)
 
     def step(indices):
         return CausalLMEngine(model, 8192).step([
