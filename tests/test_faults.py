@@ -244,14 +244,14 @@ def replicas_server(tmp_path_factory, llama):
 def test_a_killed_target_replica_is_restored_in_place_while_the_other_serves(replicas_server):
     """Only the sequences on the dead replica fail; the other replica's finish exactly, the server stays ready,
     new requests are served at once, and the restored replica takes sequences again."""
-    server, body = replicas_server, dict(max_tokens=200)
+    server, body = replicas_server, dict(max_tokens=200, end_id=-1)  # no end token: every request runs 200 tokens
     with ThreadPoolExecutor(8) as pool:
         expected = dict(zip(PROMPTS, pool.map(lambda p: as_list(generate(server, text_input=p, **body)
                                                                 ["output_ids"]), PROMPTS)))
         running = [(p, pool.submit(http_status, server, "/v2/models/cosine/generate", dict(body, text_input=p)))
                    for p in PROMPTS * 2]
         assert wait_for(lambda: min(metric(server, "cosine_active_sequences", model=m)
-                                    for m in ("target", "target_1")) >= 3)
+                                    for m in ("target", "target_1")) >= 3, every=0)
         killed = kill_stub(server, "target_1")
         stayed_ready = []
         while not all(future.done() for _, future in running):
