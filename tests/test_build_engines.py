@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURE_EXIT_TIMEOUT_S
-from test_server import as_list, generate
+from test_server import as_list, generate, metric
 
 from cosine.contract import target_model_names
 from cosine.deploy.spec import default_replicas
@@ -86,6 +86,29 @@ def test_router_picks_drafters_that_draft_well_after_warm_up(zoo_server, tiny_zo
     print(f"\nacceptance per draft token: routed {routed_rate:.2f}, specialists {specialist_rate:.2f}, "
           f"chance {chance_rate:.2f}; picks {Counter((d, picks[p]) for p, d in prompts)}")
     assert routed_rate >= chance_rate + 0.02 and routed_rate >= specialist_rate - 0.05
+
+
+def test_the_router_learns_to_route_prompts_without_the_drafters_scoring_them(zoo_server, tiny_zoo):
+    """Once its classifier's predictions of the drafters' verdicts have been right over a window of scored prompts,
+    the router routes a request from the prompt's tokens alone (cosine_router_routes_total{by="prompt_classifier"}),
+    still having one in eight scored; outputs stay the target's own."""
+    prompts = [prompt for prompt, _ in held_out(tiny_zoo, max_tokens=4)]
+    routed = dict(speculation_mode="cosine", adaptive_draft_length=False, max_tokens=4)
+    expected = {prompt: as_list(generate(zoo_server, text_input=prompt, max_tokens=4,
+                                         speculation_mode="autoregressive")["output_ids"]) for prompt in prompts}
+
+    def classified() -> float:
+        return metric(zoo_server, "cosine_router_routes_total", by="prompt_classifier")
+    before, sent = classified(), 0
+    with ThreadPoolExecutor(2) as pool:  # two at a time: not busy, so each request is routed as it starts
+        while sent < 240 and classified() == before:
+            batch = prompts * 2
+            outputs = list(pool.map(lambda p: as_list(generate(zoo_server, text_input=p, **routed)["output_ids"]),
+                                    batch))
+            assert outputs == [expected[prompt] for prompt in batch]
+            sent += len(batch)
+    print(f"\nrouted from the prompt alone after {sent} requests")
+    assert classified() > before
 
 
 def test_a_drafter_with_another_tokenizer_is_refused(tiny_zoo, tmp_path):

@@ -515,6 +515,76 @@ def test_router_routes_any_subset_in_any_order_and_learns_by_name():
     assert router.route({"math": -1.0, "chat": -2.0}, max_drafters=1).ranking[0] == "chat"
 
 
+def _domain_prompt(rng, domain, length=30):
+    """Token ids of a prompt of one of NAMES' domains: mostly the domain's own tokens, some shared ones."""
+    return [rng.randrange(100 * domain, 100 * domain + 60) if rng.random() < 0.7 else rng.randrange(900, 920)
+            for _ in range(length)]
+
+
+def _score(router, rng, domains=range(3), prompts=64):
+    """Requests whose drafters scored their prompts: the domain's drafter finds each likeliest."""
+    for i in range(prompts):
+        domain = domains[i % len(domains)]
+        router.route(named([-2.0 + (d == domain) for d in range(3)]), max_drafters=1,
+                     prompt_ids=_domain_prompt(rng, domain))
+
+
+def test_router_routes_from_the_prompt_alone_once_its_classifier_has_been_right():
+    rng = random.Random(7)
+    router = Router(NAMES, seed=7)
+    assert router.classify(_domain_prompt(rng, 0), list(NAMES), 1) is None  # nothing learnt: score it
+    _score(router, rng)
+    assert router.classifier.trusted
+    routes = [(domain, router.classify(_domain_prompt(rng, domain), list(NAMES), 1)) for domain in [0, 1, 2] * 100]
+    classified = [(domain, route) for domain, route in routes if route is not None]
+    # one request in check_every (8) is still scored, so that the classifier's accuracy stays measured
+    assert 0.8 <= len(classified) / len(routes) <= 0.95
+    assert all(route.context == route.ranking[0] == NAMES[domain] for domain, route in classified)
+    # a subset of drafters, in any order: the route stays within it
+    subset = [router.classify(_domain_prompt(rng, 1), ["chat", "code"], 1) for _ in range(20)]
+    assert all(route.ranking[0] in ("chat", "code") and route.context in ("chat", "code")
+               for route in subset if route is not None)
+
+
+def test_a_classifier_whose_predictions_the_scores_contradict_is_not_trusted():
+    rng = random.Random(8)
+    router = Router(NAMES, seed=8)
+    _score(router, rng)
+    assert router.classifier.trusted
+    for _ in range(4):  # 4 prompts of the code domain that the drafters' scores put in math
+        router.route(named([-2.0, -1.0, -2.0]), max_drafters=1, prompt_ids=_domain_prompt(rng, 0))
+    assert not router.classifier.trusted
+    assert all(router.classify(_domain_prompt(rng, 0), list(NAMES), 1) is None for _ in range(50))
+    # learning without prompt_ids teaches the classifier nothing
+    untaught = Router(NAMES, seed=8)
+    for i in range(40):
+        untaught.route(named([-2.0 + (d == i % 3) for d in range(3)]), max_drafters=1)
+    assert not untaught.classifier.trusted and not untaught.classifier.prompt_counts.any()
+
+
+def test_a_request_the_router_classifies_is_prefilled_by_its_chosen_drafters_only():
+    class ClassifyingRouter(ScoringRouter):
+        async def classify(self, prompt_ids, drafters, max_drafters):
+            self.classified = prompt_ids, drafters
+            return Route(context="a", ranking=["a", "b"], cooperate=1, acceptance=0.9)
+
+    chosen, other = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
+    sessions = [DrafterSession(name, engine, 1, greedy_request()) for name, engine in (("a", chosen), ("b", other))]
+    router = ClassifyingRouter()
+    proposer = FusionProposer(sessions, router, LoadMonitor(), k_max=3)
+
+    async def rounds():
+        await proposer.start([1, 2, 3])
+        calls_after_start = chosen.calls + other.calls
+        draft = await proposer.propose([1, 2, 3, 4], budget=10)
+        await proposer.close()
+        return calls_after_start, draft
+    calls_after_start, draft = asyncio.run(rounds())
+    assert router.classified == ([1, 2, 3], ["a", "b"])
+    assert calls_after_start == 0 and other.calls == 0  # nobody scored the prompt; the other never saw it
+    assert draft.sources == ("a",) * 3 and chosen.calls == 1 and len(chosen.admitted) == 1  # prefill + draft
+
+
 def test_router_rejects_malformed_input():
     with pytest.raises(ValueError, match="drafter_names: unknown drafter 'poetry'"):
         Router(NAMES).route({"poetry": -1.0}, max_drafters=1)
@@ -545,12 +615,19 @@ class CountingDrafter:
         pass
 
 
-class CooperatingRouter:
-    async def route(self, prompt_logprobs, max_drafters):
-        return Route(context="a", ranking=["a", "b"], cooperate=2, acceptance=0.7)
+class ScoringRouter:
+    """A router client whose classifier is never trusted: every request's drafters score its prompt."""
+
+    async def classify(self, prompt_ids, drafters, max_drafters):
+        return None
 
     async def feedback(self, context, matches, trials):
         pass
+
+
+class CooperatingRouter(ScoringRouter):
+    async def route(self, prompt_logprobs, max_drafters, prompt_ids):
+        return Route(context="a", ranking=["a", "b"], cooperate=2, acceptance=0.7)
 
 
 def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():
@@ -712,12 +789,9 @@ class DistantDrafter(CountingDrafter):
 
 
 def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_speculation_off():
-    class OnlyRouter:
-        async def route(self, prompt_logprobs, max_drafters):
+    class OnlyRouter(ScoringRouter):
+        async def route(self, prompt_logprobs, max_drafters, prompt_ids):
             return Route(context="far", ranking=["far"], cooperate=1, acceptance=0.9)
-
-        async def feedback(self, context, matches, trials):
-            pass
 
     monitor = LoadMonitor(forgetting=1.0)
     monitor.active_requests = 1
@@ -770,12 +844,9 @@ class RecordingDrafter(CountingDrafter):
         return await super().step(sequence_id, input_ids, extra_tokens=extra_tokens, **kwargs)
 
 
-class OneDrafterRouter:
-    async def route(self, prompt_logprobs, max_drafters):
+class OneDrafterRouter(ScoringRouter):
+    async def route(self, prompt_logprobs, max_drafters, prompt_ids):
         return Route(context="a", ranking=["a"], cooperate=1, acceptance=0.9)
-
-    async def feedback(self, context, matches, trials):
-        pass
 
 
 @pytest.mark.parametrize("pipelined,busy", [(True, False), (False, False), (True, True)])

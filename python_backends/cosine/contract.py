@@ -245,6 +245,9 @@ ROUTER = ModelContract(
     inputs=(
         _vector("drafter_names", "TYPE_STRING", optional=True),  # the candidates
         _vector("prompt_logprobs", "TYPE_FP32", optional=True),  # one per candidate, in the same order
+        # the prompt's token ids: with prompt_logprobs, for the router's classifier to learn; without, to be routed
+        # from them alone (an answer with cooperate 0: the candidates must score the prompt first)
+        _vector("prompt_ids", "TYPE_INT32", optional=True),
         _scalar("max_drafters", "TYPE_INT32"),
         TensorSpec("feedback_context", "TYPE_STRING", (1,), optional=True),
         _vector("feedback_drafters", "TYPE_STRING", optional=True),

@@ -37,8 +37,12 @@ class DrafterEngine(Protocol):
 
 
 class RouterClient(Protocol):
-    async def route(self, prompt_logprobs: dict[str, float], max_drafters: int) -> Route:
-        """prompt_logprobs: the request's candidate drafters (by name, any subset and order)."""
+    async def classify(self, prompt_ids: list[int], drafters: list[str], max_drafters: int) -> Route | None:
+        """A route among the candidate drafters from the prompt's tokens alone, or None: they must score it."""
+
+    async def route(self, prompt_logprobs: dict[str, float], max_drafters: int, prompt_ids: list[int]) -> Route:
+        """prompt_logprobs: the request's candidate drafters (by name, any subset and order); prompt_ids: what they
+        scored."""
 
     async def feedback(self, context: str, matches: dict[str, float], trials: dict[str, float]) -> None:
         """Per drafter name: how often its top token was the target's, at how many verified positions."""
@@ -240,28 +244,42 @@ class FusionProposer(Proposer):
         await self._start(prompt_ids)
 
     async def _start(self, context: list[int], remaining: int | None = None) -> None:
-        """Every drafter prefills the context (the prompt, or on a late start what the request has so far, with
-        `remaining` tokens left to generate) and scores it; the router picks who cooperates; the rest are freed."""
+        """The router picks who cooperates: from the context's tokens alone once its classifier is trusted (the
+        chosen drafters prefill in their first round), else after every drafter prefilled the context (the prompt,
+        or on a late start what the request has so far, with `remaining` tokens left to generate) and scored it;
+        then the rest are freed."""
         self.started = True
         if remaining is not None:
             for session in self.all_sessions:
                 session.joins_late(remaining)
+        max_drafters = 1 if self._busy() else self.max_drafters
+        try:
+            self.route = await self.router.classify(context, [s.name for s in self.all_sessions], max_drafters)
+        except Exception as error:
+            log.warning("router failed to classify the prompt; the drafters score it: %s", error)
+        if self.route is not None:
+            self._choose(self.route.ranking[:self.route.cooperate])
+            return
         results = await asyncio.gather(*(s.try_draft(context, 1, score_input=True) for s in self.all_sessions))
         logprobs = {s.name: r.input_logprob for s, r in zip(self.all_sessions, results) if r is not None}
         if not logprobs:
             return
         try:
-            self.route = await self.router.route(logprobs, 1 if self._busy() else self.max_drafters)
+            self.route = await self.router.route(logprobs, max_drafters, context)
             chosen = self.route.ranking[:self.route.cooperate]
-            self.controller.acceptance = AcceptanceTracker.starting_at(self.route.acceptance)
         except Exception as error:
             log.warning("router failed; using the most likely drafter: %s", error)
             chosen = [max(logprobs, key=logprobs.get)]
-        self.sessions = [s for s in self.all_sessions if s.name in chosen]
-        self.sessions.sort(key=lambda s: chosen.index(s.name))
+        self._choose(chosen)
         # the others free their caches in the background: the first round need not wait for their answers (5 ms)
         self.releasing = asyncio.ensure_future(asyncio.gather(*(s.close() for s in self.all_sessions
                                                                 if s.name not in chosen)))
+
+    def _choose(self, chosen: list[str]) -> None:
+        if self.route is not None:
+            self.controller.acceptance = AcceptanceTracker.starting_at(self.route.acceptance)
+        self.sessions = [s for s in self.all_sessions if s.name in chosen]
+        self.sessions.sort(key=lambda s: chosen.index(s.name))
 
     def _busy(self) -> bool:
         return self.monitor.active_requests > self.busy_load

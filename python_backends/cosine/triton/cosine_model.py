@@ -36,10 +36,19 @@ class BlsRouter:
         self.model_name = model_name
         self.secret = deployment_secret().encode()
 
-    async def route(self, prompt_logprobs: dict[str, float], max_drafters) -> Route:
+    async def classify(self, prompt_ids: list[int], drafters: list[str], max_drafters: int) -> Route | None:
+        route = await self._route(drafter_names=[name.encode() for name in drafters], prompt_ids=prompt_ids,
+                                  max_drafters=max_drafters)
+        return route if route.cooperate else None
+
+    async def route(self, prompt_logprobs: dict[str, float], max_drafters: int, prompt_ids: list[int]) -> Route:
+        return await self._route(drafter_names=[name.encode() for name in prompt_logprobs],
+                                 prompt_logprobs=list(prompt_logprobs.values()), prompt_ids=prompt_ids,
+                                 max_drafters=max_drafters)
+
+    async def _route(self, **values) -> Route:
         out = await bls(self.model_name, ROUTER, ("ranking", "cooperate", "context", "acceptance"),
-                        deployment_secret=[self.secret], drafter_names=[name.encode() for name in prompt_logprobs],
-                        prompt_logprobs=list(prompt_logprobs.values()), max_drafters=max_drafters)
+                        deployment_secret=[self.secret], **values)
         return Route(out["context"][0].decode(), [name.decode() for name in out["ranking"]],
                      int(out["cooperate"][0]), float(out["acceptance"][0]))
 

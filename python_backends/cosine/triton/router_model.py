@@ -53,6 +53,10 @@ class RouterModel:
             log.warning("router: ignoring %s: %s", self.state_file, error)
         self.routed = {name: Metrics.metric("cosine_router_requests_total", "Requests routed to a drafter (first "
                                             "choice)", drafter=name) for name in self.drafters}
+        self.routed_by = {by: Metrics.metric("cosine_router_routes_total", "Requests routed, by what decided: the "
+                                             "drafters' scores of the prompt (likelihood) or the classifier learnt "
+                                             "from them (prompt_classifier)", by=by)
+                          for by in ("likelihood", "prompt_classifier")}
 
     def execute(self, requests):
         responses = []
@@ -80,13 +84,23 @@ class RouterModel:
             route = Route(context, [], 0, 0.0)
         else:
             names = _names(inputs["drafter_names"])
-            if len(names) != len(inputs["prompt_logprobs"]):
-                raise ValueError(f"prompt_logprobs: {len(inputs['prompt_logprobs'])} values for {len(names)} "
-                                 f"drafter_names")
             max_drafters = int(inputs["max_drafters"][0]) if "max_drafters" in inputs else 1
-            route = self.router.route(dict(zip(names, inputs["prompt_logprobs"].astype(float).tolist())),
-                                      max_drafters)
-            self.routed[route.ranking[0]].increment(1)
+            prompt_ids = inputs["prompt_ids"].tolist() if "prompt_ids" in inputs else None
+            if "prompt_logprobs" in inputs:
+                if len(names) != len(inputs["prompt_logprobs"]):
+                    raise ValueError(f"prompt_logprobs: {len(inputs['prompt_logprobs'])} values for {len(names)} "
+                                     f"drafter_names")
+                route = self.router.route(dict(zip(names, inputs["prompt_logprobs"].astype(float).tolist())),
+                                          max_drafters, prompt_ids)
+                by = "likelihood"
+            elif prompt_ids is not None:
+                route = self.router.classify(prompt_ids, names, max_drafters) or Route("", [], 0, 0.0)
+                by = "prompt_classifier"
+            else:
+                raise ValueError("prompt_logprobs or prompt_ids: a route needs one")
+            if route.ranking:
+                self.routed[route.ranking[0]].increment(1)
+                self.routed_by[by].increment(1)
         return pb_utils.InferenceResponse(tensors(ranking=_strings(route.ranking) if route.ranking else
                                                   np.array([b""], np.object_),
                                                   cooperate=np.array([route.cooperate], np.int32),
