@@ -55,10 +55,11 @@ class PromptClassifier:
         """P(apparent domain | the prompt's tokens) over the candidates."""
         buckets, counts = np.unique(np.asarray(prompt_ids, np.int64) % self.features, return_counts=True)
         rows = [self.contexts.index(name) for name in candidates]
-        tokens = self.token_counts[rows]  # [candidates, features]
+        seen = self.token_counts[np.ix_(rows, buckets)]  # [candidates, the prompt's buckets]
+        totals = self.token_counts.sum(1)[rows]  # [candidates]
         log_prior = np.log(self.prompt_counts[rows] + 1.0)
-        log_likelihood = np.log(tokens[:, buckets] + self.smoothing) @ counts \
-            - counts.sum() * np.log(tokens.sum(1) + self.smoothing * self.features)
+        log_likelihood = np.log(seen + self.smoothing) @ counts \
+            - counts.sum() * np.log(totals + self.smoothing * self.features)
         log_posterior = log_prior + log_likelihood
         weights = np.exp(log_posterior - log_posterior.max())
         return dict(zip(candidates, (weights / weights.sum()).tolist()))
