@@ -109,6 +109,11 @@ def test_the_router_learns_to_route_prompts_without_the_drafters_scoring_them(zo
             sent += len(batch)
     print(f"\nrouted from the prompt alone after {sent} requests")
     assert classified() > before
+    # the ablation: with classify_prompt false the drafters score the prompt, however sure the classifier is
+    counts = lambda: (classified(), metric(zoo_server, "cosine_router_routes_total", by="likelihood"))  # noqa: E731
+    before = counts()
+    out = generate(zoo_server, text_input=prompts[0], classify_prompt=False, **routed)
+    assert as_list(out["output_ids"]) == expected[prompts[0]] and counts() == (before[0], before[1] + 1)
 
 
 def test_a_drafter_with_another_tokenizer_is_refused(tiny_zoo, tmp_path):

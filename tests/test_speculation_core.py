@@ -563,7 +563,9 @@ def test_a_classifier_whose_predictions_the_scores_contradict_is_not_trusted():
 
 
 def test_a_request_the_router_classifies_is_prefilled_by_its_chosen_drafters_only():
-    class ClassifyingRouter(ScoringRouter):
+    class ClassifyingRouter(OneDrafterRouter):
+        classified = None
+
         async def classify(self, prompt_ids, drafters, max_drafters):
             self.classified = prompt_ids, drafters
             return Route(context="a", ranking=["a", "b"], cooperate=1, acceptance=0.9)
@@ -583,6 +585,12 @@ def test_a_request_the_router_classifies_is_prefilled_by_its_chosen_drafters_onl
     assert router.classified == ([1, 2, 3], ["a", "b"])
     assert calls_after_start == 0 and other.calls == 0  # nobody scored the prompt; the other never saw it
     assert draft.sources == ("a",) * 3 and chosen.calls == 1 and len(chosen.admitted) == 1  # prefill + draft
+    # the ablation (classify_prompt=false): the router is not asked to classify; every drafter scores the prompt
+    scored, router = [CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)], ClassifyingRouter()
+    ablated = FusionProposer([DrafterSession(name, engine, 2, greedy_request()) for name, engine in zip("ab", scored)],
+                             router, LoadMonitor(), k_max=3, classify=False)
+    asyncio.run(ablated.start([1, 2, 3]))
+    assert router.classified is None and [engine.calls for engine in scored] == [1, 1]
 
 
 def test_router_rejects_malformed_input():

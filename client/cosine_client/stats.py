@@ -12,13 +12,14 @@ _ON_OFF = {"on": True, "off": False}.__getitem__
 # the options of a variant, `MODE[:option=value]...` -> (request input, parser of the value)
 VARIANT_OPTIONS = {"k": ("num_draft_tokens", int), "drafters": ("drafters", lambda v: v.split("+")),
                    "max_drafters": ("max_drafters", int), "adaptive": ("adaptive_draft_length", _ON_OFF),
-                   "pipeline": ("pipelined_drafting", _ON_OFF)}
+                   "pipeline": ("pipelined_drafting", _ON_OFF), "classify": ("classify_prompt", _ON_OFF)}
 
 
 def variant_inputs(variant: str) -> dict:
     """A mode, or a variant of one: `MODE[:option=value]...`. The ablations of cosine: `cosine:drafters=general`
     (no routing), `cosine:max_drafters=1` (no fusion: the routed drafter alone), `cosine:k=6:adaptive=off` (no
-    adaptive length: 6 tokens every round), `cosine:pipeline=off` (no pipelined drafting); `vanilla:k=6` is
+    adaptive length: 6 tokens every round), `cosine:pipeline=off` (no pipelined drafting), `cosine:classify=off`
+    (every drafter scores every prompt: no routing from the prompt's tokens); `vanilla:k=6` is
     vanilla at draft length 6. Returns the request inputs it stands for."""
     mode, *options = variant.split(":")
     inputs = {"speculation_mode": mode}

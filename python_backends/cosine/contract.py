@@ -139,11 +139,13 @@ COSINE = ModelContract(
         _scalar("num_draft_tokens", "TYPE_INT32"),
         TensorSpec("drafters", "TYPE_STRING", (-1,), optional=True),
         # cosine's ablation switches: routed drafters that may cooperate (1: no fusion; default: the deployment's),
-        # false to draft num_draft_tokens every round instead of the controller's choice, and false to draft only
-        # after each verification instead of during it
+        # false to draft num_draft_tokens every round instead of the controller's choice, false to draft only
+        # after each verification instead of during it, and false to have every drafter score the prompt instead of
+        # the router classifying it from its tokens
         _scalar("max_drafters", "TYPE_INT32"),
         _scalar("adaptive_draft_length", "TYPE_BOOL"),
         _scalar("pipelined_drafting", "TYPE_BOOL"),
+        _scalar("classify_prompt", "TYPE_BOOL"),
     ),
     outputs=(
         TensorSpec("text_output", "TYPE_STRING", (-1,)),

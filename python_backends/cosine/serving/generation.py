@@ -124,7 +124,8 @@ def _proposer(plan, deployment: Deployment, sequence_id: int, request: Generatio
     if mode == "cosine":
         return FusionProposer(sessions, deployment.router, deployment.monitor, k_max=k,
                               max_drafters=request.max_drafters or deployment.max_cooperating_drafters,
-                              adaptive=request.adaptive_draft_length, pipelined=request.pipelined_drafting)
+                              adaptive=request.adaptive_draft_length, pipelined=request.pipelined_drafting,
+                              classify=request.classify_prompt)
     return None
 
 

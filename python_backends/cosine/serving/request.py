@@ -26,6 +26,7 @@ class GenerationRequest:
     max_drafters: int | None = None  # cosine: None, the deployment's
     adaptive_draft_length: bool = True
     pipelined_drafting: bool = True
+    classify_prompt: bool = True
 
 
 def decode_utf8(field_name: str, value) -> str:
@@ -99,4 +100,5 @@ def parse_generation_request(inputs: dict[str, np.ndarray], default_max_tokens: 
         max_drafters=max_drafters,
         adaptive_draft_length=_scalar(inputs, "adaptive_draft_length", True, bool),
         pipelined_drafting=_scalar(inputs, "pipelined_drafting", True, bool),
+        classify_prompt=_scalar(inputs, "classify_prompt", True, bool),
     )

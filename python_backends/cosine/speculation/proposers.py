@@ -201,7 +201,8 @@ class FusionProposer(Proposer):
 
     def __init__(self, sessions: list[DrafterSession], router: RouterClient, monitor: LoadMonitor, k_max: int,
                  max_drafters: int = 2, busy_load: int = 2, max_siblings: int = 1, exploring_rounds: int = 2,
-                 adaptive: bool = True, pipelined: bool = True):
+                 adaptive: bool = True, pipelined: bool = True, classify: bool = True):
+        """classify: the router may route from the prompt's tokens (false: every drafter scores it, the ablation)."""
         self.all_sessions, self.sessions = sessions, []
         self.router, self.monitor = router, monitor
         self.controller = SpeculationController(k_max, adaptive)
@@ -218,7 +219,7 @@ class FusionProposer(Proposer):
         self.started = False  # the drafters scored the context and the router chose
         self.route: Route | None = None
         self.top_tokens: list[dict[str, int]] = []  # per depth of the last draft: drafter -> its top token
-        self.pipelined = pipelined
+        self.pipelined, self.classify = pipelined, classify
         # pipelined drafting: (the context it assumed, the drafting call) of a draft made while the target verified
         self.ahead: tuple[list[int], asyncio.Task] | None = None
         self.releasing: asyncio.Future | None = None  # the drafters not chosen, releasing their caches
@@ -254,7 +255,8 @@ class FusionProposer(Proposer):
                 session.joins_late(remaining)
         max_drafters = 1 if self._busy() else self.max_drafters
         try:
-            self.route = await self.router.classify(context, [s.name for s in self.all_sessions], max_drafters)
+            if self.classify:
+                self.route = await self.router.classify(context, [s.name for s in self.all_sessions], max_drafters)
         except Exception as error:
             log.warning("router failed to classify the prompt; the drafters score it: %s", error)
         if self.route is not None:
