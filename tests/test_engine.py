@@ -200,6 +200,14 @@ def test_sequences_drafting_unequal_lengths_in_one_step_draft_what_each_drafts_a
     if masks_laid_out:  # the step's mask bytes per position: 2 drafting sequences x its keys x 4 bytes
         keys = max(len(prompt) + extra for prompt, extra in zip(prompts, extras) if extra)
         monkeypatch.setattr(engine_module, "MASK_LAYOUT_BYTES", masks_laid_out * 2 * keys * 4)
+    laid_out = []  # positions per drafting mask layout ([members, positions, keys]; verification's masks are 4-D)
+    additive = CausalLMEngine._additive
+
+    def recording(engine, mask):
+        if mask.dim() == 3:
+            laid_out.append(mask.shape[1])
+        return additive(engine, mask)
+    monkeypatch.setattr(CausalLMEngine, "_additive", recording)
 
     def step(indices):
         return CausalLMEngine(model, 8192).step([
@@ -207,6 +215,7 @@ def test_sequences_drafting_unequal_lengths_in_one_step_draft_what_each_drafts_a
                         return_q=True) for i in indices])
 
     together = step(range(3))
+    assert max(laid_out) == (masks_laid_out or max(extras))  # the layout the budget asked for happened
     for i, result in enumerate(together):
         alone = step([i])[0]
         assert len(result.tokens) == 1 + extras[i] and result.tokens == alone.tokens

@@ -254,11 +254,11 @@ class FusionProposer(Proposer):
             for session in self.all_sessions:
                 session.joins_late(remaining)
         max_drafters = 1 if self._busy() else self.max_drafters
-        try:
-            if self.classify:
+        if self.classify:
+            try:
                 self.route = await self.router.classify(context, [s.name for s in self.all_sessions], max_drafters)
-        except Exception as error:
-            log.warning("router failed to classify the prompt; the drafters score it: %s", error)
+            except Exception as error:
+                log.warning("router failed to classify the prompt; the drafters score it: %s", error)
         if self.route is not None:
             self._choose(self.route.ranking[:self.route.cooperate])
             return

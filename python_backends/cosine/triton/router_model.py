@@ -30,6 +30,10 @@ def state_file(model_name: str) -> Path:
     return Path(tempfile.gettempdir()) / f"cosine-{model_name}-{server}-{started}.json"
 
 
+# what decided a route (the `by` label of cosine_router_routes_total)
+BY_SCORES, BY_CLASSIFIER = "likelihood", "prompt_classifier"
+
+
 def _names(array) -> list[str]:
     return [name.decode() if isinstance(name, bytes) else str(name) for name in array]
 
@@ -56,7 +60,7 @@ class RouterModel:
         self.routed_by = {by: Metrics.metric("cosine_router_routes_total", "Requests routed, by what decided: the "
                                              "drafters' scores of the prompt (likelihood) or the classifier learnt "
                                              "from them (prompt_classifier)", by=by)
-                          for by in ("likelihood", "prompt_classifier")}
+                          for by in (BY_SCORES, BY_CLASSIFIER)}
 
     def execute(self, requests):
         responses = []
@@ -92,10 +96,10 @@ class RouterModel:
                                      f"drafter_names")
                 route = self.router.route(dict(zip(names, inputs["prompt_logprobs"].astype(float).tolist())),
                                           max_drafters, prompt_ids)
-                by = "likelihood"
+                by = BY_SCORES
             elif prompt_ids is not None:
                 route = self.router.classify(prompt_ids, names, max_drafters) or Route("", [], 0, 0.0)
-                by = "prompt_classifier"
+                by = BY_CLASSIFIER
             else:
                 raise ValueError("prompt_logprobs or prompt_ids: a route needs one")
             if route.ranking:
