@@ -278,10 +278,12 @@ def test_sequences_of_unequal_step_sizes_batch_exactly(llama):
     assert both[0].tokens == truth[0][1:5] and both[1].tokens == truth[1][1:2]
 
 
-def test_sampling_distributions_equal_transformers_warpers_on_either_path():
+@pytest.mark.parametrize("widening", [2, sampling.WIDENING])
+def test_sampling_distributions_equal_transformers_warpers_on_every_path(monkeypatch, widening):
     """Temperature, top-k, top-p as transformers' generate applies them, row by row, for rows computed from their
-    most likely tokens (top_k within them, top_p they reach) and for rows that sort the whole vocabulary, alone and
-    batched."""
+    most likely tokens (top_k within them, top_p they reach), from WIDENING times as many, and for rows that sort the
+    whole vocabulary, alone and batched."""
+    monkeypatch.setattr(sampling, "WIDENING", widening)
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     generator = torch.Generator().manual_seed(0)
@@ -293,8 +295,10 @@ def test_sampling_distributions_equal_transformers_warpers_on_either_path():
     # and a top_k beyond the candidates, whose top_p they reach only under the whole vocabulary's mass: the first 64
     # tokens hold 0.55 of it, the next 36 0.05, so top-k leaves them 0.92 and top-p 0.5 keeps 37 of them (not 59)
     masses = torch.cat([torch.full((64,), 0.55 / 64), torch.full((36,), 0.05 / 36), torch.full((200,), 0.4 / 200)])
-    logits = torch.cat([logits, (masses.log() - torch.linspace(0, 1e-3, vocab))[None]])
-    settings.append((1.0, candidates + 36, 0.5))
+    # and a row whose top_p 0.9 needs 95 tokens: within twice the candidates, beyond the candidates
+    widened = torch.cat([torch.full((100,), 0.95 / 100), torch.full((200,), 0.05 / 200)])
+    logits = torch.cat([logits, torch.stack([masses, widened]).log() - torch.linspace(0, 1e-3, vocab)])
+    settings += [(1.0, candidates + 36, 0.5), (1.0, 0, 0.9)]
     temperature, top_k, top_p = (torch.tensor(column) for column in zip(*settings))
 
     def reference(row, t, k, p):
@@ -308,6 +312,8 @@ def test_sampling_distributions_equal_transformers_warpers_on_either_path():
     for probs in (batched, alone):
         assert torch.equal(probs > 0, expected > 0)
         torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
-    # both paths were taken: some rows' top-p support is beyond the candidates
-    support = (expected > 0).sum(-1)
-    assert (support <= candidates).any() and (support[top_k == 0] > candidates).any()
+    # every path was taken: some rows' top-p support is within the candidates, some within the widened ones (with
+    # widening 2: 128 of the 300 tokens; with 8 that is all of them, sorted), some beyond
+    support = (expected > 0).sum(-1)[top_k == 0]
+    assert (support <= candidates).any() and (support > candidates).any()
+    assert ((support > candidates) & (support <= 2 * candidates)).any() and (support > 2 * candidates).any()

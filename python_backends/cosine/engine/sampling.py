@@ -49,18 +49,19 @@ class SamplingParams:
 
 
 CANDIDATES = 64  # the most likely tokens of a row that a CPU sorts before its whole vocabulary
+WIDENING = 8  # rows whose top-p support is beyond CANDIDATES try this many times as many before sorting everything
 
 
 def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor) -> torch.Tensor:
     """The distributions sampling draws from, one row per logits row with that row's parameters: temperature, then
     top-k, then top-p. Rows of greedy requests are not meant to come here (they compare argmaxes).
-    Sorting the vocabulary is what costs on a CPU (2,048 logits: 0.13 ms a row). So the rows whose top-k / top-p
-    support lies within their CANDIDATES most likely tokens (a top_k up to that, or a top_p those tokens reach: the
-    usual case) are computed from those alone, and only the others sort the whole vocabulary (measured on the demo
-    models' logits: 13 rows 1.23 -> 0.35-0.67 ms, 1 row 0.13 -> 0.08 ms, as a sampling drafter computes at every
-    position). On a GPU every row sorts it: that is cheap there, and the host synchronisation that choosing takes
-    is not.
+    Sorting the vocabulary is what costs on a CPU (2,048 logits: 58 us a row). So a row is computed from its
+    CANDIDATES most likely tokens when its top-k / top-p support lies within them (a top_k up to that, or a top_p
+    those tokens reach: 90% of the demo target's rows at temperature 0.8, top_p 0.95), else from WIDENING times as
+    many (99.5%), and only the rest sort the whole vocabulary. Measured on the demo models' logits: a drafting
+    position's row 108 -> 61 us, a verification's 13 rows 1.0 -> 0.5 ms. On a GPU every row sorts it: that is cheap
+    there, and the host synchronisation that choosing takes is not.
 
     logits: [rows, vocab]; temperature, top_p: [rows] float; top_k: [rows] int64, 0 = no filter."""
     scaled = logits.float() / temperature[:, None]
@@ -68,18 +69,30 @@ def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     top_k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
     if scaled.is_cuda:
         return _truncated(scaled, *scaled.sort(dim=-1, descending=True), top_k, top_p)[0]
-    candidates = min(CANDIDATES, vocab)
-    probs, mass = _truncated(scaled, *scaled.topk(candidates, dim=-1), top_k, top_p)
-    # exact where top-k keeps none beyond the candidates, or top-p keeps only some of them
-    exact = (top_k <= candidates) | ((top_k == vocab) & (top_p < 1.0) & (mass >= top_p))
+    probs, exact = _from_candidates(scaled, min(CANDIDATES, vocab), top_k, top_p)
     if bool(exact.all()):
         return probs
     unfiltered = (top_k == vocab) & (top_p >= 1.0)
     probs[unfiltered] = torch.softmax(scaled[unfiltered], dim=-1)
     slow = (~exact & ~unfiltered).nonzero()[:, 0]
-    rows = scaled[slow]
-    probs[slow] = _truncated(rows, *rows.sort(dim=-1, descending=True), top_k[slow], top_p[slow])[0]
+    for candidates in (min(CANDIDATES * WIDENING, vocab), vocab):
+        if not slow.numel():
+            break
+        probs[slow], exact = _from_candidates(scaled[slow], candidates, top_k[slow], top_p[slow])
+        slow = slow[~exact]
     return probs
+
+
+def _from_candidates(scaled: torch.Tensor, candidates: int, top_k: torch.Tensor,
+                     top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's distribution from its `candidates` most likely tokens (the whole vocabulary sorted when that is
+    all of it), and [rows] whether that is exact: top-k keeps none beyond them, or top-p keeps only some of them."""
+    vocab = scaled.shape[-1]
+    if candidates >= vocab:
+        probs, _ = _truncated(scaled, *scaled.sort(dim=-1, descending=True), top_k, top_p)
+        return probs, torch.ones(scaled.shape[0], dtype=torch.bool, device=scaled.device)
+    probs, mass = _truncated(scaled, *scaled.topk(candidates, dim=-1), top_k, top_p)
+    return probs, (top_k <= candidates) | ((top_k == vocab) & (top_p < 1.0) & (mass >= top_p))
 
 
 def _truncated(scaled: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, top_k: torch.Tensor,
@@ -90,15 +103,18 @@ def _truncated(scaled: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, to
     ids; top_k: [rows] in [1, vocab]; top_p: [rows]."""
     candidates = values.shape[-1]
     outside = torch.arange(candidates, device=values.device) >= top_k[:, None]
-    sorted_probs = torch.softmax(values.masked_fill(outside, float("-inf")), dim=-1)  # normalised over the top-k set,
-    if candidates < scaled.shape[-1]:  # which, where it goes beyond the candidates, must be the whole vocabulary
-        sorted_probs = torch.where((top_k <= candidates)[:, None], sorted_probs,
-                                   torch.exp(values - torch.logsumexp(scaled, -1, keepdim=True)))
+    # exp relative to the row's largest logit, normalised over the top-k set: the candidates where it lies within
+    # them, else (top_k = vocab) the whole vocabulary. Four ops, where softmax + logsumexp took 12 (1 row: 47 us).
+    weights = (values - values[:, :1]).exp_().masked_fill_(outside, 0.0)
+    total = weights.sum(-1)
+    if candidates < scaled.shape[-1]:
+        total = torch.where(top_k <= candidates, total, (scaled - values[:, :1]).exp_().sum(-1))
+    sorted_probs = weights / total[:, None]
     mass = sorted_probs.cumsum(-1)
     # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold stays)
     outside |= (mass - sorted_probs >= top_p[:, None]) & (top_p[:, None] < 1.0)
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    probs = torch.zeros_like(scaled).scatter(-1, ids, sorted_probs / sorted_probs.sum(-1, keepdim=True))
+    sorted_probs = sorted_probs.masked_fill_(outside, 0.0)
+    probs = torch.zeros_like(scaled).scatter_(-1, ids, sorted_probs / sorted_probs.sum(-1, keepdim=True))
     return probs, mass[:, -1]
 
 
