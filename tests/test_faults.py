@@ -280,9 +280,13 @@ def test_a_killed_target_replica_is_restored_in_place_while_the_other_serves(rep
 
 
 def test_killed_router_comes_back_with_what_it_learned(faults_server):
-    """The router's evidence outlives its process: the watchdog restores the router in the same server and the new
-    process takes the evidence back, where it used to start again from the prior."""
+    """The router's evidence and its prompt classifier outlive its process: the watchdog restores the router in the
+    same server and the new process takes them back, where it used to start again from the prior and score every
+    prompt until the classifier had learnt again."""
     secret = {"name": DEPLOYMENT_SECRET, "shape": [1, 1], "datatype": "BYTES", "data": [SECRET]}
+    drafter = {"name": "drafter_names", "shape": [1, 1], "datatype": "BYTES", "data": ["itself"]}
+    one_drafter = {"name": "max_drafters", "shape": [1, 1], "datatype": "INT32", "data": [1]}
+    prompt = {"name": "prompt_ids", "shape": [1, 3], "datatype": "INT32", "data": [5, 6, 7]}
 
     def router_call(*inputs):
         status, answer = http_status(faults_server, "/v2/models/router/infer", {"inputs": [*inputs, secret]})
@@ -290,18 +294,30 @@ def test_killed_router_comes_back_with_what_it_learned(faults_server):
         return {output["name"]: output["data"] for output in answer["outputs"]}
 
     def acceptance():
-        return router_call({"name": "drafter_names", "shape": [1, 1], "datatype": "BYTES", "data": ["itself"]},
-                           {"name": "prompt_logprobs", "shape": [1, 1], "datatype": "FP32", "data": [-1.0]},
-                           {"name": "max_drafters", "shape": [1, 1], "datatype": "INT32", "data": [1]}
-                           )["acceptance"][0]
+        return router_call(drafter, {"name": "prompt_logprobs", "shape": [1, 1], "datatype": "FP32", "data": [-1.0]},
+                           one_drafter)["acceptance"][0]
+
+    def feedback(trials):  # the router writes its state down with every feedback
+        router_call({"name": "feedback_context", "shape": [1, 1], "datatype": "BYTES", "data": ["itself"]},
+                    {"name": "feedback_drafters", "shape": [1, 1], "datatype": "BYTES", "data": ["itself"]},
+                    {"name": "feedback_matches", "shape": [1, 1], "datatype": "FP32", "data": [0.0]},
+                    {"name": "feedback_trials", "shape": [1, 1], "datatype": "FP32", "data": [trials]})
+
+    def classified(calls=16):
+        """How many of these calls the classifier routed from the prompt alone (all but its one-in-8 checks)."""
+        return sum(router_call(drafter, prompt, one_drafter)["cooperate"][0] > 0 for _ in range(calls))
 
     before = acceptance()
-    router_call({"name": "feedback_context", "shape": [1, 1], "datatype": "BYTES", "data": ["itself"]},
-                {"name": "feedback_drafters", "shape": [1, 1], "datatype": "BYTES", "data": ["itself"]},
-                {"name": "feedback_matches", "shape": [1, 1], "datatype": "FP32", "data": [0.0]},
-                {"name": "feedback_trials", "shape": [1, 1], "datatype": "FP32", "data": [100.0]})
+    feedback(100.0)
     learned = acceptance()
     assert learned < before - 0.1  # a drafter that never matched: its expected acceptance fell
+    assert classified() == 0  # nothing learnt yet: every prompt must be scored
+    for _ in range(40):  # prompts the drafters scored teach the classifier
+        router_call(drafter, prompt, one_drafter,
+                    {"name": "prompt_logprobs", "shape": [1, 1], "datatype": "FP32", "data": [-1.0]})
+    feedback(0.0)  # a request that verified nothing: no evidence, but the state is written down
+    assert classified() >= 8
     kill_stub(faults_server, "router")
     if restored(faults_server, "router") != SERVER_RESTORE:  # a restarted server starts afresh, by design
         assert acceptance() == pytest.approx(learned)
+        assert classified() >= 8

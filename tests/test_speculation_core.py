@@ -1,6 +1,7 @@
 """The speculation core on its own: fusion, tree merging, routing, control, scheduling (no Triton)."""
 import asyncio
 import dataclasses
+import json
 import random
 
 import pytest
@@ -544,6 +545,30 @@ def test_router_routes_from_the_prompt_alone_once_its_classifier_has_been_right(
     subset = [router.classify(_domain_prompt(rng, 1), ["chat", "code"], 1) for _ in range(20)]
     assert all(route.ranking[0] in ("chat", "code") and route.context in ("chat", "code")
                for route in subset if route is not None)
+
+
+def test_a_restored_router_classifies_as_the_one_whose_state_it_took_back():
+    """Router.state() through JSON (as the router model writes it for the process that replaces it): the feedback
+    evidence and the trusted classifier come back; for another deployment only the shared drafters' counts do."""
+    rng = random.Random(9)
+    router = Router(NAMES, seed=9)
+    _score(router, rng)
+    router.feedback(context="math", drafter="chat", matches=3, trials=16)
+    restored = Router(NAMES, seed=9)
+    restored.restore(json.loads(json.dumps(router.state())))
+    assert restored.classifier.trusted and restored.evidence == router.evidence
+    prompts = [_domain_prompt(rng, domain) for domain in [0, 1, 2] * 10]
+    assert [restored.classifier.posterior(ids, list(NAMES)) for ids in prompts] == \
+        [router.classifier.posterior(ids, list(NAMES)) for ids in prompts]
+    routes = [restored.classify(ids, list(NAMES), 1) for ids in prompts]
+    assert sum(route is not None for route in routes) >= 20  # all but the one-in-eight checks
+    # a deployment that lost a drafter keeps the others' counts, but must earn trust again
+    other = Router(["code", "math", "poetry"], seed=9)
+    other.restore(json.loads(json.dumps(router.state())))
+    assert not other.classifier.trusted
+    assert other.classifier.prompt_counts.tolist() == [router.classifier.prompt_counts[NAMES.index(name)]
+                                                        for name in ("code", "math")] + [0.0]
+    assert other.evidence["math"]["code"] == router.evidence["math"]["code"] and "chat" not in other.evidence
 
 
 def test_a_classifier_whose_predictions_the_scores_contradict_is_not_trusted():

@@ -64,6 +64,30 @@ class PromptClassifier:
         weights = np.exp(log_posterior - log_posterior.max())
         return dict(zip(candidates, (weights / weights.sum()).tolist()))
 
+    def state(self) -> dict:
+        """What it learnt, JSON-ready and keyed by drafter name: per context its prompt count and its non-zero
+        token buckets (a prompt touches few of them), and the recent predictions' record."""
+        learnt = {}
+        for row, context in enumerate(self.contexts):
+            buckets = np.flatnonzero(self.token_counts[row])
+            learnt[context] = {"prompts": float(self.prompt_counts[row]), "buckets": buckets.tolist(),
+                               "counts": self.token_counts[row, buckets].tolist()}
+        return {"features": self.features, "learnt": learnt, "right": [bool(right) for right in self.right]}
+
+    def restore(self, state: dict) -> None:
+        """Takes back state(): nothing when it was learnt over another number of buckets; else the counts of the
+        contexts it knows, and the record of predictions only when every context's came back (a changed deployment
+        earns trust again)."""
+        if state.get("features") != self.features:
+            return
+        learnt = state["learnt"]
+        for row, context in enumerate(self.contexts):
+            if context in learnt:
+                self.prompt_counts[row] = learnt[context]["prompts"]
+                self.token_counts[row, learnt[context]["buckets"]] = learnt[context]["counts"]
+        if set(learnt) == set(self.contexts):
+            self.right.extend(bool(right) for right in state["right"])
+
     def learn(self, prompt_ids: list[int], context: str, candidates: list[str]) -> None:
         """The drafters scored the prompt: `context` is their verdict among the candidates."""
         if self.prompt_counts.sum():
@@ -155,10 +179,15 @@ class Router:
         alpha, beta = posteriors[first]
         return Route(context, [first, *explorers, *rest], 1 + len(explorers), alpha / (alpha + beta))
 
-    def restore(self, evidence: dict) -> None:
-        """Takes back `evidence` (as in self.evidence, e.g. read back from JSON) for the drafters this router knows;
-        the rest is dropped (the deployment changed)."""
-        for context, cells in evidence.items():
+    def state(self) -> dict:
+        """What it learnt, JSON-ready: the feedback evidence and the prompt classifier."""
+        return {"evidence": self.evidence, "classifier": self.classifier.state()}
+
+    def restore(self, state: dict) -> None:
+        """Takes back state() (e.g. read back from JSON) for the drafters this router knows; the rest is dropped
+        (the deployment changed)."""
+        self.classifier.restore(state["classifier"])
+        for context, cells in state["evidence"].items():
             for drafter, (matches, trials) in cells.items():
                 if drafter in self.evidence.get(context, {}):
                     self.evidence[context][drafter] = [float(matches), float(trials)]

@@ -53,7 +53,7 @@ class RouterModel:
             log.warning("router: took back what it learned from %s", self.state_file)
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, TypeError) as error:  # a torn or foreign file: start afresh
+        except (OSError, ValueError, TypeError, KeyError) as error:  # a torn or foreign file: start afresh
             log.warning("router: ignoring %s: %s", self.state_file, error)
         self.routed = {name: Metrics.metric("cosine_router_requests_total", "Requests routed to a drafter (first "
                                             "choice)", drafter=name) for name in self.drafters}
@@ -114,7 +114,7 @@ class RouterModel:
     def _save(self) -> None:
         """Written whole and renamed into place: a process killed mid-write leaves the previous state."""
         partial = self.state_file.with_suffix(".partial")
-        partial.write_text(json.dumps(self.router.evidence))
+        partial.write_text(json.dumps(self.router.state()))
         os.replace(partial, self.state_file)
 
     def finalize(self):
