@@ -100,6 +100,19 @@ def restored(server, model) -> str:
     return model
 
 
+def sent_until_seen(send, state, attempts=10) -> list:
+    """Sends a batch of requests (send() -> their futures) until `state()` is seen while one is in flight, and
+    returns that batch's futures. The state is polled without a pause, and a batch that ends unseen is sent again:
+    on a fast machine a batch lasts a few polls of the metrics endpoint."""
+    for _ in range(attempts):
+        running = send()
+        while not all(future.done() for future in running):
+            if state():
+                return running
+        wait(running)
+    raise AssertionError(f"no batch of {attempts} was seen in that state")
+
+
 def wait_for_s(predicate, since, timeout=10) -> float:
     """Seconds from `since` until the predicate held (polled quickly: some states last seconds only)."""
     deadline = time.monotonic() + timeout
@@ -171,21 +184,14 @@ def test_beyond_the_limits_requests_are_refused_cleanly(faults_server):
 
 
 def test_killed_drafter_is_restored_and_used_again(faults_server):
-    # no end token: every request runs its 200 tokens. Even so a batch lasts about 0.3 s on a fast machine, a few
-    # polls of the metrics endpoint, so a batch that ends before a poll sees it is sent again
+    # no end token: every request runs its 200 tokens (even so a batch lasts about 0.3 s on a fast machine)
     body = dict(max_tokens=200, end_id=-1, return_stats=True)
     with ThreadPoolExecutor(8) as pool:
         expected = dict(zip(PROMPTS, pool.map(lambda p: as_list(generate(faults_server, text_input=p, **body)
                                                                 ["output_ids"]), PROMPTS)))
-        for _ in range(10):
-            running = [pool.submit(generate, faults_server, text_input=p, **body) for p in PROMPTS]
-            while not (drafting := metric(faults_server, "cosine_active_sequences", model="drafter_itself") >= 4) \
-                    and not all(future.done() for future in running):
-                pass
-            if drafting:
-                break
-            wait(running)
-        assert drafting, "no batch was seen drafting"
+        running = sent_until_seen(
+            lambda: [pool.submit(generate, faults_server, text_input=p, **body) for p in PROMPTS],
+            lambda: metric(faults_server, "cosine_active_sequences", model="drafter_itself") >= 4)
         killed = kill_stub(faults_server, "drafter_itself")
         failures = [future.exception() for future in running]
     if restored(faults_server, "drafter_itself") != SERVER_RESTORE:  # else requests in flight failed with it
@@ -205,12 +211,10 @@ def test_killed_target_fails_requests_fast_and_serves_after_restore(faults_serve
     # no end token: every request runs its 200 tokens, so that all are in flight together when the target dies
     body = dict(max_tokens=200, end_id=-1, speculation_mode="autoregressive")
     with ThreadPoolExecutor(8) as pool:
-        running = [pool.submit(http_status, faults_server, "/v2/models/cosine/generate", dict(body, text_input=p))
-                   for p in PROMPTS]
-        active = []  # the target's active sequences, as polled: on a failure, with the requests' answers, says why
-        assert wait_for(lambda: active.append(metric(faults_server, "cosine_active_sequences", model="target"))
-                        or active[-1] >= 4, every=0), \
-            (active[:20], [future.result() if future.done() else "running" for future in running])
+        running = sent_until_seen(
+            lambda: [pool.submit(http_status, faults_server, "/v2/models/cosine/generate",
+                                            dict(body, text_input=p)) for p in PROMPTS],
+            lambda: metric(faults_server, "cosine_active_sequences", model="target") >= 4)
         killed = kill_stub(faults_server, "target")
         wait(running)
     failed_s = time.monotonic() - killed
@@ -248,13 +252,13 @@ def test_a_killed_target_replica_is_restored_in_place_while_the_other_serves(rep
     with ThreadPoolExecutor(8) as pool:
         expected = dict(zip(PROMPTS, pool.map(lambda p: as_list(generate(server, text_input=p, **body)
                                                                 ["output_ids"]), PROMPTS)))
-        running = [(p, pool.submit(http_status, server, "/v2/models/cosine/generate", dict(body, text_input=p)))
-                   for p in PROMPTS * 2]
-        assert wait_for(lambda: min(metric(server, "cosine_active_sequences", model=m)
-                                    for m in ("target", "target_1")) >= 3, every=0)
+        running = sent_until_seen(
+            lambda: [pool.submit(http_status, server, "/v2/models/cosine/generate",
+                                            dict(body, text_input=p)) for p in PROMPTS * 2],
+            lambda: min(metric(server, "cosine_active_sequences", model=m) for m in ("target", "target_1")) >= 3)
         killed = kill_stub(server, "target_1")
         stayed_ready = []
-        while not all(future.done() for _, future in running):
+        while not all(future.done() for future in running):
             stayed_ready.append(ready(server))
         try:
             status, answer = http_status(server, "/v2/models/cosine/generate", dict(body, text_input=PROMPTS[0]))
@@ -263,7 +267,7 @@ def test_a_killed_target_replica_is_restored_in_place_while_the_other_serves(rep
         served_during_restore = time.monotonic() - killed
     if restored(server, "target_1") == SERVER_RESTORE:
         return  # Triton aborted: everything in flight failed with it (see restored)
-    answers = [(p, *future.result()) for p, future in running]
+    answers = [(p, *future.result()) for p, future in zip(PROMPTS * 2, running)]
     failed = [answer["error"] for _, status, answer in answers if status != 200]
     finished = [(p, answer) for p, status, answer in answers if status == 200]
     assert failed and all("target_1" in error for error in failed), failed

@@ -48,12 +48,12 @@ def metric(server, name, **labels):
     return total
 
 
-def wait_for(predicate, timeout=60, every=0.2):
+def wait_for(predicate, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(every)
+        time.sleep(0.2)
     return predicate()
 
 
