@@ -865,6 +865,32 @@ def test_where_fused_drafting_does_not_pay_the_first_choice_drafts_alone_at_once
     assert explorer.calls == 1  # its prompt scoring only
 
 
+def test_before_fused_drafting_is_measured_it_is_costed_as_a_lone_call_per_position():
+    """Lone drafting measured 15 ms a call (a round trip to remote drafters) against 20 ms a verification: drafting
+    pays, but fused drafting, never tried, would pay the call at every position and does not, so the first choice
+    drafts alone from the start; with calls of 1 ms it explores, fused."""
+    def first_draft(call_s):
+        monitor = LoadMonitor(forgetting=1.0)
+        monitor.active_requests = 1
+        for tokens in (1, 2, 4, 8):
+            monitor.observe_verify(1, tokens, 0.02 + 0.0001 * tokens)
+        for positions in (2, 4, 8):
+            monitor.observe_draft(positions, call_s + 0.0002 * positions)
+        first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
+        sessions = [DrafterSession(name, engine, 1, greedy_request())
+                    for name, engine in (("a", first), ("b", explorer))]
+        proposer = FusionProposer(sessions, CooperatingRouter(), monitor, k_max=4)
+
+        async def draft():
+            await proposer.start([1, 2, 3])
+            return await proposer.propose([1, 2, 3], budget=10)
+        return asyncio.run(draft()), explorer.calls
+    far, far_explorer_calls = first_draft(0.015)
+    assert far.origin == DraftOrigin.ALONE and far_explorer_calls == 1  # its prompt scoring only
+    near, near_explorer_calls = first_draft(0.001)
+    assert near.origin == DraftOrigin.FUSED and near_explorer_calls == 1 + 4  # and a call per position
+
+
 class RecordingDrafter(CountingDrafter):
     """Drafts token 5 at every position; records each call's (keep_length, input_ids, tokens drafted)."""
 
