@@ -186,8 +186,9 @@ class Router:
     def restore(self, state: dict) -> None:
         """Takes back state() (e.g. read back from JSON) for the drafters this router knows; the rest is dropped
         (the deployment changed)."""
-        self.classifier.restore(state["classifier"])
-        for context, cells in state["evidence"].items():
+        classifier, evidence = state["classifier"], state["evidence"]  # a file missing either changes nothing
+        self.classifier.restore(classifier)
+        for context, cells in evidence.items():
             for drafter, (matches, trials) in cells.items():
                 if drafter in self.evidence.get(context, {}):
                     self.evidence[context][drafter] = [float(matches), float(trials)]
