@@ -69,7 +69,7 @@ def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     vocab = scaled.shape[-1]
     top_k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
     if scaled.is_cuda:
-        return _truncated(scaled, *scaled.sort(dim=-1, descending=True), top_k, top_p)[0]
+        return _from_candidates(scaled, vocab, top_k, top_p)[0]
     probs, exact = _from_candidates(scaled, min(CANDIDATES, vocab), top_k, top_p)
     if bool(exact.all()):
         return probs

@@ -336,12 +336,9 @@ class FusionProposer(Proposer):
     def _fused_drafting_pays(self, load: float, tree_factor: float) -> bool:
         """Whether drafting fused (a call per position, to every cooperating drafter) is measured to pay at all.
         Where it does not (remote drafters: a round trip per position), exploring would only mean plain decoding
-        until the next probe: the first choice drafts alone instead. Until fused drafting itself was measured, a
-        fused position is costed as a lone drafting call of one position: with drafters 11 ms away, the first
-        requests' fused rounds made them 0.33-0.63 s against 0.27 s decoding plainly."""
-        costs = self.monitor.costs(fused=True)
-        if costs is None and (lone := self.monitor.costs(fused=False)) is not None:
-            costs = dataclasses.replace(lone, draft_base=0.0, draft_per_token=lone.draft_base + lone.draft_per_token)
+        until the next probe: the first choice drafts alone instead (before fused drafting was measured, as the
+        monitor estimates it from lone drafting)."""
+        costs = self.monitor.fused_costs()
         return costs is None or costs.best_draft_length(self.controller.acceptance.rate, load, self.controller.k_max,
                                                         tree_factor) > 0
 
