@@ -309,7 +309,9 @@ def test_sampling_distributions_equal_transformers_warpers_on_every_path(monkeyp
     batched = sampling.probabilities(logits, temperature, top_k, top_p)
     alone = torch.cat([sampling.probabilities(logits[i:i + 1], temperature[i:i + 1], top_k[i:i + 1], top_p[i:i + 1])
                        for i in range(len(settings))])
-    for probs in (batched, alone):
+    ids, held = sampling.proposal(logits, temperature, top_k, top_p)  # a drafter's: the same, on each row's support
+    in_vocabulary = torch.zeros_like(expected).scatter_(1, ids, held)
+    for probs in (batched, alone, in_vocabulary):
         assert torch.equal(probs > 0, expected > 0)
         torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
     # every path was taken: some rows' top-p support is within the candidates, some within the widened ones (with
@@ -317,3 +319,19 @@ def test_sampling_distributions_equal_transformers_warpers_on_every_path(monkeyp
     support = (expected > 0).sum(-1)[top_k == 0]
     assert (support <= candidates).any() and (support > candidates).any()
     assert ((support > candidates) & (support <= 2 * candidates)).any() and (support > 2 * candidates).any()
+
+
+def test_a_drafting_draw_follows_the_distribution_it_reports():
+    """20,000 draws from one row's proposal (top-p support of 50 tokens): each token's frequency is its
+    probability, within 5 standard errors, and the probability reported with a draw is the drawn token's."""
+    generator = torch.Generator().manual_seed(1)
+    draws = 20_000
+    logits = (torch.randn(1, 300, generator=generator) * 2).repeat(draws, 1)
+    ids, probs = sampling.proposal(logits, torch.full((draws,), 0.8), torch.zeros(draws, dtype=torch.long),
+                                   torch.full((draws,), 0.9))
+    tokens, token_probs = sampling.draw(ids, probs, torch.rand(draws, generator=generator))
+    q = torch.zeros(300).scatter_(0, ids[0], probs[0])
+    assert 10 < int((q > 0).sum()) < sampling.CANDIDATES
+    assert torch.equal(token_probs, q[tokens])
+    frequency = torch.bincount(tokens, minlength=300) / draws
+    assert ((frequency - q).abs() <= 5 * (q * (1 - q) / draws).sqrt() + 1e-9).all()

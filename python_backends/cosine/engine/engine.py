@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..speculation.acceptance import FlatDrafts, accept, emit
+from ..speculation.acceptance import FlatDrafts, accept
 from ..speculation.tree import DraftTree
 from .checkpoint import max_context_tokens
 from .kv_cache import AdmissionError, KVCachePool, SequenceCache
-from .sampling import InvalidParameter, SamplingParams, probabilities
+from .sampling import InvalidParameter, SamplingParams, draw, probabilities, proposal
 
 
 def use_step_attention(device: torch.device | str) -> None:
@@ -385,7 +385,9 @@ class CausalLMEngine:
             parts += [top.indices, top.values]
         parts += extra
         if returning_q:  # [q rows, vocab]: the bonus's distributions, then each drafting position's
-            parts.append(torch.cat([verdict.bonus_distribution[returning_q], *(q for _, q in extra_q)]))
+            parts.append(torch.cat([verdict.bonus_distribution[returning_q],
+                                    *(torch.zeros(len(q), logits.shape[-1], device=device).scatter_(1, ids, q)
+                                      for _, ids, q in extra_q)]))
         host = torch.cat([part.double().reshape(-1) for part in parts]).cpu()
         sizes = [part.numel() for part in parts]
         values = host.split(sizes)
@@ -396,9 +398,9 @@ class CausalLMEngine:
         extra_host = [values[i] for i in range(9 if top is not None else 7, len(parts) - bool(returning_q))]
         if returning_q:
             q_rows = values[-1].float().view(-1, logits.shape[-1]).split(
-                [len(returning_q)] + [len(owners) for owners, _ in extra_q])
+                [len(returning_q)] + [len(owners) for owners, *_ in extra_q])
             q_by_sequence = {b: [row] for b, row in zip(returning_q, q_rows[0])}
-            for (owners, _), rows in zip(extra_q, q_rows[1:]):
+            for (owners, *_), rows in zip(extra_q, q_rows[1:]):
                 for b, row in zip(owners, rows):
                     q_by_sequence[b].append(row)
 
@@ -600,7 +602,8 @@ class CausalLMEngine:
         per position for all of them, tokens staying on the device. What does not change from one position to the
         next (key slots, sampling parameters, end bans, uniforms) is laid out once. Returns, per position, [tokens,
         probs] (+ [top ids, top probs]) of the sequences still drafting there, and per position (the `returning_q`
-        sequences drafting there, the [those, vocab] distributions they drew from)."""
+        sequences drafting there, the distributions they drew from as `proposal` holds them: [those, width] ids and
+        probabilities)."""
         drafting = [b for b, (request, _) in enumerate(batch) if request.extra_tokens]  # "members", in this order
         out, q_out = [], []
         if not drafting:
@@ -644,13 +647,16 @@ class CausalLMEngine:
             group = _AttentionGroup(None, None, pick(key_slots), pick(mask), len(active), 1)
             hidden = self._forward(pick(last), length, pick(store_slots[:, position]), [group])
             logits = self._logits(hidden, bans and tuple(map(pick, bans)), length + 1)
-            probs = probabilities(logits, *map(pick, sampling)) if any(sampled[i] for i in active) else None
-            # each token is the root token of a draft-less step
-            chosen, chosen_prob, distribution = emit(_argmax(logits), pick(sampled_rows), probs,
-                                                     pick(step_uniforms[:, position]))
-            owners = [(k, i) for k, i in enumerate(active) if i in returning]
-            if owners:
-                q_out.append(([drafting[i] for _, i in owners], distribution[[k for k, _ in owners]]))
+            chosen = _argmax(logits)
+            chosen_prob = torch.ones(chosen.shape, device=device)  # a greedy token's distribution is one-hot
+            if any(sampled[i] for i in active):  # drawn from the request's distribution, held on its support
+                ids, q = proposal(logits, *map(pick, sampling))
+                drawn, drawn_prob = draw(ids, q, pick(step_uniforms[:, position]))
+                chosen = torch.where(pick(sampled_rows), drawn, chosen)
+                chosen_prob = torch.where(pick(sampled_rows), drawn_prob, chosen_prob)
+                owners = [k for k, i in enumerate(active) if i in returning]
+                if owners:
+                    q_out.append(([drafting[active[k]] for k in owners], ids[owners], q[owners]))
             out += [chosen, chosen_prob]
             if candidates:
                 top = torch.softmax(logits, -1).topk(candidates)

