@@ -218,13 +218,14 @@ def test_plain_decoding_is_costed_from_its_own_multi_step_calls():
 
 def _run_windows(windows, clock, rate, windows_to_run):
     """Drives a deployment whose output rate (tokens per second) depends on whether speculation is allowed, with
-    1 s windows; returns whether each window allowed it."""
+    1 s windows; returns whether each window allowed it (once its load settled: after its first eighth)."""
     allowed = []
     for _ in range(windows_to_run):
-        allowed.append(windows.allowed)
-        for _ in range(8):
+        for tick in range(8):
             clock.now += 0.125
             windows.advance(rate(windows.allowed) * 0.125)
+            if not tick:
+                allowed.append(windows.allowed)
     return allowed
 
 
@@ -247,9 +248,10 @@ def test_speculation_windows_follow_the_kind_measured_faster_at_each_load_and_ke
     active[0] = 1  # another load: measured apart, and there speculation pays
     allowed = _run_windows(windows, clock, lambda on: 90 if on else 60, 12)
     assert allowed[4:] == [False, True, True, True] * 2
-    active[0] = 8  # back at c8 the old verdict holds until exploring shows that speculation pays there now
+    active[0] = 8  # back at c8 its exploring window was due; then the old verdict holds until exploring shows
+    # that speculation pays there now
     allowed = _run_windows(windows, clock, lambda on: 200 if on else 150, 16)
-    assert allowed[:4] == [False] * 4 and allowed[-4:] == [False, True, True, True]
+    assert allowed[:4] == [True, False, False, False] and allowed[-4:] == [False, True, True, True]
 
 
 def test_exploring_is_rarer_where_the_kinds_differ_widely():
@@ -272,8 +274,9 @@ def test_a_load_above_one_where_speculation_did_not_pay_starts_without_it():
                                  explore_every=4, exploring_cost=1.0, min_windows=2, clock=clock)
     _run_windows(windows, clock, lambda on: 120 if on else 150, 8)
     assert windows.verdicts() == {3: False}
-    active[0] = 16  # the first window was set at c8 (an exploring one); then forbidden, exploring one in four
-    assert _run_windows(windows, clock, lambda on: 150 if on else 250, 8) == [True, False, False, False] * 2
+    active[0] = 16  # forbidden, exploring after a period of its own
+    allowed = _run_windows(windows, clock, lambda on: 150 if on else 250, 12)
+    assert allowed == [False] * 4 + [True, False, False, False] * 2
     assert windows.verdicts() == {3: False, 4: False}  # measured at c16 too now, by the exploring windows
 
 
@@ -287,9 +290,9 @@ def test_a_narrow_loss_at_a_lower_load_starts_a_higher_one_without_speculation_u
     allowed = _run_windows(windows, clock, lambda on: 300 if on else 250, 16)
     assert allowed[:4].count(True) <= 1 and allowed[-3:] == [True, True, True]
     assert windows.verdicts() == {3: False, 4: True}
-    active[0] = 32  # the nearest lower load measured says it pays: the cost model's guess goes first again (the
-    # first window here was set when the last c16 one closed, an exploring one)
-    assert _run_windows(windows, clock, lambda on: 300 if on else 250, 3) == [False, True, True]
+    active[0] = 32  # the nearest lower load measured says it pays: the cost model's guess goes first again, then
+    # the kind measured less
+    assert _run_windows(windows, clock, lambda on: 300 if on else 250, 3) == [True, False, True]
 
 
 def test_one_window_each_way_where_speculation_lost_starts_a_higher_load_plain_and_exploring_waits_a_period():
@@ -357,6 +360,31 @@ def test_idle_time_and_other_modes_say_nothing_about_speculation():
         clock.now += 0.125
         windows.advance(20)
     assert windows.rates == {}
+
+
+def test_a_burst_followed_by_a_pause_is_measured_and_a_window_follows_the_load_that_arrives():
+    """A window closes at the first event after its length, and chooses its kind for the load of that moment: the
+    bench's bursts at c64, each followed by a pause (other modes run), closed windows as their first requests came,
+    at no load. Each burst is measured, and runs as c64 needs (not as c1, measured to pay, would)."""
+    clock, active = FakeClock(), [64]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: load < 32, seconds=1.0,
+                                 clock=clock)
+    windows.rates[(True, 0)] = [100.0, 2]  # measured at c1, where speculation pays
+    windows.rates[(False, 0)] = [80.0, 2]
+    allowed = []
+    for ticks in (7, 8, 7):  # bursts shorter than a window, and one whose window closes within it
+        for tick in range(ticks):
+            clock.now += 0.125
+            windows.advance(100)
+            if not tick:
+                allowed.append(windows.allowed)
+        active[0] = 0
+        clock.now += 10.0
+        windows.advance()  # the next burst's first request arrives
+        active[0] = 64
+    # the cost model's guess for c64 first, then the other kind, then the kind measured less
+    assert allowed == [False, True, True]
+    assert windows.rates[(False, 6)] == [800.0, 1] and windows.rates[(True, 6)] == [800.0, 2]
 
 
 def test_windows_without_adaptive_requests_do_not_bring_exploring_closer():
