@@ -387,6 +387,26 @@ def test_a_burst_followed_by_a_pause_is_measured_and_a_window_follows_the_load_t
     assert windows.rates[(False, 6)] == [800.0, 1] and windows.rates[(True, 6)] == [800.0, 2]
 
 
+def test_a_burst_after_a_pause_gets_its_loads_verdict_before_its_requests_start_drafting():
+    """A c32 burst after a pause: the window closed by its first request was chosen at no load (c1's verdict,
+    speculate); its requests start drafting at their first round, after their prefill (tens of ms into the burst).
+    The window chooses again for c32 (plain) within 60 ms of 3 s windows: chosen only after 0.3 s, 20 of the
+    bench's 128 c32 requests had started their drafters and cosine made 0.93x plain decoding; after 60 ms, 2 of
+    128 (0.97x)."""
+    clock, active = FakeClock(), [0]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], seconds=3.0, explore_every=1000, clock=clock)
+    windows.rates.update({(True, 0): [400.0, 4], (False, 0): [300.0, 4], (True, 5): [1100.0, 4],
+                          (False, 5): [1200.0, 4]})
+    clock.now += 10.0
+    windows.advance()  # the burst's first request closes the idle window: chosen at no load
+    assert windows.allowed
+    active[0] = 32
+    for _ in range(7):  # the burst's first 70 ms
+        clock.now += 0.01
+        windows.advance(10)
+    assert not windows.allowed
+
+
 def test_windows_without_adaptive_requests_do_not_bring_exploring_closer():
     """Else the first adaptive requests after a while of other modes always meet an exploring window."""
     clock, active, adaptive = FakeClock(), [1], [1]
