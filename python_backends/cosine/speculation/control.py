@@ -161,8 +161,8 @@ class SpeculationWindows:
     clearly (the kinds' rates apart by decisive_gap or more), even after one window each (and a higher one where it
     clearly paid); else the cost model's prediction goes first and windows of both kinds follow until each is
     measured.
-    A window's kind is chosen when the one before closes, for the load of that moment; once its own load has settled
-    (after `settling` of its length busy) and lies in another bucket, it is chosen again for that.
+    A window's kind is chosen when the one before closes, for the load of that moment; while its own load settles
+    (the first `settling` of its length busy), a window stops speculating as soon as the load then active would not.
     Windows are long enough to average over requests' starts (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
@@ -174,7 +174,7 @@ class SpeculationWindows:
     def __init__(self, active_requests: Callable[[], int], adaptive_requests: Callable[[], int],
                  predicted: Callable[[int], bool] = lambda load: True, seconds: float = 3.0, explore_every: int = 8,
                  exploring_cost: float = 0.02, max_exploring_period: int = 32, min_windows: int = 2,
-                 decisive_gap: float = 0.1, smoothing: float = 0.25, settling: float = 0.02,
+                 decisive_gap: float = 0.1, smoothing: float = 0.25, settling: float = 0.1,
                  on_change: Callable[[bool], None] = lambda on: None,
                  on_measured: Callable[[bool, int, float], None] = lambda speculating, bucket, rate: None,
                  clock: Callable[[], float] = time.monotonic):
@@ -185,9 +185,7 @@ class SpeculationWindows:
         self.seconds, self.explore_every = seconds, explore_every
         self.exploring_cost, self.max_exploring_period = exploring_cost, max_exploring_period
         self.min_windows, self.decisive_gap, self.smoothing = min_windows, decisive_gap, smoothing
-        # the share of a window's length that its load settles in (see advance): 60 ms of 3 s, before a burst's
-        # requests finish their prefill and start drafting (after 0.3 s, 20 of the bench's 128 c32 requests had)
-        self.settling = settling
+        self.settling = settling  # the share of a window's length that its load settles in (see _settle)
         self.allowed = True
         # per load bucket, how many windows had measured there when one last went against the verdict: the exploring
         # cadence of a load counts the windows measured at that load only, so a new load waits a whole period
@@ -206,25 +204,19 @@ class SpeculationWindows:
         self.started = self.last_event = now
         # busy_s: seconds with an adaptive request active; request_s: active requests integrated over them
         self.tokens, self.busy_s, self.request_s = 0, 0.0, 0.0
-        self.settled = False
 
     def advance(self, tokens: int = 0) -> None:
         """Call with the tokens emitted since the last call, before the number of active requests changes, and
         whenever the window is read."""
         now = self.clock()
         elapsed = now - self.last_event
+        if self.allowed and self.busy_s < self.settling * self.seconds:
+            self._settle(self.active_requests())
         if self.adaptive_requests():
             self.busy_s += elapsed
             self.request_s += elapsed * self.active_requests()
             self.tokens += tokens
         self.last_event = now
-        if not self.settled and self.busy_s >= self.settling * self.seconds:
-            # a window's kind was chosen for the load when the last one closed: at a pause that is none, and the
-            # load that arrives may be any (the bench's second c64 burst, closing a window as it came, got c1's
-            # verdict). Once requests have been active a while, a load of another bucket chooses again.
-            self.settled = True
-            if self.load_bucket(self.request_s / self.busy_s) != self.plan[0]:
-                self._choose(self.request_s / self.busy_s)
         if now - self.started >= self.seconds:
             self._close(now)
 
@@ -252,6 +244,18 @@ class SpeculationWindows:
         if allowed != self.allowed:
             self.allowed = allowed
             self.on_change(allowed)
+
+    def _settle(self, load: int) -> None:
+        """A window's kind was chosen for the load when the last one closed: at a pause that is none, and the load
+        that arrives may be any (the bench's c64 bursts, closing windows as they came, got c1's verdict). While a
+        window's load settles, it stops speculating as soon as the load then active would not speculate; it never
+        starts: a burst ramps up through lower loads, and chosen for those (some never measured: the cost model's
+        guess), c64 bursts speculated whole windows at 0.86x plain decoding."""
+        if self.load_bucket(load) != self.plan[0]:
+            allowed, plan = self._next_allowed(load)
+            if not allowed:
+                self.plan, self.allowed = plan, False
+                self.on_change(False)
 
     def _measured(self, bucket: int) -> tuple[list[float], list[float]]:
         """[rate, windows] with speculation allowed and forbidden at this load bucket ([0, 0]: never)."""
