@@ -237,14 +237,11 @@ class SpeculationWindows:
         bucket, exploring_at = self.plan
         if exploring_at is not None:  # the window that went against the verdict is over
             self.last_exploring[bucket] = exploring_at
-        self._choose(self.active_requests())
-        self._open(now)
-
-    def _choose(self, load: float) -> None:
-        allowed, self.plan = self._next_allowed(load)
+        allowed, self.plan = self._next_allowed(self.active_requests())
         if allowed != self.allowed:
             self.allowed = allowed
             self.on_change(allowed)
+        self._open(now)
 
     def _settle(self, load: int) -> None:
         """A window's kind was chosen for the load when the last one closed: at a pause that is none, and the load
