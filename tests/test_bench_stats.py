@@ -139,3 +139,26 @@ def test_drafting_shares_count_pipelining_hits_among_the_drafts_made_ahead():
     assert shares == pytest.approx({"accepted_per_drafted_round": 4.5, "fused_share": 0.2, "ahead_share": 0.3,
                                     "ahead_hit_rate": 0.75})
     assert set(drafting_shares({}, 0).values()) == {0.0}
+
+
+def test_a_closed_loop_runs_first_wave_starts_together_however_slowly_its_threads_start(monkeypatch):
+    """Threads that take 10 ms each to start (a busy machine) must not spread the first wave's starts: a run is
+    timed from its first request's start."""
+    import threading
+    import time
+
+    from cosine_client.bench import _closed_loop
+
+    start_thread = threading.Thread.start
+
+    def slowly(thread):
+        time.sleep(0.01)
+        start_thread(thread)
+    monkeypatch.setattr(threading.Thread, "start", slowly)
+
+    def request(prompt):  # its start, then 0.2 s streaming
+        started = time.perf_counter()
+        time.sleep(0.2)
+        return started
+    starts = _closed_loop(request, [{}] * 24, 16)
+    assert len(starts) == 24 and max(starts[:16]) - min(starts[:16]) < 0.05
