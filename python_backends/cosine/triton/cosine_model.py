@@ -24,8 +24,8 @@ from ..serving.trtllm import TrtllmEngine
 from ..serving.trust import deployment_secret
 from ..speculation.control import LoadMonitor
 from ..speculation.router import Route
-from .io import (Metrics, bls, engine_transport, error_response, model_parameters, request_inputs, resolve_path,
-                 tensors, trtllm_transport)
+from .io import (Metrics, bls, engine_transport, error_response, freeze_heap, model_parameters, request_inputs,
+                 resolve_path, tensors, trtllm_transport)
 from .remote import GrpcEngineTransport
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -127,6 +127,7 @@ class CosineModel:
                                             "cache before its first step", "HISTOGRAM",
                                             buckets=[0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120])
         self.output_tokens = Metrics.metric("cosine_output_tokens_total", "Tokens generated")
+        freeze_heap()
 
     @staticmethod
     def _drafter(name: str, url: str | None, params: dict, kinds: dict[str, str]):

@@ -12,7 +12,7 @@ from ..serving.errors import ServingError
 from ..serving.lookahead import LookaheadEngine
 from ..serving.trust import check_caller, deployment_secret
 from ..serving.wire import pack_results, unpack_steps
-from .io import Metrics, error_response, model_parameters, request_inputs, resolve_path, tensors
+from .io import Metrics, error_response, freeze_heap, model_parameters, request_inputs, resolve_path, tensors
 
 
 CPU_LOOKAHEAD_SEQUENCES = 1  # calls a CPU target looks ahead: those decoding one sequence (see initialize)
@@ -58,6 +58,7 @@ class EngineModel:
             "whether the call took them or they were undone", outcome=outcome, **labels)
             for outcome in ("used", "undone")}
         self.counted = (0.0, 0, 0)  # the engine's busy seconds, steps used and undone, as last reported
+        freeze_heap()
 
     def execute(self, requests):
         """Every sequence of every request (each a coalesced call from a `cosine` process) in one engine step."""

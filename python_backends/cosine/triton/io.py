@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import threading
@@ -50,6 +51,14 @@ def tensors(**arrays) -> list:
 def error_response(error: Exception):
     kind = getattr(error, "kind", ServingError.INTERNAL)
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), _code(kind)))
+
+
+def freeze_heap() -> None:
+    """The end of a model's initialize: what it built (its tokenizer or checkpoint, the modules it imported) moves
+    out of the collector's reach for good. Unfrozen, a full collection in the `cosine` process scanned all of it:
+    122 ms of stalled event loop, every request waiting, in the middle of a c64 run (209 ms at start-up)."""
+    gc.collect()
+    gc.freeze()
 
 
 def model_parameters(args: dict) -> dict[str, str]:
@@ -230,3 +239,4 @@ class Metric:
             self.metric.set(value)
         for value in observed:
             self.metric.observe(value)
+

@@ -15,7 +15,7 @@ from ..launcher import process_stat
 from ..serving.errors import ServingError
 from ..serving.trust import check_caller, deployment_secret
 from ..speculation.router import Route, Router
-from .io import Metrics, error_response, model_parameters, request_inputs, tensors
+from .io import Metrics, error_response, freeze_heap, model_parameters, request_inputs, tensors
 
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class RouterModel:
                                              "drafters' scores of the prompt (likelihood) or the classifier learnt "
                                              "from them (prompt_classifier)", by=by)
                           for by in (BY_SCORES, BY_CLASSIFIER)}
+        freeze_heap()
 
     def execute(self, requests):
         responses = []
