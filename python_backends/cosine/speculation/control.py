@@ -204,7 +204,6 @@ class SpeculationWindows:
         self.started = self.last_event = now
         # busy_s: seconds with an adaptive request active; request_s: active requests integrated over them
         self.tokens, self.busy_s, self.request_s = 0, 0.0, 0.0
-        self.settling_checked: int | None = None  # the load bucket _settle last asked about
 
     def advance(self, tokens: int = 0) -> None:
         """Call with the tokens emitted since the last call, before the number of active requests changes, and
@@ -249,10 +248,8 @@ class SpeculationWindows:
         window's load settles, it stops speculating as soon as the load then active would not speculate; it never
         starts: a burst ramps up through lower loads, and chosen for those (some never measured: the cost model's
         guess), c64 bursts speculated whole windows at 0.86x plain decoding."""
-        bucket = self.load_bucket(load)
-        if bucket in (self.plan[0], self.settling_checked):  # asked already: every token of every request comes here
+        if self.load_bucket(load) == self.plan[0]:
             return
-        self.settling_checked = bucket
         allowed, plan = self._next_allowed(load)
         if not allowed:
             self.plan, self.allowed = plan, False

@@ -239,4 +239,3 @@ class Metric:
             self.metric.set(value)
         for value in observed:
             self.metric.observe(value)
-
