@@ -9,6 +9,7 @@ from tiny_models import PROMPTS
 
 from cosine.engine.checkpoint import load_causal_lm
 from cosine.engine.engine import CausalLMEngine, StepRequest, StepResult
+from cosine.engine.sampling import SparseDistributions
 from cosine.serving import wire
 from cosine.serving.batching import CoalescingEngine, ReplicatedEngine
 from cosine.serving.errors import ServingError
@@ -154,7 +155,7 @@ def test_malformed_arrays_are_refused_naming_the_tensor_and_part():
 
 def test_a_step_is_a_few_tensors_whatever_it_carries():
     """Every tensor of a BLS call costs a trip through shared memory: a step travels as one per dtype."""
-    q = torch.tensor([[0.25, 0.75, 0.0]])
+    q = SparseDistributions.over_vocabulary(torch.tensor([[0.25, 0.75, 0.0]]))
     steps = [StepRequest(1, [5], DraftTree.chain([1]), draft_q=q, return_q=True), StepRequest(2, [6], release=True)]
     assert len(wire.pack_steps(steps)) == 3
     assert len(wire.pack_results([StepResult([3], [0.5], [[3]], [[0.5]], q=q), ValueError("bad")])) == 3
@@ -175,20 +176,22 @@ def test_q_travels_sparse_and_comes_back_exactly():
     generator = torch.Generator().manual_seed(0)
     q_a = _nucleus(torch.randn(3, 2048, generator=generator) * 4, 0.95)
     q_b = _nucleus(torch.randn(2, 2048, generator=generator) * 4, 0.95)
-    steps = [StepRequest(1, [5], DraftTree.chain([7, 8, 9]), draft_q=q_a),
+    sparse_a, sparse_b = SparseDistributions.over_vocabulary(q_a), SparseDistributions.over_vocabulary(q_b)
+    steps = [StepRequest(1, [5], DraftTree.chain([7, 8, 9]), draft_q=sparse_a),
              StepRequest(2, [6], DraftTree.chain([4])),
-             StepRequest(3, [7], DraftTree.chain([1, 2]), draft_q=q_b)]
+             StepRequest(3, [7], DraftTree.chain([1, 2]), draft_q=sparse_b)]
     arrays = wire.pack_steps(steps)
     back = wire.unpack_steps(arrays)
-    assert torch.equal(back[0].draft_q, q_a) and back[1].draft_q is None and torch.equal(back[2].draft_q, q_b)
+    assert torch.equal(back[0].draft_q.dense(), q_a) and torch.equal(back[2].draft_q.dense(), q_b)
+    assert back[1].draft_q is None and back[0].draft_q.vocab == 2048
     assert sum(array.nbytes for array in arrays.values()) * 10 < (q_a.numel() + q_b.numel()) * 4
-    results = [StepResult([3, 4, 5], [0.5] * 3, [[]] * 3, [[]] * 3, q=q_a), StepResult([2], [1.0], [[]], [[]])]
+    results = [StepResult([3, 4, 5], [0.5] * 3, [[]] * 3, [[]] * 3, q=sparse_a), StepResult([2], [1.0], [[]], [[]])]
     unpacked = wire.unpack_results(wire.pack_results(results), steps[:2], "drafter")
-    assert torch.equal(unpacked[0].q, q_a) and unpacked[1].q is None
+    assert torch.equal(unpacked[0].q.dense(), q_a) and unpacked[1].q is None
 
 
 def test_malformed_q_is_refused_naming_the_section():
-    q = torch.tensor([[0.25, 0.75, 0.0]])
+    q = SparseDistributions.over_vocabulary(torch.tensor([[0.25, 0.75, 0.0]]))
     arrays = wire.pack_steps([StepRequest(1, [5], DraftTree.chain([1]), draft_q=q)])
     ints = arrays["step_ints"]  # ... draft_q_counts [2], draft_q_ids [0, 1]; step_reals ends with draft_q_probs
     for name, broken, section in (("step_ints", np.append(ints[:-3], [3, 0, 1]), "draft_q_ids"),

@@ -10,7 +10,7 @@ from cosine.engine.checkpoint import CheckpointError, load_causal_lm, read_confi
 from cosine.engine.engine import Admission, CausalLMEngine, StepError, StepRequest, StepResult
 from cosine.engine.kv_cache import AdmissionError
 from cosine.engine import engine as engine_module, sampling
-from cosine.engine.sampling import SamplingParams
+from cosine.engine.sampling import SamplingParams, SparseDistributions
 from cosine.speculation.tree import DraftTree
 
 
@@ -135,7 +135,7 @@ def test_bad_steps_fail_alone(llama):
         StepRequest(6, [5], admission=Admission(10, SamplingParams(temperature=float("nan")))),
         StepRequest(7, [5]),
         StepRequest(8, [5], DraftTree.chain([1, 2]), admission=Admission(10, SamplingParams(1.0)),
-                    draft_q=torch.ones(2, 7)),
+                    draft_q=SparseDistributions.over_vocabulary(torch.ones(2, 7) / 7)),
     ])
     assert results[0].tokens
     messages = [str(r) for r in results[1:]]
@@ -190,16 +190,18 @@ def test_drafting_extra_tokens_matches_step_by_step_and_rolls_back(llama):
 @pytest.mark.parametrize("masks_laid_out", [None, 1, 2])
 def test_sequences_drafting_unequal_lengths_in_one_step_draft_what_each_drafts_alone(llama, monkeypatch,
                                                                                      masks_laid_out):
-    """One step where sequences draft 2, 5 and 0 extra tokens (a greedy one, a sampling one returning q): the drafting
-    loop drops each sequence once it has drafted its tokens, and nobody's tokens, probabilities or q change. The
+    """One step where sequences draft 2, 5, 0 and 3 extra tokens (a greedy one, two sampling ones returning q, one
+    over the vocabulary, one held on its top-p candidates): the drafting loop drops each sequence once it has drafted
+    its tokens, and nobody's tokens, probabilities or q change (the q rows come back grouped by sequence). The
     longest prompt drafts fewest: the loop must not lay out its positions past its own keys. masks_laid_out: the
     positions whose attention masks the step lays out at a time (None: as many as the default budget allows, all)."""
     model = load_causal_lm(llama)
-    prompts = encode(llama, [PROMPTS[0] * 4, *PROMPTS[1:3]])
-    params, extras = [SamplingParams(), SamplingParams(1.0, seed=5), SamplingParams()], [2, 5, 0]
-    if masks_laid_out:  # the step's mask bytes per position: 2 drafting sequences x its keys x 4 bytes
+    prompts = encode(llama, [PROMPTS[0] * 4, *PROMPTS[1:4]])
+    params = [SamplingParams(), SamplingParams(1.0, seed=5), SamplingParams(), SamplingParams(0.8, top_p=0.5, seed=6)]
+    extras = [2, 5, 0, 3]
+    if masks_laid_out:  # the step's mask bytes per position: 3 drafting sequences x its keys x 4 bytes
         keys = max(len(prompt) + extra for prompt, extra in zip(prompts, extras) if extra)
-        monkeypatch.setattr(engine_module, "MASK_LAYOUT_BYTES", masks_laid_out * 2 * keys * 4)
+        monkeypatch.setattr(engine_module, "MASK_LAYOUT_BYTES", masks_laid_out * 3 * keys * 4)
     laid_out = []  # positions per drafting mask layout ([members, positions, keys]; verification's masks are 4-D)
     additive = CausalLMEngine._additive
 
@@ -214,7 +216,7 @@ def test_sequences_drafting_unequal_lengths_in_one_step_draft_what_each_drafts_a
             StepRequest(i, prompts[i], admission=Admission(20, params[i]), extra_tokens=extras[i], candidates=2,
                         return_q=True) for i in indices])
 
-    together = step(range(3))
+    together = step(range(4))
     assert max(laid_out) == (masks_laid_out or max(extras))  # the layout the budget asked for happened
     for i, result in enumerate(together):
         alone = step([i])[0]
@@ -223,8 +225,8 @@ def test_sequences_drafting_unequal_lengths_in_one_step_draft_what_each_drafts_a
         if params[i].greedy:
             assert result.q is None
         else:
-            assert result.q.shape == (1 + extras[i], model.config.vocab_size)
-            assert torch.allclose(result.q, alone.q, atol=1e-6)
+            assert (len(result.q), result.q.vocab) == (1 + extras[i], model.config.vocab_size)
+            assert torch.allclose(result.q.dense(), alone.q.dense(), atol=1e-6)
 
 
 def test_min_length_bans_the_end_token_like_transformers(llama):
@@ -255,8 +257,9 @@ def test_a_sampling_drafter_returns_its_q_and_the_target_accepts_with_it(llama):
     for _ in range(4):
         keep = next((i for i, (a, b) in enumerate(zip(cached, context)) if a != b), min(len(cached), len(context)))
         draft = drafter.step([StepRequest(1, context[keep:], keep_length=keep, extra_tokens=5, return_q=True)])[0]
-        assert draft.q.shape == (6, vocab) and torch.allclose(draft.q.sum(-1), torch.ones(6))
-        assert [float(draft.q[i, t]) for i, t in enumerate(draft.tokens)] == pytest.approx(draft.probs)
+        q = draft.q.dense()
+        assert q.shape == (6, vocab) and torch.allclose(q.sum(-1), torch.ones(6))
+        assert [float(q[i, t]) for i, t in enumerate(draft.tokens)] == pytest.approx(draft.probs)
         emitted = target.step([StepRequest(1, context[-1:], DraftTree.chain(draft.tokens), draft_q=draft.q)])[
             0].tokens
         cached = context + draft.tokens[:-1]
@@ -311,8 +314,16 @@ def test_sampling_distributions_equal_transformers_warpers_on_every_path(monkeyp
                        for i in range(len(settings))])
     def proposed(rows):  # a drafter's: the same, held on each row's support
         ids, held = sampling.proposal(logits[rows], temperature[rows], top_k[rows], top_p[rows])
-        return torch.zeros_like(expected[rows]).scatter_(1, ids, held)
+        return (SparseDistributions.over_vocabulary(held) if ids is None
+                else SparseDistributions.held(vocab, ids, held)).dense()
     proposed_alone = torch.cat([proposed(slice(i, i + 1)) for i in range(len(settings))])
+    # a drafter's draw depends on its row alone (the token for a uniform, not only its distribution)
+    uniforms = torch.rand(len(settings), generator=generator)
+    drawn = sampling.draw(*sampling.proposal(logits, temperature, top_k, top_p), uniforms)[0]
+    for i in range(len(settings)):
+        row = slice(i, i + 1)
+        assert drawn[i] == sampling.draw(*sampling.proposal(logits[row], temperature[row], top_k[row], top_p[row]),
+                                         uniforms[row])[0]
     for probs in (batched, alone, proposed(slice(None)), proposed_alone):
         assert torch.equal(probs > 0, expected > 0)
         torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)

@@ -8,6 +8,7 @@ host synchronisation at the end of the step. Only the accepted path stays in the
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from ..speculation.acceptance import FlatDrafts, accept
 from ..speculation.tree import DraftTree
 from .checkpoint import max_context_tokens
 from .kv_cache import AdmissionError, KVCachePool, SequenceCache
-from .sampling import InvalidParameter, SamplingParams, draw, probabilities, proposal
+from .sampling import InvalidParameter, SamplingParams, SparseDistributions, draw, probabilities, proposal
 
 
 def use_step_attention(device: torch.device | str) -> None:
@@ -69,8 +70,8 @@ class StepRequest:
     candidates: int = 0  # top candidates to report per emitted position
     score_input: bool = False  # report the mean log-probability of input_ids[1:]
     release: bool = False  # free the sequence instead (everything else is ignored)
-    # [len(draft), vocab] the distribution each draft node was sampled from (None: the draft is deterministic)
-    draft_q: torch.Tensor | None = None
+    # one row per draft node: the distribution it was sampled from (None: the draft is deterministic)
+    draft_q: SparseDistributions | None = None
     return_q: bool = False  # a sampling drafter: also return the distribution each emitted token was drawn from
 
 
@@ -81,7 +82,7 @@ class StepResult:
     top_ids: list[list[int]]  # per emitted position, `candidates` most likely tokens (untempered softmax)
     top_probs: list[list[float]]
     input_logprob: float = 0.0
-    q: torch.Tensor | None = None  # [emitted, vocab] on the host, when return_q and the sequence samples
+    q: SparseDistributions | None = None  # one row per emitted token, on the host: when return_q and it samples
 
 
 @dataclass
@@ -267,9 +268,10 @@ class CausalLMEngine:
             raise StepError(f"extra_tokens must be in [0, {self.max_draft_tokens}], got {request.extra_tokens}")
         if not 0 <= request.candidates <= self.vocab_size:
             raise StepError(f"num_candidates must be in [0, {self.vocab_size}], got {request.candidates}")
-        if request.draft_q is not None and tuple(request.draft_q.shape) != (len(request.draft), self.vocab_size):
-            raise StepError(f"draft_q: expected {len(request.draft)} rows of {self.vocab_size} probabilities, got "
-                            f"shape {list(request.draft_q.shape)}")
+        q = request.draft_q
+        if q is not None and (len(q), q.vocab) != (len(request.draft), self.vocab_size):
+            raise StepError(f"draft_q: expected {len(request.draft)} rows over {self.vocab_size} tokens, got "
+                            f"{len(q)} over {q.vocab}")
         if request.return_q and len(request.draft):
             raise StepError("return_q: only for drafting steps (no draft_ids)")
         if not request.input_ids:
@@ -384,10 +386,10 @@ class CausalLMEngine:
         if top is not None:
             parts += [top.indices, top.values]
         parts += extra
-        if returning_q:  # [q rows, vocab]: the bonus's distributions, then each drafting position's
-            parts.append(torch.cat([verdict.bonus_distribution[returning_q],
-                                    *(torch.zeros(len(q), logits.shape[-1], device=device).scatter_(1, ids, q)
-                                      for _, ids, q in extra_q)]))
+        q_parts = len(parts)
+        if returning_q:  # the bonus's distributions over the vocabulary, then each drafting position's as held
+            parts.append(verdict.bonus_distribution[returning_q])
+            parts += [tensor for _, ids, q in extra_q for tensor in ((q,) if ids is None else (ids, q))]
         host = torch.cat([part.double().reshape(-1) for part in parts]).cpu()
         sizes = [part.numel() for part in parts]
         values = host.split(sizes)
@@ -395,14 +397,8 @@ class CausalLMEngine:
             values[i].tolist() for i in range(7))
         top_ids = values[7].view(-1, candidates).long().tolist() if top is not None else None
         top_probs = values[8].view(-1, candidates).tolist() if top is not None else None
-        extra_host = [values[i] for i in range(9 if top is not None else 7, len(parts) - bool(returning_q))]
-        if returning_q:
-            q_rows = values[-1].float().view(-1, logits.shape[-1]).split(
-                [len(returning_q)] + [len(owners) for owners, *_ in extra_q])
-            q_by_sequence = {b: [row] for b, row in zip(returning_q, q_rows[0])}
-            for (owners, *_), rows in zip(extra_q, q_rows[1:]):
-                for b, row in zip(owners, rows):
-                    q_by_sequence[b].append(row)
+        extra_host = [values[i] for i in range(9 if top is not None else 7, q_parts)]
+        q_by_sequence = self._returned_q(returning_q, extra_q, values[q_parts:], logits.shape[-1])
 
         results = []
         first_node, root_row = 0, 0
@@ -418,11 +414,40 @@ class CausalLMEngine:
             result = StepResult(tokens, probs_out, [top_ids[r][:c] if c else [] for r in emitted_rows],
                                 [top_probs[r][:c] if c else [] for r in emitted_rows], score[b])
             sequence.cache.length = start + len(request.input_ids) + int(accepted_count[b]) + request.extra_tokens
-            if returning_q and b in q_by_sequence:
-                result.q = torch.stack(q_by_sequence[b])
+            result.q = q_by_sequence.get(b)
             results.append(result)
         self._add_extra_tokens(batch, results, extra_host, candidates)
         return results
+
+    @staticmethod
+    def _returned_q(returning: list[int], extra_q, values: list[torch.Tensor],
+                    vocab: int) -> dict[int, SparseDistributions]:
+        """Per returning sequence its q, one row per emitted token, from the host's copy of the step's q parts: the
+        bonus rows over the vocabulary ([returning, vocab]), then per drafting position its rows as `proposal`
+        held them (ids, unless None, then probabilities)."""
+        if not returning:
+            return {}
+        values = iter(values)
+        bonus = next(values).view(len(returning), vocab)
+        rows = [SparseDistributions.over_vocabulary(bonus)]
+        owners = [torch.tensor(returning)]
+        for members, ids, _ in extra_q:
+            ids = None if ids is None else next(values).long()
+            probs = next(values).view(len(members), -1)
+            rows.append(SparseDistributions.over_vocabulary(probs) if ids is None
+                        else SparseDistributions.held(vocab, ids.view_as(probs), probs))
+            owners.append(torch.tensor(members))
+        q, owner = SparseDistributions.cat(rows), torch.cat(owners)
+        if len(returning) > 1:  # each sequence's rows together, in emission order: a stable sort by owner
+            order = owner.argsort(stable=True)
+            counts = q.counts[order]
+            # entry e of the grouped rows is entry e - (its row's start there) + (that row's start in q)
+            shift = q.counts.cumsum(0)[order] - counts - (counts.cumsum(0) - counts)
+            entries = torch.arange(len(q.ids)) + torch.repeat_interleave(shift, counts)
+            q = SparseDistributions(vocab, counts, q.ids[entries], q.probs[entries])
+        per_sequence = torch.bincount(owner, minlength=returning[-1] + 1)[returning].tolist()
+        starts = [0, *itertools.accumulate(per_sequence)]
+        return {b: q[start:stop] for b, start, stop in zip(returning, starts, starts[1:])}
 
     def _groups(self, batch, starts: list[int], table: torch.Tensor) -> list[_AttentionGroup]:
         """Attention groups: long queries (prefills) apart; short ones (decoding, verification) in buckets of
@@ -557,10 +582,12 @@ class CausalLMEngine:
         """([nodes, vocab] each node's q, [nodes] whether it has one), or (None, None) when no draft has q."""
         if all(request.draft_q is None for request, _ in batch):
             return None, None
-        rows = [request.draft_q if request.draft_q is not None else torch.zeros(len(request.draft), vocab)
+        rows = [request.draft_q if request.draft_q is not None  # else rows without entries
+                else SparseDistributions.held(vocab, torch.zeros(len(request.draft), 0, dtype=torch.long),
+                                              torch.zeros(len(request.draft), 0))
                 for request, _ in batch]
         has_q = [request.draft_q is not None for request, _ in batch for _ in range(len(request.draft))]
-        return torch.cat(rows).to(self.device, torch.float32), torch.tensor(has_q, device=self.device)
+        return SparseDistributions.cat(rows).dense(self.device), torch.tensor(has_q, device=self.device)
 
     @staticmethod
     def _uniforms(batch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -602,8 +629,8 @@ class CausalLMEngine:
         per position for all of them, tokens staying on the device. What does not change from one position to the
         next (key slots, sampling parameters, end bans, uniforms) is laid out once. Returns, per position, [tokens,
         probs] (+ [top ids, top probs]) of the sequences still drafting there, and per position (the `returning_q`
-        sequences drafting there, the distributions they drew from as `proposal` holds them: [those, width] ids and
-        probabilities)."""
+        sequences drafting there, the distributions they drew from as `proposal` holds them: [those, width] ids, None
+        for the vocabulary in order, and [those, width] probabilities)."""
         drafting = [b for b, (request, _) in enumerate(batch) if request.extra_tokens]  # "members", in this order
         out, q_out = [], []
         if not drafting:
@@ -656,7 +683,8 @@ class CausalLMEngine:
                 chosen_prob = torch.where(pick(sampled_rows), drawn_prob, chosen_prob)
                 owners = [k for k, i in enumerate(active) if i in returning]
                 if owners:
-                    q_out.append(([drafting[active[k]] for k in owners], ids[owners], q[owners]))
+                    q_out.append(([drafting[active[k]] for k in owners], None if ids is None else ids[owners],
+                                  q[owners]))
             out += [chosen, chosen_prob]
             if candidates:
                 top = torch.softmax(logits, -1).topk(candidates)

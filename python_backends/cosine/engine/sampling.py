@@ -48,8 +48,65 @@ class SamplingParams:
         return generator
 
 
+@dataclass(frozen=True)
+class SparseDistributions:
+    """Rows of distributions over a vocabulary, held on their supports: a sampled draft's q as it goes from the
+    drafter's step to the target's acceptance (a top-k / top-p distribution is zero elsewhere; 12 positions of q
+    over 151,936 tokens are 14.6 MB dense in float64). Row r holds probs at ids in entries [offsets[r],
+    offsets[r + 1]), offsets the cumulative counts; an entry's probability may be 0."""
+    vocab: int
+    counts: torch.Tensor  # [rows] int64: entries per row
+    ids: torch.Tensor  # [entries] int64 token ids in [0, vocab)
+    probs: torch.Tensor  # [entries] float32
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    @classmethod
+    def held(cls, vocab: int, ids: torch.Tensor, probs: torch.Tensor) -> "SparseDistributions":
+        """From [rows, width] ids and probabilities (a `proposal`'s), without the zero entries."""
+        kept = probs > 0
+        return cls(vocab, kept.sum(1), ids[kept], probs[kept].float())
+
+    @classmethod
+    def over_vocabulary(cls, probs: torch.Tensor) -> "SparseDistributions":
+        """From [rows, vocab] probabilities in id order, zero entries dropped if there are any (a distribution without
+        top-k or top-p has none: checking costs less than picking the rest)."""
+        rows, vocab = probs.shape
+        ids = torch.arange(vocab, device=probs.device)
+        if bool((probs > 0).all()):
+            return cls(vocab, torch.full((rows,), vocab), ids.repeat(rows), probs.float().reshape(-1))
+        return cls.held(vocab, ids.expand_as(probs), probs)
+
+    @classmethod
+    def cat(cls, parts: list["SparseDistributions"]) -> "SparseDistributions":
+        """The rows of every part, in order (all over one vocabulary)."""
+        return cls(parts[0].vocab, *(torch.cat([getattr(part, name) for part in parts])
+                                     for name in ("counts", "ids", "probs")))
+
+    def __getitem__(self, rows: slice) -> "SparseDistributions":
+        start, stop, _ = rows.indices(len(self))
+        offsets = self.counts[:stop].cumsum(0).tolist()
+        first, last = (offsets[start - 1] if start else 0), (offsets[-1] if stop else 0)
+        return SparseDistributions(self.vocab, self.counts[start:stop], self.ids[first:last], self.probs[first:last])
+
+    def dense(self, device=None) -> torch.Tensor:
+        """[rows, vocab] float32."""
+        out = torch.zeros(len(self), self.vocab, device=device)
+        rows = torch.repeat_interleave(torch.arange(len(self), device=device), self.counts.to(device))
+        out[rows, self.ids.to(device)] = self.probs.to(device)
+        return out
+
+
 CANDIDATES = 64  # the most likely tokens of a row that a CPU sorts before its whole vocabulary
-WIDENING = 8  # rows whose top-p support is beyond CANDIDATES try this many times as many before sorting everything
+WIDENING = 8  # rows whose top-p support is beyond CANDIDATES try this many times as many, twice, before sorting all
+
+
+def _widths(vocab: int) -> list[int]:
+    """The candidate counts a CPU tries for a row's support, the last its whole vocabulary. One row of 151,936
+    logits: its top 64 / 512 / 4,096 take 0.34 / 0.54 / 1.4 ms, a sort 9.2 ms."""
+    return [width for width in (CANDIDATES, CANDIDATES * WIDENING, CANDIDATES * WIDENING ** 2) if width < vocab] + [
+        vocab]
 
 
 def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -59,24 +116,25 @@ def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     Sorting the vocabulary is what costs on a CPU (2,048 logits: 58 us a row). So a row is computed from its
     CANDIDATES most likely tokens when its top-k / top-p support lies within them (a top_k up to that, or a top_p
     those tokens reach: 90% of the demo target's rows at temperature 0.8, top_p 0.95), else from WIDENING times as
-    many (99.5%), and only the rest sort the whole vocabulary. On the demo models' rows, with the normaliser below:
-    a drafting position's row 108 -> 95 us, a verification's 13 rows 0.93 -> 0.68 ms against sorting every row
-    beyond 64. On a GPU every row sorts it: that is cheap there, and the host synchronisation that choosing takes
-    is not.
+    many (99.5%), then as many again (`_widths`), and only the rest sort the whole vocabulary. On the demo models'
+    rows, with the normaliser below: a drafting position's row 108 -> 95 us, a verification's 13 rows 0.93 -> 0.68
+    ms against sorting every row beyond 64. On a GPU every row sorts it: that is cheap there, and the host
+    synchronisation that choosing takes is not.
 
     logits: [rows, vocab]; temperature, top_p: [rows] float; top_k: [rows] int64, 0 = no filter."""
     scaled, top_k = _tempered(logits, temperature, top_k)
     vocab = scaled.shape[-1]
     if scaled.is_cuda:
         return _scattered(scaled, *_from_candidates(scaled, vocab, top_k, top_p)[:2])
-    ids, sorted_probs, exact = _from_candidates(scaled, min(CANDIDATES, vocab), top_k, top_p)
+    widths = _widths(vocab)
+    ids, sorted_probs, exact = _from_candidates(scaled, widths[0], top_k, top_p)
     probs = _scattered(scaled, ids, sorted_probs)
     if bool(exact.all()):
         return probs
     unfiltered = (top_k == vocab) & (top_p >= 1.0)
     probs[unfiltered] = torch.softmax(scaled[unfiltered], dim=-1)
     slow = (~exact & ~unfiltered).nonzero()[:, 0]
-    for candidates in (min(CANDIDATES * WIDENING, vocab), vocab):
+    for candidates in widths[1:]:
         if not slow.numel():
             break
         ids, sorted_probs, exact = _from_candidates(scaled[slow], candidates, top_k[slow], top_p[slow])
@@ -86,37 +144,55 @@ def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 
 
 def proposal(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-             top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distributions of `probabilities`, held on each row's likeliest tokens: ([rows, width] token ids, [rows,
-    width] their probabilities, zero past the row's support), width CANDIDATES or WIDENING times as many where those
-    hold every row's support, else the vocabulary (ids in order; rows without top-k or top-p are not sorted). A
-    drafting position draws from this and reports it without laying the vocabulary out: one row with its draw took
+             top_p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The distributions of `probabilities`, held so that a draw from a row depends on that row alone, not on the
+    rows batched beside it: ([rows, width] token ids, or None for every row's vocabulary in id order, and [rows,
+    width] their probabilities). A row with top-k or top-p holds its support in descending order, from as many of
+    its likeliest tokens as its support needs (`_widths`); a row without either holds its vocabulary in id order
+    (unsorted). Past a row's support its entries have probability 0 and any id. On a GPU every row holds the
+    vocabulary in id order (a sort is cheap there, and choosing the width takes a host synchronisation).
+    A drafting position draws from this and reports it without laying the vocabulary out: one row with its draw took
     0.91x the time of `probabilities` and a draw over the vocabulary at 2,048 tokens, 0.74x at 32,000 and 0.66x at
     151,936 (T 0.8, top_p 0.95), 0.35-0.46x without top-k or top-p (the two interleaved, medians of 400, one thread,
     this CPU). Arguments as `probabilities`'."""
     tempered, bounded_top_k = _tempered(logits, temperature, top_k)
-    vocab = tempered.shape[-1]
+    rows, vocab = tempered.shape
+    if tempered.is_cuda:
+        return None, probabilities(logits, temperature, top_k, top_p)
+    unfiltered = (bounded_top_k == vocab) & (top_p >= 1.0)  # the support is the vocabulary
+    if bool(unfiltered.all()):
+        return None, torch.softmax(tempered, dim=-1)
+    mixed = bool(unfiltered.any())
+    pending = (~unfiltered).nonzero()[:, 0] if mixed else None  # rows still to hold; None: every row
+    stages = []  # (rows, their ids, their probabilities)
+    for width in _widths(vocab):
+        part = slice(None) if pending is None else pending
+        ids, probs, exact = _from_candidates(tempered[part], width, bounded_top_k[part], top_p[part])
+        if pending is None and bool(exact.all()):
+            return ids, probs
+        if pending is None:
+            pending = torch.arange(rows)
+        stages.append((pending[exact], ids[exact], probs[exact]))
+        pending = pending[~exact]
+        if not pending.numel():
+            break
+    width = vocab if mixed else stages[-1][1].shape[1]
+    held_ids = torch.zeros(rows, width, dtype=torch.long)
+    held = torch.zeros(rows, width)
+    if mixed:
+        held_ids[unfiltered] = torch.arange(vocab)
+        held[unfiltered] = torch.softmax(tempered[unfiltered], dim=-1)
+    for stage_rows, ids, probs in stages:
+        held_ids[stage_rows, :ids.shape[1]] = ids
+        held[stage_rows, :ids.shape[1]] = probs
+    return held_ids, held
 
-    def over_vocabulary(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.arange(vocab, device=probs.device).expand(probs.shape[0], vocab), probs
-    if not tempered.is_cuda:
-        unfiltered = (bounded_top_k == vocab) & (top_p >= 1.0)  # the support is the vocabulary
-        if bool(unfiltered.all()):
-            return over_vocabulary(torch.softmax(tempered, dim=-1))
-        if not bool(unfiltered.any()):
-            for width in (CANDIDATES, CANDIDATES * WIDENING):
-                if width >= vocab:
-                    break
-                ids, sorted_probs, exact = _from_candidates(tempered, width, bounded_top_k, top_p)
-                if bool(exact.all()):
-                    return ids, sorted_probs
-    return over_vocabulary(probabilities(logits, temperature, top_k, top_p))
 
-
-def draw(ids: torch.Tensor, probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of a `proposal` (ids, probs: [rows, width]) and its probability ([rows] each)."""
+def draw(ids: torch.Tensor | None, probs: torch.Tensor,
+         uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of a `proposal` (ids, probs) and its probability ([rows] each)."""
     index = sample(probs, uniforms)[:, None]
-    return ids.gather(1, index)[:, 0], probs.gather(1, index)[:, 0]
+    return (index if ids is None else ids.gather(1, index))[:, 0], probs.gather(1, index)[:, 0]
 
 
 def _tempered(logits: torch.Tensor, temperature: torch.Tensor,

@@ -4,6 +4,8 @@ Both sides of a call use it (the `cosine` process packs steps and unpacks result
 so the flattening is written once. Arrays carry no batch dimension here; the transport adds it."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -11,7 +13,7 @@ from ..contract import (ENGINE, RESULT_ERRORS, RESULT_INTS, RESULT_REALS, STEP_I
                         PackedTensor)
 from ..engine.engine import Admission, StepRequest, StepResult
 from ..engine.kv_cache import AdmissionError
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import SamplingParams, SparseDistributions
 from ..speculation.tree import DraftTree
 from .errors import ServingError
 
@@ -71,22 +73,19 @@ def _lengths(reader: _Reader, header: dict[str, np.ndarray], name: str) -> np.nd
     return lengths
 
 
-def _sparse_q(q: list[torch.Tensor | None]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-    """Per sequence its q ([rows, vocab], or None) as (per sequence its vocabulary size or 0, per row its entries,
-    the entries' token ids, their values): a sampled q is zero outside its top-k / top-p support, so only that travels
-    (lossless)."""
+def _flat_q(q: list[SparseDistributions | None]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """Per sequence its q (or None) as (per sequence its vocabulary size or 0, per row its entries, the entries'
+    token ids, their values)."""
     present = [rows for rows in q if rows is not None]
     if not present:  # greedy: no tensor operations (their fixed cost is on every call's path)
         return [0] * len(q), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    dense = torch.cat(present)
-    row, column = dense.nonzero(as_tuple=True)  # row-major: each row's entries together, in order
-    return ([0 if rows is None else rows.shape[1] for rows in q], torch.bincount(row, minlength=len(dense)).numpy(),
-            column.numpy(), dense[row, column].numpy())
+    flat = SparseDistributions.cat(present)
+    return [0 if rows is None else rows.vocab for rows in q], flat.counts.numpy(), flat.ids.numpy(), flat.probs.numpy()
 
 
-def _dense_q(vocab: np.ndarray, rows: np.ndarray, ints: _Reader, reals: _Reader,
-             sections: tuple[str, str, str]) -> list[torch.Tensor | None]:
-    """The inverse of _sparse_q, read off the tensors' sections (counts, ids, probs), given each sequence's vocabulary
+def _read_q(vocab: np.ndarray, rows: np.ndarray, ints: _Reader, reals: _Reader,
+            sections: tuple[str, str, str]) -> list[SparseDistributions | None]:
+    """The inverse of _flat_q, read off the tensors' sections (counts, ids, probs), given each sequence's vocabulary
     size and row count; raises ValueError naming the section."""
     counts_name, ids_name, probs_name = sections
     rows = np.where(vocab > 0, rows, 0).astype(np.int64)
@@ -101,17 +100,16 @@ def _dense_q(vocab: np.ndarray, rows: np.ndarray, ints: _Reader, reals: _Reader,
     width_of_row = np.repeat(vocab, rows)
     if len(ids) and not ((ids >= 0) & (ids < width_of_row[row_of_entry])).all():
         raise ValueError(f"{ints.tensor}: {ids_name}: token ids must be in [0, the sequence's q vocabulary)")
-    # every sequence's rows in one tensor, as wide as the widest vocabulary; each takes its rows and columns
-    dense = torch.zeros(len(counts), int(vocab.max(initial=0)))
-    dense[torch.from_numpy(row_of_entry), torch.from_numpy(ids)] = torch.from_numpy(probs)
-    blocks = iter(dense.split(rows[rows > 0].tolist()))
-    return [next(blocks)[:, :width] if n else None for n, width in zip(rows.tolist(), vocab.tolist())]
+    q = SparseDistributions(0, *map(torch.from_numpy, (counts, ids, probs)))
+    starts = np.concatenate([[0], np.cumsum(rows)]).tolist()
+    return [dataclasses.replace(q[start:stop], vocab=width) if stop > start else None
+            for start, stop, width in zip(starts, starts[1:], vocab.tolist())]
 
 
 def pack_steps(steps: list[StepRequest]) -> dict[str, np.ndarray]:
     admissions = [step.admission for step in steps]
     params = [a.params if a else SamplingParams() for a in admissions]
-    q_vocab, q_counts, q_ids, q_probs = _sparse_q([s.draft_q for s in steps])
+    q_vocab, q_counts, q_ids, q_probs = _flat_q([s.draft_q for s in steps])
     fields = [dict(input_length=len(s.input_ids), draft_length=len(s.draft),
                    keep_length=NO_VALUE if s.keep_length is None else s.keep_length, extra_tokens=s.extra_tokens,
                    num_candidates=s.candidates, score_input=s.score_input, release=s.release, return_q=s.return_q,
@@ -144,7 +142,7 @@ def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
     inputs = ints.split("input_ids", input_lengths)
     draft_ids = ints.split("draft_ids", draft_lengths)
     draft_parents = ints.split("draft_parents", draft_lengths)
-    draft_q = _dense_q(fields["draft_q_vocab"], draft_lengths, ints, reals,
+    draft_q = _read_q(fields["draft_q_vocab"], draft_lengths, ints, reals,
                        ("draft_q_counts", "draft_q_ids", "draft_q_probs"))
     ints.end()
     reals.end()
@@ -177,7 +175,7 @@ def error_kind(error: Exception) -> str:
 
 def pack_results(results: list[StepResult | Exception]) -> dict[str, np.ndarray]:
     done = [r if isinstance(r, StepResult) else StepResult([], [], [], []) for r in results]
-    q_vocab, q_counts, q_ids, q_probs = _sparse_q([r.q for r in done])
+    q_vocab, q_counts, q_ids, q_probs = _flat_q([r.q for r in done])
     fields = [dict(output_length=len(r.tokens), q_rows=0 if r.q is None else len(r.q), q_vocab=vocab)
               for r, vocab in zip(done, q_vocab)]
     errors = [("", "") if isinstance(r, StepResult) else (error_kind(r), str(r)) for r in results]
@@ -202,7 +200,7 @@ def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
     tokens, top_ids = ints.split("output_ids", lengths), ints.split("top_ids", lengths * widths)
     probs, top_probs = reals.split("output_probs", lengths), reals.split("top_probs", lengths * widths)
     input_logprob = reals.take("input_logprob", n)
-    q = _dense_q(fields["q_vocab"], fields["q_rows"], ints, reals,
+    q = _read_q(fields["q_vocab"], fields["q_rows"], ints, reals,
                  ("output_q_counts", "output_q_ids", "output_q_probs"))
     ints.end()
     reals.end()

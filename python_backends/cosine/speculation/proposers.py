@@ -13,8 +13,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
+from ..engine.sampling import SparseDistributions
 from .control import AcceptanceTracker, LoadMonitor, SpeculationController, expected_tokens
 from .fusion import Candidate, TreeBuilder, merge_chains
 from .router import Route
@@ -60,9 +59,9 @@ class DraftOrigin(str, enum.Enum):
 class Draft:
     tree: DraftTree
     sources: tuple[str, ...]  # per node: the drafter that proposed it
-    # [nodes, vocab] the distribution each node was sampled from; None: the nodes are deterministic functions of
-    # the context (greedy drafting, argmax fusion, merged chains), which acceptance treats as q one-hot
-    q: torch.Tensor | None = None
+    # one row per node: the distribution it was sampled from; None: the nodes are deterministic functions of the
+    # context (greedy drafting, argmax fusion, merged chains), which acceptance treats as q one-hot
+    q: SparseDistributions | None = None
     origin: DraftOrigin = DraftOrigin.ALONE
     # a draft made ahead for this round assumed a context that did not happen (a pipelining miss) and was dropped
     dropped_ahead: bool = False
@@ -330,7 +329,7 @@ class FusionProposer(Proposer):
         if not builder.tokens:
             return None
         # every node a draw from its q, or the draft counts as deterministic (exact either way, see acceptance)
-        q = torch.stack(q_rows) if samples and len(q_rows) == len(builder.tokens) else None
+        q = SparseDistributions.cat(q_rows) if samples and sum(map(len, q_rows)) == len(builder.tokens) else None
         return Draft(builder.tree(), tuple(builder.sources), q, origin, dropped_ahead)
 
     def _fused_drafting_pays(self, load: float, tree_factor: float) -> bool:
@@ -366,7 +365,7 @@ class FusionProposer(Proposer):
                                                      Candidate(token, 0.0, session.name)))
             self.top_tokens.append({session.name: top_ids[0]})
         if result.q is not None:
-            q_rows += list(result.q[positions])
+            q_rows.append(result.q[positions])
 
     def draft_ahead(self, draft: Draft, context: list[int], budget: int) -> None:
         """Pipelined drafting, called while the target verifies `draft`: the lone drafter drafts the next
@@ -414,7 +413,7 @@ class FusionProposer(Proposer):
             winner = None
             if drawn.q is not None:
                 winner = Candidate(drawn.tokens[0], drawn.probs[0], leader.name)
-                q_rows.append(drawn.q[0])
+                q_rows.append(drawn.q[:1])
             path.append(builder.add_step(candidates, winner).token)
 
     def observe(self, draft: Draft, accepted: list[int], emitted: list[int]) -> None:
