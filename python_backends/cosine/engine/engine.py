@@ -387,9 +387,8 @@ class CausalLMEngine:
             parts += [top.indices, top.values]
         parts += extra
         q_parts = len(parts)
-        if returning_q:  # the bonus's distributions over the vocabulary, then each drafting position's as held
-            parts.append(verdict.bonus_distribution[returning_q])
-            parts += [tensor for _, ids, q in extra_q for tensor in ((q,) if ids is None else (ids, q))]
+        if returning_q:  # the bonus's distributions over the vocabulary, then the drafting positions' as held
+            parts += [verdict.bonus_distribution[returning_q], *self._drafted_q(extra_q)]
         host = torch.cat([part.double().reshape(-1) for part in parts]).cpu()
         sizes = [part.numel() for part in parts]
         values = host.split(sizes)
@@ -419,25 +418,38 @@ class CausalLMEngine:
         self._add_extra_tokens(batch, results, extra_host, candidates)
         return results
 
+    def _drafted_q(self, extra_q) -> list[torch.Tensor]:
+        """The drafting positions' q rows in one block, on the device: [rows, width] ids (left out when every row holds
+        the vocabulary in id order) and [rows, width] probabilities, narrower rows padded with probability 0."""
+        if not extra_q:
+            return []
+        width = max(q.shape[1] for *_, q in extra_q)
+        widened = lambda t: t if t.shape[1] == width else F.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        probs = torch.cat([widened(q) for *_, q in extra_q])
+        if all(ids is None for _, ids, _ in extra_q):
+            return [probs]
+        in_order = torch.arange(self.vocab_size, device=self.device)
+        return [torch.cat([widened(in_order.expand(len(q), -1) if ids is None else ids) for _, ids, q in extra_q]),
+                probs]
+
     @staticmethod
     def _returned_q(returning: list[int], extra_q, values: list[torch.Tensor],
                     vocab: int) -> dict[int, SparseDistributions]:
-        """Per returning sequence its q, one row per emitted token, from the host's copy of the step's q parts: the
-        bonus rows over the vocabulary ([returning, vocab]), then per drafting position its rows as `proposal`
-        held them (ids, unless None, then probabilities)."""
+        """Per returning sequence its q, one row per emitted token, from the host's copy of the step's q parts (the
+        bonus rows over the vocabulary, then what _drafted_q gives)."""
         if not returning:
             return {}
         values = iter(values)
-        bonus = next(values).view(len(returning), vocab)
-        rows = [SparseDistributions.over_vocabulary(bonus)]
-        owners = [torch.tensor(returning)]
-        for members, ids, _ in extra_q:
-            ids = None if ids is None else next(values).long()
-            probs = next(values).view(len(members), -1)
+        rows = [SparseDistributions.over_vocabulary(next(values).view(len(returning), vocab))]
+        owners = list(returning)
+        if extra_q:
+            drafted = [b for members, *_ in extra_q for b in members]
+            ids = None if all(ids is None for _, ids, _ in extra_q) else next(values).long().view(len(drafted), -1)
+            probs = next(values).view(len(drafted), -1)
             rows.append(SparseDistributions.over_vocabulary(probs) if ids is None
-                        else SparseDistributions.held(vocab, ids.view_as(probs), probs))
-            owners.append(torch.tensor(members))
-        q, owner = SparseDistributions.cat(rows), torch.cat(owners)
+                        else SparseDistributions.held(vocab, ids, probs))
+            owners += drafted
+        q, owner = SparseDistributions.cat(rows), torch.tensor(owners)
         if len(returning) > 1:  # each sequence's rows together, in emission order: a stable sort by owner
             order = owner.argsort(stable=True)
             counts = q.counts[order]
@@ -682,9 +694,10 @@ class CausalLMEngine:
                 chosen = torch.where(pick(sampled_rows), drawn, chosen)
                 chosen_prob = torch.where(pick(sampled_rows), drawn_prob, chosen_prob)
                 owners = [k for k, i in enumerate(active) if i in returning]
+                if len(owners) < len(active):
+                    ids, q = None if ids is None else ids[owners], q[owners]
                 if owners:
-                    q_out.append(([drafting[active[k]] for k in owners], None if ids is None else ids[owners],
-                                  q[owners]))
+                    q_out.append(([drafting[active[k]] for k in owners], ids, q))
             out += [chosen, chosen_prob]
             if candidates:
                 top = torch.softmax(logits, -1).topk(candidates)
