@@ -85,13 +85,19 @@ def test_acceptance_metrics_per_drafter(server):
     drafted_before = metric(server, "cosine_draft_tokens_total", drafter="itself")
     drafts_before = {origin: metric(server, "cosine_drafts_total", mode=mode, origin=origin)
                      for mode, origin in (("vanilla", "alone"), ("specinfer", "merged"))}
+    rounds_before = metric(server, "cosine_rounds_total", mode="vanilla")
+    four_before = metric(server, "cosine_rounds_total", mode="vanilla", draft_depth="4")
     _, (rounds, drafted, accepted) = run(server, PROMPTS[4], speculation_mode="vanilla", drafters=["itself"],
                                          num_draft_tokens=4)
+    # every round after the prefill's, by its draft's depth: 4, but a budget-capped last one
+    assert metric(server, "cosine_rounds_total", mode="vanilla") - rounds_before == rounds - 1
     assert metric(server, "cosine_accepted_tokens_total", drafter="itself") - before == accepted
     assert metric(server, "cosine_draft_tokens_total", drafter="itself") - drafted_before == drafted
     assert metric(server, "cosine_accepted_at_position_total", drafter="itself", position="4") > 0
     # every chain vanilla drafted was one drafter's call in its round; a round of 4 tokens at most
     assert metric(server, "cosine_drafts_total", mode="vanilla", origin="alone") - drafts_before["alone"] \
+        == pytest.approx(drafted / 4, abs=1)
+    assert metric(server, "cosine_rounds_total", mode="vanilla", draft_depth="4") - four_before \
         == pytest.approx(drafted / 4, abs=1)
     run(server, PROMPTS[4], speculation_mode="specinfer", drafters=["itself", "unrelated"], num_draft_tokens=2)
     assert metric(server, "cosine_drafts_total", mode="specinfer", origin="merged") > drafts_before["merged"]

@@ -72,9 +72,10 @@ class ModelContract:
         return f"input [\n{ins}\n]\noutput [\n{outs}\n]\n"
 
 
-# Prometheus metrics of the Python-backend models reach the metrics endpoint at most this long after the update
-# (a thread per model process sends them; see triton/io.py:Metrics)
-METRICS_FLUSH_S = 0.05
+# Prometheus metrics of the Python-backend models reach the metrics endpoint at most this long after the update (a
+# thread per model process sends them; see triton/io.py:Metrics). Each changed metric costs a round trip to
+# tritonserver that holds the process's GIL: at c64 the `cosine` process spent up to 140 ms a second in them at 0.05
+METRICS_FLUSH_S = 0.1
 # The metrics `cosine-client bench` reads besides serving them (model label: the engine model; mode and origin labels:
 # the request's speculation mode and how its draft was made)
 ENGINE_BUSY_SECONDS = "cosine_engine_busy_seconds_total"

@@ -163,7 +163,9 @@ class Metrics:
     thread sends their updates every METRICS_FLUSH_S, off the path of the calls that make them. Every pb_utils update
     is a round trip to the server process: about 35 us on the idle 2-core machine, but while both cores are busy a
     wait for tritonserver to be scheduled; made inside execute, an engine call's ~7 updates cost its caller 1-3 ms
-    (a drafter at c1 cosine: 3.5 ms of each call outside its engine step before, 1.9 ms after)."""
+    (a drafter at c1 cosine: 3.5 ms of each call outside its engine step before, 1.9 ms after). The round trip holds
+    the GIL (pb_utils does not release it), so the thread's sends stall the process's event loop too: a counter is
+    sent once per flush whatever its increments, a histogram once per observation (for rare events only)."""
 
     _families: dict = {}
     _metrics: dict = {}
