@@ -143,7 +143,7 @@ def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
     draft_ids = ints.split("draft_ids", draft_lengths)
     draft_parents = ints.split("draft_parents", draft_lengths)
     draft_q = _read_q(fields["draft_q_vocab"], draft_lengths, ints, reals,
-                       ("draft_q_counts", "draft_q_ids", "draft_q_probs"))
+                      ("draft_q_counts", "draft_q_ids", "draft_q_probs"))
     ints.end()
     reals.end()
     steps = []
@@ -201,7 +201,7 @@ def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
     probs, top_probs = reals.split("output_probs", lengths), reals.split("top_probs", lengths * widths)
     input_logprob = reals.take("input_logprob", n)
     q = _read_q(fields["q_vocab"], fields["q_rows"], ints, reals,
-                 ("output_q_counts", "output_q_ids", "output_q_probs"))
+                ("output_q_counts", "output_q_ids", "output_q_probs"))
     ints.end()
     reals.end()
     errors = _Reader(RESULT_ERRORS, arrays).header(n)
