@@ -387,6 +387,27 @@ def test_a_burst_followed_by_a_pause_is_measured_and_a_window_follows_the_load_t
     assert windows.rates[(False, 6)] == [800.0, 1] and windows.rates[(True, 6)] == [800.0, 2]
 
 
+def test_a_window_measures_the_load_it_spent_most_of_its_time_at_from_that_time_only():
+    """A burst's ramp (its prefills) or its draining (its last few requests) falls in one window or another: a window
+    of plain decoding that held a c32 burst's ramp measured 998 tokens per busy second, the speculating one after it,
+    holding the draining, 1,108, and c32 drafted at 0.88x plain decoding. Each window here spends a quarter of its
+    time at c2 with either kind, at 100 tokens/s, and the rest at c32, where plain decoding makes 1,000 and
+    speculation 900; the first window holds the ramp, the second the draining."""
+    clock, active = FakeClock(), [2]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
+                                 clock=clock)
+    rate = lambda on: (900 if on else 1000) if active[0] == 32 else 100  # noqa: E731
+    kinds = []
+    for loads in ([2, 32, 32, 32], [32, 32, 32, 2]):  # quarters of a window: a ramp, then a draining
+        kinds.append(windows.allowed)
+        for active[0] in loads:
+            for _ in range(2):
+                clock.now += 0.125
+                windows.advance(rate(windows.allowed) * 0.125)  # the last one closes the window
+    assert kinds == [True, False]  # the cost model's guess first, then the kind not measured yet
+    assert windows.rates[(True, 5)] == [pytest.approx(900), 1] and windows.rates[(False, 5)] == [pytest.approx(1000), 1]
+
+
 def test_a_burst_after_a_pause_gets_its_loads_verdict_before_its_requests_start_drafting():
     """A c32 burst after a pause: the window closed by its first request was chosen at no load (c1's verdict,
     speculate); its requests start drafting at their first round, after their prefill (tens of ms into the burst).

@@ -152,7 +152,8 @@ class LinearFit:
 class SpeculationWindows:
     """Whether speculation pays the deployment, by experiment. Time is cut into windows: in some, adaptive requests
     may speculate; in the others none drafts (drafters neither prefill nor draft). Where both kinds have min_windows
-    measurements at the current load (output tokens per busy second at that mean load), windows follow the faster
+    measurements at the current load (output tokens per busy second over the time a window spent at that load, the
+    load it spent most at), windows follow the faster
     kind, and one in explore_every of the windows measured at that load does the opposite, so the verdict follows the
     load (a load met for the first time waits a whole period before exploring); where the kinds differ widely,
     exploring is rarer, so that it costs at most exploring_cost of the output (the gap over the period between
@@ -202,8 +203,8 @@ class SpeculationWindows:
 
     def _open(self, now: float) -> None:
         self.started = self.last_event = now
-        # busy_s: seconds with an adaptive request active; request_s: active requests integrated over them
-        self.tokens, self.busy_s, self.request_s = 0, 0.0, 0.0
+        self.busy_s = 0.0  # seconds with an adaptive request active
+        self.at_load: dict[int, list[float]] = {}  # load bucket -> [tokens, busy seconds] spent at that load
 
     def advance(self, tokens: int = 0) -> None:
         """Call with the tokens emitted since the last call, before the number of active requests changes, and
@@ -214,8 +215,9 @@ class SpeculationWindows:
             self._settle(self.active_requests())
         if self.adaptive_requests():
             self.busy_s += elapsed
-            self.request_s += elapsed * self.active_requests()
-            self.tokens += tokens
+            spent = self.at_load.setdefault(self.load_bucket(self.active_requests()), [0, 0.0])
+            spent[0] += tokens
+            spent[1] += elapsed
         self.last_event = now
         if now - self.started >= self.seconds:
             self._close(now)
@@ -226,12 +228,16 @@ class SpeculationWindows:
         # always meet an exploring window (measured: the bench's first cosine segment after vanilla's decoded 3 of
         # 24 requests plainly, every time). Its busy time counts, not the idle time after it: a window closes at the
         # first event after its length, and a burst followed by a pause was lost (the bench's c64 bursts of 3 s,
-        # each followed by other modes: no window counted, so cosine drafted through both at 0.87x plain decoding)
-        if self.tokens and self.busy_s >= 0.5 * self.seconds:
-            bucket = self.load_bucket(self.request_s / self.busy_s)
+        # each followed by other modes: no window counted, so cosine drafted through both at 0.87x plain decoding).
+        # It measures the load it spent most of that time at, from that time only: a burst's ramp holds its requests'
+        # prefills and its draining its last few requests, and the kind whose window got either measured low (a
+        # window log, session 22: c32's plain window got the ramp, 998 tokens per busy second, its speculating one
+        # the draining, 1,108; drafting at c32, the bench then made 0.88x plain decoding)
+        bucket, (tokens, busy_s) = max(self.at_load.items(), key=lambda spent: spent[1][1], default=(0, (0, 0.0)))
+        if tokens and busy_s >= 0.5 * self.seconds:
             entry = self.rates.setdefault((self.allowed, bucket), [0.0, 0])
             entry[1] += 1
-            entry[0] += (self.tokens / self.busy_s - entry[0]) * max(self.smoothing, 1 / entry[1])
+            entry[0] += (tokens / busy_s - entry[0]) * max(self.smoothing, 1 / entry[1])
             self.on_measured(self.allowed, bucket, entry[0])
         bucket, exploring_at = self.plan
         if exploring_at is not None:  # the window that went against the verdict is over
