@@ -173,12 +173,13 @@ def stub_processes(server_pid: int) -> dict[int, str]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        if not stub_alive(int(entry.name), server_pid):
+            continue
         try:
-            state, parent = process_stat(entry.name)[:2]
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:  # exited meanwhile
             continue
-        if int(parent) == server_pid and state != "Z" and argv[0].endswith(STUB_BINARY.encode()):
+        if argv[0].endswith(STUB_BINARY.encode()):
             stubs[int(entry.name)] = Path(argv[1].decode()).parent.parent.name  # <repo>/<model>/<version>/model.py
     return stubs
 

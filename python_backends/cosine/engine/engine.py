@@ -8,7 +8,6 @@ host synchronisation at the end of the step. Only the accepted path stays in the
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -457,9 +456,7 @@ class CausalLMEngine:
             shift = q.counts.cumsum(0)[order] - counts - (counts.cumsum(0) - counts)
             entries = torch.arange(len(q.ids)) + torch.repeat_interleave(shift, counts)
             q = SparseDistributions(vocab, counts, q.ids[entries], q.probs[entries])
-        per_sequence = torch.bincount(owner, minlength=returning[-1] + 1)[returning].tolist()
-        starts = [0, *itertools.accumulate(per_sequence)]
-        return {b: q[start:stop] for b, start, stop in zip(returning, starts, starts[1:])}
+        return dict(zip(returning, q.split(torch.bincount(owner, minlength=returning[-1] + 1)[returning].tolist())))
 
     def _groups(self, batch, starts: list[int], table: torch.Tensor) -> list[_AttentionGroup]:
         """Attention groups: long queries (prefills) apart; short ones (decoding, verification) in buckets of

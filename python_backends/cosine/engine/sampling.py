@@ -90,6 +90,12 @@ class SparseDistributions:
         first, last = (offsets[start - 1] if start else 0), (offsets[-1] if stop else 0)
         return SparseDistributions(self.vocab, self.counts[start:stop], self.ids[first:last], self.probs[first:last])
 
+    def split(self, rows: list[int]) -> list["SparseDistributions"]:
+        """Consecutive parts of these many rows each."""
+        entries = [int(part.sum()) for part in self.counts.split(rows)]
+        return [SparseDistributions(self.vocab, *parts) for parts in zip(
+            self.counts.split(rows), self.ids.split(entries), self.probs.split(entries))]
+
     def dense(self, device=None) -> torch.Tensor:
         """[rows, vocab] float32."""
         out = torch.zeros(len(self), self.vocab, device=device)

@@ -100,10 +100,9 @@ def _read_q(vocab: np.ndarray, rows: np.ndarray, ints: _Reader, reals: _Reader,
     width_of_row = np.repeat(vocab, rows)
     if len(ids) and not ((ids >= 0) & (ids < width_of_row[row_of_entry])).all():
         raise ValueError(f"{ints.tensor}: {ids_name}: token ids must be in [0, the sequence's q vocabulary)")
-    q = SparseDistributions(0, *map(torch.from_numpy, (counts, ids, probs)))
-    starts = np.concatenate([[0], np.cumsum(rows)]).tolist()
-    return [dataclasses.replace(q[start:stop], vocab=width) if stop > start else None
-            for start, stop, width in zip(starts, starts[1:], vocab.tolist())]
+    parts = SparseDistributions(0, *map(torch.from_numpy, (counts, ids, probs))).split(rows.tolist())
+    return [dataclasses.replace(part, vocab=width) if n else None
+            for part, n, width in zip(parts, rows.tolist(), vocab.tolist())]
 
 
 def pack_steps(steps: list[StepRequest]) -> dict[str, np.ndarray]:

@@ -153,11 +153,11 @@ class SpeculationWindows:
     """Whether speculation pays the deployment, by experiment. Time is cut into windows: in some, adaptive requests
     may speculate; in the others none drafts (drafters neither prefill nor draft). Where both kinds have min_windows
     measurements at the current load (output tokens per busy second over the time a window spent at that load, the
-    load it spent most at), windows follow the faster
-    kind, and one in explore_every of the windows measured at that load does the opposite, so the verdict follows the
-    load (a load met for the first time waits a whole period before exploring); where the kinds differ widely,
-    exploring is rarer, so that it costs at most exploring_cost of the output (the gap over the period between
-    exploring windows, at most max_exploring_period: at c1, plain windows one in eight cost cosine 5-8%). At a load
+    load it spent most at), windows follow the faster kind, and one in explore_every of the windows measured at that
+    load does the opposite, so the verdict follows the load (a load met for the first time waits a whole period
+    before exploring); where the kinds differ widely, exploring is rarer, so that it costs at most exploring_cost of
+    the output (the gap over the period between exploring windows, at most max_exploring_period: at c1, plain
+    windows one in eight cost cosine 5-8%). At a load
     not measured yet, the nearest lower load where both kinds were measured decides unless speculation paid there
     clearly (the kinds' rates apart by decisive_gap or more), even after one window each (and a higher one where it
     clearly paid); else the cost model's prediction goes first and windows of both kinds follow until each is
@@ -203,8 +203,12 @@ class SpeculationWindows:
 
     def _open(self, now: float) -> None:
         self.started = self.last_event = now
-        self.busy_s = 0.0  # seconds with an adaptive request active
         self.at_load: dict[int, list[float]] = {}  # load bucket -> [tokens, busy seconds] spent at that load
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds of the open window with an adaptive request active."""
+        return sum(seconds for _, seconds in self.at_load.values())
 
     def advance(self, tokens: int = 0) -> None:
         """Call with the tokens emitted since the last call, before the number of active requests changes, and
@@ -214,7 +218,6 @@ class SpeculationWindows:
         if self.allowed and self.busy_s < self.settling * self.seconds:
             self._settle(self.active_requests())
         if self.adaptive_requests():
-            self.busy_s += elapsed
             spent = self.at_load.setdefault(self.load_bucket(self.active_requests()), [0, 0.0])
             spent[0] += tokens
             spent[1] += elapsed
