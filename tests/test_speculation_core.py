@@ -1,15 +1,18 @@
 """The speculation core on its own: fusion, tree merging, routing, control, scheduling (no Triton)."""
 import asyncio
+import collections
 import dataclasses
 import json
 import random
 
 import pytest
+import torch
 
 from cosine.speculation.control import (AcceptanceTracker, CostModel, LinearFit, LoadMonitor,
                                         SpeculationController, SpeculationWindows, expected_tokens)
 from cosine.speculation.fusion import Candidate, TreeBuilder, merge_chains
 from cosine.engine.engine import StepError, StepResult
+from cosine.engine.sampling import SamplingParams, SparseDistributions
 from cosine.speculation.proposers import DrafterSession, DraftOrigin, FusionProposer
 from cosine.speculation.router import Route, Router
 from cosine.speculation.scheduler import VerificationScheduler
@@ -487,7 +490,7 @@ def test_a_request_drafts_only_while_speculation_pays_and_starts_late_when_it_do
     plain, calls_while_off, late = asyncio.run(rounds())
     assert plain is None and calls_while_off == 0  # no prefill, no scoring, no drafting while speculation is off
     assert late.sources[0] == "a" and late.tree.tokens[0] == 5  # then routed and drafting at once
-    assert explorer.calls == 1 + 3  # scoring the context so far, then a fused call per position
+    assert explorer.calls == 1 + 1  # scoring the context so far, then one fused call
 
 
 def test_under_load_a_request_starts_its_drafters_in_its_first_round_that_may_speculate():
@@ -751,12 +754,68 @@ def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():
             drafts.append((await proposer.propose([1, 2, 3], budget=10), len(proposer.sessions) > 1))
         return drafts
     drafts = asyncio.run(rounds())
-    # fused: per position both propose, the confident token leads, the other is its sibling
+    # fused: both propose, the confident token leads, the other is its sibling; the other's later tokens followed
+    # its own, so it proposes no more
     assert [exploring for _, exploring in drafts] == [True, True, False]
-    assert drafts[0][0].tree.tokens == (5, 6, 5, 6, 5, 6) and drafts[0][0].sources == ("a", "b") * 3
-    assert drafts[2][0].tree.tokens == (5, 5, 5)  # the first choice alone, in one call (this fake offers no runner-ups)
+    assert drafts[0][0].tree.tokens == (5, 6, 5, 5) and drafts[0][0].sources == ("a", "b", "a", "a")
+    assert drafts[2][0].tree.tokens == (5, 5, 5)  # the first choice alone (this fake offers no runner-ups)
     assert [draft.origin for draft, _ in drafts] == [DraftOrigin.FUSED, DraftOrigin.FUSED, DraftOrigin.ALONE]
-    assert explorer.calls == 1 + 2 * 3  # its prompt scoring, then one call per fused position
+    assert explorer.calls == 1 + 2 and first.calls == 1 + 3  # the prompt's scoring, then one call per round
+
+
+class ChainSampler(CountingDrafter):
+    """A sampling drafter over 3 tokens whose q depends on the last token; its confidence is its q's largest
+    probability, as the engine's untempered top probability depends on the context only."""
+
+    def __init__(self, q_after: list[list[float]], rng: random.Random):
+        super().__init__(0, 1.0)
+        self.q_after, self.rng = q_after, rng
+
+    async def step(self, sequence_id, input_ids, draft=None, *, extra_tokens=0, **_):
+        tokens, probs, q_rows, last = [], [], [], input_ids[-1]
+        for _ in range(extra_tokens + 1):
+            q = self.q_after[last]
+            last = self.rng.choices(range(3), q)[0]
+            tokens.append(last)
+            probs.append(q[last])
+            q_rows.append(q)
+        return StepResult(tokens, probs, [[max(range(3), key=q.__getitem__)] for q in q_rows],
+                          [[max(q)] for q in q_rows], -1.0, SparseDistributions.over_vocabulary(torch.tensor(q_rows)))
+
+
+def test_a_fused_sampled_draft_token_is_a_draw_from_its_leaders_q_given_the_draft_before_it():
+    """Exactness of fused sampling: at each depth the leader is chosen from what came before (who still follows
+    the draft, their confidences there), never from this depth's draws. A rule that picks the leader by the
+    probability of the token it drew fails this."""
+    rng = random.Random(3)
+    q_after = {"a": [[0.5, 0.3, 0.2], [0.6, 0.2, 0.2], [0.2, 0.2, 0.6]],
+               "b": [[0.3, 0.6, 0.1], [0.1, 0.1, 0.8], [0.3, 0.5, 0.2]]}
+    sampled = dataclasses.replace(greedy_request(), params=SamplingParams(temperature=1.0))
+    counts = collections.Counter()  # (first token, second depth's leader, second token)
+
+    sessions = [DrafterSession(name, ChainSampler(q, rng), 1, sampled) for name, q in q_after.items()]
+    proposer = FusionProposer(sessions, CooperatingRouter(), LoadMonitor(), k_max=2, adaptive=False,
+                              exploring_rounds=20_000)
+
+    async def drafts():
+        await proposer.start([0])
+        for _ in range(20_000):
+            draft = await proposer.propose([0], budget=2)
+            assert draft.origin == DraftOrigin.FUSED and draft.tree.parents == (-1, 0)
+            leader = draft.sources[1]
+            if len(counts) < 18:  # each draft's q rows are its leaders'
+                assert draft.q.dense("cpu").flatten().tolist() == pytest.approx(
+                    q_after[draft.sources[0]][0] + q_after[leader][draft.tree.tokens[0]])
+            counts[draft.tree.tokens[0], leader, draft.tree.tokens[1]] += 1
+    asyncio.run(drafts())
+    first = [sum(n for (t, *_), n in counts.items() if t == token) / 20_000 for token in range(3)]
+    assert first == pytest.approx(q_after["b"][0], abs=0.015)  # "b" is the more confident after token 0
+    for token in range(3):
+        for leader in q_after:
+            cell = [counts[token, leader, second] for second in range(3)]
+            if sum(cell) >= 500:
+                assert [n / sum(cell) for n in cell] == pytest.approx(q_after[leader][token], abs=0.05), \
+                    (token, leader, cell)
 
 
 # ---- scheduling -------------------------------------------------------------------------------------------------
@@ -939,32 +998,6 @@ def test_where_fused_drafting_does_not_pay_the_first_choice_drafts_alone_at_once
     tree = asyncio.run(draft()).tree
     assert tree.tokens == (5, 5, 5, 5) and len(proposer.sessions) == 1
     assert explorer.calls == 1  # its prompt scoring only
-
-
-def test_before_fused_drafting_is_measured_it_is_costed_as_a_lone_call_per_position():
-    """Lone drafting measured 15 ms a call (a round trip to remote drafters) against 20 ms a verification: drafting
-    pays, but fused drafting, never tried, would pay the call at every position and does not, so the first choice
-    drafts alone from the start; with calls of 1 ms it explores, fused."""
-    def first_draft(call_s):
-        monitor = LoadMonitor(forgetting=1.0)
-        monitor.active_requests = 1
-        for tokens in (1, 2, 4, 8):
-            monitor.observe_verify(1, tokens, 0.02 + 0.0001 * tokens)
-        for positions in (2, 4, 8):
-            monitor.observe_draft(positions, call_s + 0.0002 * positions)
-        first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
-        sessions = [DrafterSession(name, engine, 1, greedy_request())
-                    for name, engine in (("a", first), ("b", explorer))]
-        proposer = FusionProposer(sessions, CooperatingRouter(), monitor, k_max=4)
-
-        async def draft():
-            await proposer.start([1, 2, 3])
-            return await proposer.propose([1, 2, 3], budget=10)
-        return asyncio.run(draft()), explorer.calls
-    far, far_explorer_calls = first_draft(0.015)
-    assert far.origin == DraftOrigin.ALONE and far_explorer_calls == 1  # its prompt scoring only
-    near, near_explorer_calls = first_draft(0.001)
-    assert near.origin == DraftOrigin.FUSED and near_explorer_calls == 1 + 4  # and a call per position
 
 
 class RecordingDrafter(CountingDrafter):

@@ -332,7 +332,7 @@ class SpeculationWindows:
 class LoadMonitor:
     """Deployment-wide costs, fitted online: verification latency against the verifier's load in tokens, plain
     decoding's time per token against the number of active requests, and drafting time against draft length (apart
-    for cooperating drafters, which make a call per position); how many requests are active; and, by experiment,
+    for cooperating drafters, which share the processors); how many requests are active; and, by experiment,
     whether speculation pays the deployment at its load (SpeculationWindows), apart for each set of drafters that
     adaptive requests draft from: requests that may draft only from the general drafter pay differently from those
     routed among all (measured: interleaved in one bench, the general-only variant at 0.82x plain decoding turned the
@@ -419,14 +419,9 @@ class LoadMonitor:
         self.draft_fits[fused].observe((positions, self.active_requests), seconds)
 
     def fused_costs(self) -> CostModel | None:
-        """The cost model of fused drafting: measured, or until it is, estimated from lone drafting, each fused
-        position a lone call of one position (a fused round calls every cooperating drafter once per position: with
-        drafters 11 ms away, the first requests' fused rounds made them 0.33-0.63 s against 0.27 s decoding
-        plainly)."""
-        measured, lone = self.costs(fused=True), self.costs(fused=False)
-        if measured is not None or lone is None:
-            return measured
-        return dataclasses.replace(lone, draft_base=0.0, draft_per_token=lone.draft_base + lone.draft_per_token)
+        """The cost model of fused drafting: measured, or until it is, lone drafting's (a fused round calls every
+        cooperating drafter once, at the same time)."""
+        return self.costs(fused=True) or self.costs(fused=False)
 
     def costs(self, fused: bool = False) -> CostModel | None:
         """The cost model for lone or fused drafting; None until verification and that drafting are measured."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import itertools
 import logging
 import time
 import zlib
@@ -51,7 +52,7 @@ class DraftOrigin(str, enum.Enum):
     """How a round's draft was made (the `origin` label of cosine_drafts_total)."""
     ALONE = "alone"  # one drafter's call in this round
     AHEAD = "ahead"  # one drafter's call made while the previous round verified (pipelined drafting)
-    FUSED = "fused"  # several drafters, step by step, fused by confidence
+    FUSED = "fused"  # several drafters' chains, fused step by step by confidence
     MERGED = "merged"  # several drafters' chains, each drafted alone, merged into a tree (specinfer)
 
 
@@ -206,13 +207,13 @@ class FusionProposer(Proposer):
         self.router, self.monitor = router, monitor
         self.controller = SpeculationController(k_max, adaptive)
         self.max_drafters, self.max_siblings = max_drafters, max_siblings
-        # Above this many active requests the deployment is busy. Cooperating drafters fuse step by step, a drafter
-        # call per position instead of per round, and those calls would queue behind other requests'; sibling
+        # Above this many active requests the deployment is busy. A cooperating drafter's call takes processor time
+        # from the target that every request's verification waits for; sibling
         # branches add verifier tokens, nearly free while a verification pass is latency-bound, not once it is
         # compute-bound. So when busy: one drafter, chains.
         self.busy_load = busy_load
         # A cooperating explorer drafts the request's first rounds beside the first choice: enough for the router
-        # to compare them on the same positions; fused drafting costs a call per position, so not for longer.
+        # to compare them on the same positions; a second drafter costs processor time, so not for longer.
         self.exploring_rounds = exploring_rounds
         self.fused_rounds = 0
         self.started = False  # the drafters scored the context and the router chose
@@ -313,19 +314,16 @@ class FusionProposer(Proposer):
         started = time.monotonic()
         builder = TreeBuilder(siblings, min_sibling_value=self._sibling_price(costs, load, k))
         q_rows = []
-        origin = DraftOrigin.ALONE
+        candidates = 1 + builder.max_siblings
         if drafted_ahead is not None and len(active) == 1:
             origin = DraftOrigin.AHEAD
-            self._add_chain(active[0], drafted_ahead, 1, k, builder, q_rows)  # position 0 was the assumed token
-        elif len(active) == 1:
-            self._add_chain(active[0], await active[0].try_draft(context, k, candidates=1 + builder.max_siblings),
-                            0, k, builder, q_rows)
-            self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started)
+            self._fuse([(active[0], drafted_ahead)], 1, k, builder, q_rows)  # position 0 was the assumed token
         else:
-            origin = DraftOrigin.FUSED
-            self.fused_rounds += 1
-            await self._draft_fused(active, context, k, builder, q_rows)
-            self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started, fused=True)
+            origin = DraftOrigin.FUSED if len(active) > 1 else DraftOrigin.ALONE
+            self.fused_rounds += origin == DraftOrigin.FUSED
+            chains = await asyncio.gather(*(s.try_draft(context, k, candidates=candidates) for s in active))
+            self._fuse(list(zip(active, chains)), 0, k, builder, q_rows)
+            self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started, fused=len(active) > 1)
         if not builder.tokens:
             return None
         # every node a draw from its q, or the draft counts as deterministic (exact either way, see acceptance)
@@ -333,10 +331,9 @@ class FusionProposer(Proposer):
         return Draft(builder.tree(), tuple(builder.sources), q, origin, dropped_ahead)
 
     def _fused_drafting_pays(self, load: float, tree_factor: float) -> bool:
-        """Whether drafting fused (a call per position, to every cooperating drafter) is measured to pay at all.
-        Where it does not (remote drafters: a round trip per position), exploring would only mean plain decoding
-        until the next probe: the first choice drafts alone instead (before fused drafting was measured, as the
-        monitor estimates it from lone drafting)."""
+        """Whether drafting fused (every cooperating drafter at once, sharing the processors) is measured to pay at
+        all. Where it does not, exploring would only mean plain decoding until the next probe: the first choice drafts
+        alone instead (before fused drafting was measured, as lone drafting does)."""
         costs = self.monitor.fused_costs()
         return costs is None or costs.best_draft_length(self.controller.acceptance.rate, load, self.controller.k_max,
                                                         tree_factor) > 0
@@ -351,21 +348,38 @@ class FusionProposer(Proposer):
         seconds_per_token = costs.round_time(k, load) / expected_tokens(rate, k)
         return costs.verify_per_token * load / seconds_per_token
 
-    def _add_chain(self, session: DrafterSession, result, first: int, k: int, builder: TreeBuilder, q_rows) -> None:
-        """A lone drafter's call (None: it failed), positions first to first + k, into the tree; its runner-up
-        candidates become siblings (greedy)."""
-        if result is None:
-            return
-        positions = slice(first, first + k)
-        for token, top_ids, top_probs in zip(result.tokens[positions], result.top_ids[positions],
-                                             result.top_probs[positions]):
-            candidates = [Candidate(t, p, session.name) for t, p in zip(top_ids, top_probs)]
-            # greedy: the winner is the top candidate; sampling: the drafter's own draw from q
-            builder.add_step(candidates, winner=next((c for c in candidates if c.token == token),
-                                                     Candidate(token, 0.0, session.name)))
-            self.top_tokens.append({session.name: top_ids[0]})
-        if result.q is not None:
-            q_rows.append(result.q[positions])
+    def _fuse(self, chains: list[tuple[DrafterSession, object]], first: int, k: int, builder: TreeBuilder,
+              q_rows: list) -> None:
+        """Drafters' chains fused step by step by confidence into the tree, positions first to first + k of each
+        drafter's call (a StepResult; None: it failed). At each depth the drafters whose own chain is the fused draft
+        so far propose: the most confident leads and its token extends the draft (greedy: its top token; sampling:
+        its own draw, so a draw from that drafter's q: which drafter leads depends on this depth's context and on
+        earlier depths' draws, never on this depth's); the others' candidates may hang as siblings. A drafter whose
+        token lost stops proposing: its later tokens followed its own. (Exchanging the winner after every position
+        costs a call to every drafter per position: on the demo zoo at c1 that made cosine 0.84x its routed drafter
+        alone, session 22.)"""
+        followers = [(session, result) for session, result in chains if result is not None]
+        leaders = []  # per depth, the result whose token it took
+        for depth in range(first, first + k):
+            followers = [(session, result) for session, result in followers if depth < len(result.tokens)]
+            if not followers:
+                break
+            candidates = [Candidate(token, prob, session.name) for session, result in followers
+                          for token, prob in zip(result.top_ids[depth], result.top_probs[depth])]
+            self.top_tokens.append({session.name: result.top_ids[depth][0] for session, result in followers})
+            leader, drawn = max(followers, key=lambda follower: follower[1].top_probs[depth][0])
+            token = drawn.tokens[depth]
+            builder.add_step(candidates, winner=next(
+                (c for c in candidates if c.token == token and c.drafter == leader.name),
+                Candidate(token, drawn.probs[depth], leader.name)))
+            leaders.append(drawn)
+            followers = [(session, result) for session, result in followers if result.tokens[depth] == token]
+        depth = first
+        for _, run in itertools.groupby(leaders, key=id):  # q rows: a slice per run of one drafter's positions
+            drawn, *rest = run
+            if drawn.q is not None:
+                q_rows.append(drawn.q[depth:depth + 1 + len(rest)])
+            depth += 1 + len(rest)
 
     def draft_ahead(self, draft: Draft, context: list[int], budget: int) -> None:
         """Pipelined drafting, called while the target verifies `draft`: the lone drafter drafts the next
@@ -394,27 +408,6 @@ class FusionProposer(Proposer):
         if result is None or context != assumed + result.tokens[:1]:
             return None, result is not None
         return result, False
-
-    async def _draft_fused(self, active: list[DrafterSession], context, k, builder: TreeBuilder, q_rows) -> None:
-        """Several drafters, step by step: all propose in parallel; the most confident drafter leads and its token
-        is fed to all. Greedy: its top token. Sampling: its own draw, so the token is a draw from that drafter's
-        q (which drafter leads depends on the context only, not on the draws)."""
-        path = list(context)
-        for _ in range(k):
-            results = await asyncio.gather(*(s.try_draft(path, 1, candidates=1 + builder.max_siblings)
-                                             for s in active))
-            answered = [(session, result) for session, result in zip(active, results) if result is not None]
-            if not answered:
-                return
-            candidates = [Candidate(t, p, session.name) for session, result in answered
-                          for t, p in zip(result.top_ids[0], result.top_probs[0])]
-            self.top_tokens.append({session.name: result.top_ids[0][0] for session, result in answered})
-            leader, drawn = max(answered, key=lambda pair: pair[1].top_probs[0][0])
-            winner = None
-            if drawn.q is not None:
-                winner = Candidate(drawn.tokens[0], drawn.probs[0], leader.name)
-                q_rows.append(drawn.q[:1])
-            path.append(builder.add_step(candidates, winner).token)
 
     def observe(self, draft: Draft, accepted: list[int], emitted: list[int]) -> None:
         self.controller.observe(len(self.top_tokens), len(accepted))
