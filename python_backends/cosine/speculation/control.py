@@ -149,19 +149,34 @@ class LinearFit:
         return (max(coefficients[0], 0.0), *coefficients[1:].tolist())
 
 
+@dataclass
+class WindowRates:
+    """One kind of window (speculation allowed or forbidden) at one load: what its windows measured."""
+    rate: float = 0.0  # output tokens per busy second, smoothed
+    windows: int = 0
+    variance: float = 0.0  # of one window's rate about `rate`, smoothed alike
+
+    def observe(self, rate: float, smoothing: float) -> None:
+        self.windows += 1
+        weight = max(smoothing, 1 / self.windows)
+        deviation = rate - self.rate
+        self.rate += weight * deviation
+        self.variance = (1 - weight) * (self.variance + weight * deviation ** 2)
+
+
 class SpeculationWindows:
     """Whether speculation pays the deployment, by experiment. Time is cut into windows: in some, adaptive requests
     may speculate; in the others none drafts (drafters neither prefill nor draft). Where both kinds have min_windows
     measurements at the current load (output tokens per busy second over the time a window spent at that load, the
-    load it spent most at), windows follow the faster kind, and one in explore_every of the windows measured at that
-    load does the opposite, so the verdict follows the load (a load met for the first time waits a whole period
-    before exploring); where the kinds differ widely, exploring is rarer, so that it costs at most exploring_cost of
-    the output (the gap over the period between exploring windows, at most max_exploring_period: at c1, plain
-    windows one in eight cost cosine 5-8%). At a load
-    not measured yet, the nearest lower load where both kinds were measured decides unless speculation paid there
-    clearly (the kinds' rates apart by decisive_gap or more), even after one window each (and a higher one where it
-    clearly paid); else the cost model's prediction goes first and windows of both kinds follow until each is
-    measured.
+    load it spent most at), windows speculate where speculation was measured faster by more than the windows' noise
+    (`confidence` standard errors of the difference, see _error), else decode plainly; one in explore_every of the
+    windows measured at that load does the opposite, so the verdict follows the load (a load met for the first time
+    waits a whole period before exploring); where the kinds differ widely, exploring is rarer, so that it costs at
+    most exploring_cost of the output (the gap over the period between exploring windows, at most
+    max_exploring_period: at c1, plain windows one in eight cost cosine 5-8%). At a load not measured yet, the
+    nearest lower load where both kinds were measured decides unless speculation paid there clearly (faster by
+    decisive_gap or more, and by more than the noise), even after one window each (and a higher one where it clearly
+    paid); else the cost model's prediction goes first and windows of both kinds follow until each is measured.
     A window's kind is chosen when the one before closes, for the load of that moment; while its own load settles
     (the first `settling` of its length busy), a window stops speculating as soon as the load then active would not.
     Windows are long enough to average over requests' starts (prefill bursts) on a closed-loop load.
@@ -176,6 +191,7 @@ class SpeculationWindows:
                  predicted: Callable[[int], bool] = lambda load: True, seconds: float = 3.0, explore_every: int = 8,
                  exploring_cost: float = 0.02, max_exploring_period: int = 32, min_windows: int = 2,
                  decisive_gap: float = 0.1, smoothing: float = 0.25, settling: float = 0.1,
+                 confidence: float = 2.0, min_spread: float = 0.03,
                  on_change: Callable[[bool], None] = lambda on: None,
                  on_measured: Callable[[bool, int, float], None] = lambda speculating, bucket, rate: None,
                  clock: Callable[[], float] = time.monotonic):
@@ -187,12 +203,12 @@ class SpeculationWindows:
         self.exploring_cost, self.max_exploring_period = exploring_cost, max_exploring_period
         self.min_windows, self.decisive_gap, self.smoothing = min_windows, decisive_gap, smoothing
         self.settling = settling  # the share of a window's length that its load settles in (see _settle)
+        self.confidence, self.min_spread = confidence, min_spread  # see _error
         self.allowed = True
         # per load bucket, how many windows had measured there when one last went against the verdict: the exploring
         # cadence of a load counts the windows measured at that load only, so a new load waits a whole period
         self.last_exploring: dict[int, int] = {}
-        # (speculation allowed?, load bucket) -> [tokens per busy second, windows measured]
-        self.rates: dict[tuple[bool, int], list[float]] = {}
+        self.rates: dict[tuple[bool, int], WindowRates] = {}  # by (speculation allowed?, load bucket)
         self.plan: tuple[int, int | None] = (0, None)  # the open window's (load bucket, exploring at) (_next_allowed)
         self._open(clock())
 
@@ -238,10 +254,9 @@ class SpeculationWindows:
         # the draining, 1,108; drafting at c32, the bench then made 0.88x plain decoding)
         bucket, (tokens, busy_s) = max(self.at_load.items(), key=lambda spent: spent[1][1], default=(0, (0, 0.0)))
         if tokens and busy_s >= 0.5 * self.seconds:
-            entry = self.rates.setdefault((self.allowed, bucket), [0.0, 0])
-            entry[1] += 1
-            entry[0] += (tokens / busy_s - entry[0]) * max(self.smoothing, 1 / entry[1])
-            self.on_measured(self.allowed, bucket, entry[0])
+            measured = self.rates.setdefault((self.allowed, bucket), WindowRates())
+            measured.observe(tokens / busy_s, self.smoothing)
+            self.on_measured(self.allowed, bucket, measured.rate)
         bucket, exploring_at = self.plan
         if exploring_at is not None:  # the window that went against the verdict is over
             self.last_exploring[bucket] = exploring_at
@@ -264,9 +279,9 @@ class SpeculationWindows:
             self.plan, self.allowed = plan, False
             self.on_change(False)
 
-    def _measured(self, bucket: int) -> tuple[list[float], list[float]]:
-        """[rate, windows] with speculation allowed and forbidden at this load bucket ([0, 0]: never)."""
-        return self.rates.get((True, bucket), [0.0, 0]), self.rates.get((False, bucket), [0.0, 0])
+    def _measured(self, bucket: int) -> tuple[WindowRates, WindowRates]:
+        """With speculation allowed and forbidden at this load bucket (no windows: never measured)."""
+        return self.rates.get((True, bucket), WindowRates()), self.rates.get((False, bucket), WindowRates())
 
     def verdicts(self, min_windows: int | None = None) -> dict[int, bool]:
         """Load bucket -> whether speculation was measured to pay there, where both kinds have min_windows (default:
@@ -274,24 +289,39 @@ class SpeculationWindows:
         verdicts = {}
         for bucket in sorted({bucket for _, bucket in self.rates}):
             on, off = self._measured(bucket)
-            if min(on[1], off[1]) >= (min_windows or self.min_windows):
-                verdicts[bucket] = on[0] >= off[0]
+            if min(on.windows, off.windows) >= (min_windows or self.min_windows):
+                verdicts[bucket] = on.rate - off.rate > self.confidence * self._error(bucket)
         return verdicts
+
+    def _error(self, bucket: int) -> float:
+        """Standard error of the kinds' rate difference at this load. A window's rate varies with what part of the
+        load's bursts it holds (a window log, session 23: at c16 a speculating window measured 1,053 tokens per busy
+        second against 853 for a plain one, where the bench measured speculation at 1.03x plain decoding; at c32
+        speculating windows 1,084 and 855): the spread of a window's rate about its kind's, relative to it, pooled
+        over every load and kind measured twice or more (each has too few windows to say alone), at least
+        min_spread; a smoothed rate averages at most (2 - smoothing) / smoothing windows."""
+        cells = [measured for measured in self.rates.values() if measured.windows >= 2 and measured.rate > 0]
+        squares = sum(m.windows * m.variance / m.rate ** 2 for m in cells)  # n * variance: the squared deviations
+        degrees = sum(m.windows - 1 for m in cells)
+        spread = max(math.sqrt(squares / degrees) if degrees else 0.0, self.min_spread)
+        memory = (2 - self.smoothing) / self.smoothing
+        return spread * math.sqrt(sum(m.rate ** 2 / min(m.windows, memory) for m in self._measured(bucket)
+                                      if m.windows))
 
     def _gap(self, bucket: int) -> float:
         """How far apart the kinds' rates are at a measured load, as a fraction of the faster: what an exploring
         window loses."""
         on, off = self._measured(bucket)
-        return 1.0 - min(on[0], off[0]) / max(on[0], off[0], 1e-9)
+        return 1.0 - min(on.rate, off.rate) / max(on.rate, off.rate, 1e-9)
 
     def _clearly_pays(self, bucket: int) -> bool:
         on, off = self._measured(bucket)
-        return on[0] > off[0] and self._gap(bucket) >= self.decisive_gap
+        return on.rate - off.rate > self.confidence * self._error(bucket) and self._gap(bucket) >= self.decisive_gap
 
     def _exploring_period(self, bucket: int) -> int:
         """Windows from one exploring window to the next at this load."""
         on, off = self._measured(bucket)
-        if min(on[1], off[1]) < self.min_windows:
+        if min(on.windows, off.windows) < self.min_windows:
             return self.explore_every
         return min(max(self.explore_every, math.ceil(self._gap(bucket) / self.exploring_cost)),
                    self.max_exploring_period)
@@ -301,7 +331,7 @@ class SpeculationWindows:
         measured there if it explores, else None)."""
         bucket = self.load_bucket(load)
         on, off = self._measured(bucket)
-        measured = on[1] + off[1]
+        measured = on.windows + off.windows
         exploring = measured - self.last_exploring.get(bucket, 0) >= self._exploring_period(bucket)
         return self._allowed(load, bucket, exploring), (bucket, measured if exploring else None)
 
@@ -324,9 +354,9 @@ class SpeculationWindows:
             return exploring
         if higher and self._clearly_pays(higher[0]):
             return not exploring
-        if not on[1] + off[1]:
+        if not on.windows + off.windows:
             return self.predicted(load)  # a load never measured: the cost model's guess first
-        return on[1] <= off[1]  # measure the kind measured less
+        return on.windows <= off.windows  # measure the kind measured less
 
 
 class LoadMonitor:
