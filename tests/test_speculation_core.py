@@ -340,6 +340,17 @@ def test_speculation_must_beat_plain_decoding_by_more_than_the_windows_noise():
     assert verdict(scatter=0.02)
 
 
+def test_a_lower_load_measured_plain_only_has_not_shown_that_speculation_pays():
+    """Session 23's bench: c8 paid (704 against 546 tokens per busy second), c16 was measured plain only, and c32
+    took c8's verdict, skipping c16: its windows alternated, 53 of 128 requests drafted, 0.94x plain decoding."""
+    clock, active = FakeClock(), [32]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], seconds=1.0, explore_every=4, clock=clock)
+    windows.rates.update({(True, 3): WindowRates(704.0, 2), (False, 3): WindowRates(546.0, 2),
+                          (False, 4): WindowRates(830.0, 4)})
+    assert windows._clearly_pays(3)
+    assert _run_windows(windows, clock, lambda on: 850 if on else 970, 6) == [False] * 4 + [True, False]
+
+
 def test_at_a_load_never_measured_the_windows_start_from_the_cost_models_prediction():
     clock, active = FakeClock(), [0]
     windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: load < 4, seconds=1.0,
