@@ -466,6 +466,28 @@ def test_a_burst_after_a_pause_gets_its_loads_verdict_before_its_requests_start_
         assert not windows.allowed
 
 
+def test_a_window_stops_speculating_when_its_load_rises_even_after_it_settled():
+    """A c64 burst whose window, chosen at no load, had settled at c1 (a stall at the burst's start, likely) drafted
+    for the whole window at 0.76x plain decoding (session 23). It stops as soon as c64 is active; having held both
+    kinds, the window is not measured."""
+    clock, active = FakeClock(), [1]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], seconds=3.0, clock=clock)
+    windows.rates.update({(True, 0): WindowRates(400.0, 4), (False, 0): WindowRates(300.0, 4),
+                          (False, 5): WindowRates(1000.0, 4)})  # c32 measured plain only
+    for _ in range(5):  # 0.5 s busy at c1: past the window's settling time
+        clock.now += 0.1
+        windows.advance(40)
+    assert windows.allowed
+    active[0] = 64
+    clock.now += 0.01
+    windows.advance(4)
+    assert not windows.allowed
+    for _ in range(30):
+        clock.now += 0.1
+        windows.advance(100)
+    assert (False, 6) not in windows.rates and (True, 6) not in windows.rates
+
+
 def test_windows_without_adaptive_requests_do_not_bring_exploring_closer():
     """Else the first adaptive requests after a while of other modes always meet an exploring window."""
     clock, active, adaptive = FakeClock(), [1], [1]

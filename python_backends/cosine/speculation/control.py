@@ -176,8 +176,8 @@ class SpeculationWindows:
     max_exploring_period: at c1, plain windows one in eight cost cosine 5-8%). At a load not measured yet, the
     nearest lower load measured decides unless speculation paid there clearly (faster by decisive_gap or more, and by
     more than the noise), even after one window each (and a higher one where it clearly paid); else the cost model's prediction goes first and windows of both kinds follow until each is measured.
-    A window's kind is chosen when the one before closes, for the load of that moment; while its own load settles
-    (the first `settling` of its length busy), a window stops speculating as soon as the load then active would not.
+    A window's kind is chosen when the one before closes, for the load of that moment; a window stops speculating as
+    soon as the load then active would not (one that stops after its first `settling` of busy time is not measured).
     Windows are long enough to average over requests' starts (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
@@ -219,6 +219,8 @@ class SpeculationWindows:
     def _open(self, now: float) -> None:
         self.started = self.last_event = now
         self.at_load: dict[int, list[float]] = {}  # load bucket -> [tokens, busy seconds] spent at that load
+        self.checked: dict[int, bool] = {}  # load bucket -> whether it would speculate (verdicts change at a close)
+        self.mixed = False  # stopped speculating after settling: it held both kinds
 
     @property
     def busy_s(self) -> float:
@@ -230,7 +232,7 @@ class SpeculationWindows:
         whenever the window is read."""
         now = self.clock()
         elapsed = now - self.last_event
-        if self.allowed and self.busy_s < self.settling * self.seconds:
+        if self.allowed:
             self._settle(self.active_requests())
         if self.adaptive_requests():
             spent = self.at_load.setdefault(self.load_bucket(self.active_requests()), [0, 0.0])
@@ -252,7 +254,7 @@ class SpeculationWindows:
         # window log, session 22: c32's plain window got the ramp, 998 tokens per busy second, its speculating one
         # the draining, 1,108; drafting at c32, the bench then made 0.88x plain decoding)
         bucket, (tokens, busy_s) = max(self.at_load.items(), key=lambda spent: spent[1][1], default=(0, (0, 0.0)))
-        if tokens and busy_s >= 0.5 * self.seconds:
+        if tokens and busy_s >= 0.5 * self.seconds and not self.mixed:
             measured = self.rates.setdefault((self.allowed, bucket), WindowRates())
             measured.observe(tokens / busy_s, self.smoothing)
             self.on_measured(self.allowed, bucket, measured.rate)
@@ -267,16 +269,22 @@ class SpeculationWindows:
 
     def _settle(self, load: int) -> None:
         """A window's kind was chosen for the load when the last one closed: at a pause that is none, and the load
-        that arrives may be any (the bench's c64 bursts, closing windows as they came, got c1's verdict). While a
-        window's load settles, it stops speculating as soon as the load then active would not speculate; it never
-        starts: a burst ramps up through lower loads, and chosen for those (some never measured: the cost model's
-        guess), c64 bursts speculated whole windows at 0.86x plain decoding."""
-        if self.load_bucket(load) == self.plan[0]:
+        that arrives may be any (the bench's c64 bursts, closing windows as they came, got c1's verdict). A window
+        stops speculating as soon as the load then active would not speculate; it never starts: a burst ramps up
+        through lower loads, and chosen for those (some never measured: the cost model's guess), c64 bursts
+        speculated whole windows at 0.86x plain decoding. Until session 23 it checked only while its load settled
+        (the first `settling` of its length busy); a c64 burst then drafted for a whole window at 0.76x plain
+        decoding (a stall at its start, likely, let the settling time pass at c1). A window that stops after that
+        time is not measured: it held both kinds."""
+        bucket = self.load_bucket(load)
+        if bucket == self.plan[0]:
             return
-        allowed, plan = self._next_allowed(load)
-        if not allowed:
-            self.plan, self.allowed = plan, False
-            self.on_change(False)
+        if bucket not in self.checked:
+            self.checked[bucket], plan = self._next_allowed(load)
+            if not self.checked[bucket]:
+                self.mixed = self.busy_s >= self.settling * self.seconds
+                self.plan, self.allowed = plan, False
+                self.on_change(False)
 
     def _measured(self, bucket: int) -> tuple[WindowRates, WindowRates]:
         """With speculation allowed and forbidden at this load bucket (no windows: never measured)."""
