@@ -15,7 +15,6 @@ back to when the verifier is saturated or acceptance is poor. What the cost mode
 target for every request) SpeculationWindows measures: speculation is allowed only where it pays the deployment."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections import Counter
@@ -175,7 +174,8 @@ class SpeculationWindows:
     most exploring_cost of the output (the gap over the period between exploring windows, at most
     max_exploring_period: at c1, plain windows one in eight cost cosine 5-8%). At a load not measured yet, the
     nearest lower load measured decides unless speculation paid there clearly (faster by decisive_gap or more, and by
-    more than the noise), even after one window each (and a higher one where it clearly paid); else the cost model's prediction goes first and windows of both kinds follow until each is measured.
+    more than the noise), even after one window each (and a higher one where it clearly paid); else the cost model's
+    prediction goes first and windows of both kinds follow until each is measured.
     A window's kind is chosen when the one before closes, for the load of that moment; a window stops speculating as
     soon as the load then active would not (one that stops after its first `settling` of busy time is not measured).
     Windows are long enough to average over requests' starts (prefill bursts) on a closed-loop load.
@@ -355,11 +355,12 @@ class SpeculationWindows:
         # the processors), and it must never make the deployment slower: unless it paid clearly at the nearest lower
         # load measured (both kinds there, even once each), this load starts without it and exploring measures it
         # (counting only lower loads where both kinds were measured, session 23's bench skipped c16, measured plain
-        # only, and c32 took c8's verdict: its windows alternated, 53 of 128 requests drafted, 0.94x). Started from the cost model's guess instead, which cannot see drafters taking the target's
-        # processors, short bursts at c16 / c32 / c64 ran cosine at 0.90 / 0.91 / 0.76x plain decoding after c8 had
-        # come out 0.98x (session 14), and c16 at 0.88x after one window each way at c8 (480 against 553 tokens/s:
-        # no verdict yet; session 15, instrumented); after c8 had paid within noise (1.04x), c32 / c64 at 0.85 /
-        # 0.90x (session 16). A higher load where it clearly paid decides too.
+        # only, and c32 took c8's verdict: its windows alternated, 53 of 128 requests drafted, 0.94x). Started from
+        # the cost model's guess instead, which cannot see drafters taking the target's processors, short bursts at
+        # c16 / c32 / c64 ran cosine at 0.90 / 0.91 / 0.76x plain decoding after c8 had come out 0.98x (session 14),
+        # and c16 at 0.88x after one window each way at c8 (480 against 553 tokens/s: no verdict yet; session 15,
+        # instrumented); after c8 had paid within noise (1.04x), c32 / c64 at 0.85 / 0.90x (session 16). A higher
+        # load where it clearly paid decides too.
         lower = [other for _, other in self.rates if other < bucket]
         higher = [other for other in verdicts if other > bucket and self._gap(other) >= self.decisive_gap]
         if lower and not self._clearly_pays(max(lower)):
