@@ -450,12 +450,7 @@ class CausalLMEngine:
             owners += drafted
         q, owner = SparseDistributions.cat(rows), torch.tensor(owners)
         if len(returning) > 1:  # each sequence's rows together, in emission order: a stable sort by owner
-            order = owner.argsort(stable=True)
-            counts = q.counts[order]
-            # entry e of the grouped rows is entry e - (its row's start there) + (that row's start in q)
-            shift = q.counts.cumsum(0)[order] - counts - (counts.cumsum(0) - counts)
-            entries = torch.arange(len(q.ids)) + torch.repeat_interleave(shift, counts)
-            q = SparseDistributions(vocab, counts, q.ids[entries], q.probs[entries])
+            q = q.take(owner.argsort(stable=True))
         return dict(zip(returning, q.split(torch.bincount(owner, minlength=returning[-1] + 1)[returning].tolist())))
 
     def _groups(self, batch, starts: list[int], table: torch.Tensor) -> list[_AttentionGroup]:

@@ -90,6 +90,14 @@ class SparseDistributions:
         first, last = (offsets[start - 1] if start else 0), (offsets[-1] if stop else 0)
         return SparseDistributions(self.vocab, self.counts[start:stop], self.ids[first:last], self.probs[first:last])
 
+    def take(self, rows: torch.Tensor) -> "SparseDistributions":
+        """These rows ([n] int64 indices), in that order."""
+        counts = self.counts[rows]
+        # entry e of the taken rows is entry e - (its row's start among them) + (that row's start here)
+        shift = self.counts.cumsum(0)[rows] - counts - (counts.cumsum(0) - counts)
+        entries = torch.arange(int(counts.sum())) + torch.repeat_interleave(shift, counts)
+        return SparseDistributions(self.vocab, counts, self.ids[entries], self.probs[entries])
+
     def split(self, rows: list[int]) -> list["SparseDistributions"]:
         """Consecutive parts of these many rows each."""
         entries = [int(part.sum()) for part in self.counts.split(rows)]
@@ -127,26 +135,13 @@ def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     ms against sorting every row beyond 64. On a GPU every row sorts it: that is cheap there, and the host
     synchronisation that choosing takes is not.
 
+    They are `proposal`'s, laid over the vocabulary.
+
     logits: [rows, vocab]; temperature, top_p: [rows] float; top_k: [rows] int64, 0 = no filter."""
-    scaled, top_k = _tempered(logits, temperature, top_k)
-    vocab = scaled.shape[-1]
-    if scaled.is_cuda:
-        return _scattered(scaled, *_from_candidates(scaled, vocab, top_k, top_p)[:2])
-    widths = _widths(vocab)
-    ids, sorted_probs, exact = _from_candidates(scaled, widths[0], top_k, top_p)
-    probs = _scattered(scaled, ids, sorted_probs)
-    if bool(exact.all()):
-        return probs
-    unfiltered = (top_k == vocab) & (top_p >= 1.0)
-    probs[unfiltered] = torch.softmax(scaled[unfiltered], dim=-1)
-    slow = (~exact & ~unfiltered).nonzero()[:, 0]
-    for candidates in widths[1:]:
-        if not slow.numel():
-            break
-        ids, sorted_probs, exact = _from_candidates(scaled[slow], candidates, top_k[slow], top_p[slow])
-        probs[slow] = _scattered(scaled[slow], ids, sorted_probs)
-        slow = slow[~exact]
-    return probs
+    ids, probs = proposal(logits, temperature, top_k, top_p)
+    # past a row's support its held entries have probability 0 and any id: adding them changes nothing
+    return probs if ids is None else torch.zeros(len(probs), logits.shape[-1], device=probs.device).scatter_add_(
+        -1, ids, probs)
 
 
 def proposal(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -158,13 +153,14 @@ def proposal(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tenso
     (unsorted). Past a row's support its entries have probability 0 and any id. On a GPU every row holds the
     vocabulary in id order (a sort is cheap there, and choosing the width takes a host synchronisation).
     A drafting position draws from this and reports it without laying the vocabulary out: one row with its draw took
-    0.91x the time of `probabilities` and a draw over the vocabulary at 2,048 tokens, 0.74x at 32,000 and 0.66x at
+    0.91x the time of laying it over the vocabulary and drawing there at 2,048 tokens, 0.74x at 32,000 and 0.66x at
     151,936 (T 0.8, top_p 0.95), 0.35-0.46x without top-k or top-p (the two interleaved, medians of 400, one thread,
     this CPU). Arguments as `probabilities`'."""
     tempered, bounded_top_k = _tempered(logits, temperature, top_k)
     rows, vocab = tempered.shape
     if tempered.is_cuda:
-        return None, probabilities(logits, temperature, top_k, top_p)
+        ids, probs, _ = _from_candidates(tempered, vocab, bounded_top_k, top_p)
+        return None, torch.zeros_like(tempered).scatter_(-1, ids, probs)
     unfiltered = (bounded_top_k == vocab) & (top_p >= 1.0)  # the support is the vocabulary
     if bool(unfiltered.all()):
         return None, torch.softmax(tempered, dim=-1)
@@ -206,11 +202,6 @@ def _tempered(logits: torch.Tensor, temperature: torch.Tensor,
     """[rows, vocab] logits / temperature, and top_k in [1, vocab] (0: the vocabulary)."""
     vocab = logits.shape[-1]
     return logits.float() / temperature[:, None], torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
-
-
-def _scattered(scaled: torch.Tensor, ids: torch.Tensor, sorted_probs: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] the probabilities held on ids ([rows, c]) laid over the vocabulary."""
-    return torch.zeros_like(scaled).scatter_(-1, ids, sorted_probs)
 
 
 def _from_candidates(scaled: torch.Tensor, candidates: int, top_k: torch.Tensor,

@@ -290,13 +290,13 @@ class SpeculationWindows:
         """With speculation allowed and forbidden at this load bucket (no windows: never measured)."""
         return self.rates.get((True, bucket), WindowRates()), self.rates.get((False, bucket), WindowRates())
 
-    def verdicts(self, min_windows: int | None = None) -> dict[int, bool]:
-        """Load bucket -> whether speculation was measured to pay there, where both kinds have min_windows (default:
-        the windows' own); by load, lowest first."""
+    def verdicts(self) -> dict[int, bool]:
+        """Load bucket -> whether speculation was measured to pay there, where both kinds have min_windows; by load,
+        lowest first."""
         verdicts = {}
         for bucket in sorted({bucket for _, bucket in self.rates}):
             on, off = self._measured(bucket)
-            if min(on.windows, off.windows) >= (min_windows or self.min_windows):
+            if min(on.windows, off.windows) >= self.min_windows:
                 verdicts[bucket] = self._pays(bucket)
         return verdicts
 

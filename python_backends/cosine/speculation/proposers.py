@@ -314,14 +314,14 @@ class FusionProposer(Proposer):
         started = time.monotonic()
         builder = TreeBuilder(siblings, min_sibling_value=self._sibling_price(costs, load, k))
         q_rows = []
-        candidates = 1 + builder.max_siblings
         if drafted_ahead is not None and len(active) == 1:
             origin = DraftOrigin.AHEAD
             self._fuse([(active[0], drafted_ahead)], 1, k, builder, q_rows)  # position 0 was the assumed token
         else:
             origin = DraftOrigin.FUSED if len(active) > 1 else DraftOrigin.ALONE
             self.fused_rounds += origin == DraftOrigin.FUSED
-            chains = await asyncio.gather(*(s.try_draft(context, k, candidates=candidates) for s in active))
+            chains = await asyncio.gather(*(s.try_draft(context, k, candidates=1 + builder.max_siblings)
+                                             for s in active))
             self._fuse(list(zip(active, chains)), 0, k, builder, q_rows)
             self.monitor.observe_draft(len(self.top_tokens), time.monotonic() - started, fused=len(active) > 1)
         if not builder.tokens:
