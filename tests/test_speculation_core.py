@@ -312,6 +312,20 @@ def test_one_window_each_way_where_speculation_lost_starts_a_higher_load_plain_a
     assert _run_windows(windows, clock, lambda on: 650 if on else 780, 8)[1:] == [False] * 3 + [True] + [False] * 3
 
 
+def test_a_clear_win_in_one_window_each_way_at_a_lower_load_is_no_verdict_for_a_higher_one():
+    """Measured (session 24): after one window each at c32 (1,192 tokens per busy second speculating, 924 plain: the
+    kinds held different parts of the warm-up's burst), c64 took c32 as a verdict that speculation pays, drafted 262
+    of 768 requests and made 0.96x plain decoding. Speculating windows alone at the lower load are no verdict
+    either (plain decoding was never measured there)."""
+    for lower_windows in ([True, False], [True]):  # one each way; one speculating window
+        clock, active = FakeClock(), [32]
+        windows = SpeculationWindows(lambda: active[0], lambda: active[0], predicted=lambda load: True, seconds=1.0,
+                                     explore_every=4, exploring_cost=1.0, min_windows=2, clock=clock)
+        assert _run_windows(windows, clock, lambda on: 1192 if on else 924, len(lower_windows)) == lower_windows
+        active[0] = 64  # the window open at c32 stops speculating; plain, exploring after 4 windows of its own
+        assert _run_windows(windows, clock, lambda on: 1300 if on else 1640, 8) == [False] * 4 + [True] + [False] * 3
+
+
 def test_a_win_within_noise_at_a_lower_load_starts_a_higher_one_without_speculation():
     """Measured (session 16): c8 had paid within noise (1.04x plain decoding), and short bursts at c32 / c64 then ran
     cosine at 0.85 / 0.90x while their windows alternated to learn."""
