@@ -133,7 +133,7 @@ def test_load_monitor_recovers_the_verification_and_drafting_cost_models():
     costs = monitor.costs()
     assert costs.verify_base == pytest.approx(0.010) and costs.verify_per_token == pytest.approx(0.002)
     assert costs.draft_base == pytest.approx(0.003) and costs.draft_per_token == pytest.approx(0.0005)
-    assert monitor.costs(fused=True) is None  # fused drafting is measured apart
+    assert monitor.costs(fused=True) == costs  # fused drafting is measured apart; until it is, as lone drafting
     for positions in [2, 4, 8]:  # cooperating drafters: a call per position
         monitor.observe_draft(positions, 0.004 * positions, fused=True)
     fused = monitor.costs(fused=True)
@@ -500,6 +500,28 @@ def test_a_window_stops_speculating_when_its_load_rises_even_after_it_settled():
         clock.now += 0.1
         windows.advance(100)
     assert (False, 6) not in windows.rates and (True, 6) not in windows.rates
+
+
+def test_a_speculating_window_goes_on_as_its_burst_drains_and_is_measured():
+    """Session 24: the c64 windows' check for a load that rises also ran as a burst drained, and c16, never measured
+    while c8 had one window each way (no verdict), stopped every speculating window there: none was measured at c64,
+    while exploring windows drafted 192 of 768 cosine requests (0.97x plain decoding) and exploring went on."""
+    clock, active = FakeClock(), [0]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], seconds=3.0, explore_every=4, clock=clock)
+    windows.rates.update({(True, 0): WindowRates(400.0, 4), (False, 0): WindowRates(300.0, 4),
+                          (True, 3): WindowRates(800.0, 1), (False, 3): WindowRates(580.0, 1),
+                          (False, 6): WindowRates(1600.0, 4)})  # c64: plain measured 4 times, then an exploring one
+    allowed = []
+    for active[0], ticks in ((64, 25), (32, 1), (16, 1), (8, 1), (2, 1)):  # the burst, then its draining
+        for _ in range(ticks):
+            clock.now += 0.1
+            windows.advance(130)
+            allowed.append(windows.allowed)
+    assert all(allowed)
+    clock.now += 0.1
+    windows.advance()  # closes the window
+    measured = windows.rates[(True, 6)]
+    assert measured.windows == 1 and measured.rate == pytest.approx(1300)
 
 
 def test_windows_without_adaptive_requests_do_not_bring_exploring_closer():

@@ -334,7 +334,7 @@ class FusionProposer(Proposer):
         """Whether drafting fused (every cooperating drafter at once, sharing the processors) is measured to pay at
         all. Where it does not, exploring would only mean plain decoding until the next probe: the first choice drafts
         alone instead (before fused drafting was measured, as lone drafting does)."""
-        costs = self.monitor.fused_costs()
+        costs = self.monitor.costs(fused=True)
         return costs is None or costs.best_draft_length(self.controller.acceptance.rate, load, self.controller.k_max,
                                                         tree_factor) > 0
 
