@@ -177,7 +177,8 @@ class SpeculationWindows:
     more, and by more than the noise; and a higher one where it clearly paid); else the cost model's prediction goes
     first and windows of both kinds follow until each is measured.
     A window's kind is chosen when the one before closes, for the load of that moment; a window stops speculating as
-    soon as the load then active would not (one that stops after its first `settling` of busy time is not measured).
+    soon as its load rises to one that would not (one that stops after its first `settling` of busy time is not
+    measured).
     Windows are long enough to average over requests' starts (prefill bursts) on a closed-loop load.
     A window counts every request's tokens, but only while some request follows the windows (adaptive cosine):
     without one, allowed and forbidden windows would measure the same thing.
@@ -270,7 +271,7 @@ class SpeculationWindows:
     def _settle(self, load: int) -> None:
         """A window's kind was chosen for the load when the last one closed: at a pause that is none, and the load
         that arrives may be any (the bench's c64 bursts, closing windows as they came, got c1's verdict). A window
-        stops speculating as soon as the load then active would not speculate; it never starts: a burst ramps up
+        stops speculating as soon as its load rises to one that would not speculate; it never starts: a burst ramps up
         through lower loads, and chosen for those (some never measured: the cost model's guess), c64 bursts
         speculated whole windows at 0.86x plain decoding. Until session 23 it checked only while its load settled
         (the first `settling` of its length busy); a c64 burst then drafted for a whole window at 0.76x plain
