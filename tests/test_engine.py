@@ -229,6 +229,40 @@ def test_sequences_drafting_unequal_lengths_in_one_step_draft_what_each_drafts_a
             assert torch.allclose(result.q.dense(), alone.q.dense(), atol=1e-6)
 
 
+def test_q_rows_held_over_the_vocabulary_cross_to_the_host_narrowed_to_their_supports(llama, monkeypatch):
+    """A GPU's drafting positions hold q over the whole vocabulary (`proposal`'s CUDA branch): the step narrows them
+    (and the bonus rows, over the vocabulary on any device) to their widest top-p support before the transfer, and
+    returns the same q as without narrowing."""
+    model = load_causal_lm(llama)
+    prompts = encode(llama, PROMPTS[:2])
+    params = [SamplingParams(0.8, top_p=0.5, seed=6), SamplingParams(1.0, top_p=0.9, seed=7)]
+    real_proposal, real_on_supports = engine_module.proposal, engine_module.on_supports
+
+    def over_vocabulary(logits, *parameters):  # as proposal's CUDA branch returns them
+        ids, probs = real_proposal(logits, *parameters)
+        return None, torch.zeros(logits.shape).scatter_add_(-1, ids, probs)  # entries past a support: 0, any id
+    monkeypatch.setattr(engine_module, "proposal", over_vocabulary)
+
+    def step(narrow):
+        crossing = []  # the width of each block of q rows that crosses to the host
+
+        def recorded(probs):
+            ids, kept = real_on_supports(probs) if narrow else (None, probs)
+            crossing.append(kept.shape[-1])
+            return ids, kept
+        monkeypatch.setattr(engine_module, "on_supports", recorded)
+        return CausalLMEngine(model, 8192).step([
+            StepRequest(i, prompt, admission=Admission(20, params[i]), extra_tokens=4, return_q=True)
+            for i, prompt in enumerate(prompts)]), crossing
+
+    (dense, dense_widths), (narrowed, narrowed_widths) = step(narrow=False), step(narrow=True)
+    for a, b in zip(dense, narrowed):
+        assert a.tokens == b.tokens and a.probs == pytest.approx(b.probs, rel=1e-5)
+        assert torch.allclose(a.q.dense(), b.q.dense(), atol=1e-6)
+    vocab = model.config.vocab_size
+    assert dense_widths == [vocab, vocab] and max(narrowed_widths) < vocab, narrowed_widths  # both blocks narrowed
+
+
 def test_min_length_bans_the_end_token_like_transformers(llama):
     model = load_causal_lm(llama)
     prompt = encode(llama, [PROMPTS[2]])[0]

@@ -4,7 +4,8 @@ One step takes, per sequence, the tokens to append (a prompt, or the token emitt
 token tree grown from the last of them. The whole batch is tensor operations on the model's device: projections
 and MLPs over the concatenated new tokens; attention over each sequence's paged K/V gathered into a padded batch with
 a causal + tree mask (positions = depth); acceptance, sampling and drafting's extra tokens over all rows at once; one
-host synchronisation at the end of the step. Only the accepted path stays in the cache. Logits never leave it.
+host synchronisation at the end of the step (a sampling drafter's q rows narrowed to their supports before it take
+one or two more). Only the accepted path stays in the cache. Logits never leave it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from ..speculation.acceptance import FlatDrafts, accept
 from ..speculation.tree import DraftTree
 from .checkpoint import max_context_tokens
 from .kv_cache import AdmissionError, KVCachePool, SequenceCache
-from .sampling import InvalidParameter, SamplingParams, SparseDistributions, draw, probabilities, proposal
+from .sampling import (InvalidParameter, SamplingParams, SparseDistributions, draw, on_supports, probabilities,
+                       proposal)
 
 
 def use_step_attention(device: torch.device | str) -> None:
@@ -386,8 +388,11 @@ class CausalLMEngine:
             parts += [top.indices, top.values]
         parts += extra
         q_parts = len(parts)
-        if returning_q:  # the bonus's distributions over the vocabulary, then the drafting positions' as held
-            parts += [verdict.bonus_distribution[returning_q], *self._drafted_q(extra_q)]
+        q_blocks = []  # (ids or None, probs) of the bonus's distributions, then of the drafting positions', as held
+        if returning_q:
+            q_blocks = [on_supports(verdict.bonus_distribution[returning_q])] + (
+                [self._drafted_q(extra_q)] if extra_q else [])
+            parts += [part for block in q_blocks for part in block if part is not None]
         host = torch.cat([part.double().reshape(-1) for part in parts]).cpu()
         sizes = [part.numel() for part in parts]
         values = host.split(sizes)
@@ -396,7 +401,8 @@ class CausalLMEngine:
         top_ids = values[7].view(-1, candidates).long().tolist() if top is not None else None
         top_probs = values[8].view(-1, candidates).tolist() if top is not None else None
         extra_host = [values[i] for i in range(9 if top is not None else 7, q_parts)]
-        q_by_sequence = self._returned_q(returning_q, extra_q, values[q_parts:], logits.shape[-1])
+        q_by_sequence = self._returned_q(returning_q, extra_q, values[q_parts:],
+                                         [ids is not None for ids, _ in q_blocks], logits.shape[-1])
 
         results = []
         first_node, root_row = 0, 0
@@ -417,38 +423,33 @@ class CausalLMEngine:
         self._add_extra_tokens(batch, results, extra_host, candidates)
         return results
 
-    def _drafted_q(self, extra_q) -> list[torch.Tensor]:
-        """The drafting positions' q rows in one block, on the device: [rows, width] ids (left out when every row holds
-        the vocabulary in id order) and [rows, width] probabilities, narrower rows padded with probability 0."""
-        if not extra_q:
-            return []
+    def _drafted_q(self, extra_q) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The drafting positions' q rows in one block, on the device, as held: [rows, width] ids (None when every row
+        holds the vocabulary in id order) and [rows, width] probabilities, narrower rows padded with probability 0."""
         width = max(q.shape[1] for *_, q in extra_q)
         widened = lambda t: t if t.shape[1] == width else F.pad(t, (0, width - t.shape[1]))  # noqa: E731
         probs = torch.cat([widened(q) for *_, q in extra_q])
         if all(ids is None for _, ids, _ in extra_q):
-            return [probs]
+            return on_supports(probs)
         in_order = torch.arange(self.vocab_size, device=self.device)
-        return [torch.cat([widened(in_order.expand(len(q), -1) if ids is None else ids) for _, ids, q in extra_q]),
-                probs]
+        return torch.cat([widened(in_order.expand(len(q), -1) if ids is None else ids) for _, ids, q in extra_q]), probs
 
     @staticmethod
-    def _returned_q(returning: list[int], extra_q, values: list[torch.Tensor],
+    def _returned_q(returning: list[int], extra_q, values: list[torch.Tensor], with_ids: list[bool],
                     vocab: int) -> dict[int, SparseDistributions]:
-        """Per returning sequence its q, one row per emitted token, from the host's copy of the step's q parts (the
-        bonus rows over the vocabulary, then what _drafted_q gives)."""
+        """Per returning sequence its q, one row per emitted token, from the host's copy of the step's q blocks (the
+        bonus rows, then the drafting positions'; with_ids: whether each block sent its ids)."""
         if not returning:
             return {}
         values = iter(values)
-        rows = [SparseDistributions.over_vocabulary(next(values).view(len(returning), vocab))]
-        owners = list(returning)
-        if extra_q:
-            drafted = [b for members, *_ in extra_q for b in members]
-            ids = None if all(ids is None for _, ids, _ in extra_q) else next(values).long().view(len(drafted), -1)
-            probs = next(values).view(len(drafted), -1)
+        owners = [list(returning), [b for members, *_ in extra_q for b in members]]
+        rows = []
+        for block_owners, has_ids in zip(owners, with_ids):
+            ids = next(values).long().view(len(block_owners), -1) if has_ids else None
+            probs = next(values).view(len(block_owners), -1)
             rows.append(SparseDistributions.over_vocabulary(probs) if ids is None
                         else SparseDistributions.held(vocab, ids, probs))
-            owners += drafted
-        q, owner = SparseDistributions.cat(rows), torch.tensor(owners)
+        q, owner = SparseDistributions.cat(rows), torch.tensor(owners[0] + owners[1])
         if len(returning) > 1:  # each sequence's rows together, in emission order: a stable sort by owner
             q = q.take(owner.argsort(stable=True))
         return dict(zip(returning, q.split(torch.bincount(owner, minlength=returning[-1] + 1)[returning].tolist())))
