@@ -354,6 +354,18 @@ def test_speculation_must_beat_plain_decoding_by_more_than_the_windows_noise():
     assert verdict(scatter=0.02)
 
 
+def test_where_speculation_measured_faster_within_the_noise_every_other_window_speculates():
+    """An exploring window then speculates, the kind measured faster: it costs nothing expected, and measuring it
+    only one window in eight kept speculation off for 21 of 48 sampled cosine requests at c1 (session 24)."""
+    clock, active = FakeClock(), [1]
+    windows = SpeculationWindows(lambda: active[0], lambda: active[0], seconds=1.0, min_windows=2, clock=clock)
+    scattered = [1.15, 1.15, 0.85, 0.85]  # by window: each kind gets both
+    rate = lambda on: (250 if on else 230) * scattered[int(clock.now - 1e-9) % 4]  # noqa: E731
+    allowed = _run_windows(windows, clock, rate, 12)
+    assert windows.verdicts() == {0: False}  # 9% faster, scattered by 15%: no verdict that it pays
+    assert allowed == [True, False] * 6
+
+
 def test_a_lower_load_measured_plain_only_has_not_shown_that_speculation_pays():
     """Session 23's bench: c8 paid (704 against 546 tokens per busy second), c16 was measured plain only, and c32
     took c8's verdict, skipping c16: its windows alternated, 53 of 128 requests drafted, 0.94x plain decoding."""

@@ -340,10 +340,17 @@ class SpeculationWindows:
             self._gap(bucket) >= self.decisive_gap
 
     def _exploring_period(self, bucket: int) -> int:
-        """Windows from one exploring window to the next at this load."""
+        """Windows from one exploring window to the next at this load. Where the verdict is plain decoding although
+        speculation measured faster (by less than the noise), an exploring window speculates, the kind measured
+        faster: it costs nothing expected, so every other window does until the noise rule decides. (Session 24: at
+        c1, after the bench turned from greedy to sampled requests, 21 of 48 sampled cosine requests decoded plainly,
+        likely so: the switch scattered the speculating windows' rates, the noise rule stopped holding at 240 against
+        192 tokens per busy second, and one window in ten measured speculation.)"""
         on, off = self._measured(bucket)
         if min(on.windows, off.windows) < self.min_windows:
             return self.explore_every
+        if on.rate > off.rate and not self._pays(bucket):
+            return 2
         return min(max(self.explore_every, math.ceil(self._gap(bucket) / self.exploring_cost)),
                    self.max_exploring_period)
 
