@@ -4,7 +4,7 @@ One step takes, per sequence, the tokens to append (a prompt, or the token emitt
 token tree grown from the last of them. The whole batch is tensor operations on the model's device: projections
 and MLPs over the concatenated new tokens; attention over each sequence's paged K/V gathered into a padded batch with
 a causal + tree mask (positions = depth); acceptance, sampling and drafting's extra tokens over all rows at once; one
-host synchronisation at the end of the step (a sampling drafter's q rows narrowed to their supports before it take
+host synchronisation at the end of the step (narrowing a sampling drafter's q rows to their supports before it takes
 one or two more). Only the accepted path stays in the cache. Logits never leave it.
 """
 from __future__ import annotations
