@@ -273,13 +273,12 @@ class SpeculationWindows:
         that arrives may be any (the bench's c64 bursts, closing windows as they came, got c1's verdict). A window
         stops speculating as soon as its load rises to one that would not speculate; it never starts: a burst ramps up
         through lower loads, and chosen for those (some never measured: the cost model's guess), c64 bursts
-        speculated whole windows at 0.86x plain decoding. Until session 23 it checked only while its load settled
-        (the first `settling` of its length busy); a c64 burst then drafted for a whole window at 0.76x plain
-        decoding (a stall at its start, likely, let the settling time pass at c1). A window that stops after that
-        time is not measured: it held both kinds. Only a rise above the loads checked counts (speculation pays less
-        as load grows): checked as a burst drained too, every speculating window at c64 stopped at c16 (never
-        measured there: plain), none was measured in a bench, while exploring windows drafted 192 of 768 cosine
-        requests at c64 (0.97x plain decoding) and exploring went on (session 24)."""
+        speculated whole windows at 0.86x plain decoding. It checks for the window's whole length, not only while
+        its load settles (a c64 burst drafted a whole window at 0.76x when its settling time passed at c1); one that
+        stops after its first `settling` of busy time is not measured: it held both kinds. Only a rise above the
+        loads already checked counts, since speculation pays less as load grows: checked as bursts drained, lower
+        loads never measured stopped every speculating window at c64, so none was measured there while exploring
+        went on (docs/history.md, sessions 23-24)."""
         bucket = self.load_bucket(load)
         if bucket <= self.highest:
             return
@@ -332,9 +331,8 @@ class SpeculationWindows:
 
     def _clearly_pays(self, bucket: int) -> bool:
         """A verdict (min_windows of each kind) that speculation pays here by decisive_gap or more. One window each
-        is no evidence: its kinds hold different parts of the load's bursts (session 24: after one each at c32,
-        1,192 tokens per busy second speculating against 924 plain, c64 took that as a verdict, drafted 262 of 768
-        requests and made 0.96x plain decoding, where c32 and c64 decode plainly faster in every bench)."""
+        is no evidence, its two kinds holding different parts of the load's bursts: 1,192 against 924 tokens per
+        busy second at c32 sent c64 drafting at 0.96x plain decoding (session 24)."""
         on, off = self._measured(bucket)
         return min(on.windows, off.windows) >= self.min_windows and self._pays(bucket) and \
             self._gap(bucket) >= self.decisive_gap
@@ -342,15 +340,13 @@ class SpeculationWindows:
     def _exploring_period(self, bucket: int) -> int:
         """Windows from one exploring window to the next at this load. Where the verdict is plain decoding although
         speculation measured faster (by less than the noise), an exploring window speculates, the kind measured
-        faster: it costs nothing expected, so every other window does until the noise rule decides. (Session 24: at
-        c1, after the bench turned from greedy to sampled requests, 21 of 48 sampled cosine requests decoded plainly,
-        likely so: the switch scattered the speculating windows' rates, the noise rule stopped holding at 240 against
-        192 tokens per busy second, and one window in ten measured speculation.)"""
+        faster: it costs nothing expected, so every other window does until the noise rule decides (measured one
+        window in ten instead, speculation stayed off for 21 of 48 sampled requests at c1; session 24)."""
         on, off = self._measured(bucket)
         if min(on.windows, off.windows) < self.min_windows:
             return self.explore_every
         if on.rate > off.rate and not self._pays(bucket):
-            return 2
+            return 2  # every other window
         return min(max(self.explore_every, math.ceil(self._gap(bucket) / self.exploring_cost)),
                    self.max_exploring_period)
 
@@ -483,7 +479,7 @@ class LoadMonitor:
         drafting's is lone drafting's until fused drafting is measured (a fused round calls every cooperating drafter
         once, at the same time)."""
         verify = self.verify_fit.fitted()
-        draft = fused and self.draft_fits[True].fitted() or self.draft_fits[False].fitted()
+        draft = (self.draft_fits[True].fitted() if fused else None) or self.draft_fits[False].fitted()
         if verify is None or draft is None:
             return None
         return CostModel(verify_base=verify[0], verify_per_sequence=verify[1], verify_per_token=verify[2],

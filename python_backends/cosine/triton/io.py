@@ -104,8 +104,7 @@ async def _unless_process_dies(model_name: str, call):
     while True:
         done, _ = await asyncio.wait({pending}, timeout=PROCESS_CHECK_S)
         if done:
-            # Triton may tell first ("Stub process is not healthy"): the likely reason a full test run once counted
-            # no death of a killed target (session 24)
+            # Triton may fail it first ("Stub process is not healthy"): the death still counts
             if pending.result().has_error() and dead():
                 ProcessHealth.died(model_name)
             return pending.result()
