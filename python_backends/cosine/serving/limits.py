@@ -1,8 +1,8 @@
 """Overload protection for one deployment. A request enters the `cosine` model only while the deployment can take it;
 until then it waits in Triton's queue in front of the model, which refuses requests beyond its size with HTTP 503 /
 gRPC UNAVAILABLE before any model sees them (a model's own errors reach an HTTP client as 400 on /generate, see
-the README's status-code table). An accepted request runs to its end or fails with a clear error, never silently
-truncated."""
+the status-code table in docs/operations.md). An accepted request runs to its end or fails with a clear error, never
+silently truncated."""
 from __future__ import annotations
 
 import asyncio
