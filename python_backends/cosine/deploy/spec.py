@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..address import split_host_port
-from ..contract import DRAFTER_MODEL_PREFIX, GENERAL_DRAFTER, SPECULATION_MODES, TARGET, target_model_names
+from ..contract import DRAFTER_MODEL_PREFIX, GENERAL_DRAFTER, SPECULATION_MODES, target_model_names
 from ..serving.limits import Limits
 from ..speculation.control import ADAPTIVE_DRAFT_TOKENS, FIXED_DRAFT_TOKENS
 
