@@ -388,11 +388,14 @@ class CausalLMEngine:
             parts += [top.indices, top.values]
         parts += extra
         q_parts = len(parts)
-        q_blocks = []  # (ids or None, probs) of the bonus's distributions, then of the drafting positions', as held
+        # (each row's sequence, ids or None, probs) of the bonus's distributions, then of the drafting positions', as
+        # held: each sequence's rows in emission order once grouped by owner
+        q_blocks = []
         if returning_q:
-            q_blocks = [on_supports(verdict.bonus_distribution[returning_q])] + (
-                [self._drafted_q(extra_q)] if extra_q else [])
-            parts += [part for block in q_blocks for part in block if part is not None]
+            q_blocks.append((returning_q, *on_supports(verdict.bonus_distribution[returning_q])))
+            if extra_q:
+                q_blocks.append(([b for members, *_ in extra_q for b in members], *self._drafted_q(extra_q)))
+            parts += [part for _, *held in q_blocks for part in held if part is not None]
         host = torch.cat([part.double().reshape(-1) for part in parts]).cpu()
         sizes = [part.numel() for part in parts]
         values = host.split(sizes)
@@ -401,8 +404,7 @@ class CausalLMEngine:
         top_ids = values[7].view(-1, candidates).long().tolist() if top is not None else None
         top_probs = values[8].view(-1, candidates).tolist() if top is not None else None
         extra_host = [values[i] for i in range(9 if top is not None else 7, q_parts)]
-        q_by_sequence = self._returned_q(returning_q, extra_q, values[q_parts:],
-                                         [ids is not None for ids, _ in q_blocks], logits.shape[-1])
+        q_by_sequence = self._returned_q(q_blocks, values[q_parts:], logits.shape[-1])
 
         results = []
         first_node, root_row = 0, 0
@@ -435,21 +437,21 @@ class CausalLMEngine:
         return torch.cat([widened(in_order.expand(len(q), -1) if ids is None else ids) for _, ids, q in extra_q]), probs
 
     @staticmethod
-    def _returned_q(returning: list[int], extra_q, values: list[torch.Tensor], with_ids: list[bool],
-                    vocab: int) -> dict[int, SparseDistributions]:
-        """Per returning sequence its q, one row per emitted token, from the host's copy of the step's q blocks (the
-        bonus rows, then the drafting positions'; with_ids: whether each block sent its ids)."""
-        if not returning:
+    def _returned_q(q_blocks: list, values: list[torch.Tensor], vocab: int) -> dict[int, SparseDistributions]:
+        """Per returning sequence its q, one row per emitted token, from the host's copy of the step's q blocks
+        (as `_run` lays them out: (each row's sequence, ids or None, probs), ids sent only where not None)."""
+        if not q_blocks:
             return {}
         values = iter(values)
-        owners = [list(returning), [b for members, *_ in extra_q for b in members]]
-        rows = []
-        for block_owners, has_ids in zip(owners, with_ids):
-            ids = next(values).long().view(len(block_owners), -1) if has_ids else None
+        rows, owners = [], []
+        for block_owners, ids, _ in q_blocks:
+            ids = None if ids is None else next(values).long().view(len(block_owners), -1)
             probs = next(values).view(len(block_owners), -1)
             rows.append(SparseDistributions.over_vocabulary(probs) if ids is None
                         else SparseDistributions.held(vocab, ids, probs))
-        q, owner = SparseDistributions.cat(rows), torch.tensor(owners[0] + owners[1])
+            owners += block_owners
+        returning = q_blocks[0][0]
+        q, owner = SparseDistributions.cat(rows), torch.tensor(owners)
         if len(returning) > 1:  # each sequence's rows together, in emission order: a stable sort by owner
             q = q.take(owner.argsort(stable=True))
         return dict(zip(returning, q.split(torch.bincount(owner, minlength=returning[-1] + 1)[returning].tolist())))
