@@ -162,3 +162,18 @@ def test_a_closed_loop_runs_first_wave_starts_together_however_slowly_its_thread
         return started
     starts = _closed_loop(request, [{}] * 24, 16)
     assert len(starts) == 24 and max(starts[:16]) - min(starts[:16]) < 0.05
+
+
+def test_the_references_table_sets_served_cosine_against_the_engines_own_speculation():
+    from cosine_client.bench import references_table
+
+    rows = [{"load": "concurrency", "level": 1.0, "mode": mode, "tokens_per_s": rate}
+            for mode, rate in (("autoregressive", 250.0), ("cosine", 440.0))]
+    references = {"threads": 1, "replicas": 2, "cores": 2, "prompt_tokens": 82, "measurements": {"1": 6},
+                  "decode": {"1": {"engine": 290.0, "transformers": 225.0, "assisted_generation": 330.0,
+                                   "engine_speculation": 550.0}}}
+    table = references_table(rows, references)
+    assert "assisted generation (general drafter), c=1: 330 tokens/s; served cosine: 440 (1.33x)" in table
+    assert "c=1: 550 tokens/s (1.67x assisted generation); served cosine: 0.80x it" in table
+    del references["decode"]["1"]["engine_speculation"]
+    assert "chain speculation" not in references_table(rows, references)

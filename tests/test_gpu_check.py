@@ -1,7 +1,8 @@
 """gpu_check's exactness checks and the in-process references, on CPU (the scaling table is left to the GPU)."""
 from cosine.engine.checkpoint import load_causal_lm
 from cosine_client import gpu_check
-from cosine_client.references import assisted_generation_rate, engine_decode_rate, transformers_decode_rate
+from cosine_client.references import (assisted_generation_rate, engine_decode_rate, engine_generate,
+                                      engine_speculation, transformers_decode_rate)
 
 
 def test_exactness_checks_pass_and_catch_a_wrong_model(tmp_path):
@@ -21,6 +22,26 @@ def test_reference_rates(tmp_path):
     assert assisted_generation_rate(model, model, [[1, 2, 3], [4, 5]], new_tokens=6) > 0
 
 
+def test_the_engines_speculation_reference_is_exact_and_keeps_the_drafters_cache_in_step(tmp_path):
+    """Its output is the target's greedy output whatever the drafter; a drafter equal to the target has every draft
+    accepted whole, which it is only if the drafter's cache follows the context round after round."""
+    from cosine.engine.engine import CausalLMEngine
+
+    checkpoint = gpu_check.random_checkpoint(tmp_path / "tiny", **gpu_check.TINY)
+    other = gpu_check.random_checkpoint(tmp_path / "other", seed=1, **gpu_check.TINY)
+    prompt, new_tokens, k = list(range(3, 20)), 23, 4
+    engine = lambda path: CausalLMEngine(load_causal_lm(path), kv_cache_tokens=1024)  # noqa: E731
+    (greedy,), _ = engine_generate(engine(checkpoint), [prompt], new_tokens)
+    target = engine(checkpoint)
+    rounds = []
+    step = target.step
+    target.step = lambda requests: rounds.append(len(requests[0].draft)) or step(requests)
+    assert engine_speculation(target, engine(other), prompt, new_tokens, k) == greedy
+    assert engine_speculation(target, engine(checkpoint), prompt, new_tokens, k) == greedy
+    unrelated, same = rounds[:rounds.index(0, 1)], rounds[rounds.index(0, 1):]  # each starts with its prefill (0)
+    assert len(unrelated) > len(same) == 1 + -(-(new_tokens - 1) // (k + 1))
+
+
 def test_the_sampled_chain_check_fails_when_the_verifier_ignores_q(tmp_path, monkeypatch):
     model = load_causal_lm(gpu_check.random_checkpoint(tmp_path / "tiny", **gpu_check.TINY))
     prompt = list(range(3, 43))
@@ -31,7 +52,7 @@ def test_the_sampled_chain_check_fails_when_the_verifier_ignores_q(tmp_path, mon
 
 
 def test_deployment_references_measure_each_reference_where_it_applies(tmp_path, llama, tiny_dir):
-    """From a deployment spec: one replica's threads, assisted generation at c1 only, transformers on every core
+    """From a deployment spec: one replica's threads, the speculative references at c1 only, transformers on every core
     where the replicas together use more cores than one replica's threads; means over the measurements."""
     import torch
     import yaml
@@ -45,13 +66,13 @@ def test_deployment_references_measure_each_reference_where_it_applies(tmp_path,
     references = DeploymentReferences(tmp_path / "spec.yaml")
     threads = torch.get_num_threads()
     prompts = ["def main():", "import json and parse the file"]
-    references.measure(1, prompts, max_tokens=6)
+    references.measure(1, prompts, max_tokens=6, domains=["general", "unknown"])
     for _ in range(2):
         references.measure(2, prompts, max_tokens=6)
     assert torch.get_num_threads() == threads  # restored after each measurement
     summary = references.summary()
     assert summary["threads"] == 1 and summary["replicas"] == 2 and summary["measurements"] == {1: 1, 2: 2}
-    assert set(summary["decode"][1]) == {"transformers", "engine", "assisted_generation"}
+    assert set(summary["decode"][1]) == {"transformers", "engine", "assisted_generation", "engine_speculation"}
     assert set(summary["decode"][2]) == {"transformers", "engine", "transformers_all_cores"}
     assert all(rate > 0 for rates in summary["decode"].values() for rate in rates.values())
     assert len(references.rates[2]["engine"]) == 2

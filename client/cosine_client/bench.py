@@ -275,7 +275,8 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
                 run += 1
             if references is not None and load == "concurrency":
                 bar.set_description(f"in-process references, batch {level}")
-                references.measure(level, [prompt["prompt"] for prompt in batch], settings["max_tokens"])
+                references.measure(level, [prompt["prompt"] for prompt in batch], settings["max_tokens"],
+                                   [prompt.get("domain") for prompt in batch])
 
     rows = summarize(records)
     engine_activity_means = {key: {model: {name: float(np.mean(values)) for name, values in stats.items()}
@@ -327,5 +328,14 @@ def references_table(rows: list[dict], references: dict) -> str:
             if (float(level), "cosine") in served:
                 cosine = served[float(level), "cosine"]
                 line += f"; served cosine: {cosine:.0f} ({cosine / assisted:.2f}x)"
+            lines.append(line)
+        if "engine_speculation" in decode:
+            speculation = decode["engine_speculation"]
+            line = (f"the engines' chain speculation in process (each prompt's domain drafter, cosine's ceiling k; "
+                    f"no processes between them), c={level}: {speculation:.0f} tokens/s")
+            if "assisted_generation" in decode:
+                line += f" ({speculation / decode['assisted_generation']:.2f}x assisted generation)"
+            if (float(level), "cosine") in served:
+                line += f"; served cosine: {served[float(level), 'cosine'] / speculation:.2f}x it"
             lines.append(line)
     return "\n".join(lines)

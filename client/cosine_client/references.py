@@ -1,11 +1,12 @@
-"""In-process reference decode rates, no server: the project's engine, transformers' own batched decode and
-transformers' assisted generation. Each warms up once, then times decoding only (prefill excluded, except in
-assisted generation, where generate() does both).
+"""In-process reference decode rates, no server: the project's engine, transformers' own batched decode,
+transformers' assisted generation and the engines' own chain speculation. Each warms up once, then times decoding
+only (prefill excluded, except in the two speculative ones, which time whole requests).
 
-Imports torch, transformers and cosine.engine only, so that it runs on a bare CUDA machine."""
+Imports torch, transformers, cosine.engine and cosine.speculation.tree only, so that it runs on a bare CUDA machine."""
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import time
 
@@ -14,6 +15,7 @@ from transformers import DynamicCache
 
 from cosine.engine.engine import Admission, CausalLMEngine, StepRequest, use_step_attention
 from cosine.engine.sampling import SamplingParams
+from cosine.speculation.tree import DraftTree
 
 WARMUP_TOKENS = 4  # enough to run prefill and decode steps once before timing
 
@@ -112,12 +114,48 @@ def assisted_generation_rate(target, drafter, prompts_ids: list[list[int]], new_
     return tokens / (time.perf_counter() - start)
 
 
+def engine_speculation(target: CausalLMEngine, drafter: CausalLMEngine, prompt: list[int], new_tokens: int,
+                       k: int) -> list[int]:
+    """Greedy chain speculation of one prompt with the project's engines in this process: each round the drafter
+    drafts k tokens and the target verifies them, the round `cosine` makes over BLS, with no process between the
+    two (and no pipelining). Returns the new tokens: the target's own greedy output."""
+    admission = Admission(new_tokens + k, SamplingParams())
+    out = _ok(target.step([StepRequest(0, prompt, admission=admission)])[0]).tokens
+    _ok(drafter.step([StepRequest(0, prompt, admission=admission)])[0])
+    drafter_cached = len(prompt)  # context tokens the drafter's cache holds
+    while len(out) < new_tokens:
+        context = prompt + out
+        chain = _ok(drafter.step([StepRequest(0, context[drafter_cached:], keep_length=drafter_cached,
+                                              extra_tokens=k - 1)])[0]).tokens
+        emitted = _ok(target.step([StepRequest(0, context[-1:], DraftTree.chain(chain),
+                                               keep_length=len(context) - 1)])[0]).tokens
+        drafter_cached = len(context) + min(len(emitted) - 1, k - 1)  # it fed itself chain[:k - 1]
+        out += emitted
+    target.release(0)
+    drafter.release(0)
+    return out[:new_tokens]
+
+
+def speculation_rate(target: CausalLMEngine, drafters: list[CausalLMEngine], prompts_ids: list[list[int]],
+                     new_tokens: int, k: int) -> float:
+    """Tokens/s of engine_speculation, one prompt at a time, each with its own drafter (drafters[i] for prompt i)."""
+    engine_speculation(target, drafters[0], prompts_ids[0], min(new_tokens, WARMUP_TOKENS), k)
+    _sync()
+    start = time.perf_counter()
+    tokens = sum(len(engine_speculation(target, drafter, prompt, new_tokens, k))
+                 for drafter, prompt in zip(drafters, prompts_ids))
+    _sync()
+    return tokens / (time.perf_counter() - start)
+
+
 class DeploymentReferences:
     """The physical references of a deployment, measured in this process on its own checkpoints with the torch
     threads of one served target replica: the engine's batched decode rate and transformers' batched decode at a
     concurrency (batch = concurrency), and at concurrency 1 transformers' assisted generation with the general
-    drafter. Where the target's replicas use more cores than one replica's threads, transformers' batched decode with
-    every core's threads too (the served target then uses them all).
+    drafter and the engines' chain speculation with each prompt's own domain drafter (the one routing finds) at
+    cosine's draft-length ceiling: what `cosine`'s rounds make without processes between target and drafters.
+    Where the target's replicas use more cores than one replica's threads, transformers' batched decode with every
+    core's threads too (the served target then uses them all).
 
     A bench measures them between its served runs, on each round's prompts, as one more interleaved variant: on a
     shared machine a reference measured once, at one moment, is off by as much as the speed of the machine drifts
@@ -138,13 +176,17 @@ class DeploymentReferences:
         self.engine_model = load_causal_lm(spec.target.checkpoint)
         self.drafter = load_causal_lm(spec.drafters[spec.vanilla_drafter].checkpoint) if spec.vanilla_drafter \
             else None
+        self.general_drafter, self.draft_tokens = spec.vanilla_drafter, spec.adaptive_draft_tokens
+        # each its engine's copy (the engine fuses projections in place)
+        self.drafter_models = {name: load_causal_lm(drafter.checkpoint) for name, drafter in spec.drafters.items()}
         self.tokenizer = AutoTokenizer.from_pretrained(str(spec.tokenizer_dir), local_files_only=True)
         self.rates: dict[int, dict[str, list[float]]] = {}  # concurrency -> reference -> one rate per measurement
         self.prompt_tokens: list[int] = []
 
-    def measure(self, concurrency: int, prompts: list[str], max_tokens: int) -> None:
+    def measure(self, concurrency: int, prompts: list[str], max_tokens: int, domains: list[str | None] = ()) -> None:
         """One measurement of every reference at `concurrency`, on these prompts (their mean length for the
-        batched decodes, the prompts themselves for assisted generation)."""
+        batched decodes, the prompts themselves for the speculative ones) and their domains (a prompt whose domain
+        names no drafter drafts with the general one)."""
         prompt_ids = [self.tokenizer.encode(prompt) for prompt in prompts]
         self.prompt_tokens += map(len, prompt_ids)
         prompt_len = round(sum(map(len, prompt_ids)) / len(prompt_ids))
@@ -159,6 +201,12 @@ class DeploymentReferences:
             if concurrency == 1 and self.drafter is not None:
                 rates.setdefault("assisted_generation", []).append(
                     assisted_generation_rate(self.target, self.drafter, prompt_ids, max_tokens))
+                kv_tokens = max(map(len, prompt_ids)) + max_tokens + 2 * self.draft_tokens + 128  # one sequence
+                engines = {name: CausalLMEngine(model, kv_tokens) for name, model in self.drafter_models.items()}
+                drafters = [engines.get(domain, engines[self.general_drafter])
+                            for domain, _ in itertools.zip_longest(domains, prompt_ids)]
+                rates.setdefault("engine_speculation", []).append(speculation_rate(
+                    CausalLMEngine(self.engine_model, kv_tokens), drafters, prompt_ids, max_tokens, self.draft_tokens))
             if self.replicas > 1 and concurrency > 1:  # the replicas together use more than one replica's threads
                 torch.set_num_threads(self.cores)
                 rates.setdefault("transformers_all_cores", []).append(
