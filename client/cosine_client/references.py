@@ -177,7 +177,7 @@ class DeploymentReferences:
         self.drafter = load_causal_lm(spec.drafters[spec.vanilla_drafter].checkpoint) if spec.vanilla_drafter \
             else None
         self.general_drafter, self.draft_tokens = spec.vanilla_drafter, spec.adaptive_draft_tokens
-        # each its engine's copy (the engine fuses projections in place)
+        # copies for their engines, apart from the general drafter above: the engine fuses projections in place
         self.drafter_models = {name: load_causal_lm(drafter.checkpoint) for name, drafter in spec.drafters.items()}
         self.tokenizer = AutoTokenizer.from_pretrained(str(spec.tokenizer_dir), local_files_only=True)
         self.rates: dict[int, dict[str, list[float]]] = {}  # concurrency -> reference -> one rate per measurement
