@@ -33,13 +33,18 @@ def test_the_engines_speculation_reference_is_exact_and_keeps_the_drafters_cache
     engine = lambda path: CausalLMEngine(load_causal_lm(path), kv_cache_tokens=1024)  # noqa: E731
     (greedy,), _ = engine_generate(engine(checkpoint), [prompt], new_tokens)
     target = engine(checkpoint)
-    rounds = []
-    step = target.step
-    target.step = lambda requests: rounds.append(len(requests[0].draft)) or step(requests)
-    assert engine_speculation(target, engine(other), prompt, new_tokens, k) == greedy
-    assert engine_speculation(target, engine(checkpoint), prompt, new_tokens, k) == greedy
-    unrelated, same = rounds[:rounds.index(0, 1)], rounds[rounds.index(0, 1):]  # each starts with its prefill (0)
-    assert len(unrelated) > len(same) == 1 + -(-(new_tokens - 1) // (k + 1))
+    steps = []  # the target's steps in one speculation: its prefill, then a verification per round
+
+    def counted(requests):
+        steps.append(requests)
+        return step(requests)
+    step, target.step = target.step, counted
+
+    def rounds(drafter) -> int:
+        steps.clear()
+        assert engine_speculation(target, drafter, prompt, new_tokens, k) == greedy
+        return len(steps) - 1
+    assert rounds(engine(other)) > rounds(engine(checkpoint)) == -(-(new_tokens - 1) // (k + 1))
 
 
 def test_the_sampled_chain_check_fails_when_the_verifier_ignores_q(tmp_path, monkeypatch):

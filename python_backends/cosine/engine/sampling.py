@@ -125,19 +125,7 @@ def _widths(vocab: int) -> list[int]:
 
 def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor) -> torch.Tensor:
-    """The distributions sampling draws from, one row per logits row with that row's parameters: temperature, then
-    top-k, then top-p. Rows of greedy requests are not meant to come here (they compare argmaxes).
-    Sorting the vocabulary is what costs on a CPU (2,048 logits: 58 us a row). So a row is computed from its
-    CANDIDATES most likely tokens when its top-k / top-p support lies within them (a top_k up to that, or a top_p
-    those tokens reach: 90% of the demo target's rows at temperature 0.8, top_p 0.95), else from WIDENING times as
-    many (99.5%), then as many again (`_widths`), and only the rest sort the whole vocabulary. On the demo models'
-    rows, with the normaliser below: a drafting position's row 108 -> 95 us, a verification's 13 rows 0.93 -> 0.68
-    ms against sorting every row beyond 64. On a GPU every row sorts it: that is cheap there, and the host
-    synchronisation that choosing takes is not.
-
-    They are `proposal`'s, laid over the vocabulary.
-
-    logits: [rows, vocab]; temperature, top_p: [rows] float; top_k: [rows] int64, 0 = no filter."""
+    """`proposal`'s distributions laid over the vocabulary: [rows, vocab]. Arguments as `proposal`'s."""
     ids, probs = proposal(logits, temperature, top_k, top_p)
     # past a row's support its held entries have probability 0 and any id: adding them changes nothing
     return probs if ids is None else torch.zeros(len(probs), logits.shape[-1], device=probs.device).scatter_add_(
@@ -146,16 +134,25 @@ def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 
 def proposal(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
              top_p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The distributions of `probabilities`, held so that a draw from a row depends on that row alone, not on the
-    rows batched beside it: ([rows, width] token ids, or None for every row's vocabulary in id order, and [rows,
-    width] their probabilities). A row with top-k or top-p holds its support in descending order, from as many of
-    its likeliest tokens as its support needs (`_widths`); a row without either holds its vocabulary in id order
-    (unsorted). Past a row's support its entries have probability 0 and any id. On a GPU every row holds the
-    vocabulary in id order (a sort is cheap there, and choosing the width takes a host synchronisation).
+    """The distributions sampling draws from, one row per logits row with that row's parameters: temperature, then
+    top-k, then top-p (rows of greedy requests are not meant to come here: they compare argmaxes). Held so that a
+    draw from a row depends on that row alone, not on the rows batched beside it: ([rows, width] token ids, or None
+    for every row's vocabulary in id order, and [rows, width] their probabilities). A row with top-k or top-p holds
+    its support in descending order; a row without either holds its vocabulary in id order (unsorted). Past a row's
+    support its entries have probability 0 and any id.
+    Sorting the vocabulary is what costs on a CPU (2,048 logits: 58 us a row). So a row is computed from its
+    CANDIDATES most likely tokens when its top-k / top-p support lies within them (a top_k up to that, or a top_p
+    those tokens reach: 90% of the demo target's rows at temperature 0.8, top_p 0.95), else from WIDENING times as
+    many (99.5%), then as many again (`_widths`), and only the rest sort the whole vocabulary. On the demo models'
+    rows, with the normaliser in `_truncated`: a drafting position's row 108 -> 95 us, a verification's 13 rows 0.93
+    -> 0.68 ms against sorting every row beyond 64. On a GPU every row holds the vocabulary in id order: a sort is
+    cheap there, and the host synchronisation that choosing the width takes is not.
     A drafting position draws from this and reports it without laying the vocabulary out: one row with its draw took
     0.91x the time of laying it over the vocabulary and drawing there at 2,048 tokens, 0.74x at 32,000 and 0.66x at
     151,936 (T 0.8, top_p 0.95), 0.35-0.46x without top-k or top-p (the two interleaved, medians of 400, one thread,
-    this CPU). Arguments as `probabilities`'."""
+    this CPU).
+
+    logits: [rows, vocab]; temperature, top_p: [rows] float; top_k: [rows] int64, 0 = no filter."""
     tempered, bounded_top_k = _tempered(logits, temperature, top_k)
     rows, vocab = tempered.shape
     if tempered.is_cuda:

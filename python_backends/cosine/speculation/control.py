@@ -262,10 +262,8 @@ class SpeculationWindows:
             self.on_measured(self.allowed, bucket, measured.rate)
         bucket, exploring_at = self.plan
         # the window that went against the verdict explored only if it measured its load: one that a pause took
-        # (idle, or other modes' requests) explores again. Counted as done, every exploring window of the bench fell
-        # in the pauses between a variant's segments: the window that measured a segment closed at its end and
-        # chose the next (session 25: `cosine:drafters=general` decoded 71 of 72 requests plainly at c1, exploring
-        # every other window, where vanilla with that drafter made 1.26x plain decoding)
+        # (idle, or other modes' requests) explores again; counted as done, a bench's exploring windows all fell
+        # between a variant's segments (docs/history.md, session 25)
         if exploring_at is not None and measured_at == bucket:
             self.last_exploring[bucket] = exploring_at
         allowed, self.plan = self._next_allowed(self.active_requests())
@@ -299,15 +297,16 @@ class SpeculationWindows:
         """With speculation allowed and forbidden at this load bucket (no windows: never measured)."""
         return self.rates.get((True, bucket), WindowRates()), self.rates.get((False, bucket), WindowRates())
 
+    def _decided(self, bucket: int) -> bool:
+        """Both kinds measured min_windows times at this load: enough for a verdict."""
+        on, off = self._measured(bucket)
+        return min(on.windows, off.windows) >= self.min_windows
+
     def verdicts(self) -> dict[int, bool]:
-        """Load bucket -> whether speculation was measured to pay there, where both kinds have min_windows; by load,
-        lowest first."""
-        verdicts = {}
-        for bucket in sorted({bucket for _, bucket in self.rates}):
-            on, off = self._measured(bucket)
-            if min(on.windows, off.windows) >= self.min_windows:
-                verdicts[bucket] = self._pays(bucket)
-        return verdicts
+        """Load bucket -> whether speculation was measured to pay there, where it is decided; by load, lowest
+        first."""
+        return {bucket: self._pays(bucket) for bucket in sorted({bucket for _, bucket in self.rates})
+                if self._decided(bucket)}
 
     def _error(self, bucket: int) -> float:
         """Standard error of the kinds' rate difference at this load. A window's rate varies with what part of the
@@ -339,18 +338,16 @@ class SpeculationWindows:
         """A verdict (min_windows of each kind) that speculation pays here by decisive_gap or more. One window each
         is no evidence, its two kinds holding different parts of the load's bursts: 1,192 against 924 tokens per
         busy second at c32 sent c64 drafting at 0.96x plain decoding (session 24)."""
-        on, off = self._measured(bucket)
-        return min(on.windows, off.windows) >= self.min_windows and self._pays(bucket) and \
-            self._gap(bucket) >= self.decisive_gap
+        return self._decided(bucket) and self._pays(bucket) and self._gap(bucket) >= self.decisive_gap
 
     def _exploring_period(self, bucket: int) -> int:
         """Windows from one exploring window to the next at this load. Where the verdict is plain decoding although
         speculation measured faster (by less than the noise), an exploring window speculates, the kind measured
         faster: it costs nothing expected, so every other window does until the noise rule decides (measured one
         window in ten instead, speculation stayed off for 21 of 48 sampled requests at c1; session 24)."""
-        on, off = self._measured(bucket)
-        if min(on.windows, off.windows) < self.min_windows:
+        if not self._decided(bucket):
             return self.explore_every
+        on, off = self._measured(bucket)
         if on.rate > off.rate and not self._pays(bucket):
             return 2  # every other window
         return min(max(self.explore_every, math.ceil(self._gap(bucket) / self.exploring_cost)),
