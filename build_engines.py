@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     except (SpecError, ValueError, RuntimeError) as error:
         print(f"build_engines: error: {error}", file=sys.stderr)
         return 2
-    models = [model for model, (_, engine) in spec.engines().items() if engine.node == args.node]
+    models = [model for model, (_, engine) in spec.engines().items()
+              if engine.node == args.node and not engine.in_cosine_process]
     print(f"deployment spec: {spec_path}\nmodel repository ({args.node} node): {repository}\n"
           f"models: {', '.join(models) or 'none'}")
     for build in (build for build in builds if not build.built):

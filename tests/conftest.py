@@ -65,8 +65,9 @@ def server(tmp_path_factory, tiny_dir, llama):
     root = tmp_path_factory.mktemp("server")
     engine = {"kv_cache_tokens": 8192, "num_threads": 1, "idle_timeout_s": 30}
     spec = {"target": dict(engine, checkpoint=str(llama)),
-            # the target's own checkpoint drafts perfectly; an unrelated random model almost never
-            "drafters": {"itself": dict(engine, checkpoint=str(llama)),
+            # the target's own checkpoint drafts perfectly (inside the `cosine` process, as a drafter may); an
+            # unrelated random model almost never
+            "drafters": {"itself": dict(engine, checkpoint=str(llama), in_cosine_process=True),
                          "unrelated": dict(engine, checkpoint=str(tiny_dir / "unrelated")),
                          # a KV budget too small for any request: every call to it fails
                          "broken": dict(engine, checkpoint=str(tiny_dir / "unrelated"), kv_cache_tokens=32)},

@@ -11,13 +11,14 @@ from cosine.engine.checkpoint import load_causal_lm
 from cosine.engine.engine import CausalLMEngine, StepRequest, StepResult
 from cosine.engine.sampling import SparseDistributions
 from cosine.serving import wire
-from cosine.serving.batching import CoalescingEngine, ReplicatedEngine
+from cosine.serving.batching import CoalescingEngine, InProcessEngine, ReplicatedEngine
 from cosine.serving.errors import ServingError
+from cosine.serving.lookahead import LookaheadEngine
 from cosine.serving.request import GenerationRequest
 from cosine.speculation.tree import DraftTree
 
 
-class InProcessEngine:
+class WireLoopback:
     """Transport to a real engine in this process, through the wire codec both ways; records call sizes."""
 
     def __init__(self, engine):
@@ -43,17 +44,30 @@ async def generate(engine, sequence_id, prompt, tokens):
     return out
 
 
-def test_calls_of_one_tick_go_as_one_engine_call(engine, llama):
+def over_the_wire(engine):
+    """An engine model's client (a Triton model in this server or another), with its calls' sizes."""
+    transport = WireLoopback(engine)
+    return CoalescingEngine("target", transport), transport.calls
+
+
+def in_this_process(engine):
+    """An engine in the `cosine` process (a drafter placed there), with its steps' sizes."""
+    calls = []
+    return InProcessEngine("target", LookaheadEngine(engine, max_sequences=0),
+                           on_step=lambda steps: calls.append(len(steps))), calls
+
+
+@pytest.mark.parametrize("client", [over_the_wire, in_this_process])
+def test_calls_of_one_tick_go_as_one_engine_call(engine, llama, client):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llama)
-    transport = InProcessEngine(engine)
-    coalesced = CoalescingEngine("target", transport)
+    coalesced, calls = client(engine)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
 
     async def main():
         together = await asyncio.gather(*(generate(coalesced, i, p, 8) for i, p in enumerate(prompts)))
-        calls_together = list(transport.calls)
+        calls_together = list(calls)
         alone = [await generate(coalesced, 100 + i, p, 8) for i, p in enumerate(prompts)]
         return together, calls_together, alone
     together, calls, alone = asyncio.run(main())
@@ -68,10 +82,10 @@ def test_replicas_each_step_their_own_sequences_and_outputs_equal_one_engine(lla
     from transformers import AutoTokenizer
 
     prompts = [AutoTokenizer.from_pretrained(llama).encode(p) for p in PROMPTS]
-    transports = [InProcessEngine(CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)) for _ in range(2)]
+    transports = [WireLoopback(CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)) for _ in range(2)]
     replicated = ReplicatedEngine([CoalescingEngine(f"target_{i}", transport)
                                    for i, transport in enumerate(transports)])
-    single = CoalescingEngine("target", InProcessEngine(CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)))
+    single = CoalescingEngine("target", WireLoopback(CausalLMEngine(load_causal_lm(llama), kv_cache_tokens=8192)))
 
     async def main():
         return (await asyncio.gather(*(generate(replicated, i, p, 6) for i, p in enumerate(prompts))),
@@ -112,8 +126,9 @@ def test_a_replica_that_refuses_an_admission_passes_it_on():
     assert free.steps == [7, 7, -7] and full.steps == [] and not replicated.home
 
 
-def test_a_bad_sequence_fails_alone_and_names_its_input(engine):
-    coalesced = CoalescingEngine("target", InProcessEngine(engine))
+@pytest.mark.parametrize("client", [over_the_wire, in_this_process])
+def test_a_bad_sequence_fails_alone_and_names_its_input(engine, client):
+    coalesced, _ = client(engine)
     request = GenerationRequest("x", max_tokens=4)
 
     async def main():

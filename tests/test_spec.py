@@ -33,6 +33,15 @@ TARGETS = target_model_names(default_replicas("cpu"))  # this machine's default:
     ({"target": {"checkpoint": "llama"}, "plain_decode_lookahead": "yes"}, "plain_decode_lookahead"),
     ({"target": {"checkpoint": "llama"}, "drafters": {"a": {"checkpoint": "llama", "replicas": 2}}},
      "drafters.a.replicas"),
+    ({"target": {"checkpoint": "llama", "in_cosine_process": True}}, "target.in_cosine_process"),
+    ({"target": {"checkpoint": "llama"}, "drafters": {"a": {"checkpoint": "llama", "in_cosine_process": "yes"}}},
+     "drafters.a.in_cosine_process"),
+    ({"target": {"checkpoint": "llama"}, "nodes": {"b": {"url": "h:1"}},
+      "drafters": {"a": {"checkpoint": "llama", "node": "b", "in_cosine_process": True}}},
+     "drafters.a.in_cosine_process"),
+    ({"target": {"checkpoint": "llama"}, "drafters": {"a": {"checkpoint": "llama", "device": "gpu",
+                                                            "in_cosine_process": True}}},
+     "drafters.a.in_cosine_process"),
 ])
 def test_invalid_specs_name_the_field(tiny_dir, raw, field):
     with pytest.raises(SpecError) as caught:
@@ -65,6 +74,26 @@ def test_spec_round_trips_and_renders_a_repository(tiny_dir, tmp_path):
     write_repository(without_drafters, repo)
     assert not (repo / "drafter_code").exists()
     assert '"lookahead" value: { string_value: "0" }' in (repo / "target" / "config.pbtxt").read_text()
+
+
+def test_a_drafter_in_the_cosine_process_is_no_model_but_the_cosine_models_parameters(tiny_dir, tmp_path):
+    """Its engine parameters, as its own model would get them, go to the `cosine` model, which builds the engine;
+    a drafter moved there leaves no stale model behind."""
+    raw = {"target": {"checkpoint": "llama"},
+           "drafters": {"code": {"checkpoint": "llama", "kv_cache_tokens": 512}, "math": {"checkpoint": "llama"}}}
+    repo = write_repository(parse_spec(raw, tiny_dir), tmp_path / "repo")
+    assert (repo / "drafter_code").exists()
+    raw["drafters"]["code"]["in_cosine_process"] = True
+    spec = parse_spec(raw, tiny_dir)
+    assert_round_trips(spec, tmp_path)
+    write_repository(spec, repo)
+    assert not (repo / "drafter_code").exists() and (repo / "drafter_math").exists()
+    cosine = (repo / "cosine" / "config.pbtxt").read_text()
+    assert '"in_process_drafters" value: { string_value: "code" }' in cosine
+    assert '"drafter_code.kv_cache_tokens" value: { string_value: "512" }' in cosine
+    assert '"drafter_code.num_threads" value: { string_value: "1" }' in cosine
+    assert "drafter_math.kv_cache_tokens" not in cosine
+    assert '"drafters" value: { string_value: "code,math" }' in cosine  # routed by name as any other
 
 
 def test_each_target_replica_is_a_model_of_its_own(tiny_dir, tmp_path):

@@ -103,6 +103,21 @@ def test_acceptance_metrics_per_drafter(server):
     assert metric(server, "cosine_drafts_total", mode="specinfer", origin="merged") > drafts_before["merged"]
 
 
+def test_a_drafter_in_the_cosine_process_is_no_model_and_reports_as_one(server):
+    """`itself` drafts inside the `cosine` model's process (conftest): Triton serves no model of it, and its
+    engine's steps count under its model's name, as an engine model's do."""
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"http://{server.http_url}/v2/models/drafter_itself/ready")
+    assert urllib.request.urlopen(f"http://{server.http_url}/v2/models/drafter_unrelated/ready").status == 200
+    batches, busy = (metric(server, name, model="drafter_itself")
+                     for name in ("cosine_engine_batches_total", "cosine_engine_busy_seconds_total"))
+    _, (rounds, drafted, accepted) = run(server, PROMPTS[1], speculation_mode="vanilla", drafters=["itself"],
+                                         num_draft_tokens=4)
+    assert accepted == drafted > 0
+    assert metric(server, "cosine_engine_batches_total", model="drafter_itself") - batches >= drafted / 4
+    assert metric(server, "cosine_engine_busy_seconds_total", model="drafter_itself") > busy
+
+
 def test_cosine_drafts_ahead_while_the_target_verifies(server):
     """Pipelined drafting through the deployment: with the target as its own drafter every main chain is accepted
     whole (runner-up siblings never are) and the target's next token is the drafter's, so after the first round

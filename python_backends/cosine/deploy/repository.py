@@ -43,8 +43,9 @@ def _config(name: str, contract, max_batch_size: int, parameters: dict, *, backe
     return "\n".join(lines) + "\n" + contract.pbtxt_io() + _parameters(parameters)
 
 
-def _engine_config(name: str, engine: EngineSpec, path, is_target: bool, lookahead: bool) -> str:
-    return _config(name, ENGINE, engine.max_batch_size, {
+def _engine_parameters(engine: EngineSpec, path, is_target: bool, lookahead: bool = False) -> dict:
+    """What a portable engine is built from (triton/engine_model.py:portable_engine)."""
+    return {
         "checkpoint_dir": path(engine.checkpoint),
         "kv_cache_tokens": engine.kv_cache_tokens,
         "max_draft_tokens": engine.max_draft_tokens,
@@ -54,8 +55,18 @@ def _engine_config(name: str, engine: EngineSpec, path, is_target: bool, lookahe
         "dtype": engine.dtype,
         "idle_timeout_s": engine.idle_timeout_s,
         "lookahead": int(lookahead),  # serving.lookahead: the target's plain decoding
-    }, kind="KIND_GPU" if engine.device == "gpu" else "KIND_CPU",
-        dynamic_batching=f"max_queue_delay_microseconds: {engine.max_queue_delay_us}")
+    }
+
+
+def in_cosine_process_parameter(drafter: str, key: str) -> str:
+    """The `cosine` model's parameter holding an engine parameter of a drafter in its process."""
+    return f"{drafter_model_name(drafter)}.{key}"
+
+
+def _engine_config(name: str, engine: EngineSpec, path, is_target: bool, lookahead: bool) -> str:
+    return _config(name, ENGINE, engine.max_batch_size, _engine_parameters(engine, path, is_target, lookahead),
+                   kind="KIND_GPU" if engine.device == "gpu" else "KIND_CPU",
+                   dynamic_batching=f"max_queue_delay_microseconds: {engine.max_queue_delay_us}")
 
 
 def _trtllm_config(name: str, engine: EngineSpec, is_target: bool) -> str:
@@ -156,6 +167,11 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
             # drafters on other nodes, called over gRPC: name=host:port,...
             "remote_drafters": mapping_parameter({name: spec.nodes[drafter.node].url for name, drafter
                                                   in spec.drafters.items() if drafter.node != MAIN_NODE}),
+            # drafters run in this model's process, each from its engine parameters below
+            "in_process_drafters": ",".join(spec.drafters_in_cosine_process),
+            **{in_cosine_process_parameter(name, key): value
+               for name, drafter in spec.drafters_in_cosine_process.items()
+               for key, value in _engine_parameters(drafter, path, is_target=False).items()},
             "drafter_timeout_s": spec.drafter_timeout_s,
             "drafter_probe_after_s": spec.drafter_probe_after_s,
             "general_drafter": spec.vanilla_drafter or "",

@@ -72,6 +72,9 @@ class EngineSpec:
     max_draft_tokens: int = 64
     idle_timeout_s: float = 600.0
     node: str = MAIN_NODE  # a drafter on another Triton server: one of the spec's `nodes`
+    # A drafter of the main node run inside the `cosine` model's process instead of as a Triton model of its own:
+    # no process hop per round, one process less on the cores. On CPU only; a crash takes `cosine` with it.
+    in_cosine_process: bool = False
 
     @property
     def kind(self) -> str:
@@ -141,7 +144,13 @@ class DeploymentSpec:
                 **{drafter_model_name(name): (f"drafters.{name}", drafter) for name, drafter in self.drafters.items()}}
 
     def drafters_on(self, node: str) -> dict[str, EngineSpec]:
-        return {name: drafter for name, drafter in self.drafters.items() if drafter.node == node}
+        """The drafters a node serves as Triton models (those in the `cosine` process are not models)."""
+        return {name: drafter for name, drafter in self.drafters.items()
+                if drafter.node == node and not drafter.in_cosine_process}
+
+    @property
+    def drafters_in_cosine_process(self) -> dict[str, EngineSpec]:
+        return {name: drafter for name, drafter in self.drafters.items() if drafter.in_cosine_process}
 
 
 def _positive_int(where: str, value, allow_zero: bool = False) -> int:
@@ -180,7 +189,7 @@ def target_replicas(target: EngineSpec) -> int:
 
 # Portable-engine settings that a TensorRT-LLM model does not take (its own live under `trtllm`).
 PORTABLE_ONLY = ("replicas", "device", "kv_cache_tokens", "num_threads", "dtype", "max_draft_tokens",
-                 "idle_timeout_s")
+                 "idle_timeout_s", "in_cosine_process")
 
 
 def _fraction(where: str, value) -> float:
@@ -272,7 +281,12 @@ def _engine(where: str, raw, base: Path) -> EngineSpec:
         raise SpecError(f"{where}.device: must be 'cpu' or 'gpu', got {values['device']!r}")
     if values.get("dtype", "float32") not in DTYPES:
         raise SpecError(f"{where}.dtype: must be one of {', '.join(DTYPES)}, got {values['dtype']!r}")
-    return EngineSpec(**values)
+    if not isinstance(values.get("in_cosine_process", False), bool):
+        raise SpecError(f"{where}.in_cosine_process: must be true or false, got {values['in_cosine_process']!r}")
+    engine = EngineSpec(**values)
+    if engine.in_cosine_process and (engine.node != MAIN_NODE or engine.device != "cpu"):
+        raise SpecError(f"{where}.in_cosine_process: only for a drafter on the CPU of the '{MAIN_NODE}' node")
+    return engine
 
 
 def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
@@ -307,6 +321,8 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
     target = _engine("target", raw["target"], base)
     if target.node != MAIN_NODE:
         raise SpecError(f"target.node: the target runs on the '{MAIN_NODE}' node")
+    if target.in_cosine_process:
+        raise SpecError("target.in_cosine_process: only drafters run in the `cosine` process")
     values = dict(raw, target=target, drafters=drafters, nodes=nodes)
     for name in ("drafter_timeout_s", "drafter_probe_after_s", "queue_timeout_s"):
         if name in values:

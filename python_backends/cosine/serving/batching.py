@@ -3,19 +3,22 @@
 Request coroutines call `step` as if each had the engine to itself. Calls made in the same event-loop tick (the
 verification scheduler releases a batch in one tick; requests that leave one pass draft together in the next) go
 out as ONE engine call carrying every sequence, flattened by `wire`. Triton's dynamic batcher then merges calls
-that arrive from other `cosine` instances while the engine is busy."""
+that arrive from other `cosine` instances while the engine is busy. An engine in the `cosine` process itself (a
+drafter placed there) coalesces the same way and steps on a worker thread of its own, without the wire."""
 from __future__ import annotations
 
 import asyncio
 import functools
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 
 import numpy as np
 
 from ..contract import DEPLOYMENT_SECRET, DEPLOYMENT_SECRET_ENV
 from ..engine.engine import Admission, StepRequest, StepResult
+from .lookahead import LookaheadEngine
 from ..speculation.tree import DraftTree
 from . import wire
 from .errors import ServingError
@@ -67,9 +70,7 @@ class CoalescingEngine(BreakerGuarded):
     async def _send(self, batch: list[tuple[StepRequest, asyncio.Future]]) -> None:
         steps = [step for step, _ in batch]
         try:
-            arrays = dict(wire.pack_steps(steps), **{DEPLOYMENT_SECRET: self.secret})
-            send = functools.partial(self.transport, arrays)
-            results = wire.unpack_results(await self._guarded(send), steps, self.name)
+            results = await self._guarded(functools.partial(self._call, steps))
         except Exception as error:  # the whole call failed: every sequence in it fails with the same error
             results = [error] * len(batch)
         except asyncio.CancelledError:  # a caller must never wait on a call that will not answer
@@ -80,6 +81,34 @@ class CoalescingEngine(BreakerGuarded):
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
+
+
+    async def _call(self, steps: list[StepRequest]) -> list[StepResult | ServingError]:
+        arrays = dict(wire.pack_steps(steps), **{DEPLOYMENT_SECRET: self.secret})
+        return wire.unpack_results(await self.transport(arrays), steps, self.name)
+
+
+class InProcessEngine(CoalescingEngine):
+    """An engine in this process: a tick's calls coalesce as for any engine and go to it as one step on its worker
+    thread (torch releases the GIL in its kernels, so the event loop goes on meanwhile), with no wire and no hop."""
+
+    def __init__(self, name: str, engine: LookaheadEngine, breaker: CircuitBreaker | None = None,
+                 on_step: Callable[[list[StepRequest]], None] = lambda steps: None):
+        """on_step: called on the event loop after each step (the engine's metrics)."""
+        super().__init__(name, transport=None, breaker=breaker)
+        self.engine, self.on_step = engine, on_step
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    async def _call(self, steps: list[StepRequest]) -> list[StepResult | ServingError]:
+        results = await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.step, steps)
+        self.on_step(steps)
+        return [result if isinstance(result, StepResult) else ServingError(f"{self.name}: {result}",
+                                                                            wire.error_kind(result))
+                for result in results]
+
+    def close(self) -> None:
+        self.worker.shutdown()
+        self.engine.close()
 
 
 class ReplicatedEngine:

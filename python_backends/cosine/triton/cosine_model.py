@@ -4,26 +4,30 @@ text encoded and detokenized in this process."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter
 from contextlib import aclosing
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from ..contract import AHEAD_DRAFTS_DROPPED, COSINE, DRAFTS, ROUTER
-from ..deploy.repository import read_mapping_parameter
+from ..deploy.repository import in_cosine_process_parameter, read_mapping_parameter
 from ..deploy.spec import TRTLLM, drafter_model_name
-from ..serving.batching import CoalescingEngine, ReplicatedEngine
+from ..serving.batching import CoalescingEngine, InProcessEngine, ReplicatedEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
 from ..serving.health import CircuitBreaker
 from ..serving.limits import AdmissionGate, Limits
+from ..serving.lookahead import LookaheadEngine
 from ..serving.request import parse_generation_request
 from ..serving.trtllm import TrtllmEngine
 from ..serving.trust import deployment_secret
 from ..speculation.control import LoadMonitor
 from ..speculation.router import Route
+from .engine_model import EngineMetrics, portable_engine
 from .io import (Metrics, bls, engine_transport, error_response, freeze_heap, model_parameters, request_inputs,
                  resolve_path, tensors, trtllm_transport)
 from .remote import GrpcEngineTransport
@@ -77,6 +81,11 @@ class CosineModel:
         params = model_parameters(args)
         drafters = [name for name in params["drafters"].split(",") if name]
         kinds = read_mapping_parameter(params.get("engine_kinds", ""))
+        in_process = {name: self._in_process_engine(name, params, args)
+                      for name in params.get("in_process_drafters", "").split(",") if name}
+        if in_process:  # torch's threads are process-wide: the drafters' steps share them with acceptance's
+            torch.set_num_threads(max(int(params[in_cosine_process_parameter(name, "num_threads")])
+                                      for name in in_process))
         tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(params["tokenizer_dir"], args)),
                                                   local_files_only=True)
         remote = read_mapping_parameter(params.get("remote_drafters", ""))
@@ -103,7 +112,8 @@ class CosineModel:
             max_context=int(params["max_context_tokens"]),
             # empty: the repository was written without the checkpoint at hand; the tokenizer knows its EOS
             end_id=int(params["end_id"]) if params.get("end_id") else tokenizer.eos_token_id,
-            drafters={name: self._drafter(name, remote.get(name), params, kinds) for name in drafters},
+            drafters={name: self._drafter(name, remote.get(name), in_process.get(name), params, kinds)
+                      for name in drafters},
             general_drafter=params.get("general_drafter") or None,
             router=BlsRouter(params["router_model"]) if params.get("router_model") else None,
             max_cooperating_drafters=int(params.get("max_cooperating_drafters", "2")),
@@ -130,9 +140,18 @@ class CosineModel:
         freeze_heap()
 
     @staticmethod
-    def _drafter(name: str, url: str | None, params: dict, kinds: dict[str, str]):
-        """A drafter engine in this server (BLS, either kind) or on another node (gRPC), behind its circuit
-        breaker."""
+    def _in_process_engine(name: str, params: dict[str, str], args) -> tuple[LookaheadEngine, EngineMetrics]:
+        """A drafter's engine in this process, from the engine parameters the repository wrote for it."""
+        prefix = in_cosine_process_parameter(name, "")
+        engine_params = {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
+        engine = portable_engine(engine_params, resolve_path(engine_params["checkpoint_dir"], args), "cpu")
+        return LookaheadEngine(engine, max_sequences=0), EngineMetrics(drafter_model_name(name), with_histogram=False)
+
+    @staticmethod
+    def _drafter(name: str, url: str | None, in_process: tuple[LookaheadEngine, EngineMetrics] | None,
+                 params: dict, kinds: dict[str, str]):
+        """A drafter engine in this server (BLS, either kind), in this process, or on another node (gRPC), behind its
+        circuit breaker."""
         model = drafter_model_name(name)
         up = Metrics.metric("cosine_drafter_up", "1 while the drafter takes calls, 0 while it is routed around",
                             "GAUGE", drafter=name)
@@ -142,6 +161,9 @@ class CosineModel:
         breaker = CircuitBreaker(model if url is None else f"{model} at {url}", float(params["drafter_timeout_s"]),
                                  float(params["drafter_probe_after_s"]), on_change=lambda is_up: up.set(int(is_up)),
                                  on_failure=lambda: failures.increment(1))
+        if in_process is not None:
+            engine, metrics = in_process
+            return InProcessEngine(model, engine, breaker, on_step=functools.partial(metrics.stepped, engine))
         if url is None:
             return engine_client(model, kinds, breaker)
         return CoalescingEngine(model, GrpcEngineTransport(url, model), breaker)
@@ -246,4 +268,7 @@ class CosineModel:
         return pb_utils.InferenceResponse(tensors(**outputs))
 
     def finalize(self):
+        for drafter in self.deployment.drafters.values():
+            if isinstance(drafter, InProcessEngine):
+                drafter.close()
         Metrics.close()
