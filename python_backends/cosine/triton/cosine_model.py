@@ -270,5 +270,5 @@ class CosineModel:
     def finalize(self):
         for drafter in self.deployment.drafters.values():
             if isinstance(drafter, InProcessEngine):
-                drafter.close()
+                drafter.engine.close()
         Metrics.close()
