@@ -43,7 +43,9 @@ def demo_spec(zoo_dir: Path, profile: str, spec_path: Path) -> None:
     manifest = build_zoo(zoo_dir, profile=profile, progress=True)
     raw = {
         "target": dict(TARGET_ENGINE, checkpoint=str(zoo_dir / manifest["target"]["path"])),
-        "drafters": {name: dict(DRAFTER_ENGINE, checkpoint=str(zoo_dir / drafter["path"]))
+        # the zoo's drafters are tiny (79k parameters): they step in the `cosine` process, a hop per round less
+        # (docs/architecture.md, "Drafters in the cosine process")
+        "drafters": {name: dict(DRAFTER_ENGINE, checkpoint=str(zoo_dir / drafter["path"]), in_cosine_process=True)
                      for name, drafter in manifest["drafters"].items()},
         "speculation_mode": "cosine",
         "general_drafter": GENERAL_DRAFTER,
@@ -110,8 +112,10 @@ def main(argv=None) -> int:
         return 2
     models = [model for model, (_, engine) in spec.engines().items()
               if engine.node == args.node and not engine.in_cosine_process]
+    in_cosine = ", ".join(spec.drafters_in_cosine_process) if args.node == MAIN_NODE else ""
     print(f"deployment spec: {spec_path}\nmodel repository ({args.node} node): {repository}\n"
-          f"models: {', '.join(models) or 'none'}")
+          f"models: {', '.join(models) or 'none'}" + (f"\ndrafters in the cosine process: {in_cosine}"
+                                                       if in_cosine else ""))
     for build in (build for build in builds if not build.built):
         print(f"{build.model}: TensorRT-LLM engine not built yet ({build.engine_dir}); the repository refers to it. "
               f"Build it inside {CONTAINER} with: python build_engines.py --spec {spec_path} --build-trtllm "
