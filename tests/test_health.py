@@ -6,11 +6,14 @@ import pytest
 
 from cosine.engine.engine import StepResult
 from cosine.serving import wire
-from cosine.serving.batching import CoalescingEngine
+from cosine.serving.batching import CoalescingEngine, InProcessEngine
 from cosine.serving.errors import ServingError
 from cosine.serving.generation import Deployment, speculation_plan
 from cosine.serving.health import CircuitBreaker
 from cosine.serving.request import GenerationRequest
+
+
+FAILURE = "engine failed"
 
 
 class Clock:
@@ -29,16 +32,32 @@ class FlakyTransport:
     async def __call__(self, arrays):
         self.calls += 1
         if self.mode == "fail":
-            raise ServingError("connection refused", ServingError.UNAVAILABLE)
+            raise ServingError(FAILURE, ServingError.UNAVAILABLE)
         if self.mode == "hang":
             await asyncio.sleep(3600)
         return wire.pack_results([StepResult([], [], [], [])] * len(wire.unpack_steps(arrays)))
 
 
-def drafter(clock, timeout_s=5.0):
+class FlakyInProcessEngine:
+    """An engine in this process (LookaheadEngine's interface) whose step fails as a whole or answers."""
+
+    def __init__(self):
+        self.mode, self.calls = "ok", 0
+
+    def step(self, steps):
+        self.calls += 1
+        if self.mode == "fail":
+            raise RuntimeError(FAILURE)  # as torch raises
+        return [StepResult([], [], [], [])] * len(steps)
+
+
+def drafter(clock, timeout_s=5.0, in_process=False):
     changes = []
     breaker = CircuitBreaker("drafter_x", timeout_s=timeout_s, probe_after_s=1.0, max_probe_after_s=3.0,
                              on_change=changes.append, clock=clock)
+    if in_process:
+        engine = FlakyInProcessEngine()
+        return InProcessEngine("drafter_x", engine, breaker), engine, changes
     transport = FlakyTransport()
     return CoalescingEngine("drafter_x", transport, breaker), transport, changes
 
@@ -47,14 +66,15 @@ async def step(engine):
     return await engine.step(1, [5, 6])
 
 
-def test_a_failed_call_takes_the_drafter_down_and_a_probe_brings_it_back():
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_failed_call_takes_the_drafter_down_and_a_probe_brings_it_back(in_process):
     clock = Clock()
-    engine, transport, changes = drafter(clock)
+    engine, transport, changes = drafter(clock, in_process=in_process)
 
     async def main():
         await step(engine)
         transport.mode = "fail"
-        with pytest.raises(ServingError, match="connection refused"):
+        with pytest.raises(ServingError, match=FAILURE):
             await step(engine)
         assert changes == [False] and not engine.available
         with pytest.raises(ServingError, match="down"):  # refused at once: the transport is not called
@@ -62,7 +82,7 @@ def test_a_failed_call_takes_the_drafter_down_and_a_probe_brings_it_back():
         assert transport.calls == 2
         clock.now += 1.0  # a probe is due: one call goes; it fails, so the next probe waits twice as long
         assert engine.available
-        with pytest.raises(ServingError, match="connection refused"):
+        with pytest.raises(ServingError, match=FAILURE):
             await step(engine)
         clock.now += 1.5
         assert not engine.available

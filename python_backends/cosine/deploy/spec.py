@@ -73,7 +73,8 @@ class EngineSpec:
     idle_timeout_s: float = 600.0
     node: str = MAIN_NODE  # a drafter on another Triton server: one of the spec's `nodes`
     # A drafter of the main node run inside the `cosine` model's process instead of as a Triton model of its own:
-    # no process hop per round, one process less on the cores. On CPU only; a crash takes `cosine` with it.
+    # no process hop per round, one process less on the cores. The event loop waits out its steps: small drafters
+    # on a CPU only; a crash in it takes `cosine` with it.
     in_cosine_process: bool = False
 
     @property

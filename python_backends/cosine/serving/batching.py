@@ -17,11 +17,11 @@ import numpy as np
 
 from ..contract import DEPLOYMENT_SECRET, DEPLOYMENT_SECRET_ENV
 from ..engine.engine import Admission, StepRequest, StepResult
-from .lookahead import LookaheadEngine
 from ..speculation.tree import DraftTree
 from . import wire
 from .errors import ServingError
 from .health import BreakerGuarded, CircuitBreaker
+from .lookahead import LookaheadEngine
 from .trust import secret_array
 
 # sends packed steps to an engine model and returns its packed results
@@ -81,7 +81,6 @@ class CoalescingEngine(BreakerGuarded):
             if not future.done():
                 future.set_result(result)
 
-
     async def _call(self, steps: list[StepRequest]) -> list[StepResult | ServingError]:
         arrays = dict(wire.pack_steps(steps), **{DEPLOYMENT_SECRET: self.secret})
         return wire.unpack_results(await self.transport(arrays), steps, self.name)
@@ -102,7 +101,10 @@ class InProcessEngine(CoalescingEngine):
         self.engine, self.on_step = engine, on_step
 
     async def _call(self, steps: list[StepRequest]) -> list[StepResult | ServingError]:
-        results = self.engine.step(steps)
+        try:
+            results = self.engine.step(steps)
+        except Exception as error:  # the whole step failed, as an engine model's call can: named, for its breaker
+            raise ServingError(f"{self.name}: {error}") from error
         self.on_step(steps)
         return [result if isinstance(result, StepResult) else ServingError(f"{self.name}: {result}",
                                                                             wire.error_kind(result))
