@@ -28,12 +28,13 @@ from .trust import secret_array
 Transport = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 
 
-class CoalescingEngine(BreakerGuarded):
-    def __init__(self, name: str, transport: Transport, breaker: CircuitBreaker | None = None):
+class EngineCalls(BreakerGuarded):
+    """An engine's `step` and `release` for the request coroutines: the calls of one event-loop tick go to the engine
+    as one (`_call`, by where the engine is)."""
+
+    def __init__(self, name: str, breaker: CircuitBreaker | None = None):
         """breaker: the engine's health (drafters); its calls go through it."""
-        self.name, self.transport, self.breaker = name, transport, breaker
-        # every call carries the deployment's secret (see trust); without one the engines refuse the calls
-        self.secret = secret_array(os.environ.get(DEPLOYMENT_SECRET_ENV, ""))
+        self.name, self.breaker = name, breaker
         self.pending: list[tuple[StepRequest, asyncio.Future]] = []
         self.in_flight: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
@@ -82,11 +83,25 @@ class CoalescingEngine(BreakerGuarded):
                 future.set_result(result)
 
     async def _call(self, steps: list[StepRequest]) -> list[StepResult | ServingError]:
+        """One call carrying every step; a result or an error per step."""
+        raise NotImplementedError
+
+
+class CoalescingEngine(EngineCalls):
+    """An engine model, in this server (BLS) or on another node (gRPC): steps travel flattened by `wire`."""
+
+    def __init__(self, name: str, transport: Transport, breaker: CircuitBreaker | None = None):
+        super().__init__(name, breaker)
+        self.transport = transport
+        # every call carries the deployment's secret (see trust); without one the engines refuse the calls
+        self.secret = secret_array(os.environ.get(DEPLOYMENT_SECRET_ENV, ""))
+
+    async def _call(self, steps: list[StepRequest]) -> list[StepResult | ServingError]:
         arrays = dict(wire.pack_steps(steps), **{DEPLOYMENT_SECRET: self.secret})
         return wire.unpack_results(await self.transport(arrays), steps, self.name)
 
 
-class InProcessEngine(CoalescingEngine):
+class InProcessEngine(EngineCalls):
     """An engine in this process: a tick's calls coalesce as for any engine and go to it as one step, with no wire
     and no hop, run on the event loop itself. A small drafter's step is mostly Python, which a worker thread would
     run under the same GIL, adding only hand-overs: on 2 cores (demo zoo, alternated servers, two runs) cosine made
@@ -97,7 +112,7 @@ class InProcessEngine(CoalescingEngine):
     def __init__(self, name: str, engine: LookaheadEngine, breaker: CircuitBreaker | None = None,
                  on_step: Callable[[list[StepRequest]], None] = lambda steps: None):
         """on_step: called after each step (the engine's metrics)."""
-        super().__init__(name, transport=None, breaker=breaker)
+        super().__init__(name, breaker)
         self.engine, self.on_step = engine, on_step
 
     async def _call(self, steps: list[StepRequest]) -> list[StepResult | ServingError]:
@@ -116,9 +131,9 @@ class ReplicatedEngine:
     parallel engine cores: a sequence is admitted on the replica holding the fewest sequences and stays there, since
     its KV cache lives there. Each replica's calls coalesce on their own, so the replicas step side by side."""
 
-    def __init__(self, replicas: list[CoalescingEngine]):
+    def __init__(self, replicas: list[EngineCalls]):
         self.replicas = replicas
-        self.home: dict[int, CoalescingEngine] = {}  # sequence id -> the replica holding its KV cache
+        self.home: dict[int, EngineCalls] = {}  # sequence id -> the replica holding its KV cache
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, **kwargs) -> StepResult:
         if request is None:
