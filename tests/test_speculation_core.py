@@ -1069,6 +1069,33 @@ def test_siblings_must_pay_for_their_verifier_token():
     assert builder.tree().tokens == (1, 2, 4)
 
 
+def test_sibling_branches_do_not_shorten_the_draft_since_each_pays_for_itself():
+    """The controller costs a draft by its chain. Costed as if every depth hung a sibling (greedy and idle: siblings
+    allowed), greedy rounds at c1 decoded plainly where chains of 12 paid (session 27, the controller's log: plain in
+    128 of 730 rounds against 21), though a sibling is hung only where its chance pays its verifier token."""
+    class OnlyRouter(ScoringRouter):
+        async def route(self, prompt_logprobs, max_drafters, prompt_ids):
+            return Route(context="a", ranking=["a"], cooperate=1, acceptance=0.7)
+
+    monitor = LoadMonitor(forgetting=1.0)
+    monitor.active_requests = 1
+    for tokens in (1, 2, 4, 8):
+        monitor.observe_verify(1, tokens, 0.002 + 0.0005 * tokens)  # a verifier token costs a quarter of a pass
+    for positions in (1, 2, 4):
+        monitor.observe_draft(positions, 0.0002 * positions)
+    for _ in range(3):
+        monitor.observe_plain(0.0016)
+    drafter = CandidatesDrafter([(5, 0.9), (8, 0.1)])
+    proposer = FusionProposer([DrafterSession("a", drafter, 1, greedy_request())], OnlyRouter(), monitor, k_max=4)
+
+    async def draft():
+        await proposer.start([1, 2, 3])
+        return await proposer.propose([1, 2, 3], budget=10)
+    drafted = asyncio.run(draft())
+    assert proposer._siblings() == 1  # siblings may be hung, and none is worth its token here
+    assert drafted is not None and drafted.tree.tokens == (5, 5, 5, 5)
+
+
 class DistantDrafter(CountingDrafter):
     """A drafter on another node: every call costs a network round trip on top of its drafting."""
 

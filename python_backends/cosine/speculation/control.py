@@ -51,20 +51,21 @@ class CostModel:
     plain: tuple[float, float] | None = None
     verify_per_sequence: float = 0.0  # each sequence in the verifier's batch
 
-    def round_time(self, k: int, load: float, tree_factor: float = 1.0) -> float:
-        """Seconds of one round drafting k tokens; k = 0: of one plainly decoded token."""
+    def round_time(self, k: int, load: float) -> float:
+        """Seconds of one round drafting a chain of k tokens; k = 0: of one plainly decoded token. A draft's sibling
+        branches are not counted: each is hung only where its chance of acceptance pays its verifier token
+        (FusionProposer._sibling_price), so they never make a depth worth less than the chain makes it."""
         if not k and self.plain is not None:
             return self.plain[0] + self.plain[1] * load
-        tokens_per_request = 1 + k * tree_factor
         return (self.drafting(k, load) + self.verify_base + self.verify_per_sequence * load
-                + self.verify_per_token * load * tokens_per_request)
+                + self.verify_per_token * load * (1 + k))
 
     def drafting(self, k: int, load: float) -> float:
         """Seconds of one round's drafting call for k tokens (none for k = 0)."""
         return self.draft_base + k * self.draft_per_token + self.draft_per_request * load if k else 0.0
 
-    def best_draft_length(self, acceptance: float, load: float, k_max: int, tree_factor: float = 1.0) -> int:
-        rates = [expected_tokens(acceptance, k) / self.round_time(k, load, tree_factor) for k in range(k_max + 1)]
+    def best_draft_length(self, acceptance: float, load: float, k_max: int) -> int:
+        rates = [expected_tokens(acceptance, k) / self.round_time(k, load) for k in range(k_max + 1)]
         return max(range(k_max + 1), key=lambda k: (rates[k], -k))
 
 
@@ -499,10 +500,10 @@ class SpeculationController:
         self.probe_every = probe_every
         self.plain_rounds = 0
 
-    def draft_length(self, costs: CostModel | None, load: float, tree_factor: float = 1.0) -> int:
+    def draft_length(self, costs: CostModel | None, load: float) -> int:
         if costs is None or not self.adaptive:  # nothing measured yet: speculate at full length
             return self.k_max
-        k = costs.best_draft_length(self.acceptance.optimistic_rate, load, self.k_max, tree_factor)
+        k = costs.best_draft_length(self.acceptance.optimistic_rate, load, self.k_max)
         if k == 0:  # plain decoding learns nothing about acceptance: draft one token now and then
             self.plain_rounds += 1
             return 0 if self.plain_rounds % self.probe_every else 1

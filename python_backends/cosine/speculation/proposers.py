@@ -302,13 +302,13 @@ class FusionProposer(Proposer):
         siblings = self._siblings()
         load = self.monitor.active_requests
         if len(self.sessions) > 1 and (self.fused_rounds >= self.exploring_rounds
-                                       or not self._fused_drafting_pays(load, 1 + siblings)):
+                                       or not self._fused_drafting_pays(load)):
             explorers, self.sessions = self.sessions[1:], self.sessions[:1]
             await asyncio.gather(*(session.close() for session in explorers))
         drafted_ahead, dropped_ahead = await self._drafted_ahead(context)  # first: a session takes one call at a time
         active = [s for s in self.sessions if not s.failed]
         costs = self.monitor.costs(fused=len(active) > 1)
-        k = min(self.controller.draft_length(costs, load, 1 + siblings), budget)
+        k = min(self.controller.draft_length(costs, load), budget)
         if k <= 0 or not active:
             return None
         started = time.monotonic()
@@ -330,13 +330,13 @@ class FusionProposer(Proposer):
         q = SparseDistributions.cat(q_rows) if samples and sum(map(len, q_rows)) == len(builder.tokens) else None
         return Draft(builder.tree(), tuple(builder.sources), q, origin, dropped_ahead)
 
-    def _fused_drafting_pays(self, load: float, tree_factor: float) -> bool:
+    def _fused_drafting_pays(self, load: float) -> bool:
         """Whether drafting fused (every cooperating drafter at once, sharing the processors) is measured to pay at
         all. Where it does not, exploring would only mean plain decoding until the next probe: the first choice drafts
         alone instead (before fused drafting was measured, as lone drafting does)."""
         costs = self.monitor.costs(fused=True)
-        return costs is None or costs.best_draft_length(self.controller.acceptance.rate, load, self.controller.k_max,
-                                                        tree_factor) > 0
+        return costs is None or costs.best_draft_length(self.controller.acceptance.rate, load,
+                                                        self.controller.k_max) > 0
 
     def _sibling_price(self, costs, load: float, k: int) -> float:
         """The probability of being accepted a sibling needs to pay for its verifier token: one more token in
