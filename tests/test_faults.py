@@ -14,7 +14,7 @@ import pytest
 import tritonclient.http as httpclient
 from conftest import start_server
 from test_server import as_list, generate, metric, wait_for
-from tiny_models import PROMPTS
+from tiny_models import PROMPTS, make_checkpoint
 from tritonclient.utils import InferenceServerException
 
 from cosine.contract import DEPLOYMENT_SECRET, DEPLOYMENT_SECRET_ENV
@@ -103,8 +103,11 @@ def restored(server, model) -> str:
 def sent_until_seen(send, state, attempts=10) -> list:
     """Sends a batch of requests (send() -> their futures) until `state()` is seen while one is in flight, and
     returns that batch's futures. The state is polled without a pause, and a batch that ends unseen is sent again:
-    on a fast machine a batch lasts a few polls of the metrics endpoint."""
+    on a fast machine a batch lasts a few polls of the metrics endpoint. Each batch first waits until the state is
+    gone (the metrics are flushed every METRICS_FLUSH_S), so that a state seen is the new batch's, not the last
+    one's."""
     for _ in range(attempts):
+        assert wait_for(lambda: not state(), timeout=10)
         running = send()
         while not all(future.done() for future in running):
             if state():
@@ -237,10 +240,13 @@ def test_killed_target_fails_requests_fast_and_serves_after_restore(faults_serve
 
 
 @pytest.fixture(scope="module")
-def replicas_server(tmp_path_factory, llama):
-    spec = dict(target=dict(checkpoint=str(llama), num_threads=1, replicas=2), speculation_mode="autoregressive")
-    server = start_server(spec, tmp_path_factory.mktemp("replicas"), env={DEPLOYMENT_SECRET_ENV: SECRET},
-                          text_models=False)
+def replicas_server(tmp_path_factory, tiny_dir):
+    # a target slow enough that a batch's requests still run for a while after the metrics show them (flushed every
+    # METRICS_FLUSH_S): on the tests' 2-layer model those on the killed replica had at times ended, and none failed
+    root = tmp_path_factory.mktemp("replicas")
+    slower = make_checkpoint(root / "slower", tiny_dir / "tokenizer", hidden_size=256, layers=4)
+    spec = dict(target=dict(checkpoint=str(slower), num_threads=1, replicas=2), speculation_mode="autoregressive")
+    server = start_server(spec, root, env={DEPLOYMENT_SECRET_ENV: SECRET}, text_models=False)
     yield server
     server.stop()
 
@@ -249,7 +255,7 @@ def test_a_killed_target_replica_is_restored_in_place_while_the_other_serves(rep
     """Only the sequences on the dead replica fail; the other replica's finish exactly, the server stays ready,
     new requests are served at once, and the restored replica takes sequences again."""
     server, body = replicas_server, dict(max_tokens=200, end_id=-1)  # no end token: every request runs 200 tokens
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(len(PROMPTS) * 2) as pool:  # one wave: the state is seen as it starts, not as it ends
         expected = dict(zip(PROMPTS, pool.map(lambda p: as_list(generate(server, text_input=p, **body)
                                                                 ["output_ids"]), PROMPTS)))
         running = sent_until_seen(
