@@ -867,6 +867,25 @@ class CooperatingRouter(ScoringRouter):
         return Route(context="a", ranking=["a", "b"], cooperate=2, acceptance=0.7)
 
 
+class OneDrafterRouter(ScoringRouter):
+    """Routes every request to one drafter, whose acceptance it expects at `acceptance`."""
+
+    def __init__(self, name: str = "a", acceptance: float = 0.9):
+        self.name, self.acceptance = name, acceptance
+
+    async def route(self, prompt_logprobs, max_drafters, prompt_ids):
+        return Route(context=self.name, ranking=[self.name], cooperate=1, acceptance=self.acceptance)
+
+
+def monitor_at_one_request(verify_per_token: float) -> LoadMonitor:
+    """A load monitor, one request active, that measured verification at 2 ms a pass and verify_per_token a token."""
+    monitor = LoadMonitor(forgetting=1.0)
+    monitor.active_requests = 1
+    for tokens in (1, 2, 4, 8):
+        monitor.observe_verify(1, tokens, 0.002 + verify_per_token * tokens)
+    return monitor
+
+
 def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
     sessions = [DrafterSession(name, engine, 1, greedy_request()) for name, engine in (("a", first), ("b", explorer))]
@@ -1073,20 +1092,14 @@ def test_sibling_branches_do_not_shorten_the_draft_since_each_pays_for_itself():
     """The controller costs a draft by its chain. Costed as if every depth hung a sibling (greedy and idle: siblings
     allowed), greedy rounds at c1 decoded plainly where chains of 12 paid (session 27, the controller's log: plain in
     128 of 730 rounds against 21), though a sibling is hung only where its chance pays its verifier token."""
-    class OnlyRouter(ScoringRouter):
-        async def route(self, prompt_logprobs, max_drafters, prompt_ids):
-            return Route(context="a", ranking=["a"], cooperate=1, acceptance=0.7)
-
-    monitor = LoadMonitor(forgetting=1.0)
-    monitor.active_requests = 1
-    for tokens in (1, 2, 4, 8):
-        monitor.observe_verify(1, tokens, 0.002 + 0.0005 * tokens)  # a verifier token costs a quarter of a pass
+    monitor = monitor_at_one_request(verify_per_token=0.0005)  # a verifier token costs a quarter of a pass
     for positions in (1, 2, 4):
         monitor.observe_draft(positions, 0.0002 * positions)
     for _ in range(3):
         monitor.observe_plain(0.0016)
     drafter = CandidatesDrafter([(5, 0.9), (8, 0.1)])
-    proposer = FusionProposer([DrafterSession("a", drafter, 1, greedy_request())], OnlyRouter(), monitor, k_max=4)
+    proposer = FusionProposer([DrafterSession("a", drafter, 1, greedy_request())], OneDrafterRouter(acceptance=0.7),
+                              monitor, k_max=4)
 
     async def draft():
         await proposer.start([1, 2, 3])
@@ -1109,16 +1122,9 @@ class DistantDrafter(CountingDrafter):
 
 
 def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_speculation_off():
-    class OnlyRouter(ScoringRouter):
-        async def route(self, prompt_logprobs, max_drafters, prompt_ids):
-            return Route(context="far", ranking=["far"], cooperate=1, acceptance=0.9)
-
-    monitor = LoadMonitor(forgetting=1.0)
-    monitor.active_requests = 1
-    for tokens in (1, 2, 4, 8):
-        monitor.observe_verify(1, tokens, 0.002 + 0.0001 * tokens)  # a fast verifier: 2 ms a pass
+    monitor = monitor_at_one_request(verify_per_token=0.0001)  # a fast verifier: 2 ms a pass
     session = DrafterSession("far", DistantDrafter(5, 0.9, round_trip_s=0.03), 1, greedy_request())
-    proposer = FusionProposer([session], OnlyRouter(), monitor, k_max=4)
+    proposer = FusionProposer([session], OneDrafterRouter("far"), monitor, k_max=4)
 
     async def rounds():
         await proposer.start([1, 2, 3])
@@ -1134,10 +1140,7 @@ def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_spe
 def test_where_fused_drafting_does_not_pay_the_first_choice_drafts_alone_at_once():
     """A call per position to remote drafters can cost more than fused drafting brings: exploring would then mean
     plain decoding until the next probe (measured: cosine 0.9x plain decoding at 2 ms); the first choice drafts."""
-    monitor = LoadMonitor(forgetting=1.0)
-    monitor.active_requests = 1
-    for tokens in (1, 2, 4, 8):
-        monitor.observe_verify(1, tokens, 0.002 + 0.0001 * tokens)
+    monitor = monitor_at_one_request(verify_per_token=0.0001)
     for positions in (2, 4, 8):
         monitor.observe_draft(positions, 0.05 * positions, fused=True)  # a round trip per position, each 50 ms
     first, explorer = CountingDrafter(5, 0.9), CountingDrafter(6, 0.4)
@@ -1162,11 +1165,6 @@ class RecordingDrafter(CountingDrafter):
     async def step(self, sequence_id, input_ids, draft=None, *, keep_length=None, extra_tokens=0, **kwargs):
         self.log.append((keep_length, list(input_ids), extra_tokens + 1))
         return await super().step(sequence_id, input_ids, extra_tokens=extra_tokens, **kwargs)
-
-
-class OneDrafterRouter(ScoringRouter):
-    async def route(self, prompt_logprobs, max_drafters, prompt_ids):
-        return Route(context="a", ranking=["a"], cooperate=1, acceptance=0.9)
 
 
 @pytest.mark.parametrize("pipelined,busy", [(True, False), (False, False), (True, True)])
