@@ -110,8 +110,7 @@ def main(argv=None) -> int:
     except (SpecError, ValueError, RuntimeError) as error:
         print(f"build_engines: error: {error}", file=sys.stderr)
         return 2
-    models = [model for model, (_, engine) in spec.engines().items()
-              if engine.node == args.node and not engine.in_cosine_process]
+    models = [model for model, (_, engine) in spec.engines().items() if engine.node == args.node]
     in_cosine = ", ".join(spec.drafters_in_cosine_process) if args.node == MAIN_NODE else ""
     print(f"deployment spec: {spec_path}\nmodel repository ({args.node} node): {repository}\n"
           f"models: {', '.join(models) or 'none'}" + (f"\ndrafters in the cosine process: {in_cosine}"

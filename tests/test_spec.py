@@ -93,6 +93,7 @@ def test_a_drafter_in_the_cosine_process_is_no_model_but_the_cosine_models_param
     assert '"drafter_code.kv_cache_tokens" value: { string_value: "512" }' in cosine
     assert '"drafter_code.num_threads" value: { string_value: "1" }' in cosine
     assert "drafter_math.kv_cache_tokens" not in cosine
+    assert "drafter_code=" not in cosine and "drafter_math=portable" in cosine  # engine_kinds: the Triton models
     assert '"drafters" value: { string_value: "code,math" }' in cosine  # routed by name as any other
 
 

@@ -139,10 +139,11 @@ class DeploymentSpec:
         return self.tokenizer or self.target.checkpoint
 
     def engines(self) -> dict[str, tuple[str, EngineSpec]]:
-        """{Triton model name: (the spec field that sets it, its engine)} of every engine, the target's replicas
-        first."""
+        """{Triton model name: (the spec field that sets it, its engine)} of every engine served as a model (not
+        those in the `cosine` process), the target's replicas first."""
         return {**{name: ("target", self.target) for name in target_model_names(target_replicas(self.target))},
-                **{drafter_model_name(name): (f"drafters.{name}", drafter) for name, drafter in self.drafters.items()}}
+                **{drafter_model_name(name): (f"drafters.{name}", drafter) for name, drafter in self.drafters.items()
+                   if not drafter.in_cosine_process}}
 
     def drafters_on(self, node: str) -> dict[str, EngineSpec]:
         """The drafters a node serves as Triton models (those in the `cosine` process are not models)."""

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from ..contract import AHEAD_DRAFTS_DROPPED, COSINE, DRAFTS, ROUTER
 from ..deploy.repository import in_cosine_process_parameter, read_mapping_parameter
-from ..deploy.spec import TRTLLM, drafter_model_name
+from ..deploy.spec import TRTLLM, drafter_model_name, engine_threads
 from ..serving.batching import CoalescingEngine, InProcessEngine, ReplicatedEngine
 from ..serving.errors import ServingError
 from ..serving.generation import Deployment, RoundReport, generate
@@ -81,11 +81,12 @@ class CosineModel:
         params = model_parameters(args)
         drafters = [name for name in params["drafters"].split(",") if name]
         kinds = read_mapping_parameter(params.get("engine_kinds", ""))
-        in_process = {name: self._in_process_engine(name, params, args)
-                      for name in params.get("in_process_drafters", "").split(",") if name}
-        if in_process:  # torch's threads are process-wide: the drafters' steps share them with acceptance's
-            torch.set_num_threads(max(int(params[in_cosine_process_parameter(name, "num_threads")])
-                                      for name in in_process))
+        in_process_params = {name: self._in_process_parameters(name, params)
+                             for name in params.get("in_process_drafters", "").split(",") if name}
+        if in_process_params:  # torch's threads are process-wide: the drafters' steps share them with acceptance's
+            torch.set_num_threads(max(engine_threads(int(engine["num_threads"]))
+                                      for engine in in_process_params.values()))
+        in_process = {name: self._in_process_engine(name, engine, args) for name, engine in in_process_params.items()}
         tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(params["tokenizer_dir"], args)),
                                                   local_files_only=True)
         remote = read_mapping_parameter(params.get("remote_drafters", ""))
@@ -140,10 +141,14 @@ class CosineModel:
         freeze_heap()
 
     @staticmethod
-    def _in_process_engine(name: str, params: dict[str, str], args) -> tuple[LookaheadEngine, EngineMetrics]:
-        """A drafter's engine in this process, from the engine parameters the repository wrote for it."""
+    def _in_process_parameters(name: str, params: dict[str, str]) -> dict[str, str]:
+        """The engine parameters the repository wrote for a drafter in this process (those its model would get)."""
         prefix = in_cosine_process_parameter(name, "")
-        engine_params = {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
+        return {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
+
+    @staticmethod
+    def _in_process_engine(name: str, engine_params: dict[str, str], args) -> tuple[LookaheadEngine, EngineMetrics]:
+        """A drafter's engine in this process."""
         engine = portable_engine(engine_params, resolve_path(engine_params["checkpoint_dir"], args), "cpu")
         return LookaheadEngine(engine, max_sequences=0), EngineMetrics(drafter_model_name(name), with_histogram=False)
 
