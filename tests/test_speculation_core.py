@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import json
 import random
+import time
 
 import pytest
 import torch
@@ -884,6 +885,43 @@ def monitor_at_one_request(verify_per_token: float) -> LoadMonitor:
     for tokens in (1, 2, 4, 8):
         monitor.observe_verify(1, tokens, 0.002 + verify_per_token * tokens)
     return monitor
+
+
+class SlowEngine(CountingDrafter):
+    """An engine in the deployment (target or drafter) whose every call takes `call_s`; token 5 at every step."""
+    available = True
+
+    def __init__(self, call_s: float):
+        super().__init__(5, 0.9)
+        self.call_s = call_s
+
+    async def step(self, sequence_id, input_ids, draft=None, **kwargs):
+        await asyncio.sleep(self.call_s)
+        return await super().step(sequence_id, input_ids, draft, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["autoregressive", "vanilla"])
+def test_a_rounds_cost_counts_the_time_between_the_requests_calls(tiny_dir, mode):
+    """A round is costed from the end of the request's previous call: the time between calls (here a streamed chunk
+    whose send blocks the event loop, as Triton's does) is paid per round by plain decoding and speculation alike.
+    Counted for neither, plain decoding, whose calls find their work done ahead on a CPU target, looked cheaper."""
+    from transformers import AutoTokenizer
+    from cosine.serving.generation import Deployment, generate
+    call_s = between_s = 0.02
+    deployment = Deployment(target=SlowEngine(call_s), tokenizer=AutoTokenizer.from_pretrained(tiny_dir / "tokenizer"),
+                            max_context=256, end_id=None, drafters={"general": SlowEngine(0.0)},
+                            general_drafter="general", plain_decode_steps=4)
+
+    async def serve():
+        async for _ in generate(GenerationRequest("x", max_tokens=41, speculation_mode=mode), deployment):
+            time.sleep(between_s)  # the chunk's send
+    asyncio.run(serve())
+    monitor = deployment.monitor
+    if mode == "autoregressive":  # seconds a token: 4 steps a call
+        assert monitor.plain_fit.fitted()[0] == pytest.approx((call_s + between_s) / 4, rel=0.25)
+    else:  # seconds a verification of 1 sequence and its 4-token draft
+        base, per_sequence, per_token = monitor.verify_fit.fitted()
+        assert base + per_sequence + 5 * per_token == pytest.approx(call_s + between_s, rel=0.25)
 
 
 def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():

@@ -9,7 +9,8 @@ sequence costs its K/V gathered and its attention, a token mostly its share of t
 the demo target, 1-32 sequences: about 14 ms a pass, 0.65 ms per sequence, 0.27 ms per token); one slope for both
 charges every token a share of the sequences' cost, so drafts look dearer under load than they are.
 Plain decoding (k = 0) runs several target steps per call, so its cost per token is fitted apart from its own
-calls: t_plain = base + per_request * load.
+calls: t_plain = base + per_request * load. Both calls are timed from the end of the request's previous call, so
+what happens between calls counts for both (serving.generation._round).
 The controller drafts the k in [0, k_max] that maximises tokens per second; k = 0 is plain decoding, which it falls
 back to when the verifier is saturated or acceptance is poor. What the cost model cannot see (drafters slowing the
 target for every request) SpeculationWindows measures: speculation is allowed only where it pays the deployment."""
