@@ -112,23 +112,6 @@ def test_acceptance_tracker_is_anchored_by_its_prior():
     assert anchored.rate < 0.3
 
 
-def test_the_draft_length_is_the_one_the_estimate_pays_for_and_the_optimistic_bound_only_explores():
-    """Costs as fitted at c1 on the demo deployment (session 28): at an estimate of 0.8 the estimate's length, not
-    the longer one its optimistic bound (0.89) pays for; where the estimate says plain decoding (0.74) but the bound
-    still pays for a draft, the bound's length, so that the request gathers evidence."""
-    costs = CostModel(verify_base=0.0052, verify_per_token=0.00028, draft_per_token=0.000131, draft_base=0.00116,
-                      plain=(0.0025, 0.0))
-    controller = SpeculationController(k_max=12)
-    controller.acceptance = AcceptanceTracker(prior_rate=0.8, prior_trials=20)
-    estimate = costs.best_draft_length(0.8, 1, 12)
-    assert 0 < estimate < costs.best_draft_length(controller.acceptance.optimistic_rate, 1, 12)
-    assert controller.draft_length(costs, load=1) == estimate
-    controller.acceptance = AcceptanceTracker(prior_rate=0.74, prior_trials=20)
-    assert costs.best_draft_length(0.74, 1, 12) == 0
-    assert controller.draft_length(costs, load=1) == costs.best_draft_length(
-        controller.acceptance.optimistic_rate, 1, 12) > 0
-
-
 def test_acceptance_tracker_estimates_the_per_token_rate():
     tracker = AcceptanceTracker(decay=1.0)
     rng = random.Random(0)

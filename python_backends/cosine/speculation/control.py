@@ -502,14 +502,9 @@ class SpeculationController:
         self.plain_rounds = 0
 
     def draft_length(self, costs: CostModel | None, load: float) -> int:
-        """The length the acceptance estimate pays for; where only its optimistic bound pays for one, that bound's
-        (drafting gathers the evidence a guess lacks). Lengths from the bound alone drafted 10-12 for the general
-        drafter at c1 (estimate about 0.8, bound 0.87), where 7 pays more and vanilla's 8 beat plain decoding by
-        13% (session 28)."""
         if costs is None or not self.adaptive:  # nothing measured yet: speculate at full length
             return self.k_max
-        k = (costs.best_draft_length(self.acceptance.rate, load, self.k_max)
-             or costs.best_draft_length(self.acceptance.optimistic_rate, load, self.k_max))
+        k = costs.best_draft_length(self.acceptance.optimistic_rate, load, self.k_max)
         if k == 0:  # plain decoding learns nothing about acceptance: draft one token now and then
             self.plain_rounds += 1
             return 0 if self.plain_rounds % self.probe_every else 1
