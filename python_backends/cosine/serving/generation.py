@@ -167,7 +167,7 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
     (the chunk sent, the loop's turn, and what the target computes ahead then), as plain decoding and speculation
     both pay it: counted for neither, plain decoding looked 25-30% cheaper than it is, its calls finding much of
     their work done ahead (measured at c1: 1.88 ms a token fitted, 2.5-2.6 ms a token from call to call)."""
-    between_calls = time.monotonic() - last_call_ended  # taken before the drafters' start, which is no round's
+    between_calls = time.monotonic() - last_call_ended  # before the wait for the drafters' start: no round's cost
     if drafting_started is not None:
         await drafting_started
     draft = None
