@@ -834,6 +834,7 @@ def test_router_rejects_malformed_input():
 
 class CountingDrafter:
     """A drafter engine that always proposes one token; counts its calls."""
+    available = True  # never down (DrafterEngine.available)
 
     def __init__(self, token: int, prob: float):
         self.token, self.prob, self.calls = token, prob, 0
@@ -887,17 +888,17 @@ def monitor_at_one_request(verify_per_token: float) -> LoadMonitor:
     return monitor
 
 
-class SlowEngine(CountingDrafter):
-    """An engine in the deployment (target or drafter) whose every call takes `call_s`; token 5 at every step."""
-    available = True
+class SlowDrafter(CountingDrafter):
+    """An engine whose every call costs `call_s` on top of its work: a drafter on another node (a network round
+    trip), or a target that takes its time."""
 
-    def __init__(self, call_s: float):
-        super().__init__(5, 0.9)
+    def __init__(self, token: int, prob: float, call_s: float):
+        super().__init__(token, prob)
         self.call_s = call_s
 
-    async def step(self, sequence_id, input_ids, draft=None, **kwargs):
+    async def step(self, *args, **kwargs):
         await asyncio.sleep(self.call_s)
-        return await super().step(sequence_id, input_ids, draft, **kwargs)
+        return await super().step(*args, **kwargs)
 
 
 @pytest.mark.parametrize("mode", ["autoregressive", "vanilla"])
@@ -908,9 +909,10 @@ def test_a_rounds_cost_counts_the_time_between_the_requests_calls(tiny_dir, mode
     from transformers import AutoTokenizer
     from cosine.serving.generation import Deployment, generate
     call_s = between_s = 0.02
-    deployment = Deployment(target=SlowEngine(call_s), tokenizer=AutoTokenizer.from_pretrained(tiny_dir / "tokenizer"),
-                            max_context=256, end_id=None, drafters={"general": SlowEngine(0.0)},
-                            general_drafter="general", plain_decode_steps=4)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "tokenizer")
+    deployment = Deployment(target=SlowDrafter(5, 0.9, call_s), tokenizer=tokenizer, max_context=256, end_id=None,
+                            drafters={"general": CountingDrafter(5, 0.9)}, general_drafter="general",
+                            plain_decode_steps=4)
 
     async def serve():
         async for _ in generate(GenerationRequest("x", max_tokens=41, speculation_mode=mode), deployment):
@@ -1147,21 +1149,9 @@ def test_sibling_branches_do_not_shorten_the_draft_since_each_pays_for_itself():
     assert drafted is not None and drafted.tree.tokens == (5, 5, 5, 5)
 
 
-class DistantDrafter(CountingDrafter):
-    """A drafter on another node: every call costs a network round trip on top of its drafting."""
-
-    def __init__(self, token: int, prob: float, round_trip_s: float):
-        super().__init__(token, prob)
-        self.round_trip_s = round_trip_s
-
-    async def step(self, *args, **kwargs):
-        await asyncio.sleep(self.round_trip_s)
-        return await super().step(*args, **kwargs)
-
-
 def test_a_remote_drafters_round_trip_is_measured_into_its_cost_and_can_turn_speculation_off():
     monitor = monitor_at_one_request(verify_per_token=0.0001)  # a fast verifier: 2 ms a pass
-    session = DrafterSession("far", DistantDrafter(5, 0.9, round_trip_s=0.03), 1, greedy_request())
+    session = DrafterSession("far", SlowDrafter(5, 0.9, call_s=0.03), 1, greedy_request())
     proposer = FusionProposer([session], OneDrafterRouter("far"), monitor, k_max=4)
 
     async def rounds():

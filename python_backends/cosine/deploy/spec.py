@@ -142,13 +142,17 @@ class DeploymentSpec:
         """{Triton model name: (the spec field that sets it, its engine)} of every engine served as a model (not
         those in the `cosine` process), the target's replicas first."""
         return {**{name: ("target", self.target) for name in target_model_names(target_replicas(self.target))},
-                **{drafter_model_name(name): (f"drafters.{name}", drafter) for name, drafter in self.drafters.items()
-                   if not drafter.in_cosine_process}}
+                **{drafter_model_name(name): (f"drafters.{name}", drafter)
+                   for name, drafter in self.drafters_as_models.items()}}
+
+    @property
+    def drafters_as_models(self) -> dict[str, EngineSpec]:
+        """The drafters served as Triton models: all but those in the `cosine` process."""
+        return {name: drafter for name, drafter in self.drafters.items() if not drafter.in_cosine_process}
 
     def drafters_on(self, node: str) -> dict[str, EngineSpec]:
-        """The drafters a node serves as Triton models (those in the `cosine` process are not models)."""
-        return {name: drafter for name, drafter in self.drafters.items()
-                if drafter.node == node and not drafter.in_cosine_process}
+        """The drafters a node serves as Triton models."""
+        return {name: drafter for name, drafter in self.drafters_as_models.items() if drafter.node == node}
 
     @property
     def drafters_in_cosine_process(self) -> dict[str, EngineSpec]:
