@@ -126,15 +126,17 @@ def plain_decoding(deployment, tokens, log=None):
 
 def test_a_chunk_is_handed_on_once_the_next_rounds_call_has_gone_out(llama):
     """The consumer's send (in Triton a round trip to the server, holding the GIL) must not delay the next round's
-    call: each chunk but the last comes after the call of the round that follows it."""
+    call: each chunk but the first (the time to first token) and the last comes after the call of the round that
+    follows it."""
     from transformers import AutoTokenizer
     log = []
     target = CoalescingEngine("target", LoggedLoopback(CausalLMEngine(load_causal_lm(llama), 8192), "call", log))
     deployment = Deployment(target=target, tokenizer=AutoTokenizer.from_pretrained(llama), max_context=128,
                             end_id=None)
     asyncio.run(plain_decoding(deployment, 6, log))
-    # the prefill's call; each round's call, then the chunk before it; the last chunk; the release
-    assert log == ["call"] + ["call", "chunk"] * 5 + ["chunk", "call"]
+    # the prefill's call and its chunk; the first round's call; each later round's call, then the chunk before it;
+    # the last chunk; the release
+    assert log == ["call", "chunk", "call"] + ["call", "chunk"] * 4 + ["chunk", "call"]
 
 
 def test_a_replica_steps_again_without_waiting_for_the_other_replicas_pass(llama):
