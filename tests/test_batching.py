@@ -158,6 +158,33 @@ def test_a_replica_steps_again_without_waiting_for_the_other_replicas_pass(llama
     assert log[:slow_second_round].count("fast") == 7, log
 
 
+def test_a_replicas_scheduler_does_not_wait_for_a_sequence_in_its_prefill():
+    """What a replica's verification scheduler gathers: its admitted sequences, not one whose admission (prefill)
+    is still in flight: that one comes to no pass before its prefill ends, and counting it held each pass a gather
+    window."""
+    class Replica:
+        def __init__(self):
+            self.prefill_done = asyncio.Event()
+
+        async def step(self, sequence_id, input_ids, draft=None, *, request=None, **kwargs):
+            if sequence_id == 2:
+                await self.prefill_done.wait()
+            return StepResult([1], [1.0], [[]], [[]])
+
+    replica = Replica()
+    replicated = ReplicatedEngine([replica])
+
+    async def main():
+        await replicated.step(1, [5], request=GenerationRequest("x", max_tokens=4))
+        admitting = asyncio.ensure_future(replicated.step(2, [5], request=GenerationRequest("x", max_tokens=4)))
+        await asyncio.sleep(0)
+        during = replicated.sequences_on(0)
+        replica.prefill_done.set()
+        await admitting
+        return during, replicated.sequences_on(0)
+    assert asyncio.run(main()) == (1, 2)
+
+
 def test_a_replica_that_refuses_an_admission_passes_it_on():
     """KV cache full or process died: the next replica takes the sequence, and keeps it; all refusing fails it."""
     class Replica:

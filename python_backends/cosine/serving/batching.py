@@ -137,31 +137,37 @@ class ReplicatedEngine:
     def __init__(self, replicas: list[EngineCalls]):
         self.replicas = replicas
         self.home: dict[int, EngineCalls] = {}  # sequence id -> the replica holding its KV cache
+        self.admitting: set[int] = set()  # sequences whose admission call is in flight
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, **kwargs) -> StepResult:
         if request is None:
             return await self.home[sequence_id].step(sequence_id, input_ids, draft, **kwargs)
         load = Counter(self.home.values())
         # admission: the least loaded replica first; one that refuses (KV cache full, process died) passes it on
-        for replica in sorted(self.replicas, key=lambda replica: load[replica]):
-            self.home[sequence_id] = replica  # before the call: admissions of the same tick count it
-            try:
-                return await replica.step(sequence_id, input_ids, draft, request=request, **kwargs)
-            except ServingError as error:
-                del self.home[sequence_id]
-                if error.kind == ServingError.INVALID:  # the request's own fault: every replica would refuse it
-                    raise
-                refusal = error
-        raise refusal
+        self.admitting.add(sequence_id)
+        try:
+            for replica in sorted(self.replicas, key=lambda replica: load[replica]):
+                self.home[sequence_id] = replica  # before the call: admissions of the same tick count it
+                try:
+                    return await replica.step(sequence_id, input_ids, draft, request=request, **kwargs)
+                except ServingError as error:
+                    del self.home[sequence_id]
+                    if error.kind == ServingError.INVALID:  # the request's own fault: every replica would refuse it
+                        raise
+                    refusal = error
+            raise refusal
+        finally:
+            self.admitting.discard(sequence_id)
 
     def replica_of(self, sequence_id: int) -> int:
         """The index of the replica holding the sequence."""
         return self.replicas.index(self.home[sequence_id])
 
     def sequences_on(self, index: int) -> int:
-        """How many sequences the replica at this index holds."""
+        """How many admitted sequences the replica at this index holds (what its verification scheduler gathers: a
+        sequence still in its prefill call is not coming to the next pass)."""
         replica = self.replicas[index]
-        return sum(home is replica for home in self.home.values())
+        return sum(home is replica and sequence_id not in self.admitting for sequence_id, home in self.home.items())
 
     async def release(self, sequence_id) -> None:
         replica = self.home.pop(sequence_id, None)
