@@ -223,7 +223,8 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     ends the output, that round's tokens are dropped. A chunk is yielded once the next round's target call has gone
     out, so that its consumer's send (in Triton a round trip to the server, holding the GIL) does not delay that
     call: sent first, at c32 on 2 cores they kept each target replica idle 13 ms between calls of 42. The first
-    chunk does not wait: held, time to first token at c1 rose from 20-21 to 27-30 ms for `cosine`."""
+    chunk (time to first token) does not wait, as its round first waits for the drafters' prefill and the router:
+    held, time to first token at c1 rose from 20-21 to 27-30 ms for `cosine`."""
     plan = speculation_plan(request, deployment)
     prompt_ids = deployment.tokenizer.encode(request.prompt)
     if len(prompt_ids) + request.max_tokens > deployment.max_context:
@@ -278,8 +279,8 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
             text += delta
             releasable, stopped = stops.releasable(text, finished)
             finished = finished or stopped
-            if not finished and stats.rounds > 1:  # the first (time to first token) goes at once: its next round
-                await sent                           # first waits for the drafters' prefill and the router
+            if not finished and stats.rounds > 1:  # the first chunk does not wait (see above)
+                await sent
             yield Chunk(prefix + text[shown:releasable], new_ids, finished, stats)
             prefix, shown = "", releasable
             if finished:
