@@ -35,25 +35,25 @@ class EngineCalls(BreakerGuarded):
     def __init__(self, name: str, breaker: CircuitBreaker | None = None):
         """breaker: the engine's health (drafters); its calls go through it."""
         self.name, self.breaker = name, breaker
-        self.pending: list[tuple[StepRequest, asyncio.Future, asyncio.Future | None]] = []  # step, result, sent
+        self.pending: list[tuple[StepRequest, asyncio.Future]] = []
         self.in_flight: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
-                   candidates=0, score_input=False, draft_q=None, return_q=False, sent=None) -> StepResult:
+                   candidates=0, score_input=False, draft_q=None, return_q=False) -> StepResult:
         admission = None
         if request is not None:
             admission = Admission(request.max_tokens, request.params.seeded(),
                                   request.end_id if request.min_length else None, request.min_length)
         step = StepRequest(sequence_id, list(input_ids), draft or DraftTree(), admission, keep_length, extra_tokens,
                            candidates, score_input, draft_q=draft_q, return_q=return_q)
-        return await self._submit(step, sent)
+        return await self._submit(step)
 
     async def release(self, sequence_id) -> None:
         await self._submit(StepRequest(sequence_id, release=True))
 
-    async def _submit(self, step: StepRequest, sent: asyncio.Future | None = None) -> StepResult:
+    async def _submit(self, step: StepRequest) -> StepResult:
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((step, future, sent))
+        self.pending.append((step, future))
         if len(self.pending) == 1:
             asyncio.get_running_loop().call_soon(self._flush)
         result = await future
@@ -67,21 +67,18 @@ class EngineCalls(BreakerGuarded):
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
 
-    async def _send(self, batch: list[tuple[StepRequest, asyncio.Future, asyncio.Future | None]]) -> None:
-        steps = [step for step, *_ in batch]
-        for *_, sent in batch:  # waiters run after this turn, in which the call goes out (unless a breaker guards it)
-            if sent is not None and not sent.done():
-                sent.set_result(None)
+    async def _send(self, batch: list[tuple[StepRequest, asyncio.Future]]) -> None:
+        steps = [step for step, _ in batch]
         try:
             results = await self._guarded(functools.partial(self._call, steps))
         except Exception as error:  # the whole call failed: every sequence in it fails with the same error
             results = [error] * len(batch)
         except asyncio.CancelledError:  # a caller must never wait on a call that will not answer
-            for _, future, _ in batch:
+            for _, future in batch:
                 if not future.done():
                     future.set_result(ServingError(f"{self.name}: call cancelled", ServingError.UNAVAILABLE))
             raise
-        for (_, future, _), result in zip(batch, results):
+        for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
 
@@ -137,37 +134,22 @@ class ReplicatedEngine:
     def __init__(self, replicas: list[EngineCalls]):
         self.replicas = replicas
         self.home: dict[int, EngineCalls] = {}  # sequence id -> the replica holding its KV cache
-        self.admitting: set[int] = set()  # sequences whose admission call is in flight
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, **kwargs) -> StepResult:
         if request is None:
             return await self.home[sequence_id].step(sequence_id, input_ids, draft, **kwargs)
         load = Counter(self.home.values())
         # admission: the least loaded replica first; one that refuses (KV cache full, process died) passes it on
-        self.admitting.add(sequence_id)
-        try:
-            for replica in sorted(self.replicas, key=lambda replica: load[replica]):
-                self.home[sequence_id] = replica  # before the call: admissions of the same tick count it
-                try:
-                    return await replica.step(sequence_id, input_ids, draft, request=request, **kwargs)
-                except ServingError as error:
-                    del self.home[sequence_id]
-                    if error.kind == ServingError.INVALID:  # the request's own fault: every replica would refuse it
-                        raise
-                    refusal = error
-            raise refusal
-        finally:
-            self.admitting.discard(sequence_id)
-
-    def replica_of(self, sequence_id: int) -> int:
-        """The index of the replica holding the sequence."""
-        return self.replicas.index(self.home[sequence_id])
-
-    def sequences_on(self, index: int) -> int:
-        """How many admitted sequences the replica at this index holds (what its verification scheduler gathers: a
-        sequence still in its prefill call is not coming to the next pass)."""
-        replica = self.replicas[index]
-        return sum(home is replica and sequence_id not in self.admitting for sequence_id, home in self.home.items())
+        for replica in sorted(self.replicas, key=lambda replica: load[replica]):
+            self.home[sequence_id] = replica  # before the call: admissions of the same tick count it
+            try:
+                return await replica.step(sequence_id, input_ids, draft, request=request, **kwargs)
+            except ServingError as error:
+                del self.home[sequence_id]
+                if error.kind == ServingError.INVALID:  # the request's own fault: every replica would refuse it
+                    raise
+                refusal = error
+        raise refusal
 
     async def release(self, sequence_id) -> None:
         replica = self.home.pop(sequence_id, None)
