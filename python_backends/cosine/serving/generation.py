@@ -189,11 +189,11 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
         emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree, extra_tokens=extra,
                                                 draft_q=draft.q if draft else None)).tokens
         ended = time.monotonic()
+        spent = between_calls + ended - started
         if extra:
-            monitor.observe_plain((between_calls + ended - started) / (1 + extra))
+            monitor.observe_plain(spent / (1 + extra))
         else:  # the verification cost model is of one pass holding every active request's tree
-            monitor.observe_verify(monitor.active_requests, monitor.active_requests * size,
-                                   between_calls + ended - started)
+            monitor.observe_verify(monitor.active_requests, monitor.active_requests * size, spent)
     if proposer is not None:
         accepted = tree.accepted_path(emitted) if tree else []
         if draft is not None:
