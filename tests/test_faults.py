@@ -102,10 +102,10 @@ def restored(server, model) -> str:
 
 def sent_until_seen(send, state, attempts=10) -> list:
     """Sends a batch of requests (send() -> their futures) until `state()` is seen while one is in flight, and
-    returns that batch's futures. The state is polled without a pause, and a batch that ends unseen is sent again:
-    on a fast machine a batch lasts a few polls of the metrics endpoint. Each batch first waits until the state is
-    gone (the metrics are flushed every METRICS_FLUSH_S), so that a state seen is the new batch's, not the last
-    one's."""
+    returns that batch's futures. The state is polled without a pause (`state` reads the metrics unsettled), and a
+    batch that ends unseen is sent again: on a fast machine a batch lasts a fraction of a second. Each batch first
+    waits until the state is gone (the metrics are flushed every METRICS_FLUSH_S), so that a state seen is the
+    new batch's, not the last one's."""
     for _ in range(attempts):
         assert wait_for(lambda: not state(), timeout=10)
         running = send()
@@ -194,7 +194,7 @@ def test_killed_drafter_is_restored_and_used_again(faults_server):
                                                                 ["output_ids"]), PROMPTS)))
         running = sent_until_seen(
             lambda: [pool.submit(generate, faults_server, text_input=p, **body) for p in PROMPTS],
-            lambda: metric(faults_server, "cosine_active_sequences", model="drafter_itself") >= 4)
+            lambda: metric(faults_server, "cosine_active_sequences", False, model="drafter_itself") >= 4)
         killed = kill_stub(faults_server, "drafter_itself")
         failures = [future.exception() for future in running]
     if restored(faults_server, "drafter_itself") != SERVER_RESTORE:  # else requests in flight failed with it
@@ -217,7 +217,7 @@ def test_killed_target_fails_requests_fast_and_serves_after_restore(faults_serve
         running = sent_until_seen(
             lambda: [pool.submit(http_status, faults_server, "/v2/models/cosine/generate",
                                             dict(body, text_input=p)) for p in PROMPTS],
-            lambda: metric(faults_server, "cosine_active_sequences", model="target") >= 4)
+            lambda: metric(faults_server, "cosine_active_sequences", False, model="target") >= 4)
         killed = kill_stub(faults_server, "target")
         wait(running)
     failed_s = time.monotonic() - killed
@@ -261,7 +261,7 @@ def test_a_killed_target_replica_is_restored_in_place_while_the_other_serves(rep
         running = sent_until_seen(
             lambda: [pool.submit(http_status, server, "/v2/models/cosine/generate",
                                             dict(body, text_input=p)) for p in PROMPTS * 2],
-            lambda: min(metric(server, "cosine_active_sequences", model=m) for m in ("target", "target_1")) >= 3)
+            lambda: min(metric(server, "cosine_active_sequences", False, model=m) for m in ("target", "target_1")) >= 3)
         killed = kill_stub(server, "target_1")
         stayed_ready = []
         while not all(future.done() for future in running):

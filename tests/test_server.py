@@ -38,8 +38,10 @@ def stream_events(server, **body):
     return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
 
 
-def metric(server, name, **labels):
-    time.sleep(3 * METRICS_FLUSH_S)  # updates made so far have reached the endpoint
+def metric(server, name, settled=True, **labels):
+    """settled: after the updates made so far have reached the endpoint (else as it is: for polling)."""
+    if settled:
+        time.sleep(3 * METRICS_FLUSH_S)
     text = urllib.request.urlopen(server.metrics_url).read().decode()
     total = 0.0
     for line in text.splitlines():

@@ -841,7 +841,7 @@ class CountingDrafter:
         self.admitted = []  # (max_tokens, min_length) of each admission
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
-                   candidates=0, score_input=False, draft_q=None, return_q=False):
+                   candidates=0, score_input=False, draft_q=None, return_q=False, sent=None):
         if not input_ids:  # as the engine refuses it: the next token comes from the last fed token's logits
             raise StepError("input_ids is empty")
         if request is not None:  # a sequence's first step: what it reserves

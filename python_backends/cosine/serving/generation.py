@@ -17,7 +17,7 @@ from ..contract import SPECULATION_MODES
 from ..speculation.control import ADAPTIVE_DRAFT_TOKENS, FIXED_DRAFT_TOKENS, LoadMonitor
 from ..speculation.proposers import (ChainProposer, Draft, DrafterEngine, DrafterSession, FusionProposer,
                                      MergedChainsProposer, RouterClient)
-from ..speculation.scheduler import VerificationScheduler
+from .batching import ReplicatedEngine
 from .errors import InvalidRequest, ServingError
 from .limits import AdmissionGate, Limits
 from .request import GenerationRequest
@@ -37,7 +37,8 @@ class RoundReport:
 @dataclass
 class Deployment:
     """What the loop needs to know about the deployment it runs in."""
-    target: DrafterEngine  # the same engine interface; the target verifies instead of drafting
+    # the same engine interface, the target verifying instead of drafting; each replica schedules its passes
+    target: ReplicatedEngine | DrafterEngine
     # a transformers tokenizer of the target's: text is encoded and detokenized in this process, no model call
     tokenizer: object
     max_context: int
@@ -53,13 +54,12 @@ class Deployment:
     max_cooperating_drafters: int = 2
     gate: AdmissionGate = field(default_factory=lambda: AdmissionGate(Limits()))  # the adapter lets requests in
     monitor: LoadMonitor = field(default_factory=LoadMonitor)
-    scheduler: VerificationScheduler | None = None  # default: one that gathers the monitor's active requests
     on_round: Callable[[RoundReport], None] = lambda report: None
     on_admitted: Callable[[float], None] = lambda queued_s: None  # seconds a request waited for KV cache
 
     def __post_init__(self):
-        if self.scheduler is None:
-            self.scheduler = VerificationScheduler(active_requests=lambda: self.monitor.active_requests)
+        if not isinstance(self.target, ReplicatedEngine):  # one engine: its one replica, with its scheduler
+            self.target = ReplicatedEngine([self.target])
 
 
 @dataclass
@@ -161,12 +161,13 @@ async def _admit(deployment: Deployment, sequence_id: int, prompt_ids: list[int]
 
 async def _round(deployment: Deployment, mode: str, proposer, drafting_started: asyncio.Future | None,
                  sequence_id: int, context: list[int], budget: int, stats: Stats,
-                 last_call_ended: float) -> tuple[list[int], float]:
+                 last_call_ended: float, sent: asyncio.Future) -> tuple[list[int], float]:
     """One round: draft (if speculating), wait for a verification slot, verify; returns the emitted tokens and when
-    the target's call ended. The monitor costs a round's call with the time since the request's previous call ended
-    (the chunk sent, the loop's turn, and what the target computes ahead then), as plain decoding and speculation
-    both pay it: counted for neither, plain decoding looked 25-30% cheaper than it is, its calls finding much of
-    their work done ahead (measured at c1: 1.88 ms a token fitted, 2.5-2.6 ms a token from call to call)."""
+    the target's call ended; the target resolves `sent` once that call has gone out. The monitor costs a round's
+    call with the time since the request's previous call ended (the chunk sent, the loop's turn, and what the target
+    computes ahead then), as plain decoding and speculation both pay it: counted for neither, plain decoding looked
+    25-30% cheaper than it is, its calls finding much of their work done ahead (measured at c1: 1.88 ms a token
+    fitted, 2.5-2.6 ms a token from call to call)."""
     between_calls = time.monotonic() - last_call_ended  # before the wait for the drafters' start: no round's cost
     if drafting_started is not None:
         await drafting_started
@@ -180,14 +181,14 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
     size = 1 + (len(tree) if tree else 0)
     expected_tokens = 1 + stats.accepted_tokens / max(1, stats.rounds - 1)  # this request's running mean
     monitor = deployment.monitor
-    async with deployment.scheduler.slot(size, value=expected_tokens / size):
+    async with deployment.target.slot(sequence_id, size, expected_tokens / size):
         started = time.monotonic()
         # a round without a draft runs several steps per call (never past the request's budget), whether the
         # mode is plain or a speculative mode's controller chose plain decoding (or no drafter answered): a
         # speculative mode falling back to plain decoding must be as fast as plain decoding, per-call cost included
         extra = 0 if tree else min(deployment.plain_decode_steps - 1, budget)
         emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree, extra_tokens=extra,
-                                                draft_q=draft.q if draft else None)).tokens
+                                                draft_q=draft.q if draft else None, sent=sent)).tokens
         ended = time.monotonic()
         spent = between_calls + ended - started
         if extra:
@@ -209,7 +210,11 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     caches of the target and of every drafter used.
 
     The next round (drafting + verification) runs while this round's tokens are detokenized; when a stop string
-    ends the output, that round's tokens are dropped."""
+    ends the output, that round's tokens are dropped. A chunk is yielded once the next round's target call has gone
+    out, so that its consumer's send (in Triton a round trip to the server, holding the GIL) does not delay that
+    call: sent first, at c32 on 2 cores they kept each target replica idle 13 ms between calls of 42. The first
+    chunk (time to first token) does not wait, as its round first waits for the drafters' prefill and the router:
+    held, time to first token at c1 rose from 20-21 to 27-30 ms for `cosine`."""
     plan = speculation_plan(request, deployment)
     prompt_ids = deployment.tokenizer.encode(request.prompt)
     if len(prompt_ids) + request.max_tokens > deployment.max_context:
@@ -250,10 +255,13 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
             generated += new_ids
             deployment.monitor.observe_tokens(len(new_ids))
             if not finished:
+                sent = asyncio.get_running_loop().create_future()
                 next_round = asyncio.ensure_future(_round(deployment, plan[0], proposer, drafting_started,
                                                           sequence_id, prompt_ids + generated,
                                                           request.max_tokens - len(generated) - 1, stats,
-                                                          call_ended))
+                                                          call_ended, sent))
+                # a round that ends without a call (it failed) ends the wait for it
+                next_round.add_done_callback(lambda _, sent=sent: sent.done() or sent.set_result(None))
             window, read_offset = offsets.window(generated)
             delta, advanced = decode_increment(deployment.tokenizer, window, read_offset, finished)
             if advanced:
@@ -261,6 +269,8 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
             text += delta
             releasable, stopped = stops.releasable(text, finished)
             finished = finished or stopped
+            if not finished and stats.rounds > 1:  # the first chunk does not wait (see above)
+                await sent
             yield Chunk(prefix + text[shown:releasable], new_ids, finished, stats)
             prefix, shown = "", releasable
             if finished:

@@ -77,7 +77,7 @@ class TrtllmEngine(BreakerGuarded):
         self.sequences: dict[int, _Sequence] = {}
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
-                   candidates=0, score_input=False, draft_q=None, return_q=False) -> StepResult:
+                   candidates=0, score_input=False, draft_q=None, return_q=False, sent=None) -> StepResult:
         sequence = self._sequence(sequence_id, request, len(input_ids))
         if keep_length is not None and request is None:
             if not 0 <= keep_length <= len(sequence.tokens):
@@ -97,6 +97,8 @@ class TrtllmEngine(BreakerGuarded):
         arrays = dict(TENSORRT_LLM.pack(**self._inputs(sequence, context, chain, wanted, logits_needed,
                                                        score_input)))
         send = functools.partial(self.transport, arrays, outputs)
+        if sent is not None:  # as CoalescingEngine's: waiters run after this turn, in which the call goes out
+            sent.set_result(None)
         out = await self._guarded(send)
         tokens = out["output_ids"][0][:int(out["sequence_length"][0])].tolist()
         generated = len(tokens)

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 class DrafterEngine(Protocol):
     async def step(self, sequence_id: int, input_ids: list[int], draft=None, *, request=None,
                    keep_length: int | None = None, extra_tokens: int = 0, candidates: int = 0,
-                   score_input: bool = False, draft_q=None, return_q: bool = False):
-        """Returns an engine StepResult (tokens, probs, top_ids, top_probs, input_logprob, q)."""
+                   score_input: bool = False, draft_q=None, return_q: bool = False, sent=None):
+        """Returns an engine StepResult (tokens, probs, top_ids, top_probs, input_logprob, q); resolves the future
+        `sent`, if any, once the call carrying the step has gone out."""
 
     async def release(self, sequence_id: int) -> None: ...
 

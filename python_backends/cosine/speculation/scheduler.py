@@ -5,7 +5,8 @@ cost follows tokens (a tree may be 1 or 30 of them). One batch is in flight at a
 formed from the waiting requests by a weighted latency/throughput score under a cap on tokens, and a request that
 waited longer than `max_wait_s` goes first whatever its score, so nobody starves. A batch is formed once every
 active request waits, or `gather_window_s` after the first arrival, so requests returning from the previous batch
-travel together. Triton's dynamic batcher then merges the released calls into one forward."""
+travel together; the calls released together go to the target as one (`serving.batching`). Each target replica has
+its own (`serving.batching.ReplicatedEngine`), so replicas step side by side."""
 from __future__ import annotations
 
 import asyncio

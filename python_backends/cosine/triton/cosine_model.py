@@ -71,9 +71,8 @@ def engine_client(model_name: str, kinds: dict[str, str], breaker: CircuitBreake
 
 
 def target_client(model_names: list[str], kinds: dict[str, str]):
-    """The target: one engine model, or its data-parallel replicas (several models)."""
-    replicas = [engine_client(name, kinds) for name in model_names]
-    return replicas[0] if len(replicas) == 1 else ReplicatedEngine(replicas)
+    """The target: its data-parallel replicas (one engine model each), one or several."""
+    return ReplicatedEngine([engine_client(name, kinds) for name in model_names])
 
 
 class CosineModel:
