@@ -194,7 +194,7 @@ def test_killed_drafter_is_restored_and_used_again(faults_server):
                                                                 ["output_ids"]), PROMPTS)))
         running = sent_until_seen(
             lambda: [pool.submit(generate, faults_server, text_input=p, **body) for p in PROMPTS],
-            lambda: metric(faults_server, "cosine_active_sequences", False, model="drafter_itself") >= 4)
+            lambda: metric(faults_server, "cosine_active_sequences", settled=False, model="drafter_itself") >= 4)
         killed = kill_stub(faults_server, "drafter_itself")
         failures = [future.exception() for future in running]
     if restored(faults_server, "drafter_itself") != SERVER_RESTORE:  # else requests in flight failed with it
@@ -217,7 +217,7 @@ def test_killed_target_fails_requests_fast_and_serves_after_restore(faults_serve
         running = sent_until_seen(
             lambda: [pool.submit(http_status, faults_server, "/v2/models/cosine/generate",
                                             dict(body, text_input=p)) for p in PROMPTS],
-            lambda: metric(faults_server, "cosine_active_sequences", False, model="target") >= 4)
+            lambda: metric(faults_server, "cosine_active_sequences", settled=False, model="target") >= 4)
         killed = kill_stub(faults_server, "target")
         wait(running)
     failed_s = time.monotonic() - killed
@@ -261,7 +261,8 @@ def test_a_killed_target_replica_is_restored_in_place_while_the_other_serves(rep
         running = sent_until_seen(
             lambda: [pool.submit(http_status, server, "/v2/models/cosine/generate",
                                             dict(body, text_input=p)) for p in PROMPTS * 2],
-            lambda: min(metric(server, "cosine_active_sequences", False, model=m) for m in ("target", "target_1")) >= 3)
+            lambda: min(metric(server, "cosine_active_sequences", settled=False, model=m)
+                        for m in ("target", "target_1")) >= 3)
         killed = kill_stub(server, "target_1")
         stayed_ready = []
         while not all(future.done() for future in running):

@@ -209,12 +209,12 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
     """Yields one Chunk per round (text may be empty); the last has finished=True. Closing it releases the KV
     caches of the target and of every drafter used.
 
-    The next round (drafting + verification) runs while this round's tokens are detokenized; when a stop string
-    ends the output, that round's tokens are dropped. A chunk is yielded once the next round's target call has gone
-    out, so that its consumer's send (in Triton a round trip to the server, holding the GIL) does not delay that
-    call: sent first, at c32 on 2 cores they kept each target replica idle 13 ms between calls of 42. The first
-    chunk (time to first token) does not wait, as its round first waits for the drafters' prefill and the router:
-    held, time to first token at c1 rose from 20-21 to 27-30 ms for `cosine`."""
+    The next round (drafting + verification) runs while this round's tokens are detokenized; when a stop string ends
+    the output, that round's tokens are dropped. A chunk is yielded once the next round's target call has gone out,
+    so that its consumer's send (in Triton a round trip to the server, holding the GIL) does not delay that call
+    (sent first, and with one scheduler for both target replicas, each replica idled 13 ms between calls of 42 at
+    c32 on 2 cores). The first chunk (time to first token) does not wait, as its round first waits for the drafters'
+    prefill and the router: held, time to first token at c1 rose from 20-21 to 27-30 ms for `cosine`."""
     plan = speculation_plan(request, deployment)
     prompt_ids = deployment.tokenizer.encode(request.prompt)
     if len(prompt_ids) + request.max_tokens > deployment.max_context:
