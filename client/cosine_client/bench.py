@@ -322,20 +322,28 @@ def references_table(rows: list[dict], references: dict) -> str:
                      f"{plain / decode['engine']:.2f} | {plain / decode['transformers']:.2f} | {all_cores:.0f} | "
                      f"{plain / all_cores:.2f} | {served.get((float(level), 'cosine'), float('nan')):.0f} |")
     for level, decode in references["decode"].items():
+        notes = []  # under the table, a blank line before each level's
+        if "engine_request" in decode:
+            request = decode["engine_request"]
+            notes.append(f"the engine in process, one request at a time from its prompt (prefill included, as a "
+                         f"served request is counted), c={level}: {request:.0f} tokens/s")
+            if (float(level), "autoregressive") in served:
+                plain = served[float(level), "autoregressive"]
+                notes[-1] += f"; served autoregressive: {plain:.0f} ({plain / request:.2f}x)"
         if "assisted_generation" in decode:
             assisted = decode["assisted_generation"]
-            line = f"\ntransformers assisted generation (general drafter), c={level}: {assisted:.0f} tokens/s"
+            notes.append(f"transformers assisted generation (general drafter), c={level}: {assisted:.0f} tokens/s")
             if (float(level), "cosine") in served:
                 cosine = served[float(level), "cosine"]
-                line += f"; served cosine: {cosine:.0f} ({cosine / assisted:.2f}x)"
-            lines.append(line)
+                notes[-1] += f"; served cosine: {cosine:.0f} ({cosine / assisted:.2f}x)"
         if "engine_speculation" in decode:
             speculation = decode["engine_speculation"]
-            line = (f"the engines' chain speculation in process (each prompt's domain drafter, cosine's ceiling k; "
-                    f"no processes between them), c={level}: {speculation:.0f} tokens/s")
+            notes.append(f"the engines' chain speculation in process (each prompt's domain drafter, cosine's ceiling "
+                         f"k; no processes between them), c={level}: {speculation:.0f} tokens/s")
             if "assisted_generation" in decode:
-                line += f" ({speculation / decode['assisted_generation']:.2f}x assisted generation)"
+                notes[-1] += f" ({speculation / decode['assisted_generation']:.2f}x assisted generation)"
             if (float(level), "cosine") in served:
-                line += f"; served cosine: {served[float(level), 'cosine'] / speculation:.2f}x it"
-            lines.append(line)
+                notes[-1] += f"; served cosine: {served[float(level), 'cosine'] / speculation:.2f}x it"
+        if notes:
+            lines += ["", *notes]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """In-process reference decode rates, no server: the project's engine, transformers' own batched decode,
 transformers' assisted generation and the engines' own chain speculation. Each warms up once, then times decoding
-only (prefill excluded, except in the two speculative ones, which time whole requests).
+only (prefill excluded), except the engine's request rate and the two speculative ones, which time whole requests.
 
 Imports torch, transformers, cosine.engine and cosine.speculation.tree only, so that it runs on a bare CUDA machine."""
 from __future__ import annotations
@@ -66,6 +66,21 @@ def engine_decode_rate(model, batch: int, new_tokens: int, prompt_len: int, max_
     engine_generate(engine, prompts, min(new_tokens, WARMUP_TOKENS))
     _, seconds = engine_generate(engine, prompts, new_tokens)
     return batch * (new_tokens - 1) / seconds
+
+
+def engine_request_rate(model, prompts_ids: list[list[int]], new_tokens: int, max_draft_tokens: int = 64) -> float:
+    """Tokens/s of CausalLMEngine serving one request at a time, each timed from its prompt (the prefill included)
+    to its last token, one greedy token per step: how a served request at concurrency 1 is counted, where
+    engine_decode_rate counts the decode steps only."""
+    engine = CausalLMEngine(model, kv_cache_tokens=max(map(len, prompts_ids)) + new_tokens + max_draft_tokens + 16,
+                            max_draft_tokens=max_draft_tokens)
+    engine_generate(engine, prompts_ids[:1], min(new_tokens, WARMUP_TOKENS))
+    _sync()
+    start = time.perf_counter()
+    for prompt in prompts_ids:
+        engine_generate(engine, [prompt], new_tokens)
+    _sync()
+    return len(prompts_ids) * new_tokens / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
@@ -198,6 +213,9 @@ class DeploymentReferences:
                 transformers_decode_rate(self.target, concurrency, max_tokens, prompt_len))
             rates.setdefault("engine", []).append(
                 engine_decode_rate(self.engine_model, concurrency, max_tokens, prompt_len))
+            if concurrency == 1:
+                rates.setdefault("engine_request", []).append(
+                    engine_request_rate(self.engine_model, prompt_ids, max_tokens))
             if concurrency == 1 and self.drafter is not None:
                 rates.setdefault("assisted_generation", []).append(
                     assisted_generation_rate(self.target, self.drafter, prompt_ids, max_tokens))
