@@ -1,7 +1,6 @@
 """gpu_check's exactness checks and the in-process references, on CPU (the scaling table is left to the GPU)."""
 from cosine.engine.checkpoint import load_causal_lm
-from cosine_client import gpu_check
-from cosine_client import references
+from cosine_client import gpu_check, references
 from cosine_client.references import (assisted_generation_rate, engine_decode_rate, engine_generate,
                                       engine_request_rate, engine_speculation, transformers_decode_rate)
 
@@ -26,6 +25,8 @@ def test_reference_rates(tmp_path):
 def test_the_engines_request_rate_times_each_prefill_with_its_decode(tmp_path, monkeypatch):
     """With a clock that moves one second per engine step, a request of n tokens (its prefill and n - 1 decode
     steps) takes n seconds: the rate is 1 token/s exactly, where timing the decode steps alone would give more."""
+    from types import SimpleNamespace
+
     from cosine.engine.engine import CausalLMEngine
 
     model = load_causal_lm(gpu_check.random_checkpoint(tmp_path / "tiny", **gpu_check.TINY))
@@ -35,7 +36,7 @@ def test_the_engines_request_rate_times_each_prefill_with_its_decode(tmp_path, m
         clock[0] += 1.0
         return step(self, requests)
     monkeypatch.setattr(CausalLMEngine, "step", ticking)
-    monkeypatch.setattr(references.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(references, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     assert engine_request_rate(model, [[1, 2, 3], [4, 5], [6] * 20], new_tokens=7) == 1.0
 
 
