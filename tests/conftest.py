@@ -71,7 +71,9 @@ def server(tmp_path_factory, tiny_dir, llama):
                          "unrelated": dict(engine, checkpoint=str(tiny_dir / "unrelated")),
                          # a KV budget too small for any request: every call to it fails
                          "broken": dict(engine, checkpoint=str(tiny_dir / "unrelated"), kv_cache_tokens=32)},
-            "speculation_mode": "autoregressive"}
+            # every round drafts in the `cosine` process or the drafters' models (test_speculation_server.py has
+            # a server with rounds in the target)
+            "speculation_mode": "autoregressive", "target_rounds": 0}
     server = start_server(spec, root)
     yield server
     server.stop()

@@ -37,7 +37,7 @@ def faults_server(tmp_path_factory, tiny_dir, llama):
     # one replica: these tests fill one target's KV budget and kill its one process
     spec = dict(LIMITS, target=dict(engine, checkpoint=str(llama), kv_cache_tokens=TARGET_KV, replicas=1),
                 drafters={"itself": dict(engine, checkpoint=str(llama), kv_cache_tokens=8192)},
-                speculation_mode="vanilla")
+                speculation_mode="vanilla", target_rounds=0)  # the drafters' own models draft every round
     server = start_server(spec, root, env={DEPLOYMENT_SECRET_ENV: SECRET}, text_models=False)
     yield server
     server.stop()

@@ -197,3 +197,48 @@ def test_sampling_with_the_target_as_drafter_accepts_almost_everything(server, m
                            **({"adaptive_draft_length": False} if mode == "cosine" else {}))  # drafts every round
         drafted, accepted = drafted + d, accepted + a
     assert drafted > 0 and accepted / drafted >= 0.95, (accepted, drafted)
+
+
+@pytest.fixture(scope="module")
+def rounds_server(tmp_path_factory, tiny_dir, llama):
+    """A target with copies of the drafters, running 3 speculation rounds per call for a request alone on it."""
+    from conftest import start_server
+    root = tmp_path_factory.mktemp("rounds")
+    engine = {"kv_cache_tokens": 8192, "num_threads": 1, "idle_timeout_s": 30}
+    spec = {"target": dict(engine, checkpoint=str(llama), replicas=1),
+            "drafters": {"itself": dict(engine, checkpoint=str(llama), in_cosine_process=True),
+                         "unrelated": dict(engine, checkpoint=str(tiny_dir / "unrelated"))},
+            "speculation_mode": "autoregressive", "target_rounds": 3}
+    server = start_server(spec, root, text_models=False)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("mode, drafters", [("vanilla", ["itself"]), ("vanilla", ["unrelated"]),
+                                            ("cosine", ["itself", "unrelated"])])
+def test_rounds_in_the_target_are_exact_and_learn_as_rounds_made_here(rounds_server, mode, drafters):
+    """A request alone on the target: its rounds run in the target's process, 3 a call (counted by origin
+    `target`), its output is the target's own greedy output, and what they drafted and accepted comes back (the
+    target itself as the drafter: everything accepted)."""
+    server = rounds_server
+    target_only, _ = run(server, PROMPTS[3], max_tokens=40, speculation_mode="autoregressive")
+    before = metric(server, "cosine_drafts_total", origin="target")
+    ids, (rounds, drafted, accepted) = run(server, PROMPTS[3], max_tokens=40, speculation_mode=mode,
+                                           drafters=drafters, num_draft_tokens=3, adaptive_draft_length=False)
+    assert ids == target_only
+    target_rounds = metric(server, "cosine_drafts_total", origin="target") - before
+    # every round but the prefill's; cosine's first three draft here: two fused with the exploring drafter, then one
+    # alone as it leaves
+    assert target_rounds >= rounds - (4 if mode == "cosine" else 1) > 0 and drafted > 0
+    if drafters == ["itself"]:
+        assert accepted == drafted
+
+
+def test_rounds_in_the_target_beside_concurrent_requests_are_exact(rounds_server):
+    """Requests that share the target verify in passes here; one left alone goes on in target rounds."""
+    alone = {p: run(rounds_server, p, speculation_mode="autoregressive")[0] for p in PROMPTS}
+    jobs = [(p, MODES[i % 2]) for i, p in enumerate(PROMPTS * 2)]
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(lambda job: run(rounds_server, job[0], speculation_mode=job[1][0],
+                                                num_draft_tokens=job[1][2], drafters=job[1][1])[0], jobs))
+    assert outputs == [alone[p] for p, _ in jobs]

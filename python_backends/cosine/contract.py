@@ -207,6 +207,8 @@ STEP_INTS = PackedTensor("step_ints", (
     # admission, read only where max_new_tokens > 0: the sequence's budget and sampling parameters; end_id (-1: none)
     # may not be emitted before min_length tokens follow the first step's input_ids
     "max_new_tokens", "top_k", "end_id", "min_length",
+    # whole speculation rounds in this call (engine.Rounds), by the target's own drafter of this index (-1: none)
+    "rounds_drafter", "rounds_draft_tokens", "rounds_count",
 ), (
     # each draft tree in topological order, and each node's parent within its own tree (-1: the last input token);
     # then the sparse q of sampled drafts (lossless acceptance needs the distribution each draft token was drawn from;
@@ -220,10 +222,12 @@ RESULT_INTS = PackedTensor("result_ints", (
     "output_length",
     "q_rows",  # rows of the returned q (the emitted tokens, or 0) and their vocabulary size
     "q_vocab",
+    "rounds",  # speculation rounds run in the call (its round_drafted and round_accepted sections)
 ), (
     # top_ids: [emitted, num_candidates] per sequence, the most likely tokens at each emitted position; the q of each
-    # emitted token, sparse as the draft's
-    "output_ids", "top_ids", "output_q_counts", "output_q_ids",
+    # emitted token, sparse as the draft's; per round, its draft's length and how many of it were accepted, then
+    # every round's draft
+    "output_ids", "top_ids", "output_q_counts", "output_q_ids", "round_drafted", "round_accepted", "round_draft_ids",
 ))
 # output_probs: of each emitted token under the distribution it was drawn from; top_probs as top_ids
 RESULT_REALS = PackedTensor("result_reals", (), ("output_probs", "top_probs", "input_logprob", "output_q_probs"))

@@ -58,13 +58,30 @@ def _engine_parameters(engine: EngineSpec, path, is_target: bool, lookahead: boo
     }
 
 
-def in_cosine_process_parameter(drafter: str, key: str) -> str:
-    """The `cosine` model's parameter holding an engine parameter of a drafter in its process."""
+def drafter_engine_parameter(drafter: str, key: str) -> str:
+    """A model's parameter holding an engine parameter of a drafter in its process (the `cosine` model's drafters,
+    a target's copies of them for speculation rounds)."""
     return f"{drafter_model_name(drafter)}.{key}"
 
 
-def _engine_config(name: str, engine: EngineSpec, path, is_target: bool, lookahead: bool) -> str:
-    return _config(name, ENGINE, engine.max_batch_size, _engine_parameters(engine, path, is_target, lookahead),
+def drafter_engine_parameters(drafter: str, params: dict[str, str]) -> dict[str, str]:
+    """The engine parameters of a drafter in a model's process, read back from the model's parameters."""
+    prefix = drafter_engine_parameter(drafter, "")
+    return {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
+
+
+def _drafter_engines(drafters: dict[str, EngineSpec], path) -> dict:
+    """What a model holding these drafters in its process builds them from."""
+    return {drafter_engine_parameter(name, key): value for name, drafter in drafters.items()
+            for key, value in _engine_parameters(drafter, path, is_target=False).items()}
+
+
+def _engine_config(name: str, engine: EngineSpec, path, is_target: bool, lookahead: bool,
+                   round_drafters: dict[str, EngineSpec]) -> str:
+    parameters = _engine_parameters(engine, path, is_target, lookahead)
+    if round_drafters:
+        parameters.update(round_drafters=",".join(round_drafters), **_drafter_engines(round_drafters, path))
+    return _config(name, ENGINE, engine.max_batch_size, parameters,
                    kind="KIND_GPU" if engine.device == "gpu" else "KIND_CPU",
                    dynamic_batching=f"max_queue_delay_microseconds: {engine.max_queue_delay_us}")
 
@@ -100,12 +117,12 @@ def _trtllm_config(name: str, engine: EngineSpec, is_target: bool) -> str:
         f"{engine.max_queue_delay_us} default_queue_policy: {{ max_queue_size: {settings.max_queue_size} }}"))
 
 
-def _model_config(name: str, engine: EngineSpec, path, is_target: bool,
-                  lookahead: bool = False) -> tuple[str | None, str]:
+def _model_config(name: str, engine: EngineSpec, path, is_target: bool, lookahead: bool = False,
+                  round_drafters: dict[str, EngineSpec] | None = None) -> tuple[str | None, str]:
     """(adapter folder to copy model.py from, or None for the tensorrtllm backend; config.pbtxt text)."""
     if engine.kind == TRTLLM:
         return None, _trtllm_config(name, engine, is_target)
-    return TARGET, _engine_config(name, engine, path, is_target, lookahead)
+    return TARGET, _engine_config(name, engine, path, is_target, lookahead, round_drafters or {})
 
 
 def _verifiable_draft(engine: EngineSpec, is_target: bool) -> int | None:
@@ -156,7 +173,8 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
                                                            dynamic_batching="max_queue_delay_microseconds: 500")),
         POSTPROCESSING_MODEL: (POSTPROCESSING_MODEL, _config(POSTPROCESSING_MODEL, POSTPROCESSING, 64, tokenizer,
                                                              dynamic_batching="max_queue_delay_microseconds: 500")),
-        **{name: _model_config(name, spec.target, path, is_target=True, lookahead=spec.plain_decode_lookahead)
+        **{name: _model_config(name, spec.target, path, is_target=True, lookahead=spec.plain_decode_lookahead,
+                               round_drafters=spec.round_drafters)
            for name in targets},
         # at its limits the model blocks execute: the backlog waits in Triton's queue (serving/limits.py)
         COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
@@ -169,9 +187,10 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
                                                   in spec.drafters.items() if drafter.node != MAIN_NODE}),
             # drafters run in this model's process, each from its engine parameters below
             "in_process_drafters": ",".join(spec.drafters_in_cosine_process),
-            **{in_cosine_process_parameter(name, key): value
-               for name, drafter in spec.drafters_in_cosine_process.items()
-               for key, value in _engine_parameters(drafter, path, is_target=False).items()},
+            **_drafter_engines(spec.drafters_in_cosine_process, path),
+            # the target's copies of drafters (serving.rounds), in the order a call names them
+            "round_drafters": ",".join(spec.round_drafters),
+            "target_rounds": spec.target_rounds,
             "drafter_timeout_s": spec.drafter_timeout_s,
             "drafter_probe_after_s": spec.drafter_probe_after_s,
             "general_drafter": spec.vanilla_drafter or "",

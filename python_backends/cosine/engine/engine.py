@@ -60,6 +60,15 @@ class Admission:
     min_length: int = 0  # end_id is banned until this many tokens follow the admitted input
 
 
+@dataclass(frozen=True)
+class Rounds:
+    """Speculation rounds a target with drafters of its own runs in one call (serving.rounds): each round its
+    drafter drafts a chain of `draft_tokens` from the context so far and the target verifies it."""
+    drafter: int  # the index of the drafter among the target's
+    draft_tokens: int  # k
+    count: int  # at most this many rounds (fewer where the sequence ends)
+
+
 @dataclass
 class StepRequest:
     sequence_id: int
@@ -74,6 +83,7 @@ class StepRequest:
     # one row per draft node: the distribution it was sampled from (None: the draft is deterministic)
     draft_q: SparseDistributions | None = None
     return_q: bool = False  # a sampling drafter: also return the distribution each emitted token was drawn from
+    rounds: Rounds | None = None  # whole speculation rounds in this call (serving.rounds), by the target's drafter
 
 
 @dataclass
@@ -84,6 +94,7 @@ class StepResult:
     top_probs: list[list[float]]
     input_logprob: float = 0.0
     q: SparseDistributions | None = None  # one row per emitted token, on the host: when return_q and it samples
+    rounds: list[tuple[list[int], int]] = field(default_factory=list)  # per round of Rounds: (draft, accepted)
 
 
 @dataclass

@@ -40,13 +40,14 @@ class EngineCalls(BreakerGuarded):
         self.in_flight: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, keep_length=None, extra_tokens=0,
-                   candidates=0, score_input=False, draft_q=None, return_q=False, sent=None) -> StepResult:
+                   candidates=0, score_input=False, draft_q=None, return_q=False, rounds=None,
+                   sent=None) -> StepResult:
         admission = None
         if request is not None:
             admission = Admission(request.max_tokens, request.params.seeded(),
                                   request.end_id if request.min_length else None, request.min_length)
         step = StepRequest(sequence_id, list(input_ids), draft or DraftTree(), admission, keep_length, extra_tokens,
-                           candidates, score_input, draft_q=draft_q, return_q=return_q)
+                           candidates, score_input, draft_q=draft_q, return_q=return_q, rounds=rounds)
         return await self._submit(step, sent)
 
     async def release(self, sequence_id) -> None:
@@ -146,6 +147,10 @@ class ReplicatedEngine:
     def sequences_on(self, index: int) -> int:
         """The sequences the replica at this index holds: what its scheduler gathers for a pass."""
         return sum(home == index for home in self.home.values())
+
+    def alone(self, sequence_id: int) -> bool:
+        """Whether the sequence is the only one its replica holds."""
+        return self.sequences_on(self.home[sequence_id]) == 1
 
     def slot(self, sequence_id: int, tokens: int, value: float):
         """A verification slot on the sequence's replica (see VerificationScheduler.slot)."""

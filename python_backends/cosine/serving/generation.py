@@ -15,8 +15,10 @@ from typing import AsyncIterator, Callable
 
 from ..contract import SPECULATION_MODES
 from ..speculation.control import ADAPTIVE_DRAFT_TOKENS, FIXED_DRAFT_TOKENS, LoadMonitor
-from ..speculation.proposers import (ChainProposer, Draft, DrafterEngine, DrafterSession, FusionProposer,
+from ..engine.engine import Rounds
+from ..speculation.proposers import (ChainProposer, Draft, DrafterEngine, DrafterSession, DraftOrigin, FusionProposer,
                                      MergedChainsProposer, RouterClient)
+from ..speculation.tree import DraftTree
 from .batching import ReplicatedEngine
 from .errors import InvalidRequest, ServingError
 from .limits import AdmissionGate, Limits
@@ -50,6 +52,10 @@ class Deployment:
     default_draft_tokens: int = FIXED_DRAFT_TOKENS
     adaptive_draft_tokens: int = ADAPTIVE_DRAFT_TOKENS
     plain_decode_steps: int = 1  # target steps per call for autoregressive requests (the spec sets it)
+    # speculation rounds per call that a request alone on its target replica asks the target to run with its own
+    # copies of these drafters (serving.rounds; the spec's target_rounds); a call names the drafter by its index
+    target_rounds: int = 0
+    round_drafters: tuple[str, ...] = ()
     max_draft_tokens: int = 64
     max_cooperating_drafters: int = 2
     gate: AdmissionGate = field(default_factory=lambda: AdmissionGate(Limits()))  # the adapter lets requests in
@@ -171,8 +177,11 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
     between_calls = time.monotonic() - last_call_ended  # before the wait for the drafters' start: no round's cost
     if drafting_started is not None:
         await drafting_started
+    rounds = await _target_rounds(deployment, proposer, sequence_id, context, budget)
+    if rounds is not None and rounds.draft_tokens:
+        return await _run_target_rounds(deployment, mode, proposer, sequence_id, context, rounds, stats, sent)
     draft = None
-    if proposer is not None:
+    if proposer is not None and rounds is None:  # else the controller chose plain decoding for this round
         draft = await proposer.propose(context, budget)
         stats.drafters = proposer.drafter_names  # a request may start drafting late (SpeculationWindows)
         if draft is not None:
@@ -203,6 +212,39 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
             proposer.observe(draft, accepted, emitted)
         deployment.on_round(RoundReport(mode, draft, accepted))
     return emitted, ended
+
+
+async def _target_rounds(deployment: Deployment, proposer, sequence_id: int, context: list[int],
+                         budget: int) -> Rounds | None:
+    """Rounds for the target to run in its process (serving.rounds), where the deployment has them, the request is
+    alone on its replica (under load rounds from many requests batch in one pass instead) and this round would draft
+    a greedy chain with one drafter the target holds; with draft_tokens 0 where the controller chose plain decoding
+    for it. None: the proposer drafts this round here."""
+    if not (deployment.target_rounds and proposer is not None and deployment.target.alone(sequence_id)):
+        return None
+    lone = await proposer.lone_drafter(context, budget)
+    if lone is None or lone[0] not in deployment.round_drafters:
+        return None
+    drafter, k = lone
+    return Rounds(deployment.round_drafters.index(drafter), k, deployment.target_rounds)
+
+
+async def _run_target_rounds(deployment: Deployment, mode: str, proposer, sequence_id: int, context: list[int],
+                             rounds: Rounds, stats: Stats, sent: asyncio.Future) -> tuple[list[int], float]:
+    """One call of target rounds, reported round by round as the rounds made here are."""
+    async with deployment.target.slot(sequence_id, 1 + rounds.draft_tokens, 1.0):  # alone: nothing to rank
+        result = await deployment.target.step(sequence_id, context[-1:], rounds=rounds, sent=sent)
+    ended = time.monotonic()
+    proposer.observe_rounds(result.rounds)
+    stats.rounds += max(len(result.rounds) - 1, 0)  # generate counts the call as one
+    drafter = deployment.round_drafters[rounds.drafter]
+    for draft, accepted in result.rounds:
+        stats.draft_tokens += len(draft)
+        stats.accepted_tokens += accepted
+        deployment.on_round(RoundReport(mode, Draft(DraftTree.chain(draft), (drafter,) * len(draft),
+                                                    origin=DraftOrigin.TARGET), list(range(accepted))))
+    stats.drafters = proposer.drafter_names
+    return result.tokens, ended
 
 
 async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncIterator[Chunk]:

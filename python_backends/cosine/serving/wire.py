@@ -11,7 +11,7 @@ import torch
 
 from ..contract import (ENGINE, RESULT_ERRORS, RESULT_INTS, RESULT_REALS, STEP_INTS, STEP_KEYS, STEP_REALS,
                         PackedTensor)
-from ..engine.engine import Admission, StepRequest, StepResult
+from ..engine.engine import Admission, Rounds, StepRequest, StepResult
 from ..engine.kv_cache import AdmissionError
 from ..engine.sampling import SamplingParams, SparseDistributions
 from ..speculation.tree import DraftTree
@@ -113,7 +113,10 @@ def pack_steps(steps: list[StepRequest]) -> dict[str, np.ndarray]:
                    keep_length=NO_VALUE if s.keep_length is None else s.keep_length, extra_tokens=s.extra_tokens,
                    num_candidates=s.candidates, score_input=s.score_input, release=s.release, return_q=s.return_q,
                    draft_q_vocab=vocab, max_new_tokens=a.max_new_tokens if a else 0, top_k=p.top_k,
-                   end_id=NO_VALUE if a is None or a.end_id is None else a.end_id, min_length=a.min_length if a else 0)
+                   end_id=NO_VALUE if a is None or a.end_id is None else a.end_id, min_length=a.min_length if a else 0,
+                   rounds_drafter=NO_VALUE if s.rounds is None else s.rounds.drafter,
+                   rounds_draft_tokens=s.rounds.draft_tokens if s.rounds else 0,
+                   rounds_count=s.rounds.count if s.rounds else 0)
               for s, a, p, vocab in zip(steps, admissions, params, q_vocab)]
     return {
         STEP_KEYS.name: _packed(STEP_KEYS, [dict(sequence_id=s.sequence_id, random_seed=p.seed or 0)
@@ -154,13 +157,16 @@ def unpack_steps(arrays: dict[str, np.ndarray]) -> list[StepRequest]:
             end_id = int(fields["end_id"][i])
             admission = Admission(int(fields["max_new_tokens"][i]), sampling, None if end_id == NO_VALUE else end_id,
                                   int(fields["min_length"][i]))
-        keep = int(fields["keep_length"][i])
+        keep, drafter = int(fields["keep_length"][i]), int(fields["rounds_drafter"][i])
+        rounds = None if drafter == NO_VALUE else Rounds(drafter, int(fields["rounds_draft_tokens"][i]),
+                                                           int(fields["rounds_count"][i]))
         steps.append(StepRequest(
             int(keys["sequence_id"][i]), inputs[i].tolist(),
             DraftTree(tuple(draft_ids[i].tolist()), tuple(draft_parents[i].tolist())), admission,
             keep_length=None if keep == NO_VALUE else keep, extra_tokens=int(fields["extra_tokens"][i]),
             candidates=int(fields["num_candidates"][i]), score_input=bool(fields["score_input"][i]),
-            release=bool(fields["release"][i]), draft_q=draft_q[i], return_q=bool(fields["return_q"][i])))
+            release=bool(fields["release"][i]), draft_q=draft_q[i], return_q=bool(fields["return_q"][i]),
+            rounds=rounds))
     return steps
 
 
@@ -175,13 +181,16 @@ def error_kind(error: Exception) -> str:
 def pack_results(results: list[StepResult | Exception]) -> dict[str, np.ndarray]:
     done = [r if isinstance(r, StepResult) else StepResult([], [], [], []) for r in results]
     q_vocab, q_counts, q_ids, q_probs = _flat_q([r.q for r in done])
-    fields = [dict(output_length=len(r.tokens), q_rows=0 if r.q is None else len(r.q), q_vocab=vocab)
-              for r, vocab in zip(done, q_vocab)]
+    fields = [dict(output_length=len(r.tokens), q_rows=0 if r.q is None else len(r.q), q_vocab=vocab,
+                   rounds=len(r.rounds)) for r, vocab in zip(done, q_vocab)]
     errors = [("", "") if isinstance(r, StepResult) else (error_kind(r), str(r)) for r in results]
     return {
         RESULT_INTS.name: _packed(RESULT_INTS, fields, output_ids=[t for r in done for t in r.tokens],
                                   top_ids=[t for r in done for row in r.top_ids for t in row],
-                                  output_q_counts=q_counts, output_q_ids=q_ids),
+                                  output_q_counts=q_counts, output_q_ids=q_ids,
+                                  round_drafted=[len(draft) for r in done for draft, _ in r.rounds],
+                                  round_accepted=[accepted for r in done for _, accepted in r.rounds],
+                                  round_draft_ids=[t for r in done for draft, _ in r.rounds for t in draft]),
         RESULT_REALS.name: _packed(RESULT_REALS, [], output_probs=[p for r in done for p in r.probs],
                                    top_probs=[p for r in done for row in r.top_probs for p in row],
                                    input_logprob=[r.input_logprob for r in done], output_q_probs=q_probs),
@@ -201,6 +210,9 @@ def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
     input_logprob = reals.take("input_logprob", n)
     q = _read_q(fields["q_vocab"], fields["q_rows"], ints, reals,
                 ("output_q_counts", "output_q_ids", "output_q_probs"))
+    round_counts = _lengths(ints, fields, "rounds")
+    drafted, accepted = ints.split("round_drafted", round_counts), ints.split("round_accepted", round_counts)
+    draft_ids = ints.split("round_draft_ids", np.array([lengths.sum() for lengths in drafted], np.int64))
     ints.end()
     reals.end()
     errors = _Reader(RESULT_ERRORS, arrays).header(n)
@@ -213,5 +225,7 @@ def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
             continue
         n_i = int(lengths[i])
         results.append(StepResult(tokens[i].tolist(), probs[i].tolist(), top_ids[i].reshape(n_i, widths[i]).tolist(),
-                                  top_probs[i].reshape(n_i, widths[i]).tolist(), float(input_logprob[i]), q[i]))
+                                  top_probs[i].reshape(n_i, widths[i]).tolist(), float(input_logprob[i]), q[i],
+                                  [(draft.tolist(), int(count)) for draft, count in zip(
+                                      np.split(draft_ids[i], np.cumsum(drafted[i])[:-1]), accepted[i])]))
     return results

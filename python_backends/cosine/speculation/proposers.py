@@ -55,6 +55,7 @@ class DraftOrigin(str, enum.Enum):
     AHEAD = "ahead"  # one drafter's call made while the previous round verified (pipelined drafting)
     FUSED = "fused"  # several drafters' chains, fused step by step by confidence
     MERGED = "merged"  # several drafters' chains, each drafted alone, merged into a tree (specinfer)
+    TARGET = "target"  # one drafter's chain, drafted by the target's copy of it in the target's rounds
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,15 @@ class Proposer:
     def draft_ahead(self, draft: Draft, context: list[int], budget: int) -> None:
         """Called while the target verifies this round's draft (see FusionProposer)."""
 
+    async def lone_drafter(self, context: list[int], budget: int) -> tuple[str, int] | None:
+        """(the drafter, k) when this round would draft a greedy chain with one drafter alone, for the target to
+        run such rounds itself (serving.rounds), k 0 where the round decodes plainly instead; None: propose()
+        decides this round."""
+        return None
+
+    def observe_rounds(self, rounds: list[tuple[list[int], int]]) -> None:
+        """What the target's rounds drafted and accepted (after lone_drafter)."""
+
     async def close(self) -> None:
         await asyncio.gather(*(session.close() for session in self.sessions))
 
@@ -172,6 +182,10 @@ class ChainProposer(Proposer):
 
     def __init__(self, session: DrafterSession, k: int):
         self.sessions, self.k = [session], k
+
+    async def lone_drafter(self, context: list[int], budget: int) -> tuple[str, int] | None:
+        session = self.sessions[0]
+        return None if session.samples or session.failed else (session.name, max(min(self.k, budget), 0))
 
     async def propose(self, context: list[int], budget: int) -> Draft | None:
         k = min(self.k, budget)
@@ -330,6 +344,34 @@ class FusionProposer(Proposer):
         # every node a draw from its q, or the draft counts as deterministic (exact either way, see acceptance)
         q = SparseDistributions.cat(q_rows) if samples and sum(map(len, q_rows)) == len(builder.tokens) else None
         return Draft(builder.tree(), tuple(builder.sources), q, origin, dropped_ahead)
+
+    async def lone_drafter(self, context: list[int], budget: int) -> tuple[str, int] | None:
+        """As propose decides a round that drafts alone: the windows allow speculation, the router chose, the
+        exploring rounds are over (an explorer drafts beside the first choice here). A draft made ahead here is
+        dropped: the target drafts the next rounds itself."""
+        if self.all_sessions[0].samples:
+            return None
+        if self.adaptive and not self.monitor.speculation_allowed(self.speculation_windows):
+            return None
+        if not self.started:
+            await self._start(context, remaining=budget + 1)
+        active = [session for session in self.sessions if not session.failed]
+        if len(active) != 1:
+            return None
+        await self._drafted_ahead(context)
+        return active[0].name, max(min(self.controller.draft_length(self.monitor.costs(),
+                                                                    self.monitor.active_requests), budget), 0)
+
+    def observe_rounds(self, rounds: list[tuple[list[int], int]]) -> None:
+        """Each round as observe() takes one: the controller's acceptance, and for the router the drafter's top
+        token (its greedy chain) against what the target emitted, at every position the target settled."""
+        drafter = self.sessions[0].name
+        for draft, accepted in rounds:
+            self.controller.observe(len(draft), accepted)
+            self.monitor.observe_acceptance(len(draft), accepted)
+            settled = min(len(draft), accepted + 1)
+            self.trials[drafter] += settled
+            self.matches[drafter] += accepted
 
     def _fused_drafting_pays(self, load: float) -> bool:
         """Whether drafting fused (every cooperating drafter at once, sharing the processors) is measured to pay at

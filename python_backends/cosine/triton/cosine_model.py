@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from ..contract import AHEAD_DRAFTS_DROPPED, COSINE, DRAFTS, ROUTER
-from ..deploy.repository import in_cosine_process_parameter, read_mapping_parameter
+from ..deploy.repository import drafter_engine_parameters, read_mapping_parameter
 from ..deploy.spec import TRTLLM, drafter_model_name, engine_threads
 from ..serving.batching import CoalescingEngine, InProcessEngine, ReplicatedEngine
 from ..serving.errors import ServingError
@@ -80,7 +80,7 @@ class CosineModel:
         params = model_parameters(args)
         drafters = [name for name in params["drafters"].split(",") if name]
         kinds = read_mapping_parameter(params.get("engine_kinds", ""))
-        in_process_params = {name: self._in_process_parameters(name, params)
+        in_process_params = {name: drafter_engine_parameters(name, params)
                              for name in params.get("in_process_drafters", "").split(",") if name}
         if in_process_params:  # torch's threads are process-wide: the drafters' steps share them with acceptance's
             torch.set_num_threads(max(engine_threads(int(engine["num_threads"]))
@@ -121,6 +121,8 @@ class CosineModel:
             default_draft_tokens=int(params["num_draft_tokens"]),
             adaptive_draft_tokens=int(params["adaptive_draft_tokens"]),
             plain_decode_steps=int(params["plain_decode_steps"]),
+            target_rounds=int(params.get("target_rounds", "0")),
+            round_drafters=tuple(name for name in params.get("round_drafters", "").split(",") if name),
             max_draft_tokens=int(params["max_draft_tokens"]),
             on_round=self._count_round,
             # max_queued_requests is Triton's queue policy (the repository writes it), not this model's business
@@ -138,12 +140,6 @@ class CosineModel:
                                             buckets=[0, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120])
         self.output_tokens = Metrics.metric("cosine_output_tokens_total", "Tokens generated")
         freeze_heap()
-
-    @staticmethod
-    def _in_process_parameters(name: str, params: dict[str, str]) -> dict[str, str]:
-        """The engine parameters the repository wrote for a drafter in this process (those its model would get)."""
-        prefix = in_cosine_process_parameter(name, "")
-        return {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
 
     @staticmethod
     def _in_process_engine(name: str, engine_params: dict[str, str], args) -> tuple[LookaheadEngine, EngineMetrics]:

@@ -7,11 +7,13 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ..contract import ENGINE, ENGINE_BATCH_REQUESTS, ENGINE_BATCHES, ENGINE_BUSY_SECONDS
+from ..deploy.repository import drafter_engine_parameters
 from ..deploy.spec import engine_threads
 from ..engine.checkpoint import load_causal_lm
 from ..engine.engine import CausalLMEngine, StepRequest
 from ..serving.errors import ServingError
 from ..serving.lookahead import LookaheadEngine
+from ..serving.rounds import RoundsEngine
 from ..serving.trust import check_caller, deployment_secret
 from ..serving.wire import pack_results, unpack_steps
 from .io import Metrics, error_response, freeze_heap, model_parameters, request_inputs, resolve_path, tensors
@@ -87,7 +89,12 @@ class EngineModel:
             max_sequences = 0
         else:
             max_sequences = None if device == "cuda" else CPU_LOOKAHEAD_SEQUENCES
-        self.engine = LookaheadEngine(engine, max_sequences)
+        # a target with copies of the drafters runs speculation rounds in its process (deploy.spec.target_rounds)
+        round_drafters = [portable_engine(engine_params, resolve_path(engine_params["checkpoint_dir"], args), device)
+                          for engine_params in (drafter_engine_parameters(name, params)
+                                                for name in params.get("round_drafters", "").split(",") if name)]
+        self.engine = (RoundsEngine(engine, round_drafters, max_sequences) if round_drafters
+                       else LookaheadEngine(engine, max_sequences))
         self.metrics = EngineMetrics(args["model_name"])
         freeze_heap()
 
