@@ -33,9 +33,9 @@ class RoundsEngine(LookaheadEngine):
         self.drafted: dict[tuple[int, int], list[int]] = {}  # (drafter, sequence) -> tokens the drafter holds K/V of
 
     def step(self, requests: list[StepRequest]) -> list[StepResult | Exception]:
-        plain = [index for index, request in enumerate(requests) if request.rounds is None]
+        others = [index for index, request in enumerate(requests) if request.rounds is None]
         results: list = [None] * len(requests)
-        for index, result in zip(plain, super().step([requests[index] for index in plain]) if plain else ()):
+        for index, result in zip(others, super().step([requests[index] for index in others]) if others else ()):
             results[index] = result
         for index, request in enumerate(requests):
             if request.rounds is not None:
