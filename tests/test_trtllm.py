@@ -93,6 +93,11 @@ def test_every_generated_config_parses_and_trtllm_ones_carry_the_template_parame
             assert lengths.HasField("reshape") and list(lengths.reshape.shape) == []
         cosine = {k: v.string_value for k, v in parse_config(model_configs(spec, str)["cosine"][1]).parameters.items()}
         assert cosine["engine_kinds"] == ",".join(f"{m}={k}" for m, k in kinds.items())
+        # rounds in the target: portable targets with portable drafters only (a TensorRT-LLM drafter has no copy)
+        assert cosine["round_drafters"] == ",".join(
+            name for name, drafter in spec.drafters.items() if drafter.kind == "portable"
+            and kinds.get("target") == "portable" and drafter.node == "main")
+        assert cosine["target_rounds"] == (str(spec.target_rounds) if cosine["round_drafters"] else "0")
     assert trtllm_models == 3 + 3 + 1
     for checked_in in (ROOT / "model_repository").glob("*/config.pbtxt"):
         parse_config(checked_in.read_text())

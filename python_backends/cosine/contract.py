@@ -222,7 +222,7 @@ RESULT_INTS = PackedTensor("result_ints", (
     "output_length",
     "q_rows",  # rows of the returned q (the emitted tokens, or 0) and their vocabulary size
     "q_vocab",
-    "rounds",  # speculation rounds run in the call (its round_drafted and round_accepted sections)
+    "rounds",  # speculation rounds run in the call (the round_* sections)
 ), (
     # top_ids: [emitted, num_candidates] per sequence, the most likely tokens at each emitted position; the q of each
     # emitted token, sparse as the draft's; per round, its draft's length and how many of it were accepted, then

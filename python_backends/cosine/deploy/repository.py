@@ -190,7 +190,7 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
             **_drafter_engines(spec.drafters_in_cosine_process, path),
             # the target's copies of drafters (serving.rounds), in the order a call names them
             "round_drafters": ",".join(spec.round_drafters),
-            "target_rounds": spec.target_rounds,
+            "target_rounds": spec.target_rounds if spec.round_drafters else 0,
             "drafter_timeout_s": spec.drafter_timeout_s,
             "drafter_probe_after_s": spec.drafter_probe_after_s,
             "general_drafter": spec.vanilla_drafter or "",

@@ -220,10 +220,11 @@ async def _target_rounds(deployment: Deployment, proposer, sequence_id: int, con
     alone on its replica (under load rounds from many requests batch in one pass instead) and this round would draft
     a greedy chain with one drafter the target holds; with draft_tokens 0 where the controller chose plain decoding
     for it. None: the proposer drafts this round here."""
-    if not (deployment.target_rounds and proposer is not None and deployment.target.alone(sequence_id)):
+    if not (deployment.target_rounds and deployment.round_drafters and proposer is not None
+            and deployment.target.alone(sequence_id)):
         return None
-    lone = await proposer.lone_drafter(context, budget)
-    if lone is None or lone[0] not in deployment.round_drafters:
+    lone = await proposer.lone_drafter(context, budget, deployment.round_drafters)
+    if lone is None:
         return None
     drafter, k = lone
     return Rounds(deployment.round_drafters.index(drafter), k, deployment.target_rounds)

@@ -164,10 +164,10 @@ class Proposer:
     def draft_ahead(self, draft: Draft, context: list[int], budget: int) -> None:
         """Called while the target verifies this round's draft (see FusionProposer)."""
 
-    async def lone_drafter(self, context: list[int], budget: int) -> tuple[str, int] | None:
-        """(the drafter, k) when this round would draft a greedy chain with one drafter alone, for the target to
-        run such rounds itself (serving.rounds), k 0 where the round decodes plainly instead; None: propose()
-        decides this round."""
+    async def lone_drafter(self, context: list[int], budget: int, among: tuple[str, ...]) -> tuple[str, int] | None:
+        """(the drafter, k) when this round would draft a greedy chain with one drafter alone, one of `among`, for
+        the target to run such rounds itself (serving.rounds), k 0 where the round decodes plainly instead; None:
+        propose() decides this round."""
         return None
 
     def observe_rounds(self, rounds: list[tuple[list[int], int]]) -> None:
@@ -183,9 +183,11 @@ class ChainProposer(Proposer):
     def __init__(self, session: DrafterSession, k: int):
         self.sessions, self.k = [session], k
 
-    async def lone_drafter(self, context: list[int], budget: int) -> tuple[str, int] | None:
+    async def lone_drafter(self, context: list[int], budget: int, among: tuple[str, ...]) -> tuple[str, int] | None:
         session = self.sessions[0]
-        return None if session.samples or session.failed else (session.name, max(min(self.k, budget), 0))
+        if session.samples or session.failed or session.name not in among:
+            return None
+        return session.name, max(min(self.k, budget), 0)
 
     async def propose(self, context: list[int], budget: int) -> Draft | None:
         k = min(self.k, budget)
@@ -345,7 +347,7 @@ class FusionProposer(Proposer):
         q = SparseDistributions.cat(q_rows) if samples and sum(map(len, q_rows)) == len(builder.tokens) else None
         return Draft(builder.tree(), tuple(builder.sources), q, origin, dropped_ahead)
 
-    async def lone_drafter(self, context: list[int], budget: int) -> tuple[str, int] | None:
+    async def lone_drafter(self, context: list[int], budget: int, among: tuple[str, ...]) -> tuple[str, int] | None:
         """As propose decides a round that drafts alone: the windows allow speculation, the router chose, the
         exploring rounds are over (an explorer drafts beside the first choice here). A draft made ahead here is
         dropped: the target drafts the next rounds itself."""
@@ -356,7 +358,7 @@ class FusionProposer(Proposer):
         if not self.started:
             await self._start(context, remaining=budget + 1)
         active = [session for session in self.sessions if not session.failed]
-        if len(active) != 1:
+        if len(active) != 1 or active[0].name not in among:
             return None
         await self._drafted_ahead(context)
         return active[0].name, max(min(self.controller.draft_length(self.monitor.costs(),

@@ -177,8 +177,9 @@ class CosineModel:
                            draft_depth=str(max(depths, default=0))).increment(1)
         if report.draft is None:
             return
-        self._round_metric(DRAFTS, "Drafts by how they were made: alone, ahead (pipelined), fused, "
-                           "merged", None, mode=report.mode, origin=report.draft.origin.value).increment(1)
+        self._round_metric(DRAFTS, "Drafts by how they were made: alone, ahead (pipelined), fused, merged, "
+                           "target (the target's own rounds)", None, mode=report.mode,
+                           origin=report.draft.origin.value).increment(1)
         if report.draft.dropped_ahead:
             self._round_metric(AHEAD_DRAFTS_DROPPED, "Drafts made ahead (pipelined) that assumed a "
                                "context the target did not emit", None, mode=report.mode).increment(1)
