@@ -13,13 +13,9 @@ import time
 
 from ..engine.engine import Admission, CausalLMEngine, StepError, StepRequest, StepResult
 from ..engine.sampling import SamplingParams
+from ..speculation.proposers import common_prefix_length, kept_prefix
 from ..speculation.tree import DraftTree
 from .lookahead import LookaheadEngine
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 class RoundsEngine(LookaheadEngine):
@@ -93,7 +89,7 @@ class RoundsEngine(LookaheadEngine):
                     raise StepError(str(result))
                 break
             if chain:  # else a plain step: no round to learn from
-                done.rounds.append((chain, _common_prefix(chain, result.tokens)))
+                done.rounds.append((chain, common_prefix_length(chain, result.tokens)))
             for mine, theirs in ((done.tokens, result.tokens), (done.probs, result.probs),
                                  (done.top_ids, result.top_ids), (done.top_probs, result.top_probs)):
                 mine += theirs
@@ -110,8 +106,8 @@ class RoundsEngine(LookaheadEngine):
         if cached is None:
             step = StepRequest(sequence_id, context, admission=Admission(
                 self.engine.tokens_left(sequence_id) + 1, SamplingParams()), extra_tokens=k - 1)
-        else:  # the context's last token is always fed: its logits are what the next token comes from
-            keep = min(_common_prefix(cached, context), len(context) - 1)
+        else:
+            keep = kept_prefix(cached, context)
             step = StepRequest(sequence_id, context[keep:], keep_length=keep, extra_tokens=k - 1)
         started = time.perf_counter()
         result = engine.step([step])[0]

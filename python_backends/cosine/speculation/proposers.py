@@ -78,6 +78,12 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+def kept_prefix(cached: list[int], context: list[int]) -> int:
+    """How many of a drafter's cached tokens a step drafting after `context` keeps: those it shares with the context,
+    but never the context's last token, which is always fed (its logits are what the next token comes from)."""
+    return min(common_prefix_length(cached, context), len(context) - 1)
+
+
 def drafter_request(request, drafter_name: str):
     """The request as a drafter sees it: same sampling shape, but its own random stream. Sharing the target's
     seed would correlate the draft with the target's acceptance draws and bias the output."""
@@ -110,8 +116,8 @@ class DrafterSession:
         if self.cached is None:
             keep, request = None, self.request
             new = context
-        else:  # at least the context's last token is fed: its logits are what the next token comes from
-            keep, request = min(common_prefix_length(self.cached, context), len(context) - 1), None
+        else:
+            keep, request = kept_prefix(self.cached, context), None
             new = context[keep:]
         result = await self.engine.step(self.sequence_id, new, request=request, keep_length=keep,
                                         extra_tokens=count - 1, candidates=candidates, score_input=score_input,
@@ -309,12 +315,18 @@ class FusionProposer(Proposer):
         independent draws."""
         return 0 if self._busy() or self.all_sessions[0].samples else self.max_siblings
 
-    async def propose(self, context: list[int], budget: int) -> Draft | None:
-        self.top_tokens = []
+    async def _may_draft(self, context: list[int], budget: int) -> bool:
+        """Whether this round may draft (the windows allow it), the router having chosen by then."""
         if self.adaptive and not self.monitor.speculation_allowed(self.speculation_windows):
-            return None
+            return False
         if not self.started:  # the context so far: the request starts drafting late
             await self._start(context, remaining=budget + 1)  # budget: tokens left besides this round's own
+        return True
+
+    async def propose(self, context: list[int], budget: int) -> Draft | None:
+        self.top_tokens = []
+        if not await self._may_draft(context, budget):
+            return None
         samples = self.all_sessions[0].samples
         siblings = self._siblings()
         load = self.monitor.active_requests
@@ -351,12 +363,8 @@ class FusionProposer(Proposer):
         """As propose decides a round that drafts alone: the windows allow speculation, the router chose, the
         exploring rounds are over (an explorer drafts beside the first choice here). A draft made ahead here is
         dropped: the target drafts the next rounds itself."""
-        if self.all_sessions[0].samples:
+        if self.all_sessions[0].samples or not await self._may_draft(context, budget):
             return None
-        if self.adaptive and not self.monitor.speculation_allowed(self.speculation_windows):
-            return None
-        if not self.started:
-            await self._start(context, remaining=budget + 1)
         active = [session for session in self.sessions if not session.failed]
         if len(active) != 1 or active[0].name not in among:
             return None
