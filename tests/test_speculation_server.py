@@ -242,3 +242,17 @@ def test_rounds_in_the_target_beside_concurrent_requests_are_exact(rounds_server
         outputs = list(pool.map(lambda job: run(rounds_server, job[0], speculation_mode=job[1][0],
                                                 num_draft_tokens=job[1][2], drafters=job[1][1])[0], jobs))
     assert outputs == [alone[p] for p, _ in jobs]
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "cosine"])
+def test_sampled_rounds_in_the_target_accept_the_target_as_drafter_by_its_q(rounds_server, mode):
+    """Sampled rounds run in the target too, the drafter copy's q never leaving the target's process: with the
+    target itself as the drafter at temperature 1 nearly every draft token is accepted (min(1, p/q) = 1)."""
+    before = metric(rounds_server, "cosine_drafts_total", origin="target")
+    body = dict(max_tokens=40, speculation_mode=mode, drafters=["itself"], num_draft_tokens=4, temperature=1.0,
+                adaptive_draft_length=False)
+    ids, (rounds, drafted, accepted) = run(rounds_server, PROMPTS[0], random_seed=3, **body)
+    assert metric(rounds_server, "cosine_drafts_total", origin="target") - before >= rounds - 4 > 0
+    assert drafted > 0 and accepted / drafted >= 0.95, (accepted, drafted)
+    if mode == "vanilla":  # every round after the prefill in the target: a seeded request repeats
+        assert run(rounds_server, PROMPTS[0], random_seed=3, **body)[0] == ids

@@ -111,7 +111,7 @@ class DeploymentSpec:
     # ... and while the answer to one call travels to the `cosine` process and the next call comes back, the target
     # computes that next call ahead (serving.lookahead), on the portable engine
     plain_decode_lookahead: bool = True
-    # A request alone on its target replica, greedy, drafting with one drafter (vanilla; cosine once routed) asks the
+    # A request alone on its target replica, drafting with one drafter (vanilla; cosine once routed) asks the
     # target for this many speculation rounds per call, run in the target's process by copies of the drafters
     # (serving.rounds): the hop between the processes is paid once per call instead of once per round (demo zoo,
     # 2 cores, alternated servers: cosine at c1 1.83-1.95x plain decoding against 1.25-1.40x). 0: never; portable

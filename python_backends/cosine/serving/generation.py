@@ -218,7 +218,7 @@ async def _target_rounds(deployment: Deployment, proposer, sequence_id: int, con
                          budget: int) -> Rounds | None:
     """Rounds for the target to run in its process (serving.rounds), where the deployment has them, the request is
     alone on its replica (under load rounds from many requests batch in one pass instead) and this round would draft
-    a greedy chain with one drafter the target holds; with draft_tokens 0 where the controller chose plain decoding
+    a chain with one drafter the target holds; with draft_tokens 0 where the controller chose plain decoding
     for it. None: the proposer drafts this round here."""
     if not (deployment.target_rounds and deployment.round_drafters and proposer is not None
             and deployment.target.alone(sequence_id)):

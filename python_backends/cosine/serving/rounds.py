@@ -6,14 +6,16 @@ between the `cosine` process and the target once per call rather than once per r
 Why: at concurrency 1 on 2 CPU cores a speculating round served over BLS took 13.7 ms where the same round of the
 engines in one process took about 9.4 (docs/history.md, sessions 29 and 31): the call's trip out and back, the
 stream and the event loop. The `cosine` process still routes, picks the drafter and k, and learns from the rounds'
-(drafted, accepted) counts; greedy requests only (a sampled round's q would have to come back for its drafter)."""
+(drafted, accepted) counts. A sampled round's q stays here: the drafter copy returns it with its draws and the
+target's acceptance takes it (min(1, p/q), the residual on rejection) in the same process, so no distribution
+crosses a process for these rounds."""
 from __future__ import annotations
 
 import time
 
 from ..engine.engine import Admission, CausalLMEngine, StepError, StepRequest, StepResult
 from ..engine.sampling import SamplingParams
-from ..speculation.proposers import common_prefix_length, kept_prefix
+from ..speculation.proposers import common_prefix_length, drafter_params, kept_prefix
 from ..speculation.tree import DraftTree
 from .lookahead import LookaheadEngine
 
@@ -73,8 +75,6 @@ class RoundsEngine(LookaheadEngine):
         sequence = self.engine.sequences.get(sequence_id)
         if sequence is None or sequence_id not in self.contexts:
             raise StepError(f"sequence {sequence_id} is not active (finished, released or reclaimed)")
-        if not sequence.params.greedy:
-            raise StepError("rounds: greedy sequences only")
         context = self.contexts[sequence_id]
         if context[-len(request.input_ids):] != request.input_ids:
             raise StepError(f"rounds: input_ids {request.input_ids} are not sequence {sequence_id}'s last tokens")
@@ -82,8 +82,10 @@ class RoundsEngine(LookaheadEngine):
         done = StepResult([], [], [], [])
         for _ in range(rounds.count):
             k = min(rounds.draft_tokens, self.engine.tokens_left(sequence_id) - 1)
-            chain = self._draft(rounds.drafter, sequence_id, context + emitted, k) if k > 0 else []
-            result = super().step([StepRequest(sequence_id, (context + emitted)[-1:], DraftTree.chain(chain))])[0]
+            chain, q = (self._draft(rounds.drafter, sequence_id, sequence.params, context + emitted, k) if k > 0
+                        else ([], None))
+            result = super().step([StepRequest(sequence_id, (context + emitted)[-1:], DraftTree.chain(chain),
+                                               draft_q=q)])[0]
             if isinstance(result, Exception):
                 if not emitted:
                     raise StepError(str(result))
@@ -98,23 +100,25 @@ class RoundsEngine(LookaheadEngine):
                 break
         return done
 
-    def _draft(self, drafter: int, sequence_id: int, context: list[int], k: int) -> list[int]:
-        """The drafter's greedy chain of k tokens after `context` (admitted on first use, else rolled back to what it
-        shares with the context); [] if the drafter fails: the round then verifies no draft."""
-        engine, key = self.drafters[drafter], (drafter, sequence_id)
+    def _draft(self, drafter: int, sequence_id: int, params: SamplingParams, context: list[int], k: int):
+        """The drafter's chain of k tokens after `context` (admitted on first use, else rolled back to what it
+        shares with the context), sampled as the sequence samples, and the q each token was drawn from (None when
+        greedy); ([], None) if the drafter fails: the round then verifies no draft."""
+        engine, key, samples = self.drafters[drafter], (drafter, sequence_id), not params.greedy
         cached = self.drafted.get(key)
         if cached is None:
-            step = StepRequest(sequence_id, context, admission=Admission(
-                self.engine.tokens_left(sequence_id) + 1, SamplingParams()), extra_tokens=k - 1)
+            own = drafter_params(params, f"round drafter {drafter}") if samples else SamplingParams()
+            step = StepRequest(sequence_id, context, admission=Admission(self.engine.tokens_left(sequence_id) + 1, own),
+                               extra_tokens=k - 1, return_q=samples)
         else:
             keep = kept_prefix(cached, context)
-            step = StepRequest(sequence_id, context[keep:], keep_length=keep, extra_tokens=k - 1)
+            step = StepRequest(sequence_id, context[keep:], keep_length=keep, extra_tokens=k - 1, return_q=samples)
         started = time.perf_counter()
         result = engine.step([step])[0]
         self.busy_seconds += time.perf_counter() - started
         if isinstance(result, Exception):
             if self.drafted.pop(key, None) is not None:
                 engine.release(sequence_id)
-            return []
+            return [], None
         self.drafted[key] = context + result.tokens[:-1]
-        return result.tokens
+        return result.tokens, result.q

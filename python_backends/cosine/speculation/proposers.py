@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..engine.sampling import SparseDistributions
+from ..engine.sampling import SamplingParams, SparseDistributions
 from .control import AcceptanceTracker, LoadMonitor, SpeculationController, expected_tokens
 from .fusion import Candidate, TreeBuilder, merge_chains
 from .router import Route
@@ -84,14 +84,18 @@ def kept_prefix(cached: list[int], context: list[int]) -> int:
     return min(common_prefix_length(cached, context), len(context) - 1)
 
 
+def drafter_params(params: SamplingParams, label: str) -> SamplingParams:
+    """A request's sampling parameters as one of its drafters, named by `label`, samples with them: same shape, its
+    own random stream. Sharing a stream with the target would correlate the draft with the target's acceptance draws,
+    and with another drafter of the request replay draws the output already depends on: both bias it."""
+    if params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed * 1_000_003 + zlib.crc32(label.encode())) % 2**63)
+
+
 def drafter_request(request, drafter_name: str):
-    """The request as a drafter sees it: same sampling shape, but its own random stream. Sharing the target's
-    seed would correlate the draft with the target's acceptance draws and bias the output."""
-    seed = request.params.seed
-    if seed is None:
-        return request
-    own_seed = (seed * 1_000_003 + zlib.crc32(drafter_name.encode())) % 2**63
-    return dataclasses.replace(request, params=dataclasses.replace(request.params, seed=own_seed))
+    """The request as a drafter sees it (drafter_params)."""
+    return dataclasses.replace(request, params=drafter_params(request.params, drafter_name))
 
 
 class DrafterSession:
@@ -171,7 +175,7 @@ class Proposer:
         """Called while the target verifies this round's draft (see FusionProposer)."""
 
     async def lone_drafter(self, context: list[int], budget: int, among: tuple[str, ...]) -> tuple[str, int] | None:
-        """(the drafter, k) when this round would draft a greedy chain with one drafter alone, one of `among`, for
+        """(the drafter, k) when this round would draft a chain with one drafter alone, one of `among`, for
         the target to run such rounds itself (serving.rounds), k 0 where the round decodes plainly instead; None:
         propose() decides this round."""
         return None
@@ -191,7 +195,7 @@ class ChainProposer(Proposer):
 
     async def lone_drafter(self, context: list[int], budget: int, among: tuple[str, ...]) -> tuple[str, int] | None:
         session = self.sessions[0]
-        if session.samples or session.failed or session.name not in among:
+        if session.failed or session.name not in among:
             return None
         return session.name, max(min(self.k, budget), 0)
 
@@ -363,7 +367,7 @@ class FusionProposer(Proposer):
         """As propose decides a round that drafts alone: the windows allow speculation, the router chose, the
         exploring rounds are over (an explorer drafts beside the first choice here). A draft made ahead here is
         dropped: the target drafts the next rounds itself."""
-        if self.all_sessions[0].samples or not await self._may_draft(context, budget):
+        if not await self._may_draft(context, budget):
             return None
         active = [session for session in self.sessions if not session.failed]
         if len(active) != 1 or active[0].name not in among:
@@ -374,11 +378,15 @@ class FusionProposer(Proposer):
 
     def observe_rounds(self, rounds: list[tuple[list[int], int]]) -> None:
         """Each round as observe() takes one: the controller's acceptance, and for the router the drafter's top
-        token (its greedy chain) against what the target emitted, at every position the target settled."""
+        token (its greedy chain) against what the target emitted, at every position the target settled. A sampled
+        chain's tokens are draws, not its top tokens: the router, which compares drafters by their top tokens,
+        learns nothing from them."""
         drafter = self.sessions[0].name
         for draft, accepted in rounds:
             self.controller.observe(len(draft), accepted)
             self.monitor.observe_acceptance(len(draft), accepted)
+            if self.sessions[0].samples:
+                continue
             settled = min(len(draft), accepted + 1)
             self.trials[drafter] += settled
             self.matches[drafter] += accepted
