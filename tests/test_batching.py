@@ -8,7 +8,7 @@ import torch
 from tiny_models import PROMPTS
 
 from cosine.engine.checkpoint import load_causal_lm
-from cosine.engine.engine import CausalLMEngine, StepRequest, StepResult
+from cosine.engine.engine import CausalLMEngine, RoundOutcome, Rounds, StepRequest, StepResult
 from cosine.engine.sampling import SparseDistributions
 from cosine.serving import wire
 from cosine.serving.batching import CoalescingEngine, InProcessEngine, ReplicatedEngine
@@ -292,6 +292,18 @@ def test_q_travels_sparse_and_comes_back_exactly():
     results = [StepResult([3, 4, 5], [0.5] * 3, [[]] * 3, [[]] * 3, q=sparse_a), StepResult([2], [1.0], [[]], [[]])]
     unpacked = wire.unpack_results(wire.pack_results(results), steps[:2], "drafter")
     assert torch.equal(unpacked[0].q.dense(), q_a) and unpacked[1].q is None
+
+
+def test_rounds_travel_and_come_back_round_by_round():
+    steps = [StepRequest(1, [5], rounds=Rounds(2, 4, 3)), StepRequest(2, [6]),
+             StepRequest(3, [7], rounds=Rounds(0, 1, 1))]
+    back = wire.unpack_steps(wire.pack_steps(steps))
+    assert [step.rounds for step in back] == [Rounds(2, 4, 3), None, Rounds(0, 1, 1)]
+    results = [StepResult([1, 2, 9, 4, 8], [1.0] * 5, [], [], rounds=[RoundOutcome([1, 2, 3], 2, 1),
+                                                                      RoundOutcome([4, 5], 1, 2)]),
+               StepResult([3], [1.0], [], []), StepResult([6], [1.0], [], [], rounds=[RoundOutcome([7], 0, 0)])]
+    unpacked = wire.unpack_results(wire.pack_results(results), steps, "target")
+    assert [result.rounds for result in unpacked] == [result.rounds for result in results]
 
 
 def test_malformed_q_is_refused_naming_the_section():

@@ -61,21 +61,33 @@ def test_rounds_emit_the_targets_greedy_tokens_and_a_drafter_equal_to_it_is_acce
     like, like_rounds = serve(rounds_engine, prompt, new_tokens, drafter=1, k=k, count=3)
     assert unlike == like == greedy
     # the drafter's cache follows the context from round to round and from call to call
-    assert all(accepted == len(draft) for draft, accepted in like_rounds)
-    assert sum(accepted for _, accepted in unlike_rounds) < sum(accepted for _, accepted in like_rounds)
+    assert all(accepted == len(draft) for draft, accepted, _ in like_rounds)
+    assert sum(accepted for _, accepted, _ in unlike_rounds) < sum(accepted for _, accepted, _ in like_rounds)
+    assert all(matched == accepted for _, accepted, matched in like_rounds + unlike_rounds)  # greedy: top tokens
     assert not rounds_engine.contexts and not rounds_engine.drafted  # released
 
 
-def test_sampled_rounds_accept_a_drafter_equal_to_the_target_by_its_q(checkpoints):
+def test_sampled_rounds_accept_a_drafter_equal_to_the_target_by_its_q_and_match_its_top_tokens(checkpoints):
     """drafter == target at temperature 1: min(1, p/q) = 1, so every draft token is accepted, but only if the target
-    accepts with the q the copy drew from (as a deterministic draft, about 1 in 100 would be: p(x) on 512 tokens)."""
+    accepts with the q the copy drew from (as a deterministic draft, about 1 in 100 would be: p(x) on 512 tokens).
+    What the router learns is not that: at the positions each round settled, how often the drafter's top token (the
+    target's own argmax here) is the emitted token."""
     target, _ = checkpoints
     rounds_engine = RoundsEngine(engine(target), [engine(target)], max_sequences=0)
-    out, rounds = serve(rounds_engine, list(range(3, 20)), 60, drafter=0, k=4, count=3,
+    prompt = list(range(3, 20))
+    out, rounds = serve(rounds_engine, prompt, 60, drafter=0, k=4, count=3,
                         params=SamplingParams(temperature=1.0, seed=5))
     assert len(out) == 60
-    drafted, accepted = sum(len(draft) for draft, _ in rounds), sum(accepted for _, accepted in rounds)
+    drafted, accepted = sum(len(draft) for draft, _, _ in rounds), sum(accepted for _, accepted, _ in rounds)
     assert drafted >= 40 and accepted / drafted >= 0.95
+    with torch.no_grad():  # the target's argmax for each emitted token, given what came before it
+        argmax = load_causal_lm(target)(torch.tensor([prompt + out])).logits[0, len(prompt) - 1:-1].argmax(-1)
+    matches, position = 0, 1  # out[0] came with the admission; then the rounds, one after another
+    for draft, round_accepted, _ in rounds:
+        settled = min(len(draft), round_accepted + 1)
+        matches += int((argmax[position:position + settled] == torch.tensor(out[position:position + settled])).sum())
+        position += round_accepted + 1
+    assert sum(matched for _, _, matched in rounds) == matches < accepted
 
 
 def first_round_tokens(rounds_engine: RoundsEngine, prompt: list[int], params: SamplingParams, samples: int):

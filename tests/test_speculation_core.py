@@ -12,7 +12,7 @@ import torch
 from cosine.speculation.control import (AcceptanceTracker, CostModel, LinearFit, LoadMonitor, SpeculationController,
                                         SpeculationWindows, WindowRates, expected_tokens)
 from cosine.speculation.fusion import Candidate, TreeBuilder, merge_chains
-from cosine.engine.engine import StepError, StepResult
+from cosine.engine.engine import RoundOutcome, StepError, StepResult
 from cosine.engine.sampling import SamplingParams, SparseDistributions
 from cosine.speculation.proposers import DrafterSession, DraftOrigin, FusionProposer
 from cosine.speculation.router import Route, Router
@@ -821,6 +821,26 @@ def test_a_request_the_router_classifies_is_prefilled_by_its_chosen_drafters_onl
                              router, LoadMonitor(), k_max=3, classify=False)
     asyncio.run(ablated.start([1, 2, 3]))
     assert router.classified is None and [engine.calls for engine in scored] == [1, 1]
+
+
+def test_the_targets_rounds_feed_the_router_the_drafters_top_token_matches():
+    """A round the target ran counts, for the router, the positions it settled and at how many of them the drafter's
+    top token was the emitted one (a sampled draft's tokens are draws: its acceptance is not that)."""
+    class RecordingRouter(OneDrafterRouter):
+        async def feedback(self, context, matches, trials):
+            self.given = matches, trials
+
+    router = RecordingRouter()
+    proposer = FusionProposer([DrafterSession("a", CountingDrafter(5, 0.9), 1, greedy_request())], router,
+                              LoadMonitor(), k_max=3)
+
+    async def rounds():
+        await proposer.start([1, 2, 3])
+        proposer.observe_rounds([RoundOutcome([4, 5, 6], 3, 1), RoundOutcome([7, 8, 9], 0, 1)])
+        await proposer.close()
+    asyncio.run(rounds())
+    # settled: the whole first draft (3 accepted), the second's first position (rejected there)
+    assert router.given == ({"a": 2.0}, {"a": 4.0})
 
 
 def test_router_rejects_malformed_input():

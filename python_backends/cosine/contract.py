@@ -225,9 +225,11 @@ RESULT_INTS = PackedTensor("result_ints", (
     "rounds",  # speculation rounds run in the call (the round_* sections)
 ), (
     # top_ids: [emitted, num_candidates] per sequence, the most likely tokens at each emitted position; the q of each
-    # emitted token, sparse as the draft's; per round, its draft's length and how many of it were accepted, then
-    # every round's draft
-    "output_ids", "top_ids", "output_q_counts", "output_q_ids", "round_drafted", "round_accepted", "round_draft_ids",
+    # emitted token, sparse as the draft's; per round, its draft's length, how many of it were accepted and at how
+    # many settled positions the drafter's top token was the emitted one (engine.RoundOutcome), then every round's
+    # draft
+    "output_ids", "top_ids", "output_q_counts", "output_q_ids", "round_drafted", "round_accepted", "round_matched",
+    "round_draft_ids",
 ))
 # output_probs: of each emitted token under the distribution it was drawn from; top_probs as top_ids
 RESULT_REALS = PackedTensor("result_reals", (), ("output_probs", "top_probs", "input_logprob", "output_q_probs"))

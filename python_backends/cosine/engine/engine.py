@@ -10,6 +10,7 @@ one or two more). Only the accepted path stays in the cache. Logits never leave 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,15 @@ class Rounds:
     count: int  # at most this many rounds (fewer where the sequence ends)
 
 
+class RoundOutcome(NamedTuple):
+    """One round of Rounds."""
+    draft: list[int]
+    accepted: int  # draft tokens the target accepted
+    # positions the target settled (each emitted token's, up to the draft's length) where the drafter's top token is
+    # the emitted one: what the router compares drafters by (accepted, for a greedy draft of top tokens)
+    matched: int
+
+
 @dataclass
 class StepRequest:
     sequence_id: int
@@ -94,7 +104,7 @@ class StepResult:
     top_probs: list[list[float]]
     input_logprob: float = 0.0
     q: SparseDistributions | None = None  # one row per emitted token, on the host: when return_q and it samples
-    rounds: list[tuple[list[int], int]] = field(default_factory=list)  # per round of Rounds: (draft, accepted)
+    rounds: list[RoundOutcome] = field(default_factory=list)  # per round of Rounds
 
 
 @dataclass

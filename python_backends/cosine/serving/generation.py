@@ -239,7 +239,7 @@ async def _run_target_rounds(deployment: Deployment, mode: str, proposer, sequen
     proposer.observe_rounds(result.rounds)
     stats.rounds += max(len(result.rounds) - 1, 0)  # generate counts the call as one
     drafter = deployment.round_drafters[rounds.drafter]
-    for draft, accepted in result.rounds:
+    for draft, accepted, _ in result.rounds:
         stats.draft_tokens += len(draft)
         stats.accepted_tokens += accepted
         deployment.on_round(RoundReport(mode, Draft(DraftTree.chain(draft), (drafter,) * len(draft),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from ..engine.engine import Admission, CausalLMEngine, StepError, StepRequest, StepResult
+from ..engine.engine import Admission, CausalLMEngine, RoundOutcome, StepError, StepRequest, StepResult
 from ..engine.sampling import SamplingParams
 from ..speculation.proposers import common_prefix_length, drafter_params, kept_prefix
 from ..speculation.tree import DraftTree
@@ -82,8 +82,8 @@ class RoundsEngine(LookaheadEngine):
         done = StepResult([], [], [], [])
         for _ in range(rounds.count):
             k = min(rounds.draft_tokens, self.engine.tokens_left(sequence_id) - 1)
-            chain, q = (self._draft(rounds.drafter, sequence_id, sequence.params, context + emitted, k) if k > 0
-                        else ([], None))
+            chain, tops, q = (self._draft(rounds.drafter, sequence_id, sequence.params, context + emitted, k)
+                              if k > 0 else ([], [], None))
             result = super().step([StepRequest(sequence_id, (context + emitted)[-1:], DraftTree.chain(chain),
                                                draft_q=q)])[0]
             if isinstance(result, Exception):
@@ -91,7 +91,8 @@ class RoundsEngine(LookaheadEngine):
                     raise StepError(str(result))
                 break
             if chain:  # else a plain step: no round to learn from
-                done.rounds.append((chain, common_prefix_length(chain, result.tokens)))
+                done.rounds.append(RoundOutcome(chain, common_prefix_length(chain, result.tokens),
+                                                sum(top == token for top, token in zip(tops, result.tokens))))
             for mine, theirs in ((done.tokens, result.tokens), (done.probs, result.probs),
                                  (done.top_ids, result.top_ids), (done.top_probs, result.top_probs)):
                 mine += theirs
@@ -102,23 +103,23 @@ class RoundsEngine(LookaheadEngine):
 
     def _draft(self, drafter: int, sequence_id: int, params: SamplingParams, context: list[int], k: int):
         """The drafter's chain of k tokens after `context` (admitted on first use, else rolled back to what it
-        shares with the context), sampled as the sequence samples, and the q each token was drawn from (None when
-        greedy); ([], None) if the drafter fails: the round then verifies no draft."""
+        shares with the context), sampled as the sequence samples, its top token at each position, and the q each
+        token was drawn from (None when greedy); ([], [], None) if the drafter fails: the round then verifies no
+        draft."""
         engine, key, samples = self.drafters[drafter], (drafter, sequence_id), not params.greedy
         cached = self.drafted.get(key)
-        if cached is None:
-            own = drafter_params(params, f"round drafter {drafter}") if samples else SamplingParams()
-            step = StepRequest(sequence_id, context, admission=Admission(self.engine.tokens_left(sequence_id) + 1, own),
-                               extra_tokens=k - 1, return_q=samples)
-        else:
-            keep = kept_prefix(cached, context)
-            step = StepRequest(sequence_id, context[keep:], keep_length=keep, extra_tokens=k - 1, return_q=samples)
+        keep = None if cached is None else kept_prefix(cached, context)
+        admission = None if cached is not None else Admission(self.engine.tokens_left(sequence_id) + 1, drafter_params(
+            params, f"round drafter {drafter}") if samples else SamplingParams())
+        # a greedy draft's tokens are its top tokens: only a sampled one asks for them
+        step = StepRequest(sequence_id, context[keep or 0:], admission=admission, keep_length=keep, extra_tokens=k - 1,
+                           candidates=int(samples), return_q=samples)
         started = time.perf_counter()
         result = engine.step([step])[0]
         self.busy_seconds += time.perf_counter() - started
         if isinstance(result, Exception):
             if self.drafted.pop(key, None) is not None:
                 engine.release(sequence_id)
-            return [], None
+            return [], [], None
         self.drafted[key] = context + result.tokens[:-1]
-        return result.tokens, result.q
+        return result.tokens, [top[0] for top in result.top_ids] if samples else result.tokens, result.q

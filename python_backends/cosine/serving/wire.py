@@ -11,7 +11,7 @@ import torch
 
 from ..contract import (ENGINE, RESULT_ERRORS, RESULT_INTS, RESULT_REALS, STEP_INTS, STEP_KEYS, STEP_REALS,
                         PackedTensor)
-from ..engine.engine import Admission, Rounds, StepRequest, StepResult
+from ..engine.engine import Admission, RoundOutcome, Rounds, StepRequest, StepResult
 from ..engine.kv_cache import AdmissionError
 from ..engine.sampling import SamplingParams, SparseDistributions
 from ..speculation.tree import DraftTree
@@ -188,9 +188,10 @@ def pack_results(results: list[StepResult | Exception]) -> dict[str, np.ndarray]
         RESULT_INTS.name: _packed(RESULT_INTS, fields, output_ids=[t for r in done for t in r.tokens],
                                   top_ids=[t for r in done for row in r.top_ids for t in row],
                                   output_q_counts=q_counts, output_q_ids=q_ids,
-                                  round_drafted=[len(draft) for r in done for draft, _ in r.rounds],
-                                  round_accepted=[accepted for r in done for _, accepted in r.rounds],
-                                  round_draft_ids=[t for r in done for draft, _ in r.rounds for t in draft]),
+                                  round_drafted=[len(round.draft) for r in done for round in r.rounds],
+                                  round_accepted=[round.accepted for r in done for round in r.rounds],
+                                  round_matched=[round.matched for r in done for round in r.rounds],
+                                  round_draft_ids=[t for r in done for round in r.rounds for t in round.draft]),
         RESULT_REALS.name: _packed(RESULT_REALS, [], output_probs=[p for r in done for p in r.probs],
                                    top_probs=[p for r in done for row in r.top_probs for p in row],
                                    input_logprob=[r.input_logprob for r in done], output_q_probs=q_probs),
@@ -212,6 +213,7 @@ def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
                 ("output_q_counts", "output_q_ids", "output_q_probs"))
     round_counts = _lengths(ints, fields, "rounds")
     drafted, accepted = ints.split("round_drafted", round_counts), ints.split("round_accepted", round_counts)
+    matched = ints.split("round_matched", round_counts)
     draft_ids = ints.split("round_draft_ids", np.array([lengths.sum() for lengths in drafted], np.int64))
     ints.end()
     reals.end()
@@ -226,6 +228,7 @@ def unpack_results(arrays: dict[str, np.ndarray], steps: list[StepRequest],
         n_i = int(lengths[i])
         results.append(StepResult(tokens[i].tolist(), probs[i].tolist(), top_ids[i].reshape(n_i, widths[i]).tolist(),
                                   top_probs[i].reshape(n_i, widths[i]).tolist(), float(input_logprob[i]), q[i],
-                                  [(draft.tolist(), int(count)) for draft, count in zip(
-                                      np.split(draft_ids[i], np.cumsum(drafted[i])[:-1]), accepted[i])]))
+                                  [RoundOutcome(draft.tolist(), int(count), int(matches)) for draft, count, matches
+                                   in zip(np.split(draft_ids[i], np.cumsum(drafted[i])[:-1]), accepted[i],
+                                          matched[i])]))
     return results

@@ -14,6 +14,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..engine.engine import RoundOutcome
 from ..engine.sampling import SamplingParams, SparseDistributions
 from .control import AcceptanceTracker, LoadMonitor, SpeculationController, expected_tokens
 from .fusion import Candidate, TreeBuilder, merge_chains
@@ -180,7 +181,7 @@ class Proposer:
         propose() decides this round."""
         return None
 
-    def observe_rounds(self, rounds: list[tuple[list[int], int]]) -> None:
+    def observe_rounds(self, rounds: list[RoundOutcome]) -> None:
         """What the target's rounds drafted and accepted (after lone_drafter)."""
 
     async def close(self) -> None:
@@ -376,20 +377,15 @@ class FusionProposer(Proposer):
         return active[0].name, max(min(self.controller.draft_length(self.monitor.costs(),
                                                                     self.monitor.active_requests), budget), 0)
 
-    def observe_rounds(self, rounds: list[tuple[list[int], int]]) -> None:
+    def observe_rounds(self, rounds: list[RoundOutcome]) -> None:
         """Each round as observe() takes one: the controller's acceptance, and for the router the drafter's top
-        token (its greedy chain) against what the target emitted, at every position the target settled. A sampled
-        chain's tokens are draws, not its top tokens: the router, which compares drafters by their top tokens,
-        learns nothing from them."""
+        token against what the target emitted, at every position the target settled."""
         drafter = self.sessions[0].name
-        for draft, accepted in rounds:
+        for draft, accepted, matched in rounds:
             self.controller.observe(len(draft), accepted)
             self.monitor.observe_acceptance(len(draft), accepted)
-            if self.sessions[0].samples:
-                continue
-            settled = min(len(draft), accepted + 1)
-            self.trials[drafter] += settled
-            self.matches[drafter] += accepted
+            self.trials[drafter] += min(len(draft), accepted + 1)
+            self.matches[drafter] += matched
 
     def _fused_drafting_pays(self, load: float) -> bool:
         """Whether drafting fused (every cooperating drafter at once, sharing the processors) is measured to pay at
