@@ -109,8 +109,8 @@ class RoundsEngine(LookaheadEngine):
         engine, key, samples = self.drafters[drafter], (drafter, sequence_id), not params.greedy
         cached = self.drafted.get(key)
         keep = None if cached is None else kept_prefix(cached, context)
-        admission = None if cached is not None else Admission(self.engine.tokens_left(sequence_id) + 1, drafter_params(
-            params, f"round drafter {drafter}") if samples else SamplingParams())
+        own = drafter_params(params, f"round drafter {drafter}") if samples else SamplingParams()
+        admission = None if cached is not None else Admission(self.engine.tokens_left(sequence_id) + 1, own)
         # a greedy draft's tokens are its top tokens: only a sampled one asks for them
         step = StepRequest(sequence_id, context[keep or 0:], admission=admission, keep_length=keep, extra_tokens=k - 1,
                            candidates=int(samples), return_q=samples)
