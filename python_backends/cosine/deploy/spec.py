@@ -114,8 +114,8 @@ class DeploymentSpec:
     # A request alone on its target replica, drafting with one drafter (vanilla; cosine once routed) asks the
     # target for this many speculation rounds per call, run in the target's process by copies of the drafters
     # (serving.rounds): the hop between the processes is paid once per call instead of once per round (demo zoo,
-    # 2 cores, alternated servers: cosine at c1 1.83-1.95x plain decoding against 1.25-1.40x). 0: never; portable
-    # engines only, drafters of the main node only.
+    # 2 cores, alternated servers: cosine at c1 1.83-1.95x plain decoding against 1.25-1.40x greedy, 1.68-1.73x
+    # against 1.47x sampled). 0: never; portable engines only, drafters of the main node only.
     target_rounds: int = 3
     general_drafter: str | None = None  # vanilla's drafter; default: one named GENERAL_DRAFTER, else the first
     # overload protection (serving.limits): a request waits in Triton's queue while the model is at these limits;
