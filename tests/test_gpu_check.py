@@ -104,6 +104,7 @@ def test_deployment_references_measure_each_reference_where_it_applies(tmp_path,
 
 
 def test_the_served_gpu_check_runs_on_a_cpu():
-    """make gpu-serve-check, with the engines on the CPU: every mode's greedy output matches transformers."""
+    """make gpu-serve-check, with the engines on the CPU: every mode's greedy output matches transformers, and sampled
+    rounds in the target accept the target's own draft tokens."""
     import gpu_serve_check
     assert gpu_serve_check.main("cpu") == 0
