@@ -129,3 +129,16 @@ def test_rounds_refuse_an_unknown_drafter(checkpoints):
     greedy = rounds_engine.step([StepRequest(2, [3, 4, 5], admission=Admission(8, SamplingParams()))])[0].tokens
     refused = rounds_engine.step([StepRequest(2, greedy[-1:], rounds=Rounds(1, 2, 1))])[0]
     assert isinstance(refused, StepError) and "rounds_drafter" in str(refused)
+
+
+def test_rounds_after_a_looked_ahead_plain_step_draft_by_what_the_sequence_has_left(checkpoints):
+    """A plain step of the sequence was looked ahead (serving.lookahead) when a call asks for rounds: the rounds
+    undo it before sizing their drafts, else they see 4 tokens fewer left and draft shorter."""
+    target, _ = checkpoints
+    rounds_engine = RoundsEngine(engine(target), [engine(target)])  # looks ahead
+    out = rounds_engine.step([StepRequest(1, [3, 4, 5], admission=Admission(12, SamplingParams()))])[0].tokens
+    out += rounds_engine.step([StepRequest(1, out[-1:], extra_tokens=3)])[0].tokens  # 7 tokens left
+    rounds_engine._wait()  # the look-ahead of 4 more has landed, as it has when the next call arrives
+    result = rounds_engine.step([StepRequest(1, out[-1:], rounds=Rounds(0, 6, 1))])[0]
+    assert [len(draft) for draft, _, _ in result.rounds] == [6] and len(result.tokens) == 7
+    rounds_engine.close()

@@ -79,13 +79,24 @@ class LookaheadEngine:
                 results[index] = ahead.result
                 self.used += 1
             else:
-                self.engine.restore(ahead.snapshot)
-                self.undone += 1
+                self._undo(ahead)
         todo = [index for index, result in enumerate(results) if result is None]
         for index, result in zip(todo, self._timed_step([requests[index] for index in todo])):
             results[index] = result
         self._look_ahead(requests, results)
         return results
+
+    def undo_ahead(self, sequence_id: int) -> None:
+        """Puts the sequence back as it was before its look-ahead (if any): for a caller that reads its state before
+        stepping it otherwise."""
+        self._wait()
+        ahead = self.ahead.pop(sequence_id, None)
+        if ahead is not None:
+            self._undo(ahead)
+
+    def _undo(self, ahead: _Ahead) -> None:
+        self.engine.restore(ahead.snapshot)
+        self.undone += 1
 
     def close(self) -> None:
         self._wait()

@@ -72,6 +72,7 @@ class RoundsEngine(LookaheadEngine):
         rounds, sequence_id = request.rounds, request.sequence_id
         if not 0 <= rounds.drafter < len(self.drafters):
             raise StepError(f"rounds_drafter must be in [0, {len(self.drafters)}), got {rounds.drafter}")
+        self.undo_ahead(sequence_id)  # the rounds size their drafts by what the sequence has left
         sequence = self.engine.sequences.get(sequence_id)
         if sequence is None or sequence_id not in self.contexts:
             raise StepError(f"sequence {sequence_id} is not active (finished, released or reclaimed)")
