@@ -1,4 +1,3 @@
-import shutil
 import sys
 from pathlib import Path
 
@@ -6,11 +5,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from served import start_server  # noqa: E402
 from tiny_models import make_checkpoint, make_tokenizer  # noqa: E402
-
-from cosine.deploy.repository import write_repository  # noqa: E402
-from cosine.deploy.spec import parse_spec  # noqa: E402
-from cosine.launcher import TritonServer, free_ports  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,29 +21,6 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama(tiny_dir) -> Path:
     return tiny_dir / "llama"
-
-
-# Test servers stop after at most this long: Triton otherwise waits its full exit timeout (5 s) on the idle
-# keep-alive connections that the tests' clients leave open, at every fixture's teardown.
-FIXTURE_EXIT_TIMEOUT_S = 1
-
-
-def drop_text_models(repository: Path) -> Path:
-    """Without the clients' tokenizer models (the generation loop does not call them): two model processes fewer
-    to start, for servers whose tests do not use them."""
-    for unused in ("preprocessing", "postprocessing"):
-        shutil.rmtree(repository / unused)
-    return repository
-
-
-def start_server(spec_raw: dict, root: Path, env: dict | None = None, text_models: bool = True) -> TritonServer:
-    spec = parse_spec(spec_raw, root)
-    repository = write_repository(spec, root / "repository")
-    if not text_models:
-        drop_text_models(repository)
-    server = TritonServer(repository, *free_ports(3), log_path=root / "tritonserver.log",
-                          env=env, exit_timeout=FIXTURE_EXIT_TIMEOUT_S)
-    return server.start(timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,9 @@
-"""`make gpu-serve-check`: a tiny deployment served through Triton with its engines on the GPU (`device: gpu`);
-per mode, greedy output must equal transformers' generate on the same device, and sampled rounds in the target must
+"""`make gpu-serve-check`: a tiny deployment served through Triton with its engines on the GPU (`device: gpu`); per
+mode, greedy output must equal transformers' generate on the same device, and sampled rounds in the target must
 accept the target's own draft tokens. For a CUDA machine with torch and transformers (the project not installed):
-nvidia-pytriton, tritonclient and python-rapidjson are all it needs besides, about 57 MB of wheels. On a CPU, after `make venv`: `.venv/bin/python tests/gpu_serve_check.py cpu` (a test
-runs it: tests/test_gpu_check.py).
+nvidia-pytriton, tritonclient and python-rapidjson are all it needs besides, about 57 MB of wheels. On a CPU, after
+`make venv`: `.venv/bin/python tests/gpu_serve_check.py cpu` (a test runs it: tests/test_gpu_check.py).
 Not yet run on a GPU: the session that wrote it (15) was refused a second machine."""
-import json
 import subprocess
 import sys
 import tempfile
@@ -18,10 +17,9 @@ sys.path[:0] = [str(REPO / "python_backends"), str(REPO / "client"), str(REPO / 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from conftest import start_server  # noqa: E402
+from served import as_list, generate, metric, start_server  # noqa: E402
 from tiny_models import PROMPTS, make_checkpoint, make_tokenizer  # noqa: E402
 
-from cosine.contract import METRICS_FLUSH_S  # noqa: E402
 from cosine_client.gpu_check import say, transformers_greedy  # noqa: E402
 
 
@@ -56,12 +54,8 @@ def check(root: Path, device: str) -> int:
         for prompt in PROMPTS[:3]:
             want = transformers_greedy(model, [tokenizer.encode(prompt)], 24)[0]
             for mode in ("autoregressive", "vanilla", "cosine"):
-                body = {"text_input": prompt, "max_tokens": 24, "speculation_mode": mode}
-                request = urllib.request.Request(f"http://{server.http_url}/v2/models/cosine/generate",
-                                                 json.dumps(body).encode())
                 began = time.perf_counter()
-                out = json.loads(urllib.request.urlopen(request, timeout=120).read())
-                got = out["output_ids"] if isinstance(out["output_ids"], list) else [out["output_ids"]]
+                got = as_list(generate(server, text_input=prompt, max_tokens=24, speculation_mode=mode)["output_ids"])
                 ok = got == want
                 failures += not ok
                 say(f"  {mode:15s} {'ok' if ok else 'FAIL'} {1000 * (time.perf_counter() - began):6.0f} ms "
@@ -83,23 +77,15 @@ def sampled_rounds_accept_the_target_as_drafter(server) -> bool:
     """A seeded sampled vanilla request drafting with the target's own checkpoint at temperature 1, alone: its rounds
     run in the target (the drafter copy's q handed to acceptance on the engines' device), min(1, p/q) = 1, so nearly
     every draft token must be accepted."""
-    body = {"text_input": PROMPTS[0], "max_tokens": 40, "speculation_mode": "vanilla", "drafters": ["itself"],
-            "num_draft_tokens": 4, "temperature": 1.0, "random_seed": 3, "return_stats": True}
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/cosine/generate", json.dumps(body).encode())
-    before = rounds_in_the_target(server)
-    _, drafted, accepted = json.loads(urllib.request.urlopen(request, timeout=120).read())["speculation_stats"]
-    in_target = rounds_in_the_target(server) - before
+    before = metric(server, "cosine_drafts_total", origin="target")
+    _, drafted, accepted = generate(server, text_input=PROMPTS[0], max_tokens=40, speculation_mode="vanilla",
+                                    drafters=["itself"], num_draft_tokens=4, temperature=1.0, random_seed=3,
+                                    return_stats=True)["speculation_stats"]
+    in_target = metric(server, "cosine_drafts_total", origin="target") - before
     ok = drafted > 0 and accepted >= 0.95 * drafted and in_target > 0
     say(f"  sampled vanilla {'ok' if ok else 'FAIL'} (the target as drafter, T 1): {accepted} of {drafted} draft "
         f"tokens accepted, {in_target:.0f} rounds in the target")
     return ok
-
-
-def rounds_in_the_target(server) -> float:
-    time.sleep(3 * METRICS_FLUSH_S)  # the updates made so far reach the endpoint
-    metrics = urllib.request.urlopen(server.metrics_url).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("cosine_drafts_total") and 'origin="target"' in line)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_EXIT_TIMEOUT_S
-from test_server import as_list, generate, metric
+from served import FIXTURE_EXIT_TIMEOUT_S, as_list, generate, metric
 
 from cosine.contract import target_model_names
 from cosine.deploy.spec import default_replicas

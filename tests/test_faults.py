@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from conftest import start_server
-from test_server import as_list, generate, metric, wait_for
+from served import as_list, generate, metric, start_server
+from test_server import wait_for
 from tiny_models import PROMPTS, make_checkpoint
 from tritonclient.utils import InferenceServerException
 

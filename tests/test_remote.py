@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import drop_text_models
-from test_server import as_list, generate, metric, wait_for
+from served import as_list, drop_text_models, generate, metric
+from test_server import wait_for
 from tiny_models import PROMPTS
 
 from cosine.contract import DEPLOYMENT_SECRET_ENV

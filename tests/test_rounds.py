@@ -12,8 +12,6 @@ from cosine.serving.rounds import RoundsEngine
 from cosine_client import gpu_check
 from cosine_client.references import engine_generate
 
-SHARPER = 4.0
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
@@ -24,11 +22,11 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharper(checkpoints, tmp_path_factory):
-    """The target with its output head scaled: the same top tokens, more peaked (a q that differs from p on p's
+    """The target with its output head scaled by 4: the same top tokens, more peaked (a q that differs from p on p's
     support, where an unrelated drafter's hardly meets it)."""
     model = load_causal_lm(checkpoints[0])
     with torch.no_grad():
-        model.lm_head.weight.mul_(SHARPER)
+        model.lm_head.weight.mul_(4.0)
     path = tmp_path_factory.mktemp("rounds") / "sharper"
     model.save_pretrained(path, safe_serialization=True)
     return path

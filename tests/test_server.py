@@ -11,43 +11,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from served import as_list, generate, metric, post
 from tiny_models import PROMPTS, reference_generate
 from tritonclient.utils import InferenceServerException
 
-from cosine.contract import METRICS_FLUSH_S, target_model_names
+from cosine.contract import target_model_names
 from cosine.deploy.spec import default_replicas
 from cosine_client.api import grpc_inputs
-
-
-def post(server, path, body):
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/cosine/{path}", json.dumps(body).encode())
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return response.read().decode()
-
-
-def generate(server, **body):
-    return json.loads(post(server, "generate", body))
-
-
-def as_list(value):
-    return value if isinstance(value, list) else [value]
 
 
 def stream_events(server, **body):
     text = post(server, "generate_stream", dict(body, stream=True))
     return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
-
-
-def metric(server, name, settled=True, **labels):
-    """settled: after the updates made so far have reached the endpoint (else as it is: for polling)."""
-    if settled:
-        time.sleep(3 * METRICS_FLUSH_S)
-    text = urllib.request.urlopen(server.metrics_url).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def wait_for(predicate, timeout=60):

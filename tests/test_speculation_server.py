@@ -6,7 +6,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_server import as_list, generate, metric
+from served import as_list, generate, metric, start_server
 from tiny_models import PROMPTS
 
 
@@ -202,7 +202,6 @@ def test_sampling_with_the_target_as_drafter_accepts_almost_everything(server, m
 @pytest.fixture(scope="module")
 def rounds_server(tmp_path_factory, tiny_dir, llama):
     """A target with copies of the drafters, running 3 speculation rounds per call for a request alone on it."""
-    from conftest import start_server
     root = tmp_path_factory.mktemp("rounds")
     engine = {"kv_cache_tokens": 8192, "num_threads": 1, "idle_timeout_s": 30}
     spec = {"target": dict(engine, checkpoint=str(llama), replicas=1),

@@ -11,7 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import FIXTURE_EXIT_TIMEOUT_S
+from served import FIXTURE_EXIT_TIMEOUT_S
 
 from cosine.launcher import TritonServer, free_ports
 

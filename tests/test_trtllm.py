@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import FIXTURE_EXIT_TIMEOUT_S, drop_text_models
 from google.protobuf import text_format
-from test_server import as_list, generate, stream_events
+from served import FIXTURE_EXIT_TIMEOUT_S, as_list, drop_text_models, generate
+from test_server import stream_events
 from tiny_models import PROMPTS, reference_generate_all
 from transformers import AutoConfig
 from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig

@@ -22,13 +22,22 @@ def _parameters(values: dict) -> str:
     return f"parameters [\n{entries}\n]\n"
 
 
+def list_parameter(names) -> str:
+    """A list of names as a model parameter: `name,...` (names without ',')."""
+    return ",".join(names)
+
+
+def read_list_parameter(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
 def mapping_parameter(mapping: dict[str, str]) -> str:
     """A {name: value} model parameter as `name=value,...` (names and values without ',' or '=')."""
-    return ",".join(f"{name}={value}" for name, value in mapping.items())
+    return list_parameter(f"{name}={value}" for name, value in mapping.items())
 
 
 def read_mapping_parameter(text: str) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in text.split(",") if item)
+    return dict(item.split("=", 1) for item in read_list_parameter(text))
 
 
 def _config(name: str, contract, max_batch_size: int, parameters: dict, *, backend: str = "python",
@@ -80,7 +89,7 @@ def _engine_config(name: str, engine: EngineSpec, path, is_target: bool, lookahe
                    round_drafters: dict[str, EngineSpec]) -> str:
     parameters = _engine_parameters(engine, path, is_target, lookahead)
     if round_drafters:
-        parameters.update(round_drafters=",".join(round_drafters), **_drafter_engines(round_drafters, path))
+        parameters.update(round_drafters=list_parameter(round_drafters), **_drafter_engines(round_drafters, path))
     return _config(name, ENGINE, engine.max_batch_size, parameters,
                    kind="KIND_GPU" if engine.device == "gpu" else "KIND_CPU",
                    dynamic_batching=f"max_queue_delay_microseconds: {engine.max_queue_delay_us}")
@@ -178,18 +187,18 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
            for name in targets},
         # at its limits the model blocks execute: the backlog waits in Triton's queue (serving/limits.py)
         COSINE_MODEL: (COSINE_MODEL, _config(COSINE_MODEL, COSINE, 64, {
-            "target_model": ",".join(targets),  # its replicas
+            "target_model": list_parameter(targets),  # its replicas
             "tokenizer_dir": path(spec.tokenizer_dir),
             "router_model": ROUTER_MODEL if spec.drafters else "",
-            "drafters": ",".join(spec.drafters),
+            "drafters": list_parameter(spec.drafters),
             # drafters on other nodes, called over gRPC: name=host:port,...
             "remote_drafters": mapping_parameter({name: spec.nodes[drafter.node].url for name, drafter
                                                   in spec.drafters.items() if drafter.node != MAIN_NODE}),
             # drafters run in this model's process, each from its engine parameters below
-            "in_process_drafters": ",".join(spec.drafters_in_cosine_process),
+            "in_process_drafters": list_parameter(spec.drafters_in_cosine_process),
             **_drafter_engines(spec.drafters_in_cosine_process, path),
             # the target's copies of drafters (serving.rounds), in the order a call names them
-            "round_drafters": ",".join(spec.round_drafters),
+            "round_drafters": list_parameter(spec.round_drafters),
             "target_rounds": spec.target_rounds if spec.round_drafters else 0,
             "drafter_timeout_s": spec.drafter_timeout_s,
             "drafter_probe_after_s": spec.drafter_probe_after_s,
@@ -218,7 +227,8 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
     configs.update(drafters)
     if spec.drafters:
         # learned routing state lives in one process: one instance, requests in order
-        configs[ROUTER_MODEL] = (ROUTER_MODEL, _config(ROUTER_MODEL, ROUTER, 64, {"drafters": ",".join(spec.drafters)}))
+        configs[ROUTER_MODEL] = (ROUTER_MODEL, _config(ROUTER_MODEL, ROUTER, 64,
+                                                       {"drafters": list_parameter(spec.drafters)}))
     return configs
 
 

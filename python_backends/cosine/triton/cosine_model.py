@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from ..contract import AHEAD_DRAFTS_DROPPED, COSINE, DRAFTS, ROUTER
-from ..deploy.repository import drafter_engine_parameters, read_mapping_parameter
+from ..deploy.repository import drafter_engine_parameters, read_list_parameter, read_mapping_parameter
 from ..deploy.spec import TRTLLM, drafter_model_name, engine_threads
 from ..serving.batching import CoalescingEngine, InProcessEngine, ReplicatedEngine
 from ..serving.errors import ServingError
@@ -78,10 +78,10 @@ def target_client(model_names: list[str], kinds: dict[str, str]):
 class CosineModel:
     def initialize(self, args):
         params = model_parameters(args)
-        drafters = [name for name in params["drafters"].split(",") if name]
+        drafters = read_list_parameter(params["drafters"])
         kinds = read_mapping_parameter(params.get("engine_kinds", ""))
         in_process_params = {name: drafter_engine_parameters(name, params)
-                             for name in params.get("in_process_drafters", "").split(",") if name}
+                             for name in read_list_parameter(params.get("in_process_drafters", ""))}
         if in_process_params:  # torch's threads are process-wide: the drafters' steps share them with acceptance's
             torch.set_num_threads(max(engine_threads(int(engine["num_threads"]))
                                       for engine in in_process_params.values()))
@@ -107,7 +107,7 @@ class CosineModel:
         routed = tuple(sorted(drafters))  # requests that name no drafters
         speculating(routed, monitor.windows(routed).allowed)
         self.deployment = Deployment(
-            target=target_client(params["target_model"].split(","), kinds),
+            target=target_client(read_list_parameter(params["target_model"]), kinds),
             tokenizer=tokenizer,
             max_context=int(params["max_context_tokens"]),
             # empty: the repository was written without the checkpoint at hand; the tokenizer knows its EOS
@@ -122,7 +122,7 @@ class CosineModel:
             adaptive_draft_tokens=int(params["adaptive_draft_tokens"]),
             plain_decode_steps=int(params["plain_decode_steps"]),
             target_rounds=int(params.get("target_rounds", "0")),
-            round_drafters=tuple(name for name in params.get("round_drafters", "").split(",") if name),
+            round_drafters=tuple(read_list_parameter(params.get("round_drafters", ""))),
             max_draft_tokens=int(params["max_draft_tokens"]),
             on_round=self._count_round,
             # max_queued_requests is Triton's queue policy (the repository writes it), not this model's business

@@ -7,7 +7,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ..contract import ENGINE, ENGINE_BATCH_REQUESTS, ENGINE_BATCHES, ENGINE_BUSY_SECONDS
-from ..deploy.repository import drafter_engine_parameters
+from ..deploy.repository import drafter_engine_parameters, read_list_parameter
 from ..deploy.spec import engine_threads
 from ..engine.checkpoint import load_causal_lm
 from ..engine.engine import CausalLMEngine, StepRequest
@@ -92,7 +92,7 @@ class EngineModel:
         # a target with copies of the drafters runs speculation rounds in its process (deploy.spec.target_rounds)
         round_drafters = [portable_engine(engine_params, resolve_path(engine_params["checkpoint_dir"], args), device)
                           for engine_params in (drafter_engine_parameters(name, params)
-                                                for name in params.get("round_drafters", "").split(",") if name)]
+                                                for name in read_list_parameter(params.get("round_drafters", "")))]
         self.engine = (RoundsEngine(engine, round_drafters, max_sequences) if round_drafters
                        else LookaheadEngine(engine, max_sequences))
         self.metrics = EngineMetrics(args["model_name"])

@@ -11,6 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..contract import ROUTER
+from ..deploy.repository import read_list_parameter
 from ..launcher import process_stat
 from ..serving.errors import ServingError
 from ..serving.trust import check_caller, deployment_secret
@@ -44,7 +45,7 @@ def _strings(names) -> np.ndarray:
 
 class RouterModel:
     def initialize(self, args):
-        self.drafters = [name for name in model_parameters(args)["drafters"].split(",") if name]
+        self.drafters = read_list_parameter(model_parameters(args)["drafters"])
         self.secret = deployment_secret()
         self.router = Router(self.drafters)
         self.state_file = state_file(args["model_name"])
