@@ -67,7 +67,7 @@ def test_stream_concatenates_to_generate_and_grpc_agrees(server):
     body = dict(text_input=PROMPTS[3], max_tokens=30, exclude_input_in_output=True)
     whole = generate(server, **body)
     events = stream_events(server, **body)
-    assert len(events) > 3
+    assert len(events) > 1  # the first token, then calls of up to 16 (a chunk without text waits for the next)
     assert "".join(e["text_output"] for e in events) == whole["text_output"]
     assert sum((as_list(e["output_ids"]) for e in events), []) == as_list(whole["output_ids"])
 

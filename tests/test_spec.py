@@ -21,6 +21,7 @@ TARGETS = target_model_names(default_replicas("cpu"))  # this machine's default:
     ({"target": {"checkpoint": "llama"}, "http_port": 8001}, "http_port"),
     ({"target": {"checkpoint": "llama"}, "speed": 3}, "speed"),
     ({"target": {"checkpoint": "llama"}, "adaptive_draft_tokens": 0}, "adaptive_draft_tokens"),
+    ({"target": {"checkpoint": "llama"}, "plain_decode_steps_alone": 0}, "plain_decode_steps_alone"),
     ({"target": {"checkpoint": "llama"}, "max_inflight_requests": 0}, "max_inflight_requests"),
     ({"target": {"checkpoint": "llama"}, "max_queued_tokens": "many"}, "max_queued_tokens"),
     ({"target": {"checkpoint": "llama"}, "queue_timeout_s": -1}, "queue_timeout_s"),

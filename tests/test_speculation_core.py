@@ -932,7 +932,7 @@ def test_a_rounds_cost_counts_the_time_between_the_requests_calls(tiny_dir, mode
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "tokenizer")
     deployment = Deployment(target=SlowDrafter(5, 0.9, call_s), tokenizer=tokenizer, max_context=256, end_id=None,
                             drafters={"general": CountingDrafter(5, 0.9)}, general_drafter="general",
-                            plain_decode_steps=4)
+                            plain_decode_steps_alone=4)  # the request is alone on the target
 
     async def serve():
         async for _ in generate(GenerationRequest("x", max_tokens=41, speculation_mode=mode), deployment):
@@ -944,6 +944,45 @@ def test_a_rounds_cost_counts_the_time_between_the_requests_calls(tiny_dir, mode
     else:  # seconds a verification of 1 sequence and its 4-token draft
         base, per_sequence, per_token = monitor.verify_fit.fitted()
         assert base + per_sequence + 5 * per_token == pytest.approx(call_s + between_s, rel=0.25)
+
+
+class ReplicaLog(SlowDrafter):
+    """A target replica that logs each decoding call: (sequence, extra_tokens, sequences the replica holds)."""
+
+    def __init__(self):
+        super().__init__(5, 0.9, 0.001)
+        self.log, self.replicated = [], None
+
+    async def step(self, sequence_id, input_ids, draft=None, **kwargs):
+        if kwargs.get("request") is None:
+            self.log.append((sequence_id, kwargs.get("extra_tokens", 0), self.replicated.sequences_on(0)))
+        return await super().step(sequence_id, input_ids, draft, **kwargs)
+
+
+def test_a_request_alone_on_its_replica_decodes_plainly_in_longer_calls(tiny_dir):
+    """A plain decoding call runs plain_decode_steps_alone steps while its request is the only one its target
+    replica holds, plain_decode_steps while it shares the replica (whose other requests join the batch between
+    calls); a request's last call runs what its max_tokens leave."""
+    from transformers import AutoTokenizer
+    from cosine.serving.generation import Deployment, generate
+    replica = ReplicaLog()
+    deployment = Deployment(target=replica, tokenizer=AutoTokenizer.from_pretrained(tiny_dir / "tokenizer"),
+                            max_context=256, end_id=None, plain_decode_steps=4, plain_decode_steps_alone=16)
+    replica.replicated = deployment.target
+
+    async def serve():
+        async for _ in generate(GenerationRequest("x", max_tokens=41, speculation_mode="autoregressive"), deployment):
+            pass
+
+    async def serve_two():
+        await asyncio.gather(serve(), serve())
+    asyncio.run(serve())
+    asyncio.run(serve_two())
+    last_call = {sequence: i for i, (sequence, _, _) in enumerate(replica.log)}
+    assert {held for _, _, held in replica.log} == {1, 2}
+    for i, (sequence, extra, held) in enumerate(replica.log):
+        if last_call[sequence] != i:
+            assert extra == (15 if held == 1 else 3), replica.log
 
 
 def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():

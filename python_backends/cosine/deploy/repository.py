@@ -207,6 +207,7 @@ def model_configs(spec: DeploymentSpec, path, node: str = MAIN_NODE) -> dict[str
             "num_draft_tokens": spec.num_draft_tokens,
             "adaptive_draft_tokens": spec.adaptive_draft_tokens,
             "plain_decode_steps": spec.plain_decode_steps,
+            "plain_decode_steps_alone": spec.plain_decode_steps_alone,
             # a draft must fit every engine's verification slack
             "max_draft_tokens": min(filter(None, [_verifiable_draft(spec.target, True)] + [
                 _verifiable_draft(e, False) for e in spec.drafters.values()])),

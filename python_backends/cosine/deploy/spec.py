@@ -108,6 +108,10 @@ class DeploymentSpec:
     # the engine's batch set-up; a few ms on a small CPU) is paid once per this many tokens. New requests join
     # the batch between calls, so larger values delay their first steps.
     plain_decode_steps: int = 4
+    # ... and this many for a request alone on its target replica: no other request waits for its calls to join the
+    # batch, and its calls' fixed cost is the largest share of their time (demo zoo, 2 cores, alternated servers:
+    # plain decoding at c1 +11% to +28% greedy and sampled with 16 against 4; see docs/history.md, session 33)
+    plain_decode_steps_alone: int = 16
     # ... and while the answer to one call travels to the `cosine` process and the next call comes back, the target
     # computes that next call ahead (serving.lookahead), on the portable engine
     plain_decode_lookahead: bool = True
@@ -359,8 +363,8 @@ def parse_spec(raw: dict, base: Path) -> DeploymentSpec:
         raise SpecError(f"plain_decode_lookahead: must be true or false, got {values['plain_decode_lookahead']!r}")
     ports = []
     for name in ("http_port", "grpc_port", "metrics_port", "default_max_tokens", "num_draft_tokens",
-                 "adaptive_draft_tokens", "plain_decode_steps", "max_inflight_requests", "max_queued_tokens",
-                 "max_queued_requests"):
+                 "adaptive_draft_tokens", "plain_decode_steps", "plain_decode_steps_alone", "max_inflight_requests",
+                 "max_queued_tokens", "max_queued_requests"):
         if name in values:
             _positive_int(name, values[name])
     if "target_rounds" in values:

@@ -51,7 +51,10 @@ class Deployment:
     default_mode: str = "autoregressive"
     default_draft_tokens: int = FIXED_DRAFT_TOKENS
     adaptive_draft_tokens: int = ADAPTIVE_DRAFT_TOKENS
-    plain_decode_steps: int = 1  # target steps per call for autoregressive requests (the spec sets it)
+    # target steps per call for autoregressive requests, and for a request alone on its target replica (the spec
+    # sets both)
+    plain_decode_steps: int = 1
+    plain_decode_steps_alone: int = 1
     # speculation rounds per call that a request alone on its target replica asks the target to run with its own
     # copies of these drafters (serving.rounds; the spec's target_rounds); a call names the drafter by its index
     target_rounds: int = 0
@@ -195,7 +198,9 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
         # a round without a draft runs several steps per call (never past the request's budget), whether the
         # mode is plain or a speculative mode's controller chose plain decoding (or no drafter answered): a
         # speculative mode falling back to plain decoding must be as fast as plain decoding, per-call cost included
-        extra = 0 if tree else min(deployment.plain_decode_steps - 1, budget)
+        steps = (deployment.plain_decode_steps_alone if deployment.target.alone(sequence_id)
+                 else deployment.plain_decode_steps)
+        extra = 0 if tree else min(steps - 1, budget)
         emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree, extra_tokens=extra,
                                                 draft_q=draft.q if draft else None, sent=sent)).tokens
         ended = time.monotonic()

@@ -121,6 +121,7 @@ class CosineModel:
             default_draft_tokens=int(params["num_draft_tokens"]),
             adaptive_draft_tokens=int(params["adaptive_draft_tokens"]),
             plain_decode_steps=int(params["plain_decode_steps"]),
+            plain_decode_steps_alone=int(params["plain_decode_steps_alone"]),
             target_rounds=int(params.get("target_rounds", "0")),
             round_drafters=tuple(read_list_parameter(params.get("round_drafters", ""))),
             max_draft_tokens=int(params["max_draft_tokens"]),
