@@ -108,9 +108,10 @@ class DeploymentSpec:
     # the engine's batch set-up; a few ms on a small CPU) is paid once per this many tokens. New requests join
     # the batch between calls, so larger values delay their first steps.
     plain_decode_steps: int = 4
-    # ... and this many for a request alone on its target replica: no other request waits for its calls to join the
-    # batch, and its calls' fixed cost is the largest share of their time (demo zoo, 2 cores, alternated servers:
-    # plain decoding at c1 +11% to +28% greedy and sampled with 16 against 4; see docs/history.md, session 33)
+    # ... and this many for a request alone on its target replica, whose calls' fixed cost is the largest share of
+    # their time and whose passes hold no other request's steps (a request admitted to its replica waits for the call
+    # in flight: 16 steps of the demo target take about 45 ms). Demo zoo, 2 cores, three pairs of alternated servers:
+    # plain decoding at c1 +17-28% greedy, +11-32% sampled with 16 against 4 (docs/history.md, session 33).
     plain_decode_steps_alone: int = 16
     # ... and while the answer to one call travels to the `cosine` process and the next call comes back, the target
     # computes that next call ahead (serving.lookahead), on the portable engine
