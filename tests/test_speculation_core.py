@@ -947,42 +947,51 @@ def test_a_rounds_cost_counts_the_time_between_the_requests_calls(tiny_dir, mode
 
 
 class ReplicaLog(SlowDrafter):
-    """A target replica that logs each decoding call: (sequence, extra_tokens, sequences the replica holds)."""
+    """A target replica of a deployment that logs each decoding call in a shared log: (sequence, extra_tokens,
+    sequences its replica holds, requests active in the deployment)."""
 
-    def __init__(self):
+    def __init__(self, index: int, log: list):
         super().__init__(5, 0.9, 0.001)
-        self.log, self.replicated = [], None
+        self.index, self.log, self.deployment = index, log, None
 
     async def step(self, sequence_id, input_ids, draft=None, **kwargs):
         if kwargs.get("request") is None:
-            self.log.append((sequence_id, kwargs.get("extra_tokens", 0), self.replicated.sequences_on(0)))
+            self.log.append((sequence_id, kwargs.get("extra_tokens", 0),
+                             self.deployment.target.sequences_on(self.index), self.deployment.monitor.active_requests))
         return await super().step(sequence_id, input_ids, draft, **kwargs)
 
 
 def test_a_request_alone_on_its_replica_decodes_plainly_in_longer_calls(tiny_dir):
     """A plain decoding call runs plain_decode_steps_alone steps while its request is the only one its target
-    replica holds, plain_decode_steps while it shares the replica (whose other requests join the batch between
-    calls); a request's last call runs what its max_tokens leave."""
+    replica holds and no more requests are active than there are replicas (else one arriving at its replica would
+    wait for the long call), plain_decode_steps otherwise; a request's last call runs what its max_tokens leave."""
     from transformers import AutoTokenizer
+    from cosine.serving.batching import ReplicatedEngine
     from cosine.serving.generation import Deployment, generate
-    replica = ReplicaLog()
-    deployment = Deployment(target=replica, tokenizer=AutoTokenizer.from_pretrained(tiny_dir / "tokenizer"),
-                            max_context=256, end_id=None, plain_decode_steps=4, plain_decode_steps_alone=16)
-    replica.replicated = deployment.target
+    log = []
+    replicas = [ReplicaLog(index, log) for index in range(2)]
+    deployment = Deployment(target=ReplicatedEngine(replicas), tokenizer=AutoTokenizer.from_pretrained(
+        tiny_dir / "tokenizer"), max_context=256, end_id=None, plain_decode_steps=4, plain_decode_steps_alone=16)
+    for replica in replicas:
+        replica.deployment = deployment
 
-    async def serve():
-        async for _ in generate(GenerationRequest("x", max_tokens=41, speculation_mode="autoregressive"), deployment):
-            pass
-
-    async def serve_two():
-        await asyncio.gather(serve(), serve())
-    asyncio.run(serve())
-    asyncio.run(serve_two())
-    last_call = {sequence: i for i, (sequence, _, _) in enumerate(replica.log)}
-    assert {held for _, _, held in replica.log} == {1, 2}
-    for i, (sequence, extra, held) in enumerate(replica.log):
+    async def serve(lengths: tuple[int, ...]):  # admitted in this order, each to the replica holding fewest
+        async def one(max_tokens):
+            async for _ in generate(GenerationRequest("x", max_tokens=max_tokens, speculation_mode="autoregressive"),
+                                    deployment):
+                pass
+        await asyncio.gather(*map(one, lengths))
+    # alone; each alone on its replica; the first and third share a replica, then the second, alone on the other,
+    # ends first, and they share it with no more requests active than replicas
+    for lengths in ((41,), (41, 41), (41, 21, 41)):
+        asyncio.run(serve(lengths))
+    last_call = {sequence: i for i, (sequence, *_) in enumerate(log)}
+    seen = set()
+    for i, (sequence, extra, held, active) in enumerate(log):
         if last_call[sequence] != i:
-            assert extra == (15 if held == 1 else 3), replica.log
+            seen.add((held, active))
+            assert extra == (15 if held == 1 and active <= 2 else 3), log
+    assert {(1, 1), (1, 2), (1, 3), (2, 3), (2, 2)} <= seen, seen
 
 
 def test_an_exploring_drafter_cooperates_for_the_first_rounds_only():
