@@ -51,8 +51,8 @@ class Deployment:
     default_mode: str = "autoregressive"
     default_draft_tokens: int = FIXED_DRAFT_TOKENS
     adaptive_draft_tokens: int = ADAPTIVE_DRAFT_TOKENS
-    # target steps per call for autoregressive requests, and for a request alone on its target replica (the spec
-    # sets both)
+    # target steps per plain-decoding call, and for a request alone on its target replica at light load (see
+    # _round; the spec sets both)
     plain_decode_steps: int = 1
     plain_decode_steps_alone: int = 1
     # speculation rounds per call that a request alone on its target replica asks the target to run with its own
