@@ -74,9 +74,14 @@ class RoundOutcome(NamedTuple):
     """One round of Rounds."""
     draft: list[int]
     accepted: int  # draft tokens the target accepted
-    # positions the target settled (each emitted token's, up to the draft's length) where the drafter's top token is
-    # the emitted one: what the router compares drafters by (accepted, for a greedy draft of top tokens)
+    # positions the target settled where the drafter's top token is the emitted one: what the router compares
+    # drafters by (accepted, for a greedy draft of top tokens)
     matched: int
+
+    @property
+    def settled(self) -> int:
+        """Draft positions the target settled: each emitted token's, up to the draft's length."""
+        return min(len(self.draft), self.accepted + 1)
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """Speculation rounds in the target's process, as TensorRT-LLM's draft-target model runs both models in one engine:
 a target that holds copies of the deployment's small drafters runs a step that asks for `Rounds` whole (its drafter
-drafts a greedy chain from the context so far, the target verifies it, and again), so that a request pays the hop
-between the `cosine` process and the target once per call rather than once per round.
+drafts a chain from the context so far, greedy or sampled as the sequence is, the target verifies it, and again), so
+that a request pays the hop between the `cosine` process and the target once per call rather than once per round.
 
 Why: at concurrency 1 on 2 CPU cores a speculating round served over BLS took 13.7 ms where the same round of the
 engines in one process took about 9.4 (docs/history.md, sessions 29 and 31): the call's trip out and back, the
-stream and the event loop. The `cosine` process still routes, picks the drafter and k, and learns from the rounds'
-(drafted, accepted) counts. A sampled round's q stays here: the drafter copy returns it with its draws and the
-target's acceptance takes it (min(1, p/q), the residual on rejection) in the same process, so no distribution
-crosses a process for these rounds."""
+stream and the event loop. The `cosine` process still routes, picks the drafter and k, and learns from each round's
+outcome (engine.RoundOutcome: drafted, accepted, top tokens matched). A sampled round's q stays here: the drafter
+copy returns it with its draws and the target's acceptance takes it (min(1, p/q), the residual on rejection) in the
+same process, so no distribution crosses a process for these rounds."""
 from __future__ import annotations
 
 import time

@@ -381,11 +381,11 @@ class FusionProposer(Proposer):
         """Each round as observe() takes one: the controller's acceptance, and for the router the drafter's top
         token against what the target emitted, at every position the target settled."""
         drafter = self.sessions[0].name
-        for draft, accepted, matched in rounds:
-            self.controller.observe(len(draft), accepted)
-            self.monitor.observe_acceptance(len(draft), accepted)
-            self.trials[drafter] += min(len(draft), accepted + 1)
-            self.matches[drafter] += matched
+        for outcome in rounds:
+            self.controller.observe(len(outcome.draft), outcome.accepted)
+            self.monitor.observe_acceptance(len(outcome.draft), outcome.accepted)
+            self.trials[drafter] += outcome.settled
+            self.matches[drafter] += outcome.matched
 
     def _fused_drafting_pays(self, load: float) -> bool:
         """Whether drafting fused (every cooperating drafter at once, sharing the processors) is measured to pay at
