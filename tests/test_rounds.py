@@ -136,7 +136,7 @@ def test_rounds_after_a_looked_ahead_plain_step_draft_by_what_the_sequence_has_l
     rounds_engine = RoundsEngine(engine(target), [engine(target)])  # looks ahead
     out = rounds_engine.step([StepRequest(1, [3, 4, 5], admission=Admission(12, SamplingParams()))])[0].tokens
     out += rounds_engine.step([StepRequest(1, out[-1:], extra_tokens=3)])[0].tokens  # 7 tokens left
-    rounds_engine._wait()  # the look-ahead of 4 more has landed, as it has when the next call arrives
+    rounds_engine.wait_ahead()  # the look-ahead of 4 more has landed, as it has when the next call arrives
     result = rounds_engine.step([StepRequest(1, out[-1:], rounds=Rounds(0, 6, 1))])[0]
     assert [len(draft) for draft, _, _ in result.rounds] == [6] and len(result.tokens) == 7
     rounds_engine.close()

@@ -947,50 +947,62 @@ def test_a_rounds_cost_counts_the_time_between_the_requests_calls(tiny_dir, mode
 
 
 class ReplicaLog(SlowDrafter):
-    """A target replica of a deployment that logs each decoding call in a shared log: (sequence, extra_tokens,
-    sequences its replica holds, requests active in the deployment)."""
+    """A target replica of a deployment that logs each decoding call in a shared log: (sequence, the call: its
+    extra_tokens, "verify" or "rounds", sequences its replica holds, requests active in the deployment). Its rounds
+    accept their whole draft, one round a call."""
 
     def __init__(self, index: int, log: list):
         super().__init__(5, 0.9, 0.001)
         self.index, self.log, self.deployment = index, log, None
 
-    async def step(self, sequence_id, input_ids, draft=None, **kwargs):
+    async def step(self, sequence_id, input_ids, draft=None, *, rounds=None, **kwargs):
         if kwargs.get("request") is None:
-            self.log.append((sequence_id, kwargs.get("extra_tokens", 0),
-                             self.deployment.target.sequences_on(self.index), self.deployment.monitor.active_requests))
-        return await super().step(sequence_id, input_ids, draft, **kwargs)
+            call = "rounds" if rounds else "verify" if draft else kwargs.get("extra_tokens", 0)
+            self.log.append((sequence_id, call, self.deployment.target.sequences_on(self.index),
+                             self.deployment.monitor.active_requests))
+        if rounds is None:
+            return await super().step(sequence_id, input_ids, draft, **kwargs)
+        result = await super().step(sequence_id, input_ids, extra_tokens=rounds.draft_tokens)
+        result.rounds = [RoundOutcome(result.tokens[:-1], rounds.draft_tokens, rounds.draft_tokens)]
+        return result
 
 
-def test_a_request_alone_on_its_replica_decodes_plainly_in_longer_calls(tiny_dir):
-    """A plain decoding call runs plain_decode_steps_alone steps while its request is the only one its target
-    replica holds and no more requests are active than there are replicas (else one arriving at its replica would
-    wait for the long call), plain_decode_steps otherwise; a request's last call runs what its max_tokens leave."""
+@pytest.mark.parametrize("mode", ["autoregressive", "vanilla"])
+def test_a_request_alone_on_its_replica_runs_long_calls(tiny_dir, mode):
+    """A request alone on its target replica speculates in rounds the target runs (verifications otherwise), and
+    decodes plainly in calls of plain_decode_steps_alone steps (plain_decode_steps otherwise) only while no more
+    requests are active than there are replicas (else one arriving at its replica would wait for the long call); a
+    request's last call runs what its max_tokens leave."""
     from transformers import AutoTokenizer
     from cosine.serving.batching import ReplicatedEngine
     from cosine.serving.generation import Deployment, generate
     log = []
     replicas = [ReplicaLog(index, log) for index in range(2)]
     deployment = Deployment(target=ReplicatedEngine(replicas), tokenizer=AutoTokenizer.from_pretrained(
-        tiny_dir / "tokenizer"), max_context=256, end_id=None, plain_decode_steps=4, plain_decode_steps_alone=16)
+        tiny_dir / "tokenizer"), max_context=256, end_id=None, plain_decode_steps=4, plain_decode_steps_alone=16,
+        drafters={"general": CountingDrafter(5, 0.9)}, general_drafter="general", target_rounds=3,
+        round_drafters=("general",))
     for replica in replicas:
         replica.deployment = deployment
 
     async def serve(lengths: tuple[int, ...]):  # admitted in this order, each to the replica holding fewest
         async def one(max_tokens):
-            async for _ in generate(GenerationRequest("x", max_tokens=max_tokens, speculation_mode="autoregressive"),
-                                    deployment):
+            async for _ in generate(GenerationRequest("x", max_tokens=max_tokens, speculation_mode=mode,
+                                                      num_draft_tokens=2), deployment):
                 pass
         await asyncio.gather(*map(one, lengths))
     # alone; each alone on its replica; the first and third share a replica, then the second, alone on the other,
     # ends first, and they share it with no more requests active than replicas
     for lengths in ((41,), (41, 41), (41, 21, 41)):
         asyncio.run(serve(lengths))
+    long_call, short_call = (15, 3) if mode == "autoregressive" else ("rounds", "verify")
     last_call = {sequence: i for i, (sequence, *_) in enumerate(log)}
     seen = set()
-    for i, (sequence, extra, held, active) in enumerate(log):
+    for i, (sequence, call, held, active) in enumerate(log):
         if last_call[sequence] != i:
             seen.add((held, active))
-            assert extra == (15 if held == 1 and active <= 2 else 3), log
+            light_load = active <= 2 or mode == "vanilla"
+            assert call == (long_call if held == 1 and light_load else short_call), log
     assert {(1, 1), (1, 2), (1, 3), (2, 3), (2, 2)} <= seen, seen
 
 

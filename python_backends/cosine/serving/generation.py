@@ -70,6 +70,13 @@ class Deployment:
         if not isinstance(self.target, ReplicatedEngine):  # one engine: its one replica, with its scheduler
             self.target = ReplicatedEngine([self.target])
 
+    def alone_at_light_load(self, sequence_id: int) -> bool:
+        """Whether the request's long calls (plain steps, target rounds) delay no one: it is alone on its target
+        replica and every active request can have a replica to itself. Alone alone is not enough: at c4 on 2
+        replicas a request left alone for a moment ran 16 steps that the next arrival's prefill waited for (-10% to
+        -28%). The load is read first: under load it settles the question without a scan of the replicas."""
+        return self.monitor.active_requests <= len(self.target.replicas) and self.target.alone(sequence_id)
+
 
 @dataclass
 class Stats:
@@ -198,14 +205,10 @@ async def _round(deployment: Deployment, mode: str, proposer, drafting_started: 
         # a round without a draft runs several steps per call (never past the request's budget), whether the
         # mode is plain or a speculative mode's controller chose plain decoding (or no drafter answered): a
         # speculative mode falling back to plain decoding must be as fast as plain decoding, per-call cost included
-        # long calls only while every active request can have a replica to itself: at c4 on 2 replicas a request
-        # left alone for a moment ran 16 steps that the next arrival's prefill waited for (-10% to -28%). The load
-        # is read first: under load it settles the question without a scan of the replicas' sequences
         extra = 0
         if not tree:
-            alone = (monitor.active_requests <= len(deployment.target.replicas)
-                     and deployment.target.alone(sequence_id))
-            steps = deployment.plain_decode_steps_alone if alone else deployment.plain_decode_steps
+            steps = (deployment.plain_decode_steps_alone if deployment.alone_at_light_load(sequence_id)
+                     else deployment.plain_decode_steps)
             extra = min(steps - 1, budget)
         emitted = (await deployment.target.step(sequence_id, context[-1:], draft=tree, extra_tokens=extra,
                                                 draft_q=draft.q if draft else None, sent=sent)).tokens
@@ -230,7 +233,10 @@ async def _target_rounds(deployment: Deployment, proposer, sequence_id: int, con
     """Rounds for the target to run in its process (serving.rounds), where the deployment has them, the request is
     alone on its replica (under load rounds from many requests batch in one pass instead) and this round would draft
     a chain with one drafter the target holds; with draft_tokens 0 where the controller chose plain decoding
-    for it. None: the proposer drafts this round here."""
+    for it. None: the proposer drafts this round here.
+    Alone at any load, unlike plain decoding's long calls (Deployment.alone_at_light_load): at c3 on 2 replicas one
+    request is alone most of the time, and its rounds here made fixed-k cosine 12-29% faster than with the load
+    condition, at c4 -2% to +6% (docs/history.md, session 34)."""
     if not (deployment.target_rounds and deployment.round_drafters and proposer is not None
             and deployment.target.alone(sequence_id)):
         return None

@@ -68,7 +68,7 @@ class LookaheadEngine:
         self.used = self.undone = 0  # looked-ahead sequence steps a call took, and those undone instead
 
     def step(self, requests: list[StepRequest]) -> list[StepResult | Exception]:
-        self._wait()
+        self.wait_ahead()
         unique = len({request.sequence_id for request in requests}) == len(requests)  # else the engine refuses
         results: list = [None] * len(requests)
         for index, request in enumerate(requests):
@@ -89,7 +89,7 @@ class LookaheadEngine:
     def undo_ahead(self, sequence_id: int) -> None:
         """Puts the sequence back as it was before its look-ahead (if any): for a caller that reads its state before
         stepping it otherwise."""
-        self._wait()
+        self.wait_ahead()
         ahead = self.ahead.pop(sequence_id, None)
         if ahead is not None:
             self._undo(ahead)
@@ -99,7 +99,7 @@ class LookaheadEngine:
         self.undone += 1
 
     def close(self) -> None:
-        self._wait()
+        self.wait_ahead()
         self.worker.shutdown()
 
     def _look_ahead(self, requests: list[StepRequest], results: list[StepResult | Exception]) -> None:
@@ -116,7 +116,7 @@ class LookaheadEngine:
             self.ahead[step.sequence_id] = _Ahead(step, self.engine.snapshot(step.sequence_id))
         self.computing = self.worker.submit(self._timed_step, steps), steps
 
-    def _wait(self) -> None:
+    def wait_ahead(self) -> None:
         """Waits for the look-ahead step in progress and files its results (a failed step is undone)."""
         if self.computing is None:
             return
