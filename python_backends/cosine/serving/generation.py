@@ -71,10 +71,10 @@ class Deployment:
             self.target = ReplicatedEngine([self.target])
 
     def alone_at_light_load(self, sequence_id: int) -> bool:
-        """Whether the request's long calls (plain steps, target rounds) delay no one: it is alone on its target
-        replica and every active request can have a replica to itself. Alone alone is not enough: at c4 on 2
-        replicas a request left alone for a moment ran 16 steps that the next arrival's prefill waited for (-10% to
-        -28%). The load is read first: under load it settles the question without a scan of the replicas."""
+        """Whether the request's plain-decoding calls may run plain_decode_steps_alone steps without delaying anyone:
+        it is alone on its target replica and every active request can have a replica to itself. Being alone is not
+        enough: at c4 on 2 replicas a request left alone for a moment ran 16 steps that the next arrival's prefill
+        waited for (-10% to -28%). The load is read first: under load it settles the question without a scan."""
         return self.monitor.active_requests <= len(self.target.replicas) and self.target.alone(sequence_id)
 
 
