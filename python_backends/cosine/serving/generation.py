@@ -51,8 +51,8 @@ class Deployment:
     default_mode: str = "autoregressive"
     default_draft_tokens: int = FIXED_DRAFT_TOKENS
     adaptive_draft_tokens: int = ADAPTIVE_DRAFT_TOKENS
-    # target steps per plain-decoding call, and for a request alone on its target replica at light load (see
-    # _round; the spec sets both)
+    # target steps per plain-decoding call, and for a request alone on its target replica at light load
+    # (alone_at_light_load; the spec sets both and says why)
     plain_decode_steps: int = 1
     plain_decode_steps_alone: int = 1
     # speculation rounds per call that a request alone on its target replica asks the target to run with its own
@@ -72,9 +72,9 @@ class Deployment:
 
     def alone_at_light_load(self, sequence_id: int) -> bool:
         """Whether the request's plain-decoding calls may run plain_decode_steps_alone steps without delaying anyone:
-        it is alone on its target replica and every active request can have a replica to itself. Being alone is not
-        enough: at c4 on 2 replicas a request left alone for a moment ran 16 steps that the next arrival's prefill
-        waited for (-10% to -28%). The load is read first: under load it settles the question without a scan."""
+        it is alone on its target replica and every active request can have a replica to itself (being alone is not
+        enough: the spec's plain_decode_steps_alone says what that cost at c4). The load is read first: under load it
+        settles the question without a scan of the replicas' sequences."""
         return self.monitor.active_requests <= len(self.target.replicas) and self.target.alone(sequence_id)
 
 
