@@ -192,6 +192,23 @@ def test_drafting_under_load_does_not_make_drafting_at_a_light_load_look_dear():
                                                        draft_per_request=0.0), 1) <= 2
 
 
+def test_a_fit_read_every_round_is_solved_again_only_every_few_observations(monkeypatch):
+    """Every round reads the cost model and adds an observation: solving is what costs, so it happens once per
+    refit_every observations, and the fit never lags more observations behind."""
+    fit, reference = LinearFit(0.98, refit_every=8), LinearFit(0.98)
+    solves = []
+    solve = fit._solve
+    monkeypatch.setattr(fit, "_solve", lambda: solves.append(1) or solve())
+    fits = []  # the fit on all observations so far, after each
+    for x in range(96):
+        seconds = 0.002 + 0.001 * (x % 12) if x < 64 else 0.004 + 0.003 * (x % 12)  # the cost changes
+        fit.observe(x % 12, seconds)
+        reference.observe(x % 12, seconds)
+        fits.append(reference._solve())
+        assert fit.fitted() in fits[-8:]
+    assert len(solves) <= 96 // 8 + 3  # the first few return None (too few observations), each then solves again
+
+
 def test_a_slope_the_data_would_make_negative_is_fixed_at_zero():
     fit = LinearFit(1.0, regressors=2)
     for x1, x2 in ((1, 2), (2, 1), (3, 5), (4, 3), (5, 8)):
