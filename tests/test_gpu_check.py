@@ -2,7 +2,7 @@
 from cosine.engine.checkpoint import load_causal_lm
 from cosine_client import gpu_check, references
 from cosine_client.references import (assisted_generation_rate, engine_decode_rate, engine_generate,
-                                      engine_request_rate, engine_speculation, transformers_decode_rate)
+                                      engine_serving_rate, engine_speculation, transformers_decode_rate)
 
 
 def test_exactness_checks_pass_and_catch_a_wrong_model(tmp_path):
@@ -22,22 +22,29 @@ def test_reference_rates(tmp_path):
     assert assisted_generation_rate(model, model, [[1, 2, 3], [4, 5]], new_tokens=6) > 0
 
 
-def test_the_engines_request_rate_times_each_prefill_with_its_decode(tmp_path, monkeypatch):
-    """With a clock that moves one second per engine step, a request of n tokens (its prefill and n - 1 decode
-    steps) takes n seconds: the rate is 1 token/s exactly, where timing the decode steps alone would give more."""
+def test_the_engines_serving_rate_times_each_prefill_with_its_decode(tmp_path, monkeypatch):
+    """With a clock that moves one second per engine call: one request at a time, one token a call, a request of n
+    tokens (its prefill and n - 1 decode steps) takes n seconds: 1 token/s exactly, where timing the decode steps alone
+    would give more. In a closed loop of 3 with 3 steps a call, 4 requests of 7 tokens take 6 calls: 3 admitted in the
+    first, ended in the third, the 4th admitted in the fourth."""
     from types import SimpleNamespace
 
     from cosine.engine.engine import CausalLMEngine
 
     model = load_causal_lm(gpu_check.random_checkpoint(tmp_path / "tiny", **gpu_check.TINY))
-    clock = [0.0]
+    clock, batches = [0.0], []
 
     def ticking(self, requests, step=CausalLMEngine.step):
         clock[0] += 1.0
+        batches.append(len(requests))
         return step(self, requests)
     monkeypatch.setattr(CausalLMEngine, "step", ticking)
     monkeypatch.setattr(references, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    assert engine_request_rate(model, [[1, 2, 3], [4, 5], [6] * 20], new_tokens=7) == 1.0
+    assert engine_serving_rate(model, [[1, 2, 3], [4, 5], [6] * 20], new_tokens=7) == 1.0
+    batches.clear()
+    assert engine_serving_rate(model, [[1, 2, 3], [4, 5], [6] * 20, [7, 8]], new_tokens=7, concurrency=3,
+                               steps_per_call=3) == 28 / 6
+    assert max(batches) == 3
 
 
 def test_the_engines_speculation_reference_is_exact_and_keeps_the_drafters_cache_in_step(tmp_path):
@@ -75,9 +82,8 @@ def test_the_sampled_chain_check_fails_when_the_verifier_ignores_q(tmp_path, mon
 
 
 def test_deployment_references_measure_each_reference_where_it_applies(tmp_path, llama, tiny_dir):
-    """From a deployment spec: one replica's threads, the speculative references and the engine's request rate at c1
-    only, transformers on every core where the replicas together use more cores than one replica's threads; means
-    over the measurements."""
+    """From a deployment spec: one replica's threads, the speculative references at c1 only, transformers on every
+    core where the replicas together use more cores than one replica's threads; means over the measurements."""
     import torch
     import yaml
 
@@ -96,9 +102,9 @@ def test_deployment_references_measure_each_reference_where_it_applies(tmp_path,
     assert torch.get_num_threads() == threads  # restored after each measurement
     summary = references.summary()
     assert summary["threads"] == 1 and summary["replicas"] == 2 and summary["measurements"] == {1: 1, 2: 2}
-    assert set(summary["decode"][1]) == {"transformers", "engine", "engine_request", "assisted_generation",
+    assert set(summary["decode"][1]) == {"transformers", "engine", "engine_serving", "assisted_generation",
                                          "engine_speculation"}
-    assert set(summary["decode"][2]) == {"transformers", "engine", "transformers_all_cores"}
+    assert set(summary["decode"][2]) == {"transformers", "engine", "engine_serving", "transformers_all_cores"}
     assert all(rate > 0 for rates in summary["decode"].values() for rate in rates.values())
     assert len(references.rates[2]["engine"]) == 2
 

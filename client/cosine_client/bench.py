@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import platform
 import random
@@ -308,28 +309,31 @@ def run_bench(url: str, prompts_file, modes=SPECULATION_MODES, concurrencies=Non
 def references_table(rows: list[dict], references: dict) -> str:
     """Served plain decoding and cosine against the in-process references at every concurrency."""
     served = {(row["level"], row["mode"]): row["tokens_per_s"] for row in rows if row["load"] == "concurrency"}
+    nan = float("nan")
+    rate = lambda value: "-" if math.isnan(value) else f"{value:.0f}"  # noqa: E731  (not measured: -)
+    ratio = lambda value: "-" if math.isnan(value) else f"{value:.2f}"  # noqa: E731
     measured = sorted(set(references["measurements"].values()))
     lines = [f"in-process references: {references['threads']} torch threads (one served target replica's; the "
              f"target has {references['replicas']}), prompts of {references['prompt_tokens']} tokens, measured "
              f"{'/'.join(map(str, measured))} times per concurrency between the served rounds (means)",
-             "| concurrency | served autoregressive | engine in-process | transformers batched | served / engine "
-             f"| served / transformers | transformers batched, {references['cores']} threads "
-             "| served / that | served cosine |", "|---|---|---|---|---|---|---|---|---|"]
+             "| concurrency | served autoregressive | engine in-process | engine serving the requests "
+             "| transformers batched | served / engine | served / engine serving | served / transformers "
+             f"| transformers batched, {references['cores']} threads | served / that | served cosine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for level, decode in sorted(references["decode"].items(), key=lambda item: float(item[0])):
-        plain = served.get((float(level), "autoregressive"), float("nan"))
-        all_cores = decode.get("transformers_all_cores", float("nan"))
-        lines.append(f"| {level} | {plain:.0f} | {decode['engine']:.0f} | {decode['transformers']:.0f} | "
-                     f"{plain / decode['engine']:.2f} | {plain / decode['transformers']:.2f} | {all_cores:.0f} | "
-                     f"{plain / all_cores:.2f} | {served.get((float(level), 'cosine'), float('nan')):.0f} |")
+        plain = served.get((float(level), "autoregressive"), nan)
+        serving = decode.get("engine_serving", nan)
+        all_cores = decode.get("transformers_all_cores", nan)
+        cosine = served.get((float(level), "cosine"), nan)
+        lines.append(f"| {level} | {rate(plain)} | {rate(decode['engine'])} | {rate(serving)} | "
+                     f"{rate(decode['transformers'])} | {ratio(plain / decode['engine'])} | {ratio(plain / serving)} | "
+                     f"{ratio(plain / decode['transformers'])} | {rate(all_cores)} | {ratio(plain / all_cores)} | "
+                     f"{rate(cosine)} |")
+    lines += ["", "engine in-process and transformers: decode steps only; the engine serving the requests: each "
+                  "round's requests in a closed loop, prefills included and as many steps a call as the deployment's "
+                  "plain decoding runs, as served requests are counted"]
     for level, decode in references["decode"].items():
         notes = []  # under the table, a blank line before each level's
-        if "engine_request" in decode:
-            request = decode["engine_request"]
-            notes.append(f"the engine in process, one request at a time from its prompt (prefill included, as a "
-                         f"served request is counted), c={level}: {request:.0f} tokens/s")
-            if (float(level), "autoregressive") in served:
-                plain = served[float(level), "autoregressive"]
-                notes[-1] += f"; served autoregressive: {plain:.0f} ({plain / request:.2f}x)"
         if "assisted_generation" in decode:
             assisted = decode["assisted_generation"]
             notes.append(f"transformers assisted generation (general drafter), c={level}: {assisted:.0f} tokens/s")

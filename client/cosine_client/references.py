@@ -68,19 +68,46 @@ def engine_decode_rate(model, batch: int, new_tokens: int, prompt_len: int, max_
     return batch * (new_tokens - 1) / seconds
 
 
-def engine_request_rate(model, prompts_ids: list[list[int]], new_tokens: int, max_draft_tokens: int = 64) -> float:
-    """Tokens/s of CausalLMEngine serving one request at a time, each timed from its prompt (the prefill included)
-    to its last token, one greedy token per step: how a served request at concurrency 1 is counted, where
+def engine_serving_rate(model, prompts_ids: list[list[int]], new_tokens: int, concurrency: int = 1,
+                        steps_per_call: int = 1, max_draft_tokens: int = 64) -> float:
+    """Tokens/s of CausalLMEngine serving these prompts as greedy requests in a closed loop (engine_closed_loop),
+    timed from the first prompt to the last token: how served requests are counted, their prefills included, where
     engine_decode_rate counts the decode steps only."""
-    engine = CausalLMEngine(model, kv_cache_tokens=max(map(len, prompts_ids)) + new_tokens + max_draft_tokens + 16,
+    engine = CausalLMEngine(model, kv_cache_tokens=concurrency * (max(map(len, prompts_ids)) + new_tokens
+                                                                  + max_draft_tokens + 16),
                             max_draft_tokens=max_draft_tokens)
     engine_generate(engine, prompts_ids[:1], min(new_tokens, WARMUP_TOKENS))
     _sync()
     start = time.perf_counter()
-    for prompt in prompts_ids:
-        engine_generate(engine, [prompt], new_tokens)
+    tokens = engine_closed_loop(engine, prompts_ids, new_tokens, concurrency, steps_per_call)
     _sync()
-    return len(prompts_ids) * new_tokens / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start)
+
+
+def engine_closed_loop(engine: CausalLMEngine, prompts_ids: list[list[int]], new_tokens: int, concurrency: int,
+                       steps_per_call: int) -> int:
+    """Serves the prompts as a target replica serves requests, `concurrency` at a time: each engine call steps every
+    active request `steps_per_call` tokens (fewer where it ends) and admits new ones (their prefill) in the places of
+    those that ended, in prompt order; each request emits new_tokens greedily. Returns the tokens emitted."""
+    waiting = list(enumerate(prompts_ids))[::-1]  # popped from the end: prompt order
+    left: dict[int, int] = {}  # active request (its prompt's index) -> tokens it has still to emit
+    last: dict[int, int] = {}  # active request -> its last token
+    emitted = 0
+    while waiting or left:
+        steps = [StepRequest(i, [last[i]], extra_tokens=min(steps_per_call, left[i]) - 1) for i in left]
+        while waiting and len(steps) < concurrency:
+            i, prompt = waiting.pop()
+            steps.append(StepRequest(i, list(prompt), admission=Admission(new_tokens, SamplingParams())))
+            left[i] = new_tokens
+        for step, result in zip(steps, engine.step(steps)):
+            i, tokens = step.sequence_id, _ok(result).tokens
+            emitted += len(tokens)
+            left[i] -= len(tokens)
+            last[i] = tokens[-1]
+            if not left[i]:
+                del left[i], last[i]
+                engine.release(i)
+    return emitted
 
 
 @torch.inference_mode()
@@ -164,13 +191,14 @@ def speculation_rate(target: CausalLMEngine, drafters: list[CausalLMEngine], pro
 
 
 class DeploymentReferences:
-    """The physical references of a deployment, measured in this process on its own checkpoints with the torch
-    threads of one served target replica: the engine's batched decode rate and transformers' batched decode at a
-    concurrency (batch = concurrency), and at concurrency 1 transformers' assisted generation with the general
-    drafter and the engines' chain speculation with each prompt's own domain drafter (the one routing finds) at
-    cosine's draft-length ceiling: what `cosine`'s rounds make without processes between target and drafters.
-    Where the target's replicas use more cores than one replica's threads, transformers' batched decode with every
-    core's threads too (the served target then uses them all).
+    """The physical references of a deployment, measured in this process on its own checkpoints with the torch threads
+    of one served target replica: at a concurrency, the engine's batched decode rate and transformers' batched
+    decode (batch = concurrency, decode steps only), and the engine serving the round's requests in a closed loop of
+    that concurrency (prefills included, as served requests are counted); at concurrency 1 transformers' assisted
+    generation with the general drafter and the engines' chain speculation with each prompt's own domain drafter
+    (the one routing finds) at cosine's draft-length ceiling: what `cosine`'s rounds make without processes between
+    target and drafters. Where the target's replicas use more cores than one replica's threads, transformers'
+    batched decode with every core's threads too (the served target then uses them all).
 
     A bench measures them between its served runs, on each round's prompts, as one more interleaved variant: on a
     shared machine a reference measured once, at one moment, is off by as much as the speed of the machine drifts
@@ -192,11 +220,18 @@ class DeploymentReferences:
         self.drafter = load_causal_lm(spec.drafters[spec.vanilla_drafter].checkpoint) if spec.vanilla_drafter \
             else None
         self.general_drafter, self.draft_tokens = spec.vanilla_drafter, spec.adaptive_draft_tokens
+        self.plain_decode_steps = (spec.plain_decode_steps_alone, spec.plain_decode_steps)
         # copies for their engines, apart from the general drafter above: the engine fuses projections in place
         self.drafter_models = {name: load_causal_lm(drafter.checkpoint) for name, drafter in spec.drafters.items()}
         self.tokenizer = AutoTokenizer.from_pretrained(str(spec.tokenizer_dir), local_files_only=True)
         self.rates: dict[int, dict[str, list[float]]] = {}  # concurrency -> reference -> one rate per measurement
         self.prompt_tokens: list[int] = []
+
+    def steps_per_call(self, concurrency: int) -> int:
+        """Plain-decoding steps per target call as the deployment runs them: a request alone, at concurrency 1, runs
+        the longer calls (on 2 replicas at c2 both requests are alone, but one engine here holds them both)."""
+        alone, shared = self.plain_decode_steps
+        return alone if concurrency == 1 else shared
 
     def measure(self, concurrency: int, prompts: list[str], max_tokens: int, domains: list[str | None] = ()) -> None:
         """One measurement of every reference at `concurrency`, on these prompts (their mean length for the
@@ -213,9 +248,8 @@ class DeploymentReferences:
                 transformers_decode_rate(self.target, concurrency, max_tokens, prompt_len))
             rates.setdefault("engine", []).append(
                 engine_decode_rate(self.engine_model, concurrency, max_tokens, prompt_len))
-            if concurrency == 1:
-                rates.setdefault("engine_request", []).append(
-                    engine_request_rate(self.engine_model, prompt_ids, max_tokens))
+            rates.setdefault("engine_serving", []).append(engine_serving_rate(
+                self.engine_model, prompt_ids, max_tokens, concurrency, self.steps_per_call(concurrency)))
             if concurrency == 1 and self.drafter is not None:
                 rates.setdefault("assisted_generation", []).append(
                     assisted_generation_rate(self.target, self.drafter, prompt_ids, max_tokens))
