@@ -87,6 +87,7 @@ def test_deployment_references_measure_each_reference_where_it_applies(tmp_path,
     import torch
     import yaml
 
+    from cosine.deploy.spec import load_spec
     from cosine_client.references import DeploymentReferences
     engine = {"kv_cache_tokens": 4096, "num_threads": 1}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
@@ -94,6 +95,10 @@ def test_deployment_references_measure_each_reference_where_it_applies(tmp_path,
         "drafters": {"general": dict(engine, checkpoint=str(tiny_dir / "unrelated"))},
         "general_drafter": "general"}))
     references = DeploymentReferences(tmp_path / "spec.yaml")
+    spec = load_spec(tmp_path / "spec.yaml")
+    assert spec.plain_decode_steps_alone != spec.plain_decode_steps
+    assert (references.steps_per_call(1), references.steps_per_call(2)) == (spec.plain_decode_steps_alone,
+                                                                            spec.plain_decode_steps)
     threads = torch.get_num_threads()
     prompts = ["def main():", "import json and parse the file"]
     references.measure(1, prompts, max_tokens=6, domains=["general", "unknown"])

@@ -228,8 +228,8 @@ class DeploymentReferences:
         self.prompt_tokens: list[int] = []
 
     def steps_per_call(self, concurrency: int) -> int:
-        """Plain-decoding steps per target call as the deployment runs them: a request alone, at concurrency 1, runs
-        the longer calls (on 2 replicas at c2 both requests are alone, but one engine here holds them both)."""
+        """Plain-decoding steps per target call as the deployment runs them: its longer calls for a request alone (at
+        concurrency 1; one engine here holds every request of a higher one), else its shorter ones."""
         alone, shared = self.plain_decode_steps
         return alone if concurrency == 1 else shared
 
