@@ -1148,7 +1148,7 @@ def test_scheduler_gathers_the_active_requests_before_releasing():
 
     async def verify(name, delay):
         await asyncio.sleep(delay)
-        async with scheduler.slot(1):
+        async with scheduler.slot(name, 1):
             started.append((name, scheduler.in_flight))
 
     async def main():
@@ -1163,7 +1163,7 @@ def test_scheduler_window_releases_a_partial_batch():
     scheduler = VerificationScheduler(gather_window_s=0.01, active_requests=lambda: 5)
 
     async def main():
-        async with scheduler.slot(1):
+        async with scheduler.slot("a", 1):
             return scheduler.in_flight
 
     assert asyncio.run(asyncio.wait_for(main(), timeout=2)) == 1
@@ -1174,7 +1174,7 @@ def test_scheduler_releases_one_batch_at_a_time():
     order = []
 
     async def verify(name, tokens):
-        async with scheduler.slot(tokens):
+        async with scheduler.slot(name, tokens):
             order.append(("start", name, scheduler.in_flight))
             await asyncio.sleep(0.01)
             order.append(("end", name))
@@ -1186,6 +1186,63 @@ def test_scheduler_releases_one_batch_at_a_time():
     assert order[0] == ("start", "a", 1)  # the first arrival went alone
     assert max(in_flight for kind, *rest in order if kind == "start" for in_flight in rest[1:]) == 2
     assert scheduler.in_flight == 0 and not scheduler.waiting
+
+
+def test_scheduler_waits_for_a_sequence_back_from_the_last_pass_as_long_as_that_pass_took():
+    """Base window 1 ms, passes of 100 ms. A sequence that drafts 30 ms after a pass still joins the other's next
+    pass; one admitted meanwhile that never passed is not waited for; one that drafts longer than a pass is not
+    either, nor one that finished."""
+    held = ["a", "b"]
+    scheduler = VerificationScheduler(gather_window_s=0.001, active_requests=lambda: len(held))
+    passes = []  # (sequence, sequences in its pass, seconds from its round's start to its pass)
+
+    async def verify(name, drafting_s, started):
+        await asyncio.sleep(drafting_s)
+        async with scheduler.slot(name, 1):
+            passes.append((name, scheduler.in_flight, asyncio.get_running_loop().time() - started))
+            await asyncio.sleep(0.1)
+
+    async def round_of(**drafting_s):
+        passes.clear()
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(*(verify(name, s, started) for name, s in drafting_s.items()))
+        return sorted(passes)
+
+    async def main():
+        await round_of(a=0, b=0)
+        together = await round_of(a=0, b=0.03)
+        held.append("c")  # admitted, prefilling
+        without_c = await round_of(a=0, b=0.03)
+        apart = await round_of(a=0, b=0.3)
+        scheduler.forget("b")  # b finished; still held until its release
+        alone = await round_of(a=0)
+        return together, without_c, apart, alone
+
+    together, without_c, apart, alone = asyncio.run(asyncio.wait_for(main(), timeout=10))
+    assert [size for _, size, _ in together] == [2, 2]  # the 1-ms window alone would have split them
+    assert [size for _, size, _ in without_c] == [2, 2] and without_c[0][2] < 0.08  # not held for c
+    assert apart[0][1] == 1 and 0.08 < apart[0][2] < 0.25  # a waited about one pass's time, then went alone
+    assert alone[0][2] < 0.05
+
+
+def test_a_requests_last_chunk_leaves_its_replicas_next_pass_free_of_it(tiny_dir):
+    """When a request has its last tokens, its replica's scheduler stops waiting for it while the chunk goes out,
+    before the release that follows the consumer's taking it."""
+    from transformers import AutoTokenizer
+    from cosine.serving.batching import ReplicatedEngine
+    from cosine.serving.generation import Deployment, generate
+    target = ReplicatedEngine([CountingDrafter(5, 1.0)])
+    deployment = Deployment(target=target, tokenizer=AutoTokenizer.from_pretrained(tiny_dir / "tokenizer"),
+                            max_context=128, end_id=None)
+    seen = []
+
+    async def main():
+        async for chunk in generate(GenerationRequest("x", max_tokens=5), deployment):
+            seen.append((chunk.finished, set(target.schedulers[0].returning), len(target.home)))
+
+    asyncio.run(main())
+    assert seen[-1] == (True, set(), 1) and len(seen) > 2
+    assert not target.home
 
 
 class CandidatesDrafter(CountingDrafter):

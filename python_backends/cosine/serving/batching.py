@@ -154,7 +154,14 @@ class ReplicatedEngine:
 
     def slot(self, sequence_id: int, tokens: int, value: float):
         """A verification slot on the sequence's replica (see VerificationScheduler.slot)."""
-        return self.schedulers[self.home[sequence_id]].slot(tokens, value)
+        return self.schedulers[self.home[sequence_id]].slot(sequence_id, tokens, value)
+
+    def finished(self, sequence_id: int) -> None:
+        """The sequence asks for no more passes (its request has its last tokens): its replica's scheduler stops
+        waiting for it before its release."""
+        index = self.home.get(sequence_id)
+        if index is not None:
+            self.schedulers[index].forget(sequence_id)
 
     async def step(self, sequence_id, input_ids, draft=None, *, request=None, **kwargs) -> StepResult:
         if request is None:
@@ -175,4 +182,5 @@ class ReplicatedEngine:
     async def release(self, sequence_id) -> None:
         index = self.home.pop(sequence_id, None)
         if index is not None:
+            self.schedulers[index].forget(sequence_id)
             await self.replicas[index].release(sequence_id)

@@ -329,6 +329,8 @@ async def generate(request: GenerationRequest, deployment: Deployment) -> AsyncI
             text += delta
             releasable, stopped = stops.releasable(text, finished)
             finished = finished or stopped
+            if finished:  # its replica's next pass need not wait for it while the last chunk goes out
+                deployment.target.finished(sequence_id)
             if not finished and stats.rounds > 1:  # the first chunk does not wait (see above)
                 await sent
             yield Chunk(prefix + text[shown:releasable], new_ids, finished, stats)
