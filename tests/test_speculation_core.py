@@ -1190,8 +1190,8 @@ def test_scheduler_releases_one_batch_at_a_time():
 
 def test_scheduler_waits_for_a_sequence_back_from_the_last_pass_as_long_as_that_pass_took():
     """Base window 1 ms, passes of 100 ms. A sequence that drafts 30 ms after a pass still joins the other's next
-    pass; one admitted meanwhile that never passed is not waited for; one that drafts longer than a pass is not
-    either, nor one that finished."""
+    pass; one admitted meanwhile that never passed is not waited for; one that drafts longer than a pass is waited
+    for about a pass's time only; one that finished not at all."""
     held = ["a", "b"]
     scheduler = VerificationScheduler(gather_window_s=0.001, active_requests=lambda: len(held))
     passes = []  # (sequence, sequences in its pass, seconds from its round's start to its pass)
