@@ -1,6 +1,7 @@
 """In-process reference decode rates, no server: the project's engine, transformers' own batched decode,
 transformers' assisted generation and the engines' own chain speculation. Each warms up once, then times decoding
-only (prefill excluded), except the engine's request rate and the two speculative ones, which time whole requests.
+only (prefill excluded), except the engine serving the requests and the two speculative ones, which time whole
+requests.
 
 Imports torch, transformers, cosine.engine and cosine.speculation.tree only, so that it runs on a bare CUDA machine."""
 from __future__ import annotations
@@ -35,20 +36,15 @@ def engine_generate(engine: CausalLMEngine, prompts: list[list[int]], new_tokens
                     params: SamplingParams = SamplingParams()) -> tuple[list[list[int]], float]:
     """All prompts decoded together, one batched step per token; returns their tokens and the seconds spent in the
     decode steps (after the prefill step)."""
-    ids = range(len(prompts))
-    outputs = [_ok(r).tokens for r in engine.step(
-        [StepRequest(i, list(p), admission=Admission(new_tokens, params)) for i, p in zip(ids, prompts)])]
+    outputs = [[] for _ in prompts]
+    calls = engine_closed_loop(engine, prompts, new_tokens, len(prompts), 1, outputs, params)
+    next(calls)  # the prefill
     _sync()
     start = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        results = engine.step([StepRequest(i, out[-1:]) for i, out in zip(ids, outputs)])
-        for out, result in zip(outputs, results):
-            out += _ok(result).tokens
+    for _ in calls:
+        pass
     _sync()
-    elapsed = time.perf_counter() - start
-    for i in ids:
-        engine.release(i)
-    return outputs, elapsed
+    return outputs, time.perf_counter() - start
 
 
 def _ok(result):
@@ -79,35 +75,35 @@ def engine_serving_rate(model, prompts_ids: list[list[int]], new_tokens: int, co
     engine_generate(engine, prompts_ids[:1], min(new_tokens, WARMUP_TOKENS))
     _sync()
     start = time.perf_counter()
-    tokens = engine_closed_loop(engine, prompts_ids, new_tokens, concurrency, steps_per_call)
+    outputs = [[] for _ in prompts_ids]
+    for _ in engine_closed_loop(engine, prompts_ids, new_tokens, concurrency, steps_per_call, outputs):
+        pass
     _sync()
-    return tokens / (time.perf_counter() - start)
+    return sum(map(len, outputs)) / (time.perf_counter() - start)
 
 
 def engine_closed_loop(engine: CausalLMEngine, prompts_ids: list[list[int]], new_tokens: int, concurrency: int,
-                       steps_per_call: int) -> int:
+                       steps_per_call: int, outputs: list[list[int]], params: SamplingParams = SamplingParams()):
     """Serves the prompts as a target replica serves requests, `concurrency` at a time: each engine call steps every
     active request `steps_per_call` tokens (fewer where it ends) and admits new ones (their prefill) in the places of
-    those that ended, in prompt order; each request emits new_tokens greedily. Returns the tokens emitted."""
+    those that ended, in prompt order; each request emits new_tokens, appended to its prompt's list in `outputs`.
+    Yields after each engine call."""
     waiting = list(enumerate(prompts_ids))[::-1]  # popped from the end: prompt order
     left: dict[int, int] = {}  # active request (its prompt's index) -> tokens it has still to emit
-    last: dict[int, int] = {}  # active request -> its last token
-    emitted = 0
     while waiting or left:
-        steps = [StepRequest(i, [last[i]], extra_tokens=min(steps_per_call, left[i]) - 1) for i in left]
+        steps = [StepRequest(i, outputs[i][-1:], extra_tokens=min(steps_per_call, left[i]) - 1) for i in left]
         while waiting and len(steps) < concurrency:
             i, prompt = waiting.pop()
-            steps.append(StepRequest(i, list(prompt), admission=Admission(new_tokens, SamplingParams())))
+            steps.append(StepRequest(i, list(prompt), admission=Admission(new_tokens, params)))
             left[i] = new_tokens
         for step, result in zip(steps, engine.step(steps)):
             i, tokens = step.sequence_id, _ok(result).tokens
-            emitted += len(tokens)
+            outputs[i] += tokens
             left[i] -= len(tokens)
-            last[i] = tokens[-1]
             if not left[i]:
-                del left[i], last[i]
+                del left[i]
                 engine.release(i)
-    return emitted
+        yield
 
 
 @torch.inference_mode()
