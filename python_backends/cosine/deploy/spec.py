@@ -112,8 +112,7 @@ class DeploymentSpec:
     # replicas: its calls' fixed cost is the largest share of their time, and no other request waits for them (one
     # admitted to its replica would wait for the call in flight: 16 steps of the demo target take about 45 ms; at c4
     # on 2 replicas, requests left alone for a moment made plain decoding 10-28% slower, before the load condition).
-    # Demo zoo, 2 cores, alternated servers, 16 against 4: plain decoding +16-28% at c1 greedy, +11-32% sampled,
-    # +22-30% at c2, -5% to 0% at c3, +2-6% at c4 (docs/history.md, session 33).
+    # 16 against 4, measured on the demo zoo: docs/architecture.md, and docs/history.md, session 33.
     plain_decode_steps_alone: int = 16
     # ... and while the answer to one call travels to the `cosine` process and the next call comes back, the target
     # computes that next call ahead (serving.lookahead), on the portable engine
